@@ -1,0 +1,1 @@
+"""Long-lived Ray actors: ShardStore (dataset shards), Registry (catalog owner), ModelReplica."""

@@ -1,0 +1,68 @@
+"""ModelReplica: one registered model version loaded for inference, on CPU or GPU.
+
+It is a plain object, so it runs inside a Serve replica (which is itself a Ray actor) and in
+tests without Ray. Its `predict` uses the same forward pass as evaluation, so a served model
+answers exactly as the evaluated one did.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.catalog import VersionRecord
+from actors.registry import read_verified_files
+from training.artifacts import model_from_files
+from training.evaluate import outputs_to_predictions, predict_outputs, softmax
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(gpu: str = "auto") -> torch.device:
+    if gpu != "off" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class ModelReplica:
+    """A verified, loaded model version with a batched `predict`."""
+
+    def __init__(self, record: VersionRecord, storage_uri: str, gpu: str = "auto") -> None:
+        files = read_verified_files(storage_uri, record)
+        model, self.spec = model_from_files(files)
+        self.device = pick_device(gpu)
+        self.model = model.to(self.device)
+        self.record = record
+        logger.info("loaded %s on %s", record.ref, self.device)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.spec["num_features"])
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.spec["task"] == "classification"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Raw outputs (N, K) for x of shape (N, num_features)."""
+        return predict_outputs(self.model, x, self.device)
+
+    def predict(self, x: np.ndarray, probabilities: bool = False) -> dict[str, Any]:
+        """x is (N, num_features) float32; returns predictions (class labels or values)."""
+        return self.format(self.forward(x), probabilities)
+
+    def format(self, outputs: np.ndarray, probabilities: bool = False) -> dict[str, Any]:
+        """Turn raw outputs into class labels (and probabilities) or regression values."""
+        predictions = outputs_to_predictions(outputs, self.spec)
+        result: dict[str, Any] = {}
+        if self.is_classifier:
+            classes = self.spec["classes"]
+            result["predictions"] = [classes[i] for i in predictions.tolist()]
+            if probabilities:
+                result["probabilities"] = softmax(outputs).tolist()
+        else:
+            result["predictions"] = predictions.tolist()
+        return result

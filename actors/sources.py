@@ -1,0 +1,285 @@
+"""Dataset sources by URI, train/test splits and row-balanced shard slices. No Ray here.
+
+URIs: `sklearn:<name>` (scikit-learn's bundled sets), `synthetic:classification?rows=..&
+features=..&classes=..&seed=..` or `synthetic:regression?...` (generated block by block, so a
+shard makes only its own rows), and Parquet/CSV/Arrow files or folders on any pyarrow
+filesystem (local path, `file://`, `s3://`, `gs://`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from sklearn.model_selection import train_test_split
+
+from training.data import make_batch
+from training.errors import KilnError
+
+SKLEARN_SETS = ("digits", "breast_cancer", "diabetes", "iris", "wine")
+SKLEARN_REGRESSION = ("diabetes",)
+SYNTHETIC_KINDS = ("classification", "regression")
+FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".feather": "ipc", ".ipc": "ipc"}
+SYNTHETIC_BLOCK_ROWS = 65_536
+BATCH_ROWS = 65_536
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    """Where a dataset comes from and how it is split; travels to every ShardStore."""
+
+    uri: str
+    label: str | None = None
+    """Label column; default `label`, `target`, or the last column."""
+    features: tuple[str, ...] | None = None
+    """Feature columns; default every numeric column but the label."""
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise KilnError(
+                f'Got "{self.test_fraction}" for --test-fraction. Use a value in [0, 1).'
+            )
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    kind: str
+    rows: int
+    features: int
+    classes: int
+    seed: int
+    noise: float
+
+
+# ---------------------------------------------------------------------------- synthetic
+
+
+def parse_synthetic(uri: str) -> SyntheticSpec:
+    parsed = urlparse(uri)
+    kind = parsed.path
+    if kind not in SYNTHETIC_KINDS:
+        raise KilnError(
+            f'Got "{uri}" for --data. Synthetic data is synthetic:classification?rows=N&... '
+            "or synthetic:regression?rows=N&..."
+        )
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    allowed = {"rows", "features", "classes", "seed", "noise"}
+    unknown = set(query) - allowed
+    if unknown:
+        raise KilnError(
+            f'Got unknown parameter "{sorted(unknown)[0]}" in "{uri}". '
+            f"Synthetic data takes: {', '.join(sorted(allowed))}."
+        )
+    try:
+        spec = SyntheticSpec(
+            kind=kind,
+            rows=int(query.get("rows", 10_000)),
+            features=int(query.get("features", 16)),
+            classes=int(query.get("classes", 2 if kind == "classification" else 0)),
+            seed=int(query.get("seed", 0)),
+            noise=float(query.get("noise", 0.1)),
+        )
+    except ValueError as exc:
+        raise KilnError(f'Got "{uri}" for --data: {exc}. Use numbers, e.g. rows=5000.') from exc
+    if spec.rows < 2 or spec.features < 1 or (kind == "classification" and spec.classes < 2):
+        raise KilnError(
+            f'Got "{uri}" for --data. Need rows >= 2, features >= 1 and classes >= 2.'
+        )
+    return spec
+
+
+def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> pa.RecordBatch:
+    """Rows [start, stop) of a synthetic set; identical whichever shard asks for them."""
+    rng_w = np.random.default_rng((spec.seed, 0))
+    weights = rng_w.normal(size=(spec.features, max(spec.classes, 1))).astype(np.float32)
+    parts_x, parts_y = [], []
+    first_block, last_block = start // SYNTHETIC_BLOCK_ROWS, (stop - 1) // SYNTHETIC_BLOCK_ROWS
+    for block in range(first_block, last_block + 1):
+        rng = np.random.default_rng((spec.seed, 1, block))
+        block_start = block * SYNTHETIC_BLOCK_ROWS
+        block_rows = min(SYNTHETIC_BLOCK_ROWS, spec.rows - block_start)
+        x = rng.standard_normal((block_rows, spec.features), dtype=np.float32)
+        noise = rng.standard_normal((block_rows, weights.shape[1]), dtype=np.float32) * spec.noise
+        scores = x @ weights + noise
+        lo, hi = max(start - block_start, 0), min(stop - block_start, block_rows)
+        parts_x.append(x[lo:hi])
+        if spec.kind == "classification":
+            parts_y.append(scores[lo:hi].argmax(axis=1).astype(np.int64))
+        else:
+            parts_y.append(scores[lo:hi, 0].astype(np.float32))
+    return make_batch(np.arange(start, stop), np.concatenate(parts_x), np.concatenate(parts_y))
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def load_sklearn(name: str) -> pa.Table:
+    import sklearn.datasets as skd
+
+    if name not in SKLEARN_SETS:
+        raise KilnError(
+            f'Got "sklearn:{name}" for --data. Built-in sets: '
+            + ", ".join(f"sklearn:{n}" for n in SKLEARN_SETS)
+            + "."
+        )
+    x, y = getattr(skd, f"load_{name}")(return_X_y=True)
+    columns = {f"f{i}": x[:, i].astype(np.float32) for i in range(x.shape[1])}
+    columns["target"] = y.astype(np.float32 if name in SKLEARN_REGRESSION else np.int64)
+    return pa.table(columns)
+
+
+def open_file_dataset(uri: str) -> pads.Dataset:
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        info = filesystem.get_file_info(path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise KilnError(f'Got "{uri}" for --data, which cannot be opened: {exc}.') from exc
+    if info.type == pafs.FileType.NotFound:
+        raise KilnError(
+            f'Got "{uri}" for --data, which does not exist. Give a Parquet/CSV/Arrow file or '
+            "folder, sklearn:<name> or synthetic:<kind>?rows=N."
+        )
+    suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    fmt = FILE_FORMATS.get(suffix, "parquet")
+    if info.type == pafs.FileType.File and suffix not in FILE_FORMATS:
+        raise KilnError(
+            f'Got "{uri}" for --data, whose format is unknown. Use .parquet, .csv or .arrow files.'
+        )
+    try:
+        return pads.dataset(path, filesystem=filesystem, format=fmt)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise KilnError(f'Got "{uri}" for --data, which is not valid {fmt}: {exc}.') from exc
+
+
+def load_file_table(uri: str) -> pa.Table:
+    try:
+        table = open_file_dataset(uri).to_table()
+    except pa.ArrowInvalid as exc:
+        raise KilnError(f'Got "{uri}" for --data, which could not be read: {exc}.') from exc
+    if table.num_rows == 0:
+        raise KilnError(f'Got "{uri}" for --data, which holds no rows. Give a non-empty dataset.')
+    return table
+
+
+def choose_columns(table: pa.Table, spec: SourceSpec) -> tuple[list[str], str]:
+    names = table.column_names
+    label = spec.label or next((n for n in ("label", "target") if n in names), names[-1])
+    if label not in names:
+        raise KilnError(
+            f'Got "{label}" for --label, which is not a column of {spec.uri}. '
+            f"Columns: {', '.join(names)}."
+        )
+    if spec.features:
+        missing = [f for f in spec.features if f not in names]
+        if missing:
+            raise KilnError(
+                f'Got "{missing[0]}" in --features, which is not a column of {spec.uri}. '
+                f"Columns: {', '.join(names)}."
+            )
+        features = list(spec.features)
+        bad = [f for f in features if not _is_numeric(table.schema.field(f).type)]
+        if bad:
+            raise KilnError(
+                f'Feature column "{bad[0]}" of {spec.uri} is {table.schema.field(bad[0]).type}, '
+                "not numeric. Choose numeric columns with --features."
+            )
+    else:
+        features = [n for n in names if n != label and _is_numeric(table.schema.field(n).type)]
+        if not features:
+            raise KilnError(
+                f"{spec.uri} has no numeric feature columns besides the label {label!r}. "
+                "Choose them with --features."
+            )
+    return features, label
+
+
+def _is_numeric(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+
+
+def table_arrays(table: pa.Table, spec: SourceSpec) -> tuple[np.ndarray, np.ndarray]:
+    features, label = choose_columns(table, spec)
+    x = np.column_stack(
+        [table.column(f).to_numpy(zero_copy_only=False).astype(np.float32) for f in features]
+    )
+    if np.isnan(x).any():
+        raise KilnError(f"{spec.uri} has missing or NaN feature values. Clean or impute them first.")
+    y = table.column(label).to_numpy(zero_copy_only=False)
+    if y.dtype.kind == "f" and np.isnan(y).any():
+        raise KilnError(f"{spec.uri} has missing labels in column {label!r}. Drop those rows first.")
+    return x, y
+
+
+def task_of_labels(y: np.ndarray) -> str:
+    return "regression" if y.dtype.kind == "f" else "classification"
+
+
+# ---------------------------------------------------------------------------- split & shards
+
+
+def split_indices(
+    y: np.ndarray, test_fraction: float, seed: int, stratify: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test row indices; stratified by label for classification."""
+    rows = np.arange(len(y))
+    if test_fraction == 0:
+        return rows, rows[:0]
+    train, test = train_test_split(
+        rows, test_size=test_fraction, random_state=seed, stratify=y if stratify else None
+    )
+    return np.sort(train), np.sort(test)
+
+
+def shard_bounds(num_rows: int, num_shards: int, index: int) -> tuple[int, int]:
+    """[start, stop) of shard `index`: sizes differ by at most one row."""
+    base, extra = divmod(num_rows, num_shards)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def read_shard(spec: SourceSpec, split: str, index: int, num_shards: int) -> list[pa.RecordBatch]:
+    """The record batches of one shard of one split ("train" or "test")."""
+    if spec.uri.startswith("synthetic:"):
+        synthetic = parse_synthetic(spec.uri)
+        num_test = int(round(synthetic.rows * spec.test_fraction))
+        lo, hi = (0, synthetic.rows - num_test) if split == "train" else (synthetic.rows - num_test, synthetic.rows)
+        start, stop = shard_bounds(hi - lo, num_shards, index)
+        return [
+            synthetic_rows(synthetic, lo + s, lo + min(s + BATCH_ROWS, stop))
+            for s in range(start, stop, BATCH_ROWS)
+        ]
+    table = load_sklearn(spec.uri.split(":", 1)[1]) if spec.uri.startswith("sklearn:") else load_file_table(spec.uri)
+    x, y = table_arrays(table, spec)
+    train, test = split_indices(y, spec.test_fraction, spec.seed, task_of_labels(y) == "classification")
+    rows = train if split == "train" else test
+    start, stop = shard_bounds(len(rows), num_shards, index)
+    mine = rows[start:stop]
+    return [
+        make_batch(mine[s : s + BATCH_ROWS], x[mine[s : s + BATCH_ROWS]], y[mine[s : s + BATCH_ROWS]])
+        for s in range(0, len(mine), BATCH_ROWS)
+    ]
+
+
+def check_source(spec: SourceSpec) -> None:
+    """Fail fast on the driver for a URI that cannot be read, before any actor starts."""
+    if spec.uri.startswith("synthetic:"):
+        parse_synthetic(spec.uri)
+    elif spec.uri.startswith("sklearn:"):
+        name = spec.uri.split(":", 1)[1]
+        if name not in SKLEARN_SETS:
+            load_sklearn(name)
+    else:
+        dataset = open_file_dataset(spec.uri)
+        head = dataset.head(1)
+        if head.num_rows == 0:
+            raise KilnError(f'Got "{spec.uri}" for --data, which holds no rows. Give a non-empty dataset.')
+        choose_columns(head, spec)

@@ -1,0 +1,45 @@
+"""Artifact storage on any pyarrow filesystem: a local folder, `file://`, `s3://`, `gs://`."""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow.fs as pafs
+
+from training.errors import KilnError
+
+
+class ArtifactStore:
+    """Reads and writes whole files below one root URI."""
+
+    def __init__(self, root_uri: str) -> None:
+        try:
+            if "://" in root_uri:
+                self._fs, root = pafs.FileSystem.from_uri(root_uri)
+            else:
+                self._fs, root = pafs.LocalFileSystem(), root_uri
+        except Exception as exc:  # pyarrow raises several types for a bad URI
+            raise KilnError(f'Got "{root_uri}" for KILN_STORAGE, which cannot be opened: {exc}') from exc
+        self.root_uri = root_uri
+        self._root = root.rstrip("/")
+        self._fs.create_dir(self._root, recursive=True)
+
+    def _path(self, relpath: str) -> str:
+        normal = posixpath.normpath(relpath)
+        if normal.startswith("..") or normal.startswith("/"):
+            raise KilnError(f"artifact path {relpath!r} leaves the storage root")
+        return f"{self._root}/{normal}"
+
+    def write(self, relpath: str, data: bytes) -> None:
+        path = self._path(relpath)
+        self._fs.create_dir(posixpath.dirname(path), recursive=True)
+        with self._fs.open_output_stream(path) as out:
+            out.write(data)
+
+    def read(self, relpath: str) -> bytes:
+        path = self._path(relpath)
+        try:
+            with self._fs.open_input_stream(path) as src:
+                return src.read()
+        except FileNotFoundError as exc:
+            raise KilnError(f"artifact {relpath} is missing from {self.root_uri}") from exc

@@ -1,0 +1,375 @@
+"""The `kiln` command line.
+
+Errors a user can act on print as one line on stderr with a non-zero exit; `--debug` anywhere
+on the command line shows the traceback instead and streams the Ray workers' logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from typer._click import exceptions as click_errors  # typer vendors click since 0.20
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from actors.sources import SourceSpec, check_source
+from cluster.settings import Settings
+from training.config import TrainConfig
+from training.errors import KilnError
+
+app = typer.Typer(
+    name="kiln",
+    help="Train, tune, register and serve models on one Ray cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+console = Console(stderr=True)
+logger = logging.getLogger("kiln")
+DEBUG = {"on": False}
+
+# Options shared by every command that talks to Ray; each mirrors a setting of the same name.
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="Ray address (RAY_ADDRESS); unset: embedded Ray.")
+]
+HomeOpt = Annotated[str | None, typer.Option("--home", help="Local state folder (KILN_HOME).")]
+StorageOpt = Annotated[
+    str | None, typer.Option("--storage", help="Artifact root URI (KILN_STORAGE).")
+]
+HostOpt = Annotated[str | None, typer.Option("--host", help="HTTP host (KILN_HTTP_HOST).")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="HTTP port (KILN_HTTP_PORT).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    keys = {
+        "address": "ray_address",
+        "home": "kiln_home",
+        "storage": "kiln_storage",
+        "host": "kiln_http_host",
+        "port": "kiln_http_port",
+    }
+    try:
+        return Settings().with_overrides(**{keys[k]: v for k, v in overrides.items()})
+    except ValueError as exc:
+        raise KilnError(f"invalid setting: {_first_pydantic_error(exc)}") from exc
+
+
+def _first_pydantic_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and errors():
+        first = errors()[0]
+        return f'Got "{first.get("input")}" for {".".join(map(str, first["loc"]))}: {first["msg"]}'
+    return str(exc)
+
+
+@contextmanager
+def connected(settings: Settings) -> Iterator[None]:
+    from cluster.runtime import ray_session
+
+    where = settings.ray_address or "an embedded local Ray"
+    with console.status(f"starting {where}"):
+        session = ray_session(settings, debug=DEBUG["on"])
+        session.__enter__()
+    try:
+        yield
+    finally:
+        with console.status("shutting down"):
+            session.__exit__(None, None, None)
+
+
+class EpochProgress:
+    """A rich progress bar fed by the training loop's per-epoch metrics."""
+
+    def __init__(self, epochs: int, quiet: bool) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[metrics]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet,
+        )
+        self.task = self.progress.add_task("train", total=epochs, metrics="")
+
+    def step(self, name: str) -> None:
+        self.progress.update(self.task, description=name)
+
+    def epoch(self, metrics: dict[str, Any]) -> None:
+        shown = f"loss {metrics['train_loss']:.4f}"
+        if "train_accuracy" in metrics:
+            shown += f"  acc {metrics['train_accuracy']:.3f}"
+        self.progress.update(self.task, completed=metrics["epoch"] + 1, metrics=shown)
+
+
+def emit(result: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(result, default=str), flush=True)
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def parse_hidden(hidden: str) -> list[int]:
+    try:
+        return [int(w) for w in hidden.split(",") if w.strip()]
+    except ValueError as exc:
+        raise KilnError(f'Got "{hidden}" for --hidden. Give widths separated by commas, e.g. 128,64.') from exc
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@app.command()
+def demo(
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 40,
+    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
+    as_json: JsonOpt = False,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Digits -> shards -> Ray Train (2 workers) -> registry -> Ray Serve -> HTTP, locally."""
+    from cluster.demo import run_demo
+
+    started = time.perf_counter()
+    cfg = TrainConfig(model="mlp", workers=workers, epochs=epochs, lr=2e-3, batch_size=32, l2=1.0)
+    settings = load_settings(host=host, port=port, home=home, storage=storage)
+    if not settings.embedded:
+        console.print("[yellow]kiln demo runs on an embedded Ray; ignoring RAY_ADDRESS[/]")
+        settings = settings.model_copy(update={"ray_address": None})
+    bar = EpochProgress(cfg.epochs, quiet=False)
+    with bar.progress, connected(settings):
+        result = run_demo(settings, cfg, on_epoch=bar.epoch, on_step=bar.step)
+    result["elapsed_s"] = time.perf_counter() - started
+    emit(result, as_json, "kiln demo")
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="Dataset URI: file/folder, sklearn:NAME, synthetic:KIND?rows=N.")],
+    model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
+    label: Annotated[str | None, typer.Option(help="Label column.")] = None,
+    features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
+    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 64,
+    optimizer: Annotated[str, typer.Option(help="sgd|adam|adamw")] = "adam",
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    l2: Annotated[float, typer.Option(help="λ, the L2 coefficient (biases excluded).")] = 0.0,
+    hidden: Annotated[str, typer.Option(help="MLP hidden widths, comma-separated.")] = "128,64",
+    lr_schedule: Annotated[str, typer.Option(help="constant|step|cosine")] = "constant",
+    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the shuffles.")] = 0,
+    register: Annotated[str | None, typer.Option(help="Registry name (default: <data>-<model>).")] = None,
+    gpu: Annotated[str, typer.Option(help="auto|on|off")] = "auto",
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Train a model with Ray Train on resident shards, evaluate it and register it."""
+    from actors.catalog import validate_name
+    from cluster.pipeline import train_and_register
+    from cluster.runtime import registry_for
+
+    started = time.perf_counter()
+    cfg = TrainConfig(
+        model=model, workers=workers, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+        lr=lr, l2=l2, hidden=parse_hidden(hidden), lr_schedule=lr_schedule, seed=seed, gpu=gpu,
+    )
+    source = SourceSpec(
+        uri=data, label=label, test_fraction=test_fraction, seed=seed,
+        features=tuple(f.strip() for f in features.split(",")) if features else None,
+    )
+    name = register or default_model_name(data, model)
+    validate_name(name)
+    check_source(source)  # a typo in --data fails here, before Ray starts
+    settings = load_settings(address=address, home=home, storage=storage)
+    bar = EpochProgress(cfg.epochs, quiet=False)
+    with bar.progress, connected(settings):
+        if cfg.gpu == "on":
+            require_gpu()
+        outcome = train_and_register(
+            settings, source, cfg, name, registry_for(settings), bar.epoch, bar.step
+        )
+    emit(
+        {
+            "model": outcome.record.name,
+            "version": outcome.record.version,
+            "metrics": outcome.test_metrics,
+            "epochs_run": outcome.epochs_run,
+            "num_workers": outcome.num_workers,
+            "elapsed_s": time.perf_counter() - started,
+        },
+        as_json,
+        f"kiln train: {outcome.record.ref}",
+    )
+
+
+def default_model_name(data: str, model: str) -> str:
+    stem = data.rsplit("/", 1)[-1].split("?")[0].split(".")[0].replace(":", "-").replace("_", "-")
+    return f"{stem.lower()}-{model}"[:64]
+
+
+def require_gpu() -> None:
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise KilnError("Got --gpu on, but this Ray cluster has no GPU. Use --gpu auto or off.")
+
+
+@app.command()
+def serve(
+    models: Annotated[list[str], typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS, one or more.")],
+    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: requests per batch.")] = 64,
+    batch_wait_timeout_s: Annotated[float, typer.Option(help="Dynamic batching: wait for a batch.")] = 0.002,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Serve registered models over HTTP (blocks until Ctrl-C on the embedded Ray)."""
+    from cluster.serving_control import deploy_models
+
+    settings = load_settings(address=address, home=home, storage=storage, host=host, port=port)
+    with connected(settings):
+        from cluster.runtime import registry_for
+
+        registry_for(settings)
+        url = deploy_models(
+            settings, models, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
+        )
+        console.print(f"serving {', '.join(models)} at {url}  (POST {url}/v1/models/<name>:predict)")
+        if not settings.embedded:
+            return
+        console.print("Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("stopping")
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOpt = False, home: HomeOpt = None, storage: StorageOpt = None) -> None:
+    """Registered models with their latest version and aliases."""
+    from actors.catalog import Catalog
+
+    settings = load_settings(home=home, storage=storage)
+    models = Catalog(settings.registry_db).list_models()
+    if as_json:
+        print(json.dumps(models))
+        return
+    table = Table("name", "versions", "latest", "aliases")
+    for m in models:
+        aliases = ", ".join(f"{a}->{v}" for a, v in m["aliases"].items())
+        table.add_row(m["name"], str(m["num_versions"]), str(m["latest_version"]), aliases)
+    Console().print(table)
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS")],
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """One model version: metrics, lineage and artifact checksums."""
+    from actors.catalog import Catalog
+
+    settings = load_settings(home=home, storage=storage)
+    try:
+        record = Catalog(settings.registry_db).resolve(ref)
+    except LookupError as exc:
+        raise KilnError(f'Got "{ref}": {exc}. See `kiln models list`.') from exc
+    result = record.to_dict()
+    if as_json:
+        print(json.dumps(result))
+        return
+    Console().print_json(json.dumps({k: v for k, v in result.items() if k != "spec"}))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def user_error(exc: BaseException) -> KilnError | None:
+    """The KilnError inside an exception chain (Ray wraps errors raised in actors and workers)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, KilnError) and type(current).__module__.startswith("training"):
+            return current
+        current = getattr(current, "cause", None) or current.__cause__
+    return exc if isinstance(exc, KilnError) else None
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def usage_message(exc: click_errors.UsageError) -> str:
+    """Typer's parse error as one line that names the bad value and where to look."""
+    command = exc.ctx.command_path if exc.ctx else "kiln"
+    message = one_line(exc.format_message()).rstrip(".")
+    param = getattr(exc, "param", None)
+    errors = getattr(exc.__cause__, "errors", None)
+    if param is not None and callable(errors) and errors():
+        option = "/".join(param.opts) if getattr(param, "opts", None) else param.name
+        message = f'Got "{errors()[0].get("input")}" for {option}: {errors()[0]["msg"]}'
+    return f"{message}. See '{command} --help'."
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    DEBUG["on"] = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    logging.basicConfig(
+        level=logging.INFO if DEBUG["on"] else logging.WARNING,
+        handlers=[RichHandler(console=console, show_path=False)],
+        format="%(message)s",
+    )
+    try:
+        app(args=args, prog_name="kiln", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click_errors.UsageError as exc:
+        print(f"kiln: {usage_message(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("kiln: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if DEBUG["on"]:
+            raise
+        found = user_error(exc)
+        if found is not None:
+            print(f"kiln: {one_line(str(found))}", file=sys.stderr)
+            sys.exit(2)
+        print(
+            f"kiln: {type(exc).__name__}: {one_line(str(exc))[:300]} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

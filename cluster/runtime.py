@@ -1,0 +1,77 @@
+"""Connecting to Ray: an embedded local instance by default, or a cluster by address."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+from actors.registry import NAMESPACE, start_registry
+from cluster.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Every Train worker and replica gets one BLAS thread: workers, not threads, use the cores.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Ray Train V2 holds every report() until its controller's next poll (2 s by default):
+# measured here, a report took 1.6 s at the default and 0.13 s at 0.2 s.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+def init_ray(settings: Settings, debug: bool = False) -> bool:
+    """Connect (or start) Ray; returns True when this call started it."""
+    if ray.is_initialized():
+        return False
+    for key, value in {**WORKER_ENV, **TRAIN_ENV}.items():
+        os.environ.setdefault(key, value)
+    if settings.embedded:
+        ray.init(
+            address="local",
+            num_cpus=settings.kiln_num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            namespace=NAMESPACE,
+            log_to_driver=debug,
+            logging_level=logging.INFO if debug else logging.WARNING,
+        )
+    else:
+        ray.init(
+            address=settings.ray_address,
+            namespace=NAMESPACE,
+            log_to_driver=debug,
+            runtime_env={"env_vars": WORKER_ENV},
+        )
+    return True
+
+
+def shutdown_ray() -> None:
+    """Serve first, then Ray: an orderly stop leaves no replicas or raylets behind."""
+    from ray import serve
+
+    if serve_is_running():
+        serve.shutdown()
+    ray.shutdown()
+
+
+def serve_is_running() -> bool:
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return any(a["name"] == "SERVE_CONTROLLER_ACTOR" for a in named)
+
+
+@contextmanager
+def ray_session(settings: Settings, debug: bool = False) -> Iterator[None]:
+    started = init_ray(settings, debug)
+    try:
+        yield
+    finally:
+        if started:
+            shutdown_ray()
+
+
+def registry_for(settings: Settings):  # noqa: ANN201 (a Ray actor handle)
+    """The Registry actor of this Ray instance (detached on a cluster so it outlives jobs)."""
+    return start_registry(
+        str(settings.registry_db), settings.storage_uri, detached=not settings.embedded
+    )

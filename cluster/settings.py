@@ -1,0 +1,54 @@
+"""One settings object, read from the environment; CLI options of the same name override it.
+
+| variable         | CLI option  | default                         |
+|------------------|-------------|---------------------------------|
+| KILN_HOME        | --home      | ~/.kiln (registry SQLite, logs) |
+| KILN_STORAGE     | --storage   | $KILN_HOME/storage              |
+| RAY_ADDRESS      | --address   | unset: an embedded local Ray    |
+| KILN_HTTP_HOST   | --host      | 127.0.0.1                       |
+| KILN_HTTP_PORT   | --port      | 8000                            |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    kiln_home: Path = Field(default_factory=lambda: Path.home() / ".kiln")
+    """Local state: the registry's SQLite file and logs."""
+    kiln_storage: str | None = None
+    """Artifact root URI (local folder, file://, s3://, gs://); default $KILN_HOME/storage."""
+    ray_address: str | None = None
+    """Ray cluster address; unset means an embedded local Ray for the command's lifetime."""
+    kiln_http_host: str = "127.0.0.1"
+    kiln_http_port: int = Field(8000, ge=1, le=65535)
+    kiln_num_cpus: int | None = Field(None, ge=1)
+    """Logical CPUs of the embedded Ray (default: max(4, cores)); ignored on a cluster."""
+
+    @field_validator("ray_address", "kiln_storage")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def storage_uri(self) -> str:
+        return self.kiln_storage or str(self.kiln_home.expanduser().resolve() / "storage")
+
+    @property
+    def registry_db(self) -> Path:
+        return self.kiln_home.expanduser().resolve() / "registry.db"
+
+    @property
+    def embedded(self) -> bool:
+        return self.ray_address is None
+
+    def with_overrides(self, **overrides: object) -> Settings:
+        """A copy with the CLI options that were given (None means not given)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_validate({**self.model_dump(), **given}) if given else self

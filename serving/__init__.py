@@ -1,0 +1,1 @@
+"""Ray Serve application: FastAPI ingress, batched model hosting, HTTP errors as {"error": ...}."""

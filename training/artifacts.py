@@ -1,0 +1,62 @@
+"""Model artifacts without pickle: weights as safetensors, architecture as spec.json.
+
+`model_to_files` and `model_from_files` are the only ways Kiln turns a model into bytes and
+back. Loading parses JSON and safetensors; no code from an artifact ever runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from training.errors import CorruptArtifactError
+from training.models import KilnModel, build_model
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "spec.json"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_to_files(model: KilnModel, spec: dict[str, Any]) -> dict[str, bytes]:
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    return {
+        WEIGHTS_FILE: save_safetensors(state),
+        SPEC_FILE: json.dumps(spec, sort_keys=True, indent=2).encode(),
+    }
+
+
+def model_from_files(files: dict[str, bytes]) -> tuple[KilnModel, dict[str, Any]]:
+    """Rebuild a model from its spec.json and safetensors bytes; bad bytes name the file."""
+    try:
+        spec = json.loads(files[SPEC_FILE])
+    except (KeyError, ValueError) as exc:
+        raise CorruptArtifactError(f"{SPEC_FILE} is missing or not valid JSON: {exc}") from exc
+    model = build_model(spec)
+    try:
+        state = load_safetensors(files[WEIGHTS_FILE])
+        model.load_state_dict(state)
+    except (KeyError, SafetensorError, RuntimeError) as exc:
+        raise CorruptArtifactError(f"{WEIGHTS_FILE} could not be loaded: {exc}") from exc
+    model.eval()
+    return model, spec
+
+
+def verify_files(files: dict[str, bytes], checksums: dict[str, str]) -> None:
+    """Raise CorruptArtifactError naming the first file whose sha256 differs from the catalog."""
+    for name, expected in sorted(checksums.items()):
+        if name not in files:
+            raise CorruptArtifactError(f"artifact {name} is missing")
+        actual = sha256_hex(files[name])
+        if actual != expected:
+            raise CorruptArtifactError(
+                f"artifact {name} failed its checksum (expected sha256 {expected[:12]}..., "
+                f"got {actual[:12]}...); it was changed after registration"
+            )

@@ -1,0 +1,114 @@
+"""Model zoo: every Kiln model is built from a JSON-able spec dict that the registry stores.
+
+The spec is the architecture (`spec.json`); the weights are a safetensors file. Standardisation
+statistics are buffers of the model itself, so a served model needs no separate preprocessing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.errors import KilnError
+
+MODEL_KINDS = ("linear", "ridge", "logistic", "mlp", "cnn")
+REGRESSION_KINDS = ("linear", "ridge")
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with statistics computed over the training shards."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, F)
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks for square single-channel images (digits is 8x8)."""
+
+    def __init__(self, side: int, num_outputs: int, channels: int = 32) -> None:
+        super().__init__()
+        self.side = side
+        self.features = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels * 2, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.head = nn.Linear(channels * 2 * 4, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, side*side) -> (B, out)
+        x = x.view(-1, 1, self.side, self.side)
+        return self.head(self.features(x).flatten(1))
+
+
+class KilnModel(nn.Module):
+    """Standardisation followed by the network body."""
+
+    def __init__(self, num_features: int, body: nn.Module) -> None:
+        super().__init__()
+        self.standardize = Standardize(num_features)
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.standardize(x))
+
+
+def validate_spec(spec: dict[str, Any]) -> None:
+    kind = spec.get("kind")
+    if kind not in MODEL_KINDS:
+        raise KilnError(f'Got "{kind}" for --model. Choose one of: {", ".join(MODEL_KINDS)}.')
+    if spec.get("task") == "classification" and kind in REGRESSION_KINDS:
+        raise KilnError(
+            f'Got "{kind}" for --model on a classification dataset. '
+            "Use logistic, mlp or cnn for classification."
+        )
+    if spec.get("task") == "regression" and kind in ("logistic", "cnn"):
+        raise KilnError(
+            f'Got "{kind}" for --model on a regression dataset. Use linear, ridge or mlp.'
+        )
+    if kind == "cnn" and math.isqrt(spec["num_features"]) ** 2 != spec["num_features"]:
+        raise KilnError(
+            f"--model cnn needs square images; got {spec['num_features']} features, "
+            "which is not a square number."
+        )
+
+
+def num_outputs(spec: dict[str, Any]) -> int:
+    return len(spec["classes"]) if spec["task"] == "classification" else 1
+
+
+def build_body(spec: dict[str, Any]) -> nn.Module:
+    kind, n_in, n_out = spec["kind"], spec["num_features"], num_outputs(spec)
+    if kind in ("linear", "ridge", "logistic"):
+        return nn.Linear(n_in, n_out)
+    if kind == "cnn":
+        return SmallCNN(math.isqrt(n_in), n_out)
+    layers: list[nn.Module] = []
+    width_in = n_in
+    for width in spec.get("hidden", [128, 64]):
+        layers += [nn.Linear(width_in, width), nn.ReLU()]
+        if spec.get("dropout", 0.0) > 0:
+            layers.append(nn.Dropout(spec["dropout"]))
+        width_in = width
+    layers.append(nn.Linear(width_in, n_out))
+    return nn.Sequential(*layers)
+
+
+def build_model(spec: dict[str, Any]) -> KilnModel:
+    """Build an untrained model from its spec (weights come from safetensors)."""
+    validate_spec(spec)
+    return KilnModel(spec["num_features"], build_body(spec))
+
+
+def set_standardization(model: KilnModel, mean: list[float], std: list[float]) -> None:
+    model.standardize.mean.copy_(torch.tensor(mean, dtype=torch.float32))
+    model.standardize.std.copy_(torch.tensor(std, dtype=torch.float32))
