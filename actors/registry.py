@@ -94,7 +94,7 @@ def start_registry(db_path: str, storage_uri: str, detached: bool = False) -> An
     }
     if detached:
         options["lifetime"] = "detached"
-    return Registry.options(**options).remote(db_path, storage_uri)
+    return Registry.options(**options).remote(db_path, storage_uri)  # type: ignore[attr-defined]
 
 
 def read_verified_files(storage_uri: str, record: VersionRecord) -> dict[str, bytes]:

@@ -120,8 +120,9 @@ class ShardSet:
 def load_shards(source: SourceSpec, split: str, num_shards: int) -> ShardSet:
     """Start `num_shards` ShardStore actors spread over the nodes and wait until loaded."""
     check_source(source)
+    store: Any = ShardStore  # @ray.remote adds .options, which type checkers cannot see
     handles = [
-        ShardStore.options(scheduling_strategy="SPREAD").remote(source, split, i, num_shards)
+        store.options(scheduling_strategy="SPREAD").remote(source, split, i, num_shards)
         for i in range(num_shards)
     ]
     rows = ray.get([h.ready.remote() for h in handles])

@@ -24,7 +24,13 @@ from training.errors import KilnError
 SKLEARN_SETS = ("digits", "breast_cancer", "diabetes", "iris", "wine")
 SKLEARN_REGRESSION = ("diabetes",)
 SYNTHETIC_KINDS = ("classification", "regression")
-FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "ipc", ".feather": "ipc", ".ipc": "ipc"}
+FILE_FORMATS = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "ipc",
+    ".feather": "ipc",
+    ".ipc": "ipc",
+}
 SYNTHETIC_BLOCK_ROWS = 65_536
 BATCH_ROWS = 65_536
 
@@ -91,9 +97,7 @@ def parse_synthetic(uri: str) -> SyntheticSpec:
     except ValueError as exc:
         raise KilnError(f'Got "{uri}" for --data: {exc}. Use numbers, e.g. rows=5000.') from exc
     if spec.rows < 2 or spec.features < 1 or (kind == "classification" and spec.classes < 2):
-        raise KilnError(
-            f'Got "{uri}" for --data. Need rows >= 2, features >= 1 and classes >= 2.'
-        )
+        raise KilnError(f'Got "{uri}" for --data. Need rows >= 2, features >= 1 and classes >= 2.')
     return spec
 
 
@@ -139,7 +143,9 @@ def load_sklearn(name: str) -> pa.Table:
 
 def open_file_dataset(uri: str) -> pads.Dataset:
     try:
-        filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        filesystem, path = (
+            pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        )
         info = filesystem.get_file_info(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise KilnError(f'Got "{uri}" for --data, which cannot be opened: {exc}.') from exc
@@ -212,10 +218,14 @@ def table_arrays(table: pa.Table, spec: SourceSpec) -> tuple[np.ndarray, np.ndar
         [table.column(f).to_numpy(zero_copy_only=False).astype(np.float32) for f in features]
     )
     if np.isnan(x).any():
-        raise KilnError(f"{spec.uri} has missing or NaN feature values. Clean or impute them first.")
+        raise KilnError(
+            f"{spec.uri} has missing or NaN feature values. Clean or impute them first."
+        )
     y = table.column(label).to_numpy(zero_copy_only=False)
     if y.dtype.kind == "f" and np.isnan(y).any():
-        raise KilnError(f"{spec.uri} has missing labels in column {label!r}. Drop those rows first.")
+        raise KilnError(
+            f"{spec.uri} has missing labels in column {label!r}. Drop those rows first."
+        )
     return x, y
 
 
@@ -251,20 +261,32 @@ def read_shard(spec: SourceSpec, split: str, index: int, num_shards: int) -> lis
     if spec.uri.startswith("synthetic:"):
         synthetic = parse_synthetic(spec.uri)
         num_test = int(round(synthetic.rows * spec.test_fraction))
-        lo, hi = (0, synthetic.rows - num_test) if split == "train" else (synthetic.rows - num_test, synthetic.rows)
+        lo, hi = (
+            (0, synthetic.rows - num_test)
+            if split == "train"
+            else (synthetic.rows - num_test, synthetic.rows)
+        )
         start, stop = shard_bounds(hi - lo, num_shards, index)
         return [
             synthetic_rows(synthetic, lo + s, lo + min(s + BATCH_ROWS, stop))
             for s in range(start, stop, BATCH_ROWS)
         ]
-    table = load_sklearn(spec.uri.split(":", 1)[1]) if spec.uri.startswith("sklearn:") else load_file_table(spec.uri)
+    table = (
+        load_sklearn(spec.uri.split(":", 1)[1])
+        if spec.uri.startswith("sklearn:")
+        else load_file_table(spec.uri)
+    )
     x, y = table_arrays(table, spec)
-    train, test = split_indices(y, spec.test_fraction, spec.seed, task_of_labels(y) == "classification")
+    train, test = split_indices(
+        y, spec.test_fraction, spec.seed, task_of_labels(y) == "classification"
+    )
     rows = train if split == "train" else test
     start, stop = shard_bounds(len(rows), num_shards, index)
     mine = rows[start:stop]
     return [
-        make_batch(mine[s : s + BATCH_ROWS], x[mine[s : s + BATCH_ROWS]], y[mine[s : s + BATCH_ROWS]])
+        make_batch(
+            mine[s : s + BATCH_ROWS], x[mine[s : s + BATCH_ROWS]], y[mine[s : s + BATCH_ROWS]]
+        )
         for s in range(0, len(mine), BATCH_ROWS)
     ]
 
@@ -281,5 +303,7 @@ def check_source(spec: SourceSpec) -> None:
         dataset = open_file_dataset(spec.uri)
         head = dataset.head(1)
         if head.num_rows == 0:
-            raise KilnError(f'Got "{spec.uri}" for --data, which holds no rows. Give a non-empty dataset.')
+            raise KilnError(
+                f'Got "{spec.uri}" for --data, which holds no rows. Give a non-empty dataset.'
+            )
         choose_columns(head, spec)

@@ -19,7 +19,9 @@ class ArtifactStore:
             else:
                 self._fs, root = pafs.LocalFileSystem(), root_uri
         except Exception as exc:  # pyarrow raises several types for a bad URI
-            raise KilnError(f'Got "{root_uri}" for KILN_STORAGE, which cannot be opened: {exc}') from exc
+            raise KilnError(
+                f'Got "{root_uri}" for KILN_STORAGE, which cannot be opened: {exc}'
+            ) from exc
         self.root_uri = root_uri
         self._root = root.rstrip("/")
         self._fs.create_dir(self._root, recursive=True)

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
-from typer._click import exceptions as click_errors  # typer vendors click since 0.20
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer._click import exceptions as click_errors  # typer vendors click since 0.20
 
 from actors.sources import SourceSpec, check_source
 from cluster.settings import Settings
@@ -129,7 +129,9 @@ def parse_hidden(hidden: str) -> list[int]:
     try:
         return [int(w) for w in hidden.split(",") if w.strip()]
     except ValueError as exc:
-        raise KilnError(f'Got "{hidden}" for --hidden. Give widths separated by commas, e.g. 128,64.') from exc
+        raise KilnError(
+            f'Got "{hidden}" for --hidden. Give widths separated by commas, e.g. 128,64.'
+        ) from exc
 
 
 # ----------------------------------------------------------------------------- commands
@@ -163,7 +165,9 @@ def demo(
 
 @app.command()
 def train(
-    data: Annotated[str, typer.Option(help="Dataset URI: file/folder, sklearn:NAME, synthetic:KIND?rows=N.")],
+    data: Annotated[
+        str, typer.Option(help="Dataset URI: file/folder, sklearn:NAME, synthetic:KIND?rows=N.")
+    ],
     model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
     label: Annotated[str | None, typer.Option(help="Label column.")] = None,
     features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
@@ -177,7 +181,9 @@ def train(
     lr_schedule: Annotated[str, typer.Option(help="constant|step|cosine")] = "constant",
     test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split and the shuffles.")] = 0,
-    register: Annotated[str | None, typer.Option(help="Registry name (default: <data>-<model>).")] = None,
+    register: Annotated[
+        str | None, typer.Option(help="Registry name (default: <data>-<model>).")
+    ] = None,
     gpu: Annotated[str, typer.Option(help="auto|on|off")] = "auto",
     as_json: JsonOpt = False,
     address: AddressOpt = None,
@@ -191,11 +197,23 @@ def train(
 
     started = time.perf_counter()
     cfg = TrainConfig(
-        model=model, workers=workers, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-        lr=lr, l2=l2, hidden=parse_hidden(hidden), lr_schedule=lr_schedule, seed=seed, gpu=gpu,
+        model=model,
+        workers=workers,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        l2=l2,
+        hidden=parse_hidden(hidden),
+        lr_schedule=lr_schedule,
+        seed=seed,
+        gpu=gpu,
     )
     source = SourceSpec(
-        uri=data, label=label, test_fraction=test_fraction, seed=seed,
+        uri=data,
+        label=label,
+        test_fraction=test_fraction,
+        seed=seed,
         features=tuple(f.strip() for f in features.split(",")) if features else None,
     )
     name = register or default_model_name(data, model)
@@ -237,9 +255,13 @@ def require_gpu() -> None:
 
 @app.command()
 def serve(
-    models: Annotated[list[str], typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS, one or more.")],
+    models: Annotated[
+        list[str], typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS, one or more.")
+    ],
     max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: requests per batch.")] = 64,
-    batch_wait_timeout_s: Annotated[float, typer.Option(help="Dynamic batching: wait for a batch.")] = 0.002,
+    batch_wait_timeout_s: Annotated[
+        float, typer.Option(help="Dynamic batching: wait for a batch.")
+    ] = 0.002,
     host: HostOpt = None,
     port: PortOpt = None,
     address: AddressOpt = None,
@@ -255,9 +277,14 @@ def serve(
 
         registry_for(settings)
         url = deploy_models(
-            settings, models, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s
+            settings,
+            models,
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
         )
-        console.print(f"serving {', '.join(models)} at {url}  (POST {url}/v1/models/<name>:predict)")
+        console.print(
+            f"serving {', '.join(models)} at {url}  (POST {url}/v1/models/<name>:predict)"
+        )
         if not settings.embedded:
             return
         console.print("Ctrl-C stops")
@@ -365,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"kiln: {one_line(str(found))}", file=sys.stderr)
             sys.exit(2)
         print(
-            f"kiln: {type(exc).__name__}: {one_line(str(exc))[:300]} (rerun with --debug for details)",
+            f"kiln: {type(exc).__name__}: {one_line(str(exc))[:300]} "
+            "(rerun with --debug for details)",
             file=sys.stderr,
         )
         sys.exit(1)

@@ -64,7 +64,9 @@ def make_spec(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
     if stats.task == "classification":
         spec["classes"] = list(stats.labels)
         if len(spec["classes"]) < 2:
-            raise KilnError("the training split holds a single class; a classifier needs two or more")
+            raise KilnError(
+                "the training split holds a single class; a classifier needs two or more"
+            )
     validate_spec(spec)
     return spec
 
@@ -121,7 +123,7 @@ def fit(
         thread.join(timeout=0.2)
         drain(progress, record)
     drain(progress, record)
-    ray.kill(progress.actor)
+    ray.kill(progress.actor)  # type: ignore[arg-type]
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], history
@@ -171,7 +173,9 @@ def train_and_register(
         _, x_test, y_test = test.read_arrays()
         if len(x_test) == 0:
             raise KilnError("the test split is empty; use a --test-fraction above 0")
-        labels = encode_labels(y_test, spec["classes"]) if spec["task"] == "classification" else y_test
+        labels = (
+            encode_labels(y_test, spec["classes"]) if spec["task"] == "classification" else y_test
+        )
         test_metrics = evaluate_model(model, spec, x_test, labels)
         step("registering")
         lineage = {
@@ -183,7 +187,8 @@ def train_and_register(
             "train_config": cfg.to_dict(),
             "run_name": run_name,
         }
-        metrics = {**test_metrics, "train_loss": result.metrics["train_loss"]}
+        final = result.metrics or {}
+        metrics = {**test_metrics, "train_loss": final["train_loss"]}
         record = ray.get(
             registry.register.remote(name, model_to_files(model, spec), spec, metrics, lineage)
         )
@@ -193,9 +198,9 @@ def train_and_register(
     return TrainOutcome(
         record=record,
         test_metrics=test_metrics,
-        epochs_run=int(result.metrics["epoch"]) + 1,
-        num_workers=int(result.metrics["num_workers"]),
-        workers=result.metrics["workers"],
+        epochs_run=int(final["epoch"]) + 1,
+        num_workers=int(final["num_workers"]),
+        workers=final["workers"],
         history=history,
         elapsed_s=time.perf_counter() - started,
     )

@@ -6,7 +6,6 @@ and the batched forward pass share one replica. `@serve.batch` groups concurrent
 whichever model they name, and runs one forward pass per model per batch.
 """
 
-
 import json
 import logging
 import math
@@ -26,7 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from actors.catalog import VersionRecord
 from actors.registry import NAMESPACE, REGISTRY_NAME
 from actors.replica import ModelReplica
-from serving.schemas import ErrorBody, ModelInfo, ModelList, PredictRequest, PredictResponse, ServeArgs
+from serving.schemas import (
+    ErrorBody,
+    ModelInfo,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+    ServeArgs,
+)
 from training.errors import KilnError
 
 logger = logging.getLogger(__name__)
@@ -102,9 +108,9 @@ async def read_json_body(request: Request, max_body_bytes: int) -> Any:
 def resolve_records(refs: list[str]) -> tuple[list[VersionRecord], str, dict[str, list[str]]]:
     """Ask the Registry actor what each reference means now; also return the storage URI."""
     registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-    records = ray.get([registry.resolve.remote(ref) for ref in refs])
-    storage_uri = ray.get(registry.get_storage_uri.remote())
-    aliases = {}
+    records: list[VersionRecord] = ray.get([registry.resolve.remote(ref) for ref in refs])
+    storage_uri = str(ray.get(registry.get_storage_uri.remote()))
+    aliases: dict[str, list[str]] = {}
     for ref, record in zip(refs, records, strict=True):
         _, _, selector = ref.partition("@")
         aliases.setdefault(record.ref, [])
@@ -125,16 +131,21 @@ class KilnServer:
         self.routes: dict[str, str] = {}
         for record in records:
             self.replicas[record.ref] = ModelReplica(record, storage_uri, self.args.gpu)
-            for key in (record.name, record.ref, *(f"{record.name}@{a}" for a in aliases[record.ref])):
+            for key in (
+                record.name,
+                record.ref,
+                *(f"{record.name}@{a}" for a in aliases[record.ref]),
+            ):
                 self.routes.setdefault(key, record.ref)
         self.reconfigure(self.args.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live knobs: max_batch_size and batch_wait_timeout_s."""
+        batched: Any = self._forward_batch  # @serve.batch adds the setters
         if "max_batch_size" in user_config:
-            self._forward_batch.set_max_batch_size(int(user_config["max_batch_size"]))
+            batched.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
-            self._forward_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     def _replica_for(self, name: str) -> tuple[str, ModelReplica]:
         key = self.routes.get(name)
@@ -167,7 +178,11 @@ class KilnServer:
             num_features=spec["num_features"],
             classes=spec.get("classes"),
             metrics=record.metrics,
-            aliases=sorted(k.split("@", 1)[1] for k, v in self.routes.items() if v == key and "@" in k and not k.split("@", 1)[1].isdigit()),
+            aliases=sorted(
+                k.split("@", 1)[1]
+                for k, v in self.routes.items()
+                if v == key and "@" in k and not k.split("@", 1)[1].isdigit()
+            ),
         )
 
     @api.get("/v1/models", response_model=ModelList)
@@ -216,7 +231,7 @@ def build_app(args: dict[str, Any]) -> Application:
         parsed = ServeArgs(**args)
     except ValueError as exc:
         raise KilnError(f"invalid serve args: {exc}") from exc
-    return KilnServer.options(
+    return KilnServer.options(  # type: ignore[attr-defined]
         num_replicas=parsed.num_replicas,
         ray_actor_options={"num_cpus": parsed.num_cpus},
         user_config={

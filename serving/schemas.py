@@ -48,7 +48,9 @@ class ErrorBody(BaseModel):
 class ServeArgs(BaseModel):
     """Arguments of `build_app`, from Python or from a Serve config file's `args`."""
 
-    models: list[str] = Field(min_length=1, description="Model references: name, name@3, name@alias.")
+    models: list[str] = Field(
+        min_length=1, description="Model references: name, name@3, name@alias."
+    )
     max_batch_size: int = Field(64, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)

@@ -19,6 +19,10 @@ def _require(ok: bool, message: str) -> None:
         raise KilnError(message)
 
 
+def _require_choice(value: str, options: tuple[str, ...], option: str) -> None:
+    _require(value in options, f'Got "{value}" for {option}. Choose one of: {", ".join(options)}.')
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """What to train and how; every field maps to a `kiln train` option of the same name."""
@@ -46,36 +50,23 @@ class TrainConfig:
     """auto: use CUDA when the cluster has GPUs; on: require them; off: CPU only."""
 
     def __post_init__(self) -> None:
+        _require_choice(self.model, MODEL_KINDS, "--model")
+        _require_choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        _require_choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
+        _require_choice(self.gpu, GPU_MODES, "--gpu")
+        for option, value in (
+            ("--workers", self.workers),
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+        ):
+            _require(value >= 1, f'Got "{value}" for {option}. {option} must be at least 1.')
         _require(
-            self.model in MODEL_KINDS,
-            f'Got "{self.model}" for --model. Choose one of: {", ".join(MODEL_KINDS)}.',
-        )
-        _require(self.workers >= 1, f'Got "{self.workers}" for --workers. --workers must be at least 1.')
-        _require(self.epochs >= 1, f'Got "{self.epochs}" for --epochs. --epochs must be at least 1.')
-        _require(
-            self.batch_size >= 1,
-            f'Got "{self.batch_size}" for --batch-size. --batch-size must be at least 1.',
-        )
-        _require(
-            self.optimizer in OPTIMIZERS,
-            f'Got "{self.optimizer}" for --optimizer. Choose one of: {", ".join(OPTIMIZERS)}.',
-        )
-        _require(
-            self.lr > 0 and self.lr < 10,
-            f'Got "{self.lr}" for --lr. --lr must be greater than 0 and below 10.',
+            0 < self.lr < 10, f'Got "{self.lr}" for --lr. --lr must be greater than 0 and below 10.'
         )
         _require(self.l2 >= 0, f'Got "{self.l2}" for --l2. --l2 (λ) must be 0 or more.')
         _require(
-            self.lr_schedule in LR_SCHEDULES,
-            f'Got "{self.lr_schedule}" for --lr-schedule. Choose one of: {", ".join(LR_SCHEDULES)}.',
-        )
-        _require(
-            self.gpu in GPU_MODES,
-            f'Got "{self.gpu}" for --gpu. Choose one of: {", ".join(GPU_MODES)}.',
-        )
-        _require(
-            all(w >= 1 for w in self.hidden) and len(self.hidden) >= 1,
-            f'Got "{self.hidden}" for --hidden. Give one or more widths of at least 1, e.g. 128,64.',
+            len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden),
+            f'Got "{self.hidden}" for --hidden. Give widths of at least 1, e.g. 128,64.',
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -110,7 +110,7 @@ def run_epoch(
     model.train()
     joinable = isinstance(model, nn.parallel.DistributedDataParallel)
     # Join lets ranks with one batch more or less finish the epoch without hanging DDP.
-    with nn.parallel.distributed.Join([model]) if joinable else contextlib.nullcontext():
+    with nn.parallel.distributed.Join([cast(Any, model)]) if joinable else contextlib.nullcontext():
         for start in range(0, len(perm), cfg.train.batch_size):
             idx = perm[start : start + cfg.train.batch_size]
             xb = torch.from_numpy(x[idx]).to(device)  # (B, F)
@@ -169,10 +169,10 @@ def train_func(config: dict[str, Any]) -> None:
     x, y = read_worker_shards(cfg.shards, rank, world_size, cfg.spec)
     device = ray.train.torch.get_device()
 
-    model = build_model(cfg.spec)
-    set_standardization(model, cfg.spec["mean"], cfg.spec["std"])
-    start_epoch = restore_checkpoint(model)
-    model = ray.train.torch.prepare_model(model)
+    base_model = build_model(cfg.spec)
+    set_standardization(base_model, cfg.spec["mean"], cfg.spec["std"])
+    start_epoch = restore_checkpoint(base_model)
+    model = ray.train.torch.prepare_model(base_model)  # DDP-wrapped when world_size > 1
     optimizer = make_optimizer(model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
     workers = worker_identity(len(x), device)
@@ -194,6 +194,5 @@ def train_func(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                checkpoint = save_checkpoint(inner, epoch, directory)
+                checkpoint = save_checkpoint(base_model, epoch, directory)
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -21,6 +21,9 @@ REGRESSION_KINDS = ("linear", "ridge")
 class Standardize(nn.Module):
     """(x - mean) / std with statistics computed over the training shards."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(num_features))
@@ -52,6 +55,8 @@ class SmallCNN(nn.Module):
 
 class KilnModel(nn.Module):
     """Standardisation followed by the network body."""
+
+    standardize: Standardize
 
     def __init__(self, num_features: int, body: nn.Module) -> None:
         super().__init__()

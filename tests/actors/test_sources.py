@@ -1,0 +1,117 @@
+"""Dataset sources, splits and shard slices: pure pyarrow/numpy, no Ray."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from actors.sources import SourceSpec, check_source, read_shard, shard_bounds, split_indices
+from training.data import batches_to_arrays
+from training.errors import KilnError
+
+
+def all_rows(spec: SourceSpec, split: str, num_shards: int):
+    parts = [batches_to_arrays(read_shard(spec, split, i, num_shards)) for i in range(num_shards)]
+    return parts
+
+
+@pytest.mark.parametrize("num_rows,num_shards", [(10, 3), (1797, 4), (5, 5), (7, 1)])
+def test_shard_bounds_cover_every_row_once_and_balance(num_rows, num_shards):
+    bounds = [shard_bounds(num_rows, num_shards, i) for i in range(num_shards)]
+    sizes = [stop - start for start, stop in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_rows
+    assert all(bounds[i][1] == bounds[i + 1][0] for i in range(num_shards - 1))
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_stratified_split_keeps_class_shares_and_is_seeded():
+    y = np.repeat(np.arange(4), [100, 50, 30, 20])
+    train, test = split_indices(y, 0.2, seed=3, stratify=True)
+    assert len(set(train) & set(test)) == 0 and len(train) + len(test) == len(y)
+    assert np.bincount(y[test]).tolist() == [20, 10, 6, 4]
+    assert np.array_equal(test, split_indices(y, 0.2, seed=3, stratify=True)[1])
+
+
+def test_sklearn_shards_round_trip_the_dataset():
+    from sklearn.datasets import load_digits
+
+    x_all, y_all = load_digits(return_X_y=True)
+    spec = SourceSpec(uri="sklearn:digits")
+    train = all_rows(spec, "train", 3)
+    test = all_rows(spec, "test", 1)
+    row_ids = np.concatenate([p[0] for p in train + test])
+    assert sorted(row_ids.tolist()) == list(range(len(y_all)))
+    for ids, x, y in train + test:
+        np.testing.assert_array_equal(x, x_all[ids].astype(np.float32))
+        np.testing.assert_array_equal(y, y_all[ids])
+
+
+def test_synthetic_rows_are_identical_whichever_shard_makes_them():
+    spec = SourceSpec(
+        uri="synthetic:classification?rows=70000&features=4&classes=3&seed=7", test_fraction=0.1
+    )
+    one = all_rows(spec, "train", 1)[0]
+    three = all_rows(spec, "train", 3)
+    np.testing.assert_array_equal(one[0], np.concatenate([p[0] for p in three]))
+    np.testing.assert_array_equal(one[1], np.concatenate([p[1] for p in three]))
+    assert set(np.unique(one[2])) <= {0, 1, 2} and len(one[0]) == 63000
+
+
+def test_parquet_and_csv_files_with_chosen_columns(tmp_path):
+    table = pa.table(
+        {
+            "a": [1.0, 2.0, 3.0, 4.0, 5.0],
+            "b": [5, 4, 3, 2, 1],
+            "name": list("vwxyz"),
+            "y": [0, 1, 0, 1, 0],
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    pacsv.write_csv(table, tmp_path / "d.csv")
+    for path in ("d.parquet", "d.csv"):
+        spec = SourceSpec(uri=str(tmp_path / path), label="y", test_fraction=0.0)
+        ids, x, y = batches_to_arrays(read_shard(spec, "train", 0, 1))
+        assert x.shape == (5, 2)  # "name" is not numeric, so it is not a default feature
+        np.testing.assert_array_equal(x[:, 0], [1, 2, 3, 4, 5])
+        np.testing.assert_array_equal(y, [0, 1, 0, 1, 0])
+
+
+@pytest.mark.parametrize(
+    "uri_name,kwargs,message",
+    [
+        ("missing.parquet", {}, "does not exist"),
+        ("d.parquet", {"label": "nope"}, 'Got "nope" for --label'),
+        ("d.parquet", {"features": ("a", "zz")}, 'Got "zz" in --features'),
+        ("d.parquet", {"features": ("a", "name")}, "not numeric"),
+        ("empty.parquet", {}, "holds no rows"),
+        ("d.txt", {}, "format is unknown"),
+    ],
+)
+def test_bad_file_sources_give_one_clear_error(tmp_path, uri_name, kwargs, message):
+    table = pa.table({"a": [1.0, 2.0], "name": ["p", "q"], "y": [0, 1]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(KilnError, match=message):
+        check_source(
+            SourceSpec(
+                uri=str(tmp_path / uri_name),
+                label=kwargs.get("label", "y"),
+                features=kwargs.get("features"),
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "uri,message",
+    [
+        ("sklearn:nope", "Built-in sets"),
+        ("synthetic:foo", "synthetic:classification"),
+        ("synthetic:classification?rows=abc", "Use numbers"),
+        ("synthetic:classification?colour=red", 'unknown parameter "colour"'),
+    ],
+)
+def test_bad_builtin_uris_name_the_value(uri, message):
+    with pytest.raises(KilnError, match=message):
+        check_source(SourceSpec(uri=uri))

@@ -1,0 +1,81 @@
+"""Shared fixtures: one local Ray for the whole session, temp Kiln homes, a trained model.
+
+Unit tests of pure logic do not touch these; integration tests share `ray_local`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
+    """Poll `condition` until it holds or the deadline passes; returns whether it held."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval_s)
+    return condition()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    import ray
+
+    ray.init(
+        address="local", num_cpus=6, include_dashboard=False, namespace="kiln", log_to_driver=False
+    )
+    yield
+    from cluster.runtime import shutdown_ray
+
+    shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def settings_session(tmp_path_factory: pytest.TempPathFactory):
+    from cluster.settings import Settings
+
+    home = tmp_path_factory.mktemp("kiln-home")
+    return Settings(kiln_home=home, kiln_http_port=free_port())
+
+
+@pytest.fixture(scope="session")
+def registry_session(ray_local, settings_session):
+    from cluster.runtime import registry_for
+
+    return registry_for(settings_session)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(ray_local, settings_session, registry_session):
+    """An MLP trained on digits by 2 Ray Train workers and registered (shared by many tests)."""
+    from actors.sources import SourceSpec
+    from cluster.pipeline import train_and_register
+    from training.config import TrainConfig
+
+    cfg = TrainConfig(model="mlp", workers=2, epochs=8, batch_size=32, lr=2e-3)
+    return train_and_register(
+        settings_session, SourceSpec(uri="sklearn:digits"), cfg, "digits-mlp", registry_session
+    )
+
+
+@pytest.fixture
+def tmp_home(tmp_path: Path):
+    from cluster.settings import Settings
+
+    return Settings(kiln_home=tmp_path / "home")

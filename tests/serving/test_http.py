@@ -1,0 +1,106 @@
+"""The Serve application over real HTTP on loopback: predictions and every bad input."""
+
+import httpx
+import numpy as np
+import pytest
+
+from actors.shards import load_shards
+from actors.sources import SourceSpec
+
+
+@pytest.fixture(scope="module")
+def served_digits(trained_digits, settings_session, registry_session):
+    from cluster.serving_control import deploy_models
+
+    return deploy_models(settings_session, ["digits-mlp"])
+
+
+@pytest.fixture(scope="module")
+def digits_test_rows(ray_local):
+    test = load_shards(SourceSpec(uri="sklearn:digits"), "test", 1)
+    try:
+        _, x, y = test.read_arrays()
+    finally:
+        test.release()
+    return x, y
+
+
+def predict(url: str, body=None, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/v1/models/digits-mlp:predict", json=body, timeout=30, **kwargs)
+
+
+def test_served_predictions_match_the_evaluated_accuracy(
+    served_digits, digits_test_rows, trained_digits
+):
+    x, y = digits_test_rows
+    response = predict(served_digits, {"instances": x.tolist()})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] == "digits-mlp" and body["model_version"] == trained_digits.record.version
+    assert len(body["ids"]) == len(x) == len(set(body["ids"]))
+    accuracy = np.mean(np.asarray(body["predictions"]) == y)
+    assert accuracy == pytest.approx(trained_digits.test_metrics["accuracy"])
+
+
+def test_probabilities_on_request(served_digits, digits_test_rows):
+    x, _ = digits_test_rows
+    body = predict(served_digits, {"instances": x[:3].tolist(), "return": "probabilities"}).json()
+    probs = np.asarray(body["probabilities"])
+    assert probs.shape == (3, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert probs.argmax(axis=1).tolist() == body["predictions"]
+
+
+def test_version_and_model_listing(served_digits, trained_digits):
+    version = trained_digits.record.version
+    assert (
+        httpx.post(
+            f"{served_digits}/v1/models/digits-mlp@{version}:predict",
+            json={"instances": [[0.0] * 64]},
+        ).status_code
+        == 200
+    )
+    listing = httpx.get(f"{served_digits}/v1/models").json()["models"]
+    assert [(m["name"], m["version"], m["num_features"]) for m in listing] == [
+        ("digits-mlp", version, 64)
+    ]
+
+
+@pytest.mark.parametrize(
+    "content,status,fragment",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"instances": [[1, 2, 3]]}', 422, "shape [N, 64]"),
+        (b'{"instances": [[' + b",".join([b"1"] * 63) + b", NaN]]}", 422, "NaN or Inf"),
+        (b'{"instances": [[' + b",".join([b"1"] * 63) + b", 1e999]]}", 422, "NaN or Inf"),
+        (b'{"instances": [[' + b",".join([b"1"] * 63) + b', "x"]]}', 422, "valid number"),
+        (b'{"instances": []}', 422, "empty"),
+        (b'{"rows": []}', 422, "instances"),
+        (b"[1, 2]", 422, "dictionary"),
+    ],
+)
+def test_bad_bodies_get_a_4xx_with_an_error(served_digits, content, status, fragment):
+    response = predict(served_digits, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert fragment in response.json()["error"]
+
+
+def test_unknown_model_is_404(served_digits):
+    response = httpx.post(
+        f"{served_digits}/v1/models/nope:predict", json={"instances": [[0.0] * 64]}
+    )
+    assert response.status_code == 404
+    assert "nope" in response.json()["error"]
+
+
+def test_oversized_body_is_413(served_digits):
+    response = predict(served_digits, content=b"[" + b"0," * (5 * 1024 * 1024) + b"0]")
+    assert response.status_code == 413
+    assert "limit" in response.json()["error"]
+
+
+def test_openapi_describes_the_predict_schemas(served_digits):
+    spec = httpx.get(f"{served_digits}/openapi.json").json()
+    operation = spec["paths"]["/v1/models/{name}:predict"]["post"]
+    assert "instances" in str(operation["requestBody"])
+    assert {"200", "400", "404", "413", "422"} <= set(operation["responses"])
