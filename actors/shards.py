@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
 
+from actors.registry import NAMESPACE
 from actors.sources import SourceSpec, check_source, read_shard, task_of_labels
-from training.data import batch_features
+from training.data import batch_features, batches_to_arrays
+from training.errors import KilnError
+from training.loop import fetch_shard_batches
+from training.preprocess import feature_moments
 
 logger = logging.getLogger(__name__)
 
 MIN_STD = 1e-6
+DATASET_PREFIX = "kiln-data"
 
 
 @dataclass
@@ -71,12 +76,17 @@ class ShardStore:
     def _compute_stats(batches: list) -> FeatureStats:
         if not batches:
             return FeatureStats(0, np.zeros(0), np.zeros(0))
-        x = np.concatenate([batch_features(b) for b in batches]).astype(np.float64)
+        stats = FeatureStats(0, np.zeros(0), np.zeros(0))
+        for batch in batches:  # batch by batch: no float64 copy of the whole shard
+            count, mean, m2 = feature_moments(batch_features(batch))
+            stats = stats.merge(FeatureStats(count, mean, m2))
         y = np.concatenate([b.column("label").to_numpy() for b in batches])
-        task = task_of_labels(y)
-        labels = sorted(np.unique(y).tolist()) if task == "classification" else []
-        mean = x.mean(axis=0)
-        return FeatureStats(len(x), mean, ((x - mean) ** 2).sum(axis=0), labels, task)
+        stats.task = task_of_labels(y)
+        stats.labels = sorted(np.unique(y).tolist()) if stats.task == "classification" else []
+        return stats
+
+    def source_spec(self) -> SourceSpec:
+        return self.source
 
     def ready(self) -> int:
         return self._num_rows
@@ -89,6 +99,21 @@ class ShardStore:
 
     def feature_stats(self) -> FeatureStats:
         return self._stats
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "uri": self.source.uri,
+            "split": self.split,
+            "index": self.index,
+            "rows": self._num_rows,
+            "bytes": self._num_bytes,
+        }
+
+    def memory_bytes(self) -> dict[str, int]:
+        """This actor's own memory (USS) and the bytes it keeps in the object store."""
+        import psutil
+
+        return {"uss": psutil.Process().memory_full_info().uss, "object_store": self._num_bytes}
 
 
 @dataclass
@@ -107,28 +132,151 @@ class ShardSet:
 
     def read_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """row_ids, features and labels of every shard (for evaluation on small splits)."""
-        from training.data import batches_to_arrays
-
-        refs = [ref for h in self.handles for ref in ray.get(h.batch_refs.remote())]
-        return batches_to_arrays(ray.get(refs))
+        batches = [b for h in self.handles for b in fetch_shard_batches(h)]
+        return batches_to_arrays(batches)
 
     def release(self) -> None:
         for handle in self.handles:
             ray.kill(handle)
 
 
-def load_shards(source: SourceSpec, split: str, num_shards: int) -> ShardSet:
+@dataclass
+class Dataset:
+    """The splits of one dataset resident in ShardStore actors."""
+
+    name: str | None
+    train: ShardSet
+    test: ShardSet
+    val: ShardSet | None = None
+    owned: bool = True
+    """Loaded for this command (released at its end) rather than a named, shared dataset."""
+
+    @property
+    def splits(self) -> list[ShardSet]:
+        return [s for s in (self.train, self.val, self.test) if s is not None]
+
+    def release(self) -> None:
+        if self.owned:
+            for shard_set in self.splits:
+                shard_set.release()
+
+
+def actor_name(dataset: str, split: str, index: int) -> str:
+    return f"{DATASET_PREFIX}:{dataset}:{split}:{index}"
+
+
+def load_shards(
+    source: SourceSpec,
+    split: str,
+    num_shards: int,
+    name: str | None = None,
+    detached: bool = False,
+) -> ShardSet:
     """Start `num_shards` ShardStore actors spread over the nodes and wait until loaded."""
     check_source(source)
     store: Any = ShardStore  # @ray.remote adds .options, which type checkers cannot see
-    handles = [
-        store.options(scheduling_strategy="SPREAD").remote(source, split, i, num_shards)
-        for i in range(num_shards)
-    ]
+    handles = []
+    for i in range(num_shards):
+        options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
+        if name:
+            options["name"] = actor_name(name, split, i)
+            options["namespace"] = NAMESPACE
+        if detached:
+            options["lifetime"] = "detached"
+        handles.append(store.options(**options).remote(source, split, i, num_shards))
+    return gather_shard_set(source, split, handles)
+
+
+def gather_shard_set(source: SourceSpec, split: str, handles: list[Any]) -> ShardSet:
+    """Wait for the actors and reduce their statistics into one ShardSet."""
     rows = ray.get([h.ready.remote() for h in handles])
-    if split == "train" and sum(rows) == 0:
-        raise ValueError(f"{source.uri} gave no training rows")
     stats = FeatureStats(0, np.zeros(0), np.zeros(0))
     for part in ray.get([h.feature_stats.remote() for h in handles]):
         stats = stats.merge(part)
     return ShardSet(source, split, handles, rows, stats)
+
+
+def load_dataset(
+    source: SourceSpec, num_shards: int, name: str | None = None, detached: bool = False
+) -> Dataset:
+    """Train (and validation) splits in `num_shards` actors each, the test split in one."""
+    if name and find_dataset_actors(name):
+        raise KilnError(
+            f'A dataset named "{name}" is already loaded. Drop it first: kiln data drop {name}'
+        )
+    train = load_shards(source, "train", num_shards, name, detached)
+    if train.num_rows == 0:
+        train.release()
+        raise KilnError(
+            f"{source.uri} gave no training rows. Lower --test-fraction/--val-fraction."
+        )
+    val = (
+        load_shards(source, "val", num_shards, name, detached) if source.val_fraction > 0 else None
+    )
+    test = load_shards(source, "test", 1, name, detached)
+    return Dataset(name, train, test, val, owned=not detached)
+
+
+def find_dataset_actors(name: str) -> dict[str, list[str]]:
+    """Actor names of a named dataset, by split, in shard order."""
+    prefix = f"{DATASET_PREFIX}:{name}:"
+    found: dict[str, list[tuple[int, str]]] = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix):
+            _, _, split, index = entry["name"].split(":")
+            found.setdefault(split, []).append((int(index), entry["name"]))
+    return {split: [n for _, n in sorted(items)] for split, items in found.items()}
+
+
+def attach_dataset(name: str) -> Dataset | None:
+    """The named dataset loaded earlier by `kiln data load`, or None if there is none."""
+    names = find_dataset_actors(name)
+    if not names:
+        return None
+    sets: dict[str, ShardSet] = {}
+    for split, actor_names in names.items():
+        handles = [ray.get_actor(n, namespace=NAMESPACE) for n in actor_names]
+        source = cast(SourceSpec, ray.get(handles[0].source_spec.remote()))
+        sets[split] = gather_shard_set(source, split, handles)
+    return Dataset(name, sets["train"], sets["test"], sets.get("val"), owned=False)
+
+
+def list_datasets() -> list[dict[str, Any]]:
+    """Every named dataset with its URI, shards, rows and bytes per split."""
+    names = {n.split(":")[1] for n in _dataset_actor_names()}
+    out = []
+    for name in sorted(names):
+        by_split = find_dataset_actors(name)
+        described: dict[str, list[dict[str, Any]]] = {
+            split: ray.get(
+                [ray.get_actor(n, namespace=NAMESPACE).describe.remote() for n in actors]
+            )
+            for split, actors in by_split.items()
+        }
+        train = described.get("train", [])
+        out.append(
+            {
+                "name": name,
+                "uri": train[0]["uri"] if train else None,
+                "shards": len(train),
+                "rows": {split: sum(d["rows"] for d in ds) for split, ds in described.items()},
+                "bytes": sum(d["bytes"] for ds in described.values() for d in ds),
+            }
+        )
+    return out
+
+
+def _dataset_actor_names() -> list[str]:
+    return [
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == NAMESPACE and e["name"].startswith(f"{DATASET_PREFIX}:")
+    ]
+
+
+def drop_dataset(name: str) -> int:
+    """Kill a named dataset's actors; returns how many there were."""
+    actor_names = [n for names in find_dataset_actors(name).values() for n in names]
+    for actor in actor_names:
+        ray.kill(ray.get_actor(actor, namespace=NAMESPACE), no_restart=True)
+    return len(actor_names)

@@ -47,13 +47,18 @@ class SourceSpec:
     features: tuple[str, ...] | None = None
     """Feature columns; default every numeric column but the label."""
     test_fraction: float = 0.2
+    """Share of rows held out as the test split."""
+    val_fraction: float = 0.0
+    """Share of the non-test rows held out for validation (early stopping)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise KilnError(
-                f'Got "{self.test_fraction}" for --test-fraction. Use a value in [0, 1).'
-            )
+        for option, value in (
+            ("--test-fraction", self.test_fraction),
+            ("--val-fraction", self.val_fraction),
+        ):
+            if not 0.0 <= value < 1.0:
+                raise KilnError(f'Got "{value}" for {option}. Use a value in [0, 1).')
 
 
 @dataclass(frozen=True)
@@ -256,38 +261,57 @@ def shard_bounds(num_rows: int, num_shards: int, index: int) -> tuple[int, int]:
     return start, start + base + (1 if index < extra else 0)
 
 
+SPLITS = ("train", "val", "test", "all")
+
+
+def synthetic_split_range(spec: SourceSpec, num_rows: int, split: str) -> tuple[int, int]:
+    """Synthetic rows are i.i.d., so splits are contiguous ranges: train | val | test."""
+    num_test = int(round(num_rows * spec.test_fraction))
+    num_val = int(round((num_rows - num_test) * spec.val_fraction))
+    num_train = num_rows - num_test - num_val
+    return {
+        "train": (0, num_train),
+        "val": (num_train, num_train + num_val),
+        "test": (num_train + num_val, num_rows),
+        "all": (0, num_rows),
+    }[split]
+
+
+def split_rows(y: np.ndarray, spec: SourceSpec, split: str) -> np.ndarray:
+    """Row indices of one split: test first, then validation carved from the rest (seeded)."""
+    if split == "all":
+        return np.arange(len(y))
+    stratify = task_of_labels(y) == "classification"
+    rest, test = split_indices(y, spec.test_fraction, spec.seed, stratify)
+    if split == "test":
+        return test
+    train_pos, val_pos = split_indices(y[rest], spec.val_fraction, spec.seed + 1, stratify)
+    return rest[train_pos] if split == "train" else rest[val_pos]
+
+
 def read_shard(spec: SourceSpec, split: str, index: int, num_shards: int) -> list[pa.RecordBatch]:
-    """The record batches of one shard of one split ("train" or "test")."""
+    """The record batches of one shard of one split: train, val, test or all."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
     if spec.uri.startswith("synthetic:"):
         synthetic = parse_synthetic(spec.uri)
-        num_test = int(round(synthetic.rows * spec.test_fraction))
-        lo, hi = (
-            (0, synthetic.rows - num_test)
-            if split == "train"
-            else (synthetic.rows - num_test, synthetic.rows)
-        )
+        lo, hi = synthetic_split_range(spec, synthetic.rows, split)
         start, stop = shard_bounds(hi - lo, num_shards, index)
         return [
             synthetic_rows(synthetic, lo + s, lo + min(s + BATCH_ROWS, stop))
             for s in range(start, stop, BATCH_ROWS)
         ]
-    table = (
-        load_sklearn(spec.uri.split(":", 1)[1])
-        if spec.uri.startswith("sklearn:")
-        else load_file_table(spec.uri)
-    )
+    if spec.uri.startswith("sklearn:"):
+        table = load_sklearn(spec.uri.split(":", 1)[1])
+    else:
+        table = load_file_table(spec.uri)
     x, y = table_arrays(table, spec)
-    train, test = split_indices(
-        y, spec.test_fraction, spec.seed, task_of_labels(y) == "classification"
-    )
-    rows = train if split == "train" else test
+    rows = split_rows(y, spec, split)
     start, stop = shard_bounds(len(rows), num_shards, index)
     mine = rows[start:stop]
     return [
-        make_batch(
-            mine[s : s + BATCH_ROWS], x[mine[s : s + BATCH_ROWS]], y[mine[s : s + BATCH_ROWS]]
-        )
-        for s in range(0, len(mine), BATCH_ROWS)
+        make_batch(part, x[part], y[part])
+        for part in (mine[s : s + BATCH_ROWS] for s in range(0, len(mine), BATCH_ROWS))
     ]
 
 

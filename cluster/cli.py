@@ -35,6 +35,10 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(
+    help="Datasets resident in ShardStore actors on a cluster.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
 
 console = Console(stderr=True)
 logger = logging.getLogger("kiln")
@@ -166,13 +170,17 @@ def demo(
 @app.command()
 def train(
     data: Annotated[
-        str, typer.Option(help="Dataset URI: file/folder, sklearn:NAME, synthetic:KIND?rows=N.")
-    ],
+        str | None,
+        typer.Option(
+            help="Dataset URI (file/folder, sklearn:NAME, synthetic:KIND?rows=N) or a "
+            "dataset name from `kiln data load`."
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
     label: Annotated[str | None, typer.Option(help="Label column.")] = None,
     features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    epochs: Annotated[int, typer.Option(help="Most training epochs.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 64,
     optimizer: Annotated[str, typer.Option(help="sgd|adam|adamw")] = "adam",
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
@@ -180,9 +188,21 @@ def train(
     hidden: Annotated[str, typer.Option(help="MLP hidden widths, comma-separated.")] = "128,64",
     lr_schedule: Annotated[str, typer.Option(help="constant|step|cosine")] = "constant",
     test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option(help="Validation share of the rest (early stopping); 0: none.")
+    ] = 0.1,
+    patience: Annotated[
+        int, typer.Option(help="Stop after this many epochs without a better val loss; 0: off.")
+    ] = 5,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Evaluate on this dataset URI instead of a test split.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split and the shuffles.")] = 0,
     register: Annotated[
         str | None, typer.Option(help="Registry name (default: <data>-<model>).")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue a stopped run by its name (other options ignored).")
     ] = None,
     gpu: Annotated[str, typer.Option(help="auto|on|off")] = "auto",
     as_json: JsonOpt = False,
@@ -191,42 +211,54 @@ def train(
     storage: StorageOpt = None,
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
-    from actors.catalog import validate_name
-    from cluster.pipeline import train_and_register
+    from cluster.pipeline import TrainRequest, load_run_request, train_and_register
     from cluster.runtime import registry_for
 
     started = time.perf_counter()
-    cfg = TrainConfig(
-        model=model,
-        workers=workers,
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        l2=l2,
-        hidden=parse_hidden(hidden),
-        lr_schedule=lr_schedule,
-        seed=seed,
-        gpu=gpu,
-    )
-    source = SourceSpec(
-        uri=data,
-        label=label,
-        test_fraction=test_fraction,
-        seed=seed,
-        features=tuple(f.strip() for f in features.split(",")) if features else None,
-    )
-    name = register or default_model_name(data, model)
-    validate_name(name)
-    check_source(source)  # a typo in --data fails here, before Ray starts
     settings = load_settings(address=address, home=home, storage=storage)
-    bar = EpochProgress(cfg.epochs, quiet=False)
-    with bar.progress, connected(settings):
-        if cfg.gpu == "on":
-            require_gpu()
-        outcome = train_and_register(
-            settings, source, cfg, name, registry_for(settings), bar.epoch, bar.step
+    if resume:
+        request = load_run_request(settings, resume)
+    elif data is None:
+        raise KilnError("Give --data URI|NAME (or --resume RUN). See `kiln train --help`.")
+    else:
+        cfg = TrainConfig(
+            model=model,
+            workers=workers,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            l2=l2,
+            hidden=parse_hidden(hidden),
+            lr_schedule=lr_schedule,
+            seed=seed,
+            gpu=gpu,
+            patience=patience,
         )
+        source = SourceSpec(
+            uri=data,
+            label=label,
+            test_fraction=0.0 if eval_data else test_fraction,
+            val_fraction=val_fraction,
+            seed=seed,
+            features=tuple(f.strip() for f in features.split(",")) if features else None,
+        )
+        request = TrainRequest(
+            data=data,
+            source=source,
+            train=cfg,
+            eval_data=eval_data,
+            name=register or default_model_name(data, model),
+        )
+    if not looks_like_dataset_name(request.data):
+        check_source(request.source)  # a typo in --data fails here, before Ray starts
+    if request.eval_data:
+        check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
+    bar = EpochProgress(request.train.epochs, quiet=False)
+    with bar.progress, connected(settings):
+        if request.train.gpu == "on":
+            require_gpu()
+        outcome = train_and_register(settings, request, registry_for(settings), bar.epoch, bar.step)
     emit(
         {
             "model": outcome.record.name,
@@ -234,11 +266,17 @@ def train(
             "metrics": outcome.test_metrics,
             "epochs_run": outcome.epochs_run,
             "num_workers": outcome.num_workers,
+            "run": outcome.run_name,
             "elapsed_s": time.perf_counter() - started,
         },
         as_json,
         f"kiln train: {outcome.record.ref}",
     )
+
+
+def looks_like_dataset_name(data: str) -> bool:
+    """A bare name (no scheme, no path) may be a dataset loaded with `kiln data load`."""
+    return ":" not in data and "/" not in data and "." not in data
 
 
 def default_model_name(data: str, model: str) -> str:
@@ -293,6 +331,91 @@ def serve(
                 time.sleep(3600)
         except KeyboardInterrupt:
             console.print("stopping")
+
+
+@data_app.command("load")
+def data_load(
+    uri: Annotated[
+        str, typer.Argument(help="Dataset URI: file/folder, sklearn:NAME, synthetic:...")
+    ],
+    name: Annotated[str, typer.Option(help="Name to train from later: kiln train --data NAME.")],
+    shards: Annotated[int, typer.Option(help="ShardStore actors (spread over the nodes).")] = 2,
+    label: Annotated[str | None, typer.Option(help="Label column.")] = None,
+    features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
+    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option(help="Validation share of the rest.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+) -> None:
+    """Load a dataset into named, detached ShardStore actors on a cluster."""
+    from actors.catalog import validate_name
+    from actors.shards import load_dataset
+
+    validate_name(name)
+    if shards < 1:
+        raise KilnError(f'Got "{shards}" for --shards. --shards must be at least 1.')
+    source = SourceSpec(
+        uri=uri,
+        label=label,
+        test_fraction=test_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+        features=tuple(f.strip() for f in features.split(",")) if features else None,
+    )
+    check_source(source)
+    settings = require_cluster(load_settings(address=address), "kiln data load")
+    with connected(settings):
+        dataset = load_dataset(source, shards, name=name, detached=True)
+        result = {
+            "name": name,
+            "uri": uri,
+            "shards": shards,
+            "rows": {s.split: s.num_rows for s in dataset.splits},
+        }
+    emit(result, as_json, f"kiln data load: {name}")
+
+
+@data_app.command("ls")
+def data_ls(as_json: JsonOpt = False, address: AddressOpt = None) -> None:
+    """Datasets resident on the cluster."""
+    from actors.shards import list_datasets
+
+    settings = require_cluster(load_settings(address=address), "kiln data ls")
+    with connected(settings):
+        datasets = list_datasets()
+    if as_json:
+        print(json.dumps(datasets))
+        return
+    table = Table("name", "uri", "shards", "rows", "MiB")
+    for d in datasets:
+        rows = ", ".join(f"{k} {v}" for k, v in d["rows"].items())
+        table.add_row(d["name"], str(d["uri"]), str(d["shards"]), rows, f"{d['bytes'] / 2**20:.1f}")
+    Console().print(table)
+
+
+@data_app.command("drop")
+def data_drop(
+    name: Annotated[str, typer.Argument(help="Dataset name.")], address: AddressOpt = None
+) -> None:
+    """Release a dataset's ShardStore actors."""
+    from actors.shards import drop_dataset
+
+    settings = require_cluster(load_settings(address=address), "kiln data drop")
+    with connected(settings):
+        dropped = drop_dataset(name)
+    if dropped == 0:
+        raise KilnError(f'Got "{name}": no dataset of that name is loaded. See `kiln data ls`.')
+    console.print(f"dropped {name} ({dropped} shard actors)")
+
+
+def require_cluster(settings: Settings, command: str) -> Settings:
+    if settings.embedded:
+        raise KilnError(
+            f"{command} needs a running Ray cluster: set RAY_ADDRESS or pass --address "
+            "(on the embedded Ray, shards live for one command)."
+        )
+    return settings
 
 
 @models_app.command("list")

@@ -16,7 +16,7 @@ import numpy as np
 
 from actors.shards import load_shards
 from actors.sources import SourceSpec
-from cluster.pipeline import ProgressFn, train_and_register
+from cluster.pipeline import ProgressFn, TrainRequest, train_and_register
 from cluster.runtime import registry_for
 from cluster.serving_control import deploy_models
 from cluster.settings import Settings
@@ -61,7 +61,8 @@ def run_demo(
     step = on_step or (lambda _: None)
     source = SourceSpec(uri=DEMO_DATA, test_fraction=0.2, seed=0)
     registry = registry_for(settings)
-    outcome = train_and_register(settings, source, cfg, DEMO_MODEL_NAME, registry, on_epoch, step)
+    request = TrainRequest(data=DEMO_DATA, source=source, train=cfg, name=DEMO_MODEL_NAME)
+    outcome = train_and_register(settings, request, registry, on_epoch, step)
     step("serving")
     base_url = deploy_models(settings, [outcome.record.ref])
     step("querying")

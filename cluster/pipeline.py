@@ -1,18 +1,20 @@
 """Train -> evaluate -> register, the path shared by `kiln train`, `kiln demo` and the client.
 
-Reads as its steps: load the shards into actors, reduce their statistics into a model spec,
-fit with Ray Train's TorchTrainer, evaluate the final checkpoint on the held-out split, and
-register the weights, spec, metrics and lineage.
+Reads as its steps: get the data resident in ShardStore actors (load it, or attach to a named
+dataset), reduce their statistics into a model spec, fit with Ray Train's TorchTrainer,
+evaluate the best weights on the test split (or on --eval-data), and register the weights,
+spec, metrics and lineage.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +25,22 @@ from ray.util.queue import Empty, Queue
 from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
-from actors.shards import ShardSet, load_shards
+from actors.shards import Dataset, ShardSet, attach_dataset, load_dataset, load_shards
 from actors.sources import SourceSpec
 from cluster.settings import Settings
 from training.artifacts import model_to_files
+from training.checkpoints import BEST_WEIGHTS_FILE
 from training.config import TrainConfig
 from training.data import encode_labels
 from training.errors import KilnError
 from training.evaluate import evaluate_model
-from training.loop import WEIGHTS_FILE, train_func
-from training.models import build_model, set_standardization, validate_spec
+from training.loop import train_func
+from training.models import KilnModel, build_model, set_standardization, validate_spec
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict[str, Any]], None]
+StepFn = Callable[[str], None]
 
 
 @dataclass
@@ -48,6 +52,52 @@ class TrainOutcome:
     workers: list[dict[str, Any]]
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    run_name: str = ""
+
+
+@dataclass(kw_only=True)
+class TrainRequest:
+    """One `kiln train`: what to read, how to train, where to register. Saved for --resume."""
+
+    data: str
+    """A dataset URI, or the name of a dataset loaded with `kiln data load`."""
+    source: SourceSpec
+    train: TrainConfig
+    name: str
+    eval_data: str | None = None
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not self.run_name:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.run_name = f"{self.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainRequest:
+        raw = json.loads(text)
+        source = raw["source"]
+        if source.get("features") is not None:
+            source["features"] = tuple(source["features"])
+        return cls(**{**raw, "source": SourceSpec(**source), "train": TrainConfig(**raw["train"])})
+
+
+def run_record_path(settings: Settings, run_name: str) -> Path:
+    return settings.kiln_home.expanduser() / "runs" / f"{run_name}.json"
+
+
+def load_run_request(settings: Settings, run_name: str) -> TrainRequest:
+    path = run_record_path(settings, run_name)
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.json"))[-5:]
+        raise KilnError(
+            f'Got "{run_name}" for --resume, which is not a run of this KILN_HOME. '
+            f"Recent runs: {', '.join(known) or 'none'}."
+        )
+    return TrainRequest.from_json(path.read_text())
 
 
 def make_spec(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
@@ -71,17 +121,24 @@ def make_spec(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
     return spec
 
 
+def storage_path(settings: Settings) -> str:
+    return f"{settings.storage_uri.rstrip('/')}/runs"
+
+
 def fit(
     cfg: TrainConfig,
     spec: dict[str, Any],
-    shards: ShardSet,
+    data: Dataset,
     settings: Settings,
     run_name: str,
     on_epoch: ProgressFn | None = None,
+    extra_loop_config: dict[str, Any] | None = None,
+    datasets: dict[str, Any] | None = None,
 ) -> tuple[ray.train.Result, list[dict[str, Any]]]:
     """Run the TorchTrainer; returns its result and the per-epoch metrics of rank 0.
 
-    Epochs stream through a Ray queue to `on_epoch` while fit() blocks in a thread.
+    Epochs stream through a Ray queue to `on_epoch` while fit() blocks in a thread. A run name
+    that exists under the storage path resumes that run (Ray Train V2's restore-by-name).
     """
     history: list[dict[str, Any]] = []
 
@@ -97,17 +154,20 @@ def fit(
         train_loop_config={
             "train": cfg.to_dict(),
             "spec": spec,
-            "shards": shards.handles,
-            "num_train_rows": shards.num_rows,
+            "shards": data.train.handles,
+            "val_shards": data.val.handles if data.val else [],
+            "num_train_rows": data.train.num_rows,
             "progress": progress,
+            **(extra_loop_config or {}),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=f"{settings.storage_uri.rstrip('/')}/runs",
+            storage_path=storage_path(settings),
             failure_config=ray.train.FailureConfig(max_failures=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
+        datasets=datasets,
     )
     outcome: dict[str, Any] = {}
 
@@ -137,64 +197,105 @@ def drain(progress: Queue, on_epoch: ProgressFn) -> None:
             return
 
 
-def load_trained_model(result: ray.train.Result, spec: dict[str, Any]):  # noqa: ANN201
+def load_best_model(result: ray.train.Result, spec: dict[str, Any]) -> KilnModel:
+    """The best weights (lowest validation loss, else the last epoch) of the final checkpoint."""
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     model = build_model(spec)
     set_standardization(model, spec["mean"], spec["std"])
     with result.checkpoint.as_directory() as directory:
-        model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+        model.load_state_dict(load_file(str(Path(directory) / BEST_WEIGHTS_FILE)))
     return model.eval()
+
+
+def resident_data(request: TrainRequest) -> Dataset:
+    """A named dataset loaded earlier (shared, not reloaded), else load the URI for this run."""
+    attached = (
+        attach_dataset(request.data)
+        if ":" not in request.data and "/" not in request.data
+        else None
+    )
+    if attached is not None:
+        shards = len(attached.train.handles)
+        if request.train.workers > shards:
+            raise KilnError(
+                f'Got "{request.train.workers}" for --workers, but dataset "{request.data}" has '
+                f"{shards} shards. Use --workers {shards} or fewer, or reload it with more shards."
+            )
+        return attached
+    return load_dataset(request.source, request.train.workers)
+
+
+def evaluate_on(model: KilnModel, spec: dict[str, Any], test: ShardSet) -> dict[str, Any]:
+    _, x_test, y_test = test.read_arrays()
+    if len(x_test) == 0:
+        raise KilnError("the test split is empty; use a --test-fraction above 0 or --eval-data")
+    classify = spec["task"] == "classification"
+    if classify:
+        unknown = set(y_test.tolist()) - set(spec["classes"])
+        if unknown:
+            raise KilnError(
+                f"the evaluation data has labels never seen in training: {sorted(unknown)[:5]}"
+            )
+    labels = encode_labels(y_test, spec["classes"]) if classify else y_test
+    return evaluate_model(model, spec, x_test, labels)
 
 
 def train_and_register(
     settings: Settings,
-    source: SourceSpec,
-    cfg: TrainConfig,
-    name: str,
+    request: TrainRequest,
     registry: Any,
     on_epoch: ProgressFn | None = None,
-    on_step: Callable[[str], None] | None = None,
+    on_step: StepFn | None = None,
 ) -> TrainOutcome:
-    """The whole path from a dataset URI to a registered, evaluated model version."""
-    validate_name(name)
+    """The whole path from a dataset to a registered, evaluated model version."""
     started = time.perf_counter()
     step = on_step or (lambda _: None)
+    cfg = request.train
+    record_path = run_record_path(settings, request.run_name)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(request.to_json())
+
     step("loading shards")
-    train = load_shards(source, "train", cfg.workers)
-    test = load_shards(source, "test", 1)
-    try:
-        spec = make_spec(cfg, train)
-        step("training")
-        run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        result, history = fit(cfg, spec, train, settings, run_name, on_epoch)
-        step("evaluating")
-        model = load_trained_model(result, spec)
-        _, x_test, y_test = test.read_arrays()
-        if len(x_test) == 0:
-            raise KilnError("the test split is empty; use a --test-fraction above 0")
-        labels = (
-            encode_labels(y_test, spec["classes"]) if spec["task"] == "classification" else y_test
+    data = resident_data(request)
+    eval_set = None
+    if request.eval_data:
+        eval_source = SourceSpec(
+            uri=request.eval_data, label=request.source.label, features=request.source.features
         )
-        test_metrics = evaluate_model(model, spec, x_test, labels)
+        eval_set = load_shards(eval_source, "all", 1)
+    try:
+        spec = make_spec(cfg, data.train)
+        step("training")
+        result, history = fit(cfg, spec, data, settings, request.run_name, on_epoch)
+        step("evaluating")
+        model = load_best_model(result, spec)
+        test_metrics = evaluate_on(model, spec, eval_set or data.test)
         step("registering")
-        lineage = {
-            "dataset": source.uri,
-            "test_fraction": source.test_fraction,
-            "split_seed": source.seed,
-            "train_rows": train.num_rows,
-            "test_rows": test.num_rows,
-            "train_config": cfg.to_dict(),
-            "run_name": run_name,
-        }
         final = result.metrics or {}
-        metrics = {**test_metrics, "train_loss": final["train_loss"]}
+        lineage = {
+            "dataset": data.train.source.uri,
+            "dataset_name": data.name,
+            "eval_data": request.eval_data,
+            "test_fraction": data.train.source.test_fraction,
+            "val_fraction": data.train.source.val_fraction,
+            "split_seed": data.train.source.seed,
+            "train_rows": data.train.num_rows,
+            "test_rows": (eval_set or data.test).num_rows,
+            "train_config": cfg.to_dict(),
+            "run_name": request.run_name,
+            "best_epoch": final.get("best_epoch"),
+        }
+        metrics = {**test_metrics, "train_loss": final["train_loss"], "history": strip(history)}
         record = ray.get(
-            registry.register.remote(name, model_to_files(model, spec), spec, metrics, lineage)
+            registry.register.remote(
+                request.name, model_to_files(model, spec), spec, metrics, lineage
+            )
         )
     finally:
-        train.release()
-        test.release()
+        data.release()
+        if eval_set is not None:
+            eval_set.release()
     return TrainOutcome(
         record=record,
         test_metrics=test_metrics,
@@ -203,4 +304,19 @@ def train_and_register(
         workers=final["workers"],
         history=history,
         elapsed_s=time.perf_counter() - started,
+        run_name=request.run_name,
     )
+
+
+def strip(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch metrics worth keeping with a version (no timings of this machine)."""
+    keep = (
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "val_r2",
+        "val_mse",
+    )
+    return [{k: m[k] for k in keep if k in m} for m in history]

@@ -65,13 +65,14 @@ def registry_session(ray_local, settings_session):
 def trained_digits(ray_local, settings_session, registry_session):
     """An MLP trained on digits by 2 Ray Train workers and registered (shared by many tests)."""
     from actors.sources import SourceSpec
-    from cluster.pipeline import train_and_register
+    from cluster.pipeline import TrainRequest, train_and_register
     from training.config import TrainConfig
 
     cfg = TrainConfig(model="mlp", workers=2, epochs=8, batch_size=32, lr=2e-3)
-    return train_and_register(
-        settings_session, SourceSpec(uri="sklearn:digits"), cfg, "digits-mlp", registry_session
+    request = TrainRequest(
+        data="sklearn:digits", source=SourceSpec(uri="sklearn:digits"), train=cfg, name="digits-mlp"
     )
+    return train_and_register(settings_session, request, registry_session)
 
 
 @pytest.fixture

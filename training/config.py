@@ -46,6 +46,8 @@ class TrainConfig:
     """SGD momentum."""
     lr_schedule: str = "constant"
     seed: int = 0
+    patience: int = 0
+    """Early stopping: stop after this many epochs without a better validation loss (0: off)."""
     gpu: str = "auto"
     """auto: use CUDA when the cluster has GPUs; on: require them; off: CPU only."""
 
@@ -63,6 +65,7 @@ class TrainConfig:
         _require(
             0 < self.lr < 10, f'Got "{self.lr}" for --lr. --lr must be greater than 0 and below 10.'
         )
+        _require(self.patience >= 0, f'Got "{self.patience}" for --patience. Use 0 (off) or more.')
         _require(self.l2 >= 0, f'Got "{self.l2}" for --l2. --l2 (λ) must be 0 or more.')
         _require(
             len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden),

@@ -1,18 +1,19 @@
-"""The per-worker Ray Train loop: read my shards, train with DDP, report and checkpoint.
+"""The per-worker Ray Train loop: read my shards, train with DDP, validate, report, checkpoint.
 
 `train_func(config)` is what `TorchTrainer` runs on every worker. It is handed the ShardStore
 handles in its config and reads its own shards through ObjectRefs; it never looks anything up.
+Every rank reports every epoch (Ray Train V2 requires it); rank 0 attaches the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -21,16 +22,22 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
+from training.checkpoints import (
+    LoopState,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    state_tensors,
+)
 from training.config import TrainConfig
 from training.data import batches_to_arrays, encode_labels
 from training.losses import objective
+from training.metrics import metrics_from_confusion, regression_metrics_from_sums
 from training.models import build_model, set_standardization
 
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "state.json"
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(kw_only=True)
@@ -42,35 +49,72 @@ class LoopConfig:
     shards: list[Any]
     """ShardStore actor handles; worker r reads shards r, r+W, r+2W, ..."""
     num_train_rows: int
+    val_shards: list[Any] = field(default_factory=list)
     progress: Any = None
     """Optional queue (ray.util.queue.Queue) that rank 0 feeds one metrics dict per epoch."""
+    feed: str = "shards"
+    """shards: ShardStore actors; raydata: Ray Data's iter_torch_batches (for comparisons)."""
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> LoopConfig:
-        return cls(
-            train=TrainConfig(**config["train"]),
-            spec=config["spec"],
-            shards=config["shards"],
-            num_train_rows=config["num_train_rows"],
-            progress=config.get("progress"),
-        )
+        return cls(**{**config, "train": TrainConfig(**config["train"])})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def fetch_shard_batches(handle: Any, attempts: int = 5) -> list:
+    """A shard's record batches through its ObjectRefs, surviving a restart of its actor.
+
+    If the ShardStore died after handing out refs, those objects died with it (it owned
+    them): ask the restarted actor, which reloaded its shard from the source, for new refs.
+    """
+    for attempt in range(attempts):
+        refs = ray.get(handle.batch_refs.remote())
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+            if attempt == attempts - 1:
+                raise
+    return []
 
 
 def read_worker_shards(
     shards: list[Any], rank: int, world_size: int, spec: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fetch this rank's shards: the actors hand back ObjectRefs, the batches come zero-copy."""
+    """This rank's rows: features zero-copy from the object store, labels encoded."""
     xs, ys = [], []
     for handle in shards[rank::world_size]:
-        refs = ray.get(handle.batch_refs.remote())
-        _, x, y = batches_to_arrays(ray.get(refs))
+        _, x, y = batches_to_arrays(fetch_shard_batches(handle))
         xs.append(x)
         ys.append(y)
+    if not xs:
+        return np.zeros((0, spec["num_features"]), np.float32), np.zeros(0)
     x = np.concatenate(xs) if len(xs) > 1 else xs[0]
     y = np.concatenate(ys) if len(ys) > 1 else ys[0]
     if spec["task"] == "classification":
         return x, encode_labels(y, spec["classes"])
     return x, y.astype(np.float32)
+
+
+def shard_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: tuple, device: torch.device
+) -> Batches:
+    """Shuffled minibatches of resident arrays, deterministic from (seed, epoch, rank)."""
+    perm = np.random.default_rng(seed).permutation(len(x))
+    for start in range(0, len(perm), batch_size):
+        idx = np.sort(perm[start : start + batch_size])  # sorted gathers read memory in order
+        yield torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device)
+
+
+def raydata_batches(batch_size: int, task: str, device: torch.device) -> Batches:
+    shard = ray.train.get_dataset_shard("train")
+    label_dtype = torch.int64 if task == "classification" else torch.float32
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+        yield batch["features"].float(), batch["label"].to(label_dtype)
+
+
+# ----------------------------------------------------------------------------- steps
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -93,38 +137,78 @@ def make_scheduler(
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
 
 
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 mixed precision on CUDA; full precision on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def run_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    x: np.ndarray,
-    y: np.ndarray,
+    batches: Batches,
     cfg: LoopConfig,
-    epoch: int,
-    rank: int,
     device: torch.device,
 ) -> torch.Tensor:
     """One pass over this worker's rows; returns [loss·rows, correct, rows] for the all-reduce."""
     task = cfg.spec["task"]
-    perm = np.random.default_rng((cfg.train.seed, epoch, rank)).permutation(len(x))
     totals = torch.zeros(3, dtype=torch.float64)
     model.train()
     joinable = isinstance(model, nn.parallel.DistributedDataParallel)
     # Join lets ranks with one batch more or less finish the epoch without hanging DDP.
     with nn.parallel.distributed.Join([cast(Any, model)]) if joinable else contextlib.nullcontext():
-        for start in range(0, len(perm), cfg.train.batch_size):
-            idx = perm[start : start + cfg.train.batch_size]
-            xb = torch.from_numpy(x[idx]).to(device)  # (B, F)
-            yb = torch.from_numpy(y[idx]).to(device)  # (B,)
-            outputs = model(xb)
-            loss = objective(model, outputs, yb, task, cfg.train.l2, cfg.num_train_rows)
+        for xb, yb in batches:  # xb (B, F), yb (B,)
+            with autocast(device):
+                outputs = model(xb)
+                loss = objective(model, outputs.float(), yb, task, cfg.train.l2, cfg.num_train_rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals[0] += float(loss.detach()) * len(idx)
-            totals[2] += len(idx)
+            totals[0] += float(loss.detach()) * len(yb)
+            totals[2] += len(yb)
             if task == "classification":
                 totals[1] += float((outputs.argmax(1) == yb).sum())
     return totals
+
+
+@torch.inference_mode()
+def validation_sums(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, spec: dict[str, Any], device: torch.device
+) -> torch.Tensor:
+    """Sums that all-reduce into exact validation metrics: [loss·n, n, confusion...] or
+    [loss·n, n, SSE, Σy, Σy²]. Runs on the unwrapped model, so no DDP collectives."""
+    model.eval()
+    classify = spec["task"] == "classification"
+    k = len(spec["classes"]) if classify else 0
+    sums = torch.zeros(2 + (k * k if classify else 3), dtype=torch.float64)
+    for start in range(0, len(x), 8192):
+        xb = torch.from_numpy(np.array(x[start : start + 8192])).to(device)
+        yb = torch.from_numpy(np.array(y[start : start + 8192])).to(device)
+        with autocast(device):
+            out = model(xb).float()
+        sums[1] += len(yb)
+        if classify:
+            sums[0] += float(F.cross_entropy(out, yb, reduction="sum"))
+            flat = (yb * k + out.argmax(1)).cpu()
+            sums[2:] += torch.bincount(flat, minlength=k * k).double()
+        else:
+            pred, target = out.squeeze(-1).double(), yb.double()
+            sums[0] += float(0.5 * ((pred - target) ** 2).sum())
+            sums[2] += float(((pred - target) ** 2).sum())
+            sums[3] += float(target.sum())
+            sums[4] += float((target**2).sum())
+    return sums
+
+
+def validation_metrics(sums: torch.Tensor, spec: dict[str, Any]) -> dict[str, float]:
+    n = float(sums[1])
+    if spec["task"] == "classification":
+        k = len(spec["classes"])
+        found = metrics_from_confusion(sums[2:].view(k, k).long().numpy())
+    else:
+        found = regression_metrics_from_sums(n, float(sums[2]), float(sums[3]), float(sums[4]))
+    return {"val_loss": float(sums[0]) / max(n, 1.0), **{f"val_{k}": v for k, v in found.items()}}
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -135,7 +219,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def worker_identity(rows: int, device: torch.device) -> list[dict[str, Any]]:
     """Who ran: one entry per rank, gathered so the driver can check the run really spread."""
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "rows": rows, "device": str(device)}
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "rows": rows,
+        "device": str(device),
+    }
     if not (dist.is_available() and dist.is_initialized()):
         return [me]
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -143,21 +233,17 @@ def worker_identity(rows: int, device: torch.device) -> list[dict[str, Any]]:
     return gathered
 
 
-def save_checkpoint(model: nn.Module, epoch: int, directory: str) -> ray.train.Checkpoint:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(Path(directory) / WEIGHTS_FILE))
-    (Path(directory) / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
-    return ray.train.Checkpoint.from_directory(directory)
+def update_early_stopping(state: LoopState, score: float, epoch: int, model: nn.Module) -> bool:
+    """Track the best score; returns True when the weights improved."""
+    state.epoch = epoch
+    if score < state.best_score:
+        state.best_score, state.best_epoch, state.epochs_since_best = score, epoch, 0
+        return True
+    state.epochs_since_best += 1
+    return False
 
 
-def restore_checkpoint(model: nn.Module) -> int:
-    """Load the latest checkpoint if Ray Train resumed us; returns the first epoch to run."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as directory:
-        model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
-        return json.loads((Path(directory) / STATE_FILE).read_text())["epoch"] + 1
+# ----------------------------------------------------------------------------- entry
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -166,33 +252,83 @@ def train_func(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    x, y = read_worker_shards(cfg.shards, rank, world_size, cfg.spec)
     device = ray.train.torch.get_device()
+    if cfg.feed == "shards":
+        x, y = read_worker_shards(cfg.shards, rank, world_size, cfg.spec)
+    val = read_worker_shards(cfg.val_shards, rank, world_size, cfg.spec) if cfg.val_shards else None
 
+    # 1. Model, optimizer, scheduler; then the latest checkpoint if Ray Train resumed us.
     base_model = build_model(cfg.spec)
     set_standardization(base_model, cfg.spec["mean"], cfg.spec["std"])
-    start_epoch = restore_checkpoint(base_model)
-    model = ray.train.torch.prepare_model(base_model)  # DDP-wrapped when world_size > 1
-    optimizer = make_optimizer(model, cfg.train)
+    optimizer = make_optimizer(base_model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
-    workers = worker_identity(len(x), device)
+    state, best_weights = LoopState(), state_tensors(base_model)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, best_weights = load_training_checkpoint(
+                directory, base_model, optimizer, scheduler
+            )
+    model = ray.train.torch.prepare_model(base_model)  # DDP-wrapped when world_size > 1
+    workers = worker_identity(len(x) if cfg.feed == "shards" else -1, device)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        totals = all_reduce_sum(run_epoch(model, optimizer, x, y, cfg, epoch, rank, device))
+    # 2. Epochs: train, all-reduce, validate, early-stop bookkeeping, report + checkpoint.
+    for epoch in range(state.epoch + 1, cfg.train.epochs):
+        started = time.perf_counter()
+        if cfg.feed == "shards":
+            batches = shard_batches(
+                x, y, cfg.train.batch_size, (cfg.train.seed, epoch, rank), device
+            )
+        else:
+            batches = raydata_batches(cfg.train.batch_size, cfg.spec["task"], device)
+        totals = all_reduce_sum(run_epoch(model, optimizer, batches, cfg, device))
+        epoch_time_s = time.perf_counter() - started
         scheduler.step()
-        metrics = {
+        metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": float(totals[0] / totals[2]),
             "rows_seen": int(totals[2]),
+            "epoch_time_s": epoch_time_s,
+            "rows_per_s": float(totals[2]) / epoch_time_s,
+            "lr": scheduler.get_last_lr()[0],
             "num_workers": world_size,
             "workers": workers,
         }
         if cfg.spec["task"] == "classification":
             metrics["train_accuracy"] = float(totals[1] / totals[2])
-        if rank == 0 and cfg.progress is not None:
-            cfg.progress.put_nowait({k: v for k, v in metrics.items() if k != "workers"})
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:
-                checkpoint = save_checkpoint(base_model, epoch, directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        if val is not None:
+            sums = all_reduce_sum(validation_sums(base_model, *val, cfg.spec, device))
+            metrics.update(validation_metrics(sums, cfg.spec))
+        score = metrics.get("val_loss", metrics["train_loss"])
+        if update_early_stopping(state, score, epoch, base_model):
+            best_weights = state_tensors(base_model)
+        stop = (
+            val is not None
+            and cfg.train.patience > 0
+            and state.epochs_since_best >= cfg.train.patience
+        )
+        metrics.update(best_epoch=state.best_epoch, stopped_early=stop)
+        report(cfg, rank, metrics, base_model, best_weights, optimizer, scheduler, state)
+        if stop:
+            break
+
+
+def report(
+    cfg: LoopConfig,
+    rank: int,
+    metrics: dict[str, Any],
+    model: nn.Module,
+    best_weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: LoopState,
+) -> None:
+    """Every rank reports; rank 0 attaches a checkpoint and feeds the live progress queue."""
+    if rank == 0 and cfg.progress is not None:
+        cfg.progress.put_nowait({k: v for k, v in metrics.items() if k != "workers"})
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            save_training_checkpoint(directory, model, best_weights, optimizer, scheduler, state)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)

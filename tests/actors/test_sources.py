@@ -115,3 +115,14 @@ def test_bad_file_sources_give_one_clear_error(tmp_path, uri_name, kwargs, messa
 def test_bad_builtin_uris_name_the_value(uri, message):
     with pytest.raises(KilnError, match=message):
         check_source(SourceSpec(uri=uri))
+
+
+@pytest.mark.parametrize("uri", ["sklearn:wine", "synthetic:regression?rows=1000&features=3"])
+def test_train_val_test_partition_every_row_exactly_once(uri):
+    spec = SourceSpec(uri=uri, test_fraction=0.2, val_fraction=0.25, seed=4)
+    ids = {split: all_rows(spec, split, 2) for split in ("train", "val", "test", "all")}
+    flat = {split: np.concatenate([p[0] for p in parts]) for split, parts in ids.items()}
+    union = np.concatenate([flat["train"], flat["val"], flat["test"]])
+    assert sorted(union.tolist()) == sorted(flat["all"].tolist())
+    assert len(set(union.tolist())) == len(union)
+    assert len(flat["val"]) == pytest.approx(0.25 * (len(flat["train"]) + len(flat["val"])), abs=1)

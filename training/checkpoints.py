@@ -1,0 +1,93 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint folder holds the latest weights (to resume), the best weights so far (what early
+stopping keeps), the optimizer's and scheduler's state (so a resumed run continues the same
+optimisation), and `state.json` with the epoch and early-stopping counters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_FILE = "model.safetensors"
+BEST_WEIGHTS_FILE = "best.safetensors"
+OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class LoopState:
+    """Where a run stands; saved with every checkpoint."""
+
+    epoch: int = -1
+    best_epoch: int = -1
+    best_score: float = float("inf")
+    epochs_since_best: int = 0
+
+
+def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def optimizer_to_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and JSON-able values."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_parts(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    per_param: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = name.split(".", 1)
+        per_param.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+
+
+def save_training_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    best_weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: LoopState,
+) -> None:
+    folder = Path(directory)
+    save_file(state_tensors(model), str(folder / WEIGHTS_FILE))
+    save_file(best_weights, str(folder / BEST_WEIGHTS_FILE))
+    tensors, meta = optimizer_to_parts(optimizer)
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS_FILE))
+    meta["scheduler"] = scheduler.state_dict()
+    meta["loop"] = asdict(state)
+    (folder / STATE_FILE).write_text(json.dumps(meta))
+
+
+def load_training_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[LoopState, dict[str, torch.Tensor]]:
+    """Restore model, optimizer and scheduler in place; returns the loop state and best weights."""
+    folder = Path(directory)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    meta = json.loads((folder / STATE_FILE).read_text())
+    optimizer_from_parts(optimizer, load_file(str(folder / OPTIMIZER_TENSORS_FILE)), meta)
+    scheduler.load_state_dict(meta["scheduler"])
+    return LoopState(**meta["loop"]), load_file(str(folder / BEST_WEIGHTS_FILE))
