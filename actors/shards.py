@@ -38,6 +38,9 @@ class FeatureStats:
     m2: np.ndarray
     labels: list[Any] = field(default_factory=list)
     task: str = "classification"
+    label_mean: float = 0.0
+    label_m2: float = 0.0
+    """Moments of a regression target (count is the same as the features')."""
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         """Chan's parallel update: exact and stable whatever the order of shards."""
@@ -46,11 +49,20 @@ class FeatureStats:
         if self.count == 0:
             return other
         count = self.count + other.count
+        weight = self.count * other.count / count
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / count)
-        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / count)
+        m2 = self.m2 + other.m2 + delta**2 * weight
+        label_delta = other.label_mean - self.label_mean
+        label_mean = self.label_mean + label_delta * (other.count / count)
+        label_m2 = self.label_m2 + other.label_m2 + label_delta**2 * weight
         labels = sorted(set(self.labels) | set(other.labels))
-        return FeatureStats(count, mean, m2, labels, self.task)
+        return FeatureStats(count, mean, m2, labels, self.task, label_mean, label_m2)
+
+    @property
+    def label_std(self) -> float:
+        std = float(np.sqrt(self.label_m2 / max(self.count, 1)))
+        return std if std >= MIN_STD else 1.0
 
     @property
     def std(self) -> np.ndarray:
@@ -82,7 +94,12 @@ class ShardStore:
             stats = stats.merge(FeatureStats(count, mean, m2))
         y = np.concatenate([b.column("label").to_numpy() for b in batches])
         stats.task = task_of_labels(y)
-        stats.labels = sorted(np.unique(y).tolist()) if stats.task == "classification" else []
+        if stats.task == "classification":
+            stats.labels = sorted(np.unique(y).tolist())
+        else:
+            y64 = y.astype(np.float64)
+            stats.label_mean = float(y64.mean())
+            stats.label_m2 = float(((y64 - stats.label_mean) ** 2).sum())
         return stats
 
     def source_spec(self) -> SourceSpec:

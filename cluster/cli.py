@@ -349,10 +349,13 @@ def data_load(
     address: AddressOpt = None,
 ) -> None:
     """Load a dataset into named, detached ShardStore actors on a cluster."""
-    from actors.catalog import validate_name
+    from actors.catalog import NAME_PATTERN
     from actors.shards import load_dataset
 
-    validate_name(name)
+    if not NAME_PATTERN.match(name):
+        raise KilnError(
+            f'Got "{name}" for --name. Use lowercase letters, digits and "-", at most 64 characters.'
+        )
     if shards < 1:
         raise KilnError(f'Got "{shards}" for --shards. --shards must be at least 1.')
     source = SourceSpec(

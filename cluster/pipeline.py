@@ -111,6 +111,9 @@ def make_spec(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
     }
     if cfg.model == "mlp":
         spec["hidden"] = list(cfg.hidden)
+    if stats.task == "regression":
+        spec["target_mean"] = stats.label_mean
+        spec["target_std"] = stats.label_std
     if stats.task == "classification":
         spec["classes"] = list(stats.labels)
         if len(spec["classes"]) < 2:
@@ -202,7 +205,7 @@ def load_best_model(result: ray.train.Result, spec: dict[str, Any]) -> KilnModel
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     model = build_model(spec)
-    set_standardization(model, spec["mean"], spec["std"])
+    set_standardization(model, spec)
     with result.checkpoint.as_directory() as directory:
         model.load_state_dict(load_file(str(Path(directory) / BEST_WEIGHTS_FILE)))
     return model.eval()

@@ -161,7 +161,15 @@ def run_epoch(
         for xb, yb in batches:  # xb (B, F), yb (B,)
             with autocast(device):
                 outputs = model(xb)
-                loss = objective(model, outputs.float(), yb, task, cfg.train.l2, cfg.num_train_rows)
+                loss = objective(
+                    model,
+                    outputs.float(),
+                    yb,
+                    task,
+                    cfg.train.l2,
+                    cfg.num_train_rows,
+                    cfg.spec.get("target_std", 1.0),
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -259,7 +267,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     # 1. Model, optimizer, scheduler; then the latest checkpoint if Ray Train resumed us.
     base_model = build_model(cfg.spec)
-    set_standardization(base_model, cfg.spec["mean"], cfg.spec["std"])
+    set_standardization(base_model, cfg.spec)
     optimizer = make_optimizer(base_model, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train)
     state, best_weights = LoopState(), state_tensors(base_model)
@@ -325,7 +333,7 @@ def report(
 ) -> None:
     """Every rank reports; rank 0 attaches a checkpoint and feeds the live progress queue."""
     if rank == 0 and cfg.progress is not None:
-        cfg.progress.put_nowait({k: v for k, v in metrics.items() if k != "workers"})
+        cfg.progress.put_nowait(metrics)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:

@@ -36,8 +36,11 @@ def objective(
     task: str,
     l2: float,
     num_train_rows: int,
+    target_std: float = 1.0,
 ) -> torch.Tensor:
-    loss = data_loss(outputs, targets, task)
+    """J for classification; J/σ² for a regressor whose body predicts the standardised target
+    (the same minimiser, since its weights are the original ones divided by σ)."""
+    loss = data_loss(outputs, targets, task) / (target_std**2)
     if l2 > 0:
         loss = loss + l2_penalty(model, l2, num_train_rows)
     return loss

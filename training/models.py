@@ -54,17 +54,26 @@ class SmallCNN(nn.Module):
 
 
 class KilnModel(nn.Module):
-    """Standardisation followed by the network body."""
+    """Standardisation, the network body, and (for regression) the target's scale restored.
+
+    A regressor's body predicts the standardised target; scaling the target leaves the
+    ridge optimum unchanged for the same λ (both terms of J scale by σ²) and keeps the
+    optimisation well conditioned whatever the target's units.
+    """
 
     standardize: Standardize
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
 
     def __init__(self, num_features: int, body: nn.Module) -> None:
         super().__init__()
         self.standardize = Standardize(num_features)
         self.body = body
+        self.register_buffer("target_mean", torch.zeros(1))
+        self.register_buffer("target_std", torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.standardize(x))
+        return self.body(self.standardize(x)) * self.target_std + self.target_mean
 
 
 def validate_spec(spec: dict[str, Any]) -> None:
@@ -114,6 +123,10 @@ def build_model(spec: dict[str, Any]) -> KilnModel:
     return KilnModel(spec["num_features"], build_body(spec))
 
 
-def set_standardization(model: KilnModel, mean: list[float], std: list[float]) -> None:
-    model.standardize.mean.copy_(torch.tensor(mean, dtype=torch.float32))
-    model.standardize.std.copy_(torch.tensor(std, dtype=torch.float32))
+def set_standardization(model: KilnModel, spec: dict[str, Any]) -> None:
+    """Copy the statistics of the training shards (kept in the spec) into the model."""
+    model.standardize.mean.copy_(torch.tensor(spec["mean"], dtype=torch.float32))
+    model.standardize.std.copy_(torch.tensor(spec["std"], dtype=torch.float32))
+    if spec["task"] == "regression":
+        model.target_mean.fill_(float(spec.get("target_mean", 0.0)))
+        model.target_std.fill_(float(spec.get("target_std", 1.0)))

@@ -1,6 +1,7 @@
 """ShardStore actors on a real local Ray: contents, balance, stats and zero-copy refs."""
 
 import numpy as np
+import pytest
 import ray
 from sklearn.datasets import load_digits
 
@@ -46,3 +47,50 @@ def test_batches_are_object_refs_owned_by_the_actor(ray_local):
         assert refs == ray.get(shards.handles[0].batch_refs.remote())
     finally:
         shards.release()
+
+
+def test_a_killed_shard_actor_reloads_and_every_row_is_read_exactly_once(ray_local):
+    from actors.sources import synthetic_split_range
+    from training.loop import fetch_shard_batches
+
+    source = SourceSpec(uri="synthetic:classification?rows=30000&features=4&classes=3&seed=5")
+    shards = load_shards(source, "train", 3)
+    try:
+        victim = shards.handles[1]
+        stale_refs = ray.get(victim.batch_refs.remote())
+        ray.kill(victim, no_restart=False)  # the actor restarts and reloads from the source
+        assert ray.get(victim.ready.remote(), timeout=60) == shards.rows_per_shard[1]
+        fresh_refs = ray.get(victim.batch_refs.remote())
+        assert {r.hex() for r in fresh_refs}.isdisjoint({r.hex() for r in stale_refs})  # reloaded
+        row_ids = np.concatenate(
+            [b.column("row_id").to_numpy() for h in shards.handles for b in fetch_shard_batches(h)]
+        )
+        lo, hi = synthetic_split_range(source, 30000, "train")
+        assert len(row_ids) == hi - lo  # every row exactly once
+        assert np.array_equal(np.sort(row_ids), np.arange(lo, hi))
+    finally:
+        shards.release()
+
+
+def test_a_named_dataset_is_shared_listed_and_dropped(ray_local):
+    from actors.shards import attach_dataset, drop_dataset, list_datasets, load_dataset
+    from tests.conftest import wait_for
+    from training.errors import KilnError
+
+    source = SourceSpec(uri="sklearn:wine", val_fraction=0.2)
+    loaded = load_dataset(source, 2, name="wine-shared", detached=True)
+    try:
+        attached = attach_dataset("wine-shared")
+        assert attached is not None and not attached.owned
+        assert attached.train.rows_per_shard == loaded.train.rows_per_shard
+        np.testing.assert_allclose(attached.train.stats.mean, loaded.train.stats.mean)
+        listed = {d["name"]: d for d in list_datasets()}["wine-shared"]
+        assert listed["shards"] == 2 and listed["rows"]["train"] == loaded.train.num_rows
+        assert listed["rows"]["val"] == loaded.val.num_rows and listed["uri"] == "sklearn:wine"
+        attached.release()  # not owned: releasing an attached dataset keeps the actors
+        assert attach_dataset("wine-shared") is not None
+        with pytest.raises(KilnError, match="already loaded"):
+            load_dataset(source, 2, name="wine-shared", detached=True)
+    finally:
+        assert drop_dataset("wine-shared") == 5  # 2 train + 2 val + 1 test
+    assert wait_for(lambda: attach_dataset("wine-shared") is None, timeout_s=30)

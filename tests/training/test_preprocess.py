@@ -1,0 +1,32 @@
+"""The numpy path of preprocessing (the CuPy path is the same code on a GPU)."""
+
+import numpy as np
+
+from actors.shards import FeatureStats
+from training.preprocess import array_module, feature_moments
+
+
+def test_numpy_moments_equal_numpy_statistics():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(1000, 5)).astype(np.float32)
+    count, mean, m2 = feature_moments(x, prefer_gpu=False)
+    assert count == 1000
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m2 / count, x.astype(np.float64).var(axis=0), rtol=1e-10)
+
+
+def test_merged_shard_moments_equal_the_whole_whatever_the_split():
+    x = np.random.default_rng(1).normal(size=(999, 3)) * [1, 100, 1e-3]
+    whole = FeatureStats(*feature_moments(x, prefer_gpu=False))
+    merged = FeatureStats(0, np.zeros(0), np.zeros(0))
+    for part in np.array_split(x, [10, 11, 500]):
+        merged = merged.merge(FeatureStats(*feature_moments(part, prefer_gpu=False)))
+    np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(merged.std, whole.std, rtol=1e-10)
+
+
+def test_without_a_gpu_the_array_module_is_numpy():
+    import torch
+
+    if not torch.cuda.is_available():
+        assert array_module(prefer_gpu=True) is np
+    assert array_module(prefer_gpu=False) is np
