@@ -354,7 +354,7 @@ def data_load(
 
     if not NAME_PATTERN.match(name):
         raise KilnError(
-            f'Got "{name}" for --name. Use lowercase letters, digits and "-", at most 64 characters.'
+            f'Got "{name}" for --name. Use lowercase letters, digits and "-" (at most 64).'
         )
     if shards < 1:
         raise KilnError(f'Got "{shards}" for --shards. --shards must be at least 1.')
