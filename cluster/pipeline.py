@@ -23,6 +23,7 @@ from ray.util.queue import Empty, Queue
 from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
+from actors.lineage import code_version, dataset_sha256
 from actors.shards import ShardSet, load_shards
 from actors.sources import SourceSpec
 from cluster.settings import Settings
@@ -155,11 +156,17 @@ def train_and_register(
     registry: Any,
     on_epoch: ProgressFn | None = None,
     on_step: Callable[[str], None] | None = None,
+    lineage_extra: dict[str, Any] | None = None,
 ) -> TrainOutcome:
-    """The whole path from a dataset URI to a registered, evaluated model version."""
+    """The whole path from a dataset URI to a registered, evaluated model version.
+
+    `lineage_extra` adds lineage fields the caller knows: `parent`, `sweep_id`, `trial_id`.
+    """
     validate_name(name)
     started = time.perf_counter()
     step = on_step or (lambda _: None)
+    # Hashing reads the whole source once; it runs beside the training instead of before it.
+    content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(source.uri)
     step("loading shards")
     train = load_shards(source, "train", cfg.workers)
     test = load_shards(source, "test", 1)
@@ -179,7 +186,10 @@ def train_and_register(
         test_metrics = evaluate_model(model, spec, x_test, labels)
         step("registering")
         lineage = {
-            "dataset": source.uri,
+            **(lineage_extra or {}),
+            "dataset_uri": source.uri,
+            "dataset_sha256": ray.get(content_hash),
+            "code_version": code_version(),
             "test_fraction": source.test_fraction,
             "split_seed": source.seed,
             "train_rows": train.num_rows,
@@ -189,8 +199,16 @@ def train_and_register(
         }
         final = result.metrics or {}
         metrics = {**test_metrics, "train_loss": final["train_loss"]}
+        # A request id makes the actor's automatic retry (after a restart) register it once.
         record = ray.get(
-            registry.register.remote(name, model_to_files(model, spec), spec, metrics, lineage)
+            registry.register.remote(
+                name,
+                model_to_files(model, spec),
+                spec,
+                metrics,
+                lineage,
+                request_id=uuid.uuid4().hex,
+            )
         )
     finally:
         train.release()
