@@ -16,6 +16,7 @@ N is handed out again, and on every start of the actor.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import logging
 import re
@@ -45,7 +46,6 @@ from actors.keys import (
 )
 from actors.lineage import normalize_lineage
 from actors.storage import ArtifactStore
-from training.artifacts import SPEC_FILE, WEIGHTS_FILE, model_from_files, sha256_hex, verify_files
 from training.errors import KilnError
 
 REGISTRY_NAME = "kiln-registry"
@@ -65,6 +65,9 @@ def artifact_path(name: str, version: int, filename: str) -> str:
 
 def check_artifacts(files: dict[str, bytes], spec: dict[str, Any]) -> None:
     """Refuse, before anything is stored, files that Kiln could not load without pickle."""
+    # Imported here: torch is heavy, and catalog-only commands (kiln models list) skip it.
+    from training.artifacts import SPEC_FILE, WEIGHTS_FILE, model_from_files
+
     for filename in files:
         if not FILENAME_PATTERN.match(filename):
             raise KilnError(
@@ -145,7 +148,7 @@ class RegistryService:
                 spec=spec,
                 metrics=metrics,
                 lineage=lineage,
-                artifacts={f: sha256_hex(d) for f, d in files.items()},
+                artifacts={f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
                 creator_key=actor,
             )
             self._catalog.insert_version(record, request_id)
@@ -332,6 +335,8 @@ def start_registry(db_path: str, storage_uri: str, detached: bool = False) -> An
 
 def read_verified_files(storage_uri: str, record: VersionRecord) -> dict[str, bytes]:
     """Every artifact of a version, each checked against its catalog sha256."""
+    from training.artifacts import verify_files
+
     store = ArtifactStore(storage_uri)
     files = {f: store.read(artifact_path(record.name, record.version, f)) for f in record.artifacts}
     verify_files(files, record.artifacts)

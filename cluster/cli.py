@@ -21,9 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer._click import exceptions as click_errors  # typer vendors click since 0.20
 
-from actors.sources import SourceSpec, check_source
 from cluster.settings import Settings
-from training.config import TrainConfig
 from training.errors import KilnError
 
 app = typer.Typer(
@@ -162,6 +160,7 @@ def demo(
 ) -> None:
     """Digits -> shards -> Ray Train (2 workers) -> registry -> Ray Serve -> HTTP, locally."""
     from cluster.demo import run_demo
+    from training.config import TrainConfig
 
     started = time.perf_counter()
     cfg = TrainConfig(model="mlp", workers=workers, epochs=epochs, lr=2e-3, batch_size=32, l2=1.0)
@@ -208,8 +207,10 @@ def train(
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
     from actors.catalog import validate_name
+    from actors.sources import SourceSpec, check_source
     from cluster.pipeline import train_and_register
     from cluster.runtime import registry_for
+    from training.config import TrainConfig
 
     started = time.perf_counter()
     cfg = TrainConfig(
@@ -337,7 +338,7 @@ def open_client(
     settings = load_settings(address=address, storage=storage)
     where = settings.ray_address
     with console.status(f"connecting to {where}") if where else nullcontext():
-        client = Kiln(home=home, key=key, settings=settings)
+        client = Kiln(home=home, key=key, settings=settings, use_ray=not settings.embedded)
     try:
         yield client
     finally:
@@ -544,11 +545,11 @@ def keys_create(
         print_json(made)
         return
     console.print("[yellow]Store this secret now: Kiln keeps only a hash and cannot show it again.")
-    table = Table(show_header=False)
-    for field_name in ("id", "secret", "scopes", "expires"):
-        value = made[field_name]
-        table.add_row(field_name, ", ".join(value) if isinstance(value, list) else str(value))
-    Console().print(table)
+    # Plain lines, never a table: a wrapped secret could not be copied whole.
+    print(f"id       {made['id']}")
+    print(f"scopes   {', '.join(made['scopes'])}")
+    print(f"expires  {made['expires'] or 'never'}")
+    print(f"secret   {made['secret']}", flush=True)
 
 
 @keys_app.command("list")

@@ -6,10 +6,11 @@
     k.alias("digits-mlp", 3, "production")
     key = k.create_key(["predict:digits-mlp"], expires="30d")   # key["secret"] is shown once
 
-The CLI is a thin layer over this class, so both do exactly the same thing. Without a Ray
-address (and without a Ray already initialized in this process) the client runs the registry's
-own code (`RegistryService`) in-process on the SQLite file: SQLite's write lock serializes it
-with a Registry actor using the same file, and a catalog command needs no 5 s Ray start.
+The CLI is a thin layer over this class, so both do exactly the same thing. With a Ray address
+(or `use_ray=True`, or by default when this process already runs Ray) every call goes to the
+Registry actor. Otherwise the client runs the registry's own code (`RegistryService`)
+in-process on the SQLite file: SQLite's write lock serializes it with a Registry actor using
+the same file, and a catalog command needs no 5 s Ray start.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Kiln:
         storage: str | None = None,
         key: str | None = None,
         settings: Settings | None = None,
+        use_ray: bool | None = None,
     ) -> None:
         base = settings or Settings()
         self.settings = base.with_overrides(
@@ -57,7 +59,9 @@ class Kiln:
         self._local: RegistryService | None = None
         self._registry: Any = None
         self._started_ray = False
-        if self.settings.ray_address is None and not ray.is_initialized():
+        if use_ray is None:
+            use_ray = self.settings.ray_address is not None or ray.is_initialized()
+        if not use_ray:
             self._local = RegistryService(
                 str(self.settings.registry_db), self.settings.storage_uri, recover=False
             )
