@@ -14,6 +14,18 @@ CASES = [
     (["train", "--data", "/does/not/exist.parquet"], "does not exist"),
     (["train", "--data", "sklearn:iris", "--register", "Bad/Name"], "model name"),
     (["models", "show", "no-such-model"], "no model named no-such-model"),
+    (["models", "alias", "m", "abc", "production"], 'Got "abc" for version'),
+    (["models", "alias", "Bad/Name", "1", "production"], "model name"),
+    (["models", "alias", "no-such-model", "1", "production"], "no model named no-such-model"),
+    (["models", "delete", "m@production"], "Name one version by number, e.g. m@3"),
+    (["models", "archive", "no-such-model@2"], "no model named no-such-model"),
+    (["keys", "create", "--scope", "read"], 'Got "read" for --scope'),
+    (["keys", "create", "--scope", "admin", "--expires", "7x"], 'Got "7x" for --expires'),
+    (["keys", "create"], "Missing option '--scope'"),
+    (["keys", "revoke", "nope"], 'Got "nope" for ID: no API key with id nope'),
+    (["models", "list", "no-such-model"], "no model named no-such-model"),
+    (["keys", "list", "--key", "not-a-key"], "the API key given is malformed"),
+    (["audit", "--limit", "0"], "--limit must be at least 1"),
     (["frobnicate"], "No such command"),
 ]
 
@@ -36,6 +48,7 @@ def test_bad_input_is_one_line_with_nonzero_exit(args, fragment, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert fragment in lines[0] and "Traceback" not in result.stderr
+    assert result.returncode == 2  # bad input, not a crash
 
 
 def test_debug_shows_the_traceback(tmp_path):
