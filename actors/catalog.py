@@ -192,22 +192,24 @@ class Catalog:
         self._depth = 0
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        # Statement by statement: executescript() would commit the open transaction.
-        with self.transaction():
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._add_missing_columns()
-
-    def _add_missing_columns(self) -> None:
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(versions)")}
-        for column, decl in VERSION_COLUMNS_ADDED.items():
-            if column not in present:
-                self._db.execute(f"ALTER TABLE versions ADD COLUMN {column} {decl}")
+        # Each statement on its own: on an existing catalog they are no-ops that take no write
+        # lock, so opening the file never waits behind a registration in progress.
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+        if self._missing_columns():
+            with self.transaction():
+                for column in self._missing_columns():
+                    decl = VERSION_COLUMNS_ADDED[column]
+                    self._db.execute(f"ALTER TABLE versions ADD COLUMN {column} {decl}")
         self._db.execute(
             "CREATE UNIQUE INDEX IF NOT EXISTS versions_request_id ON versions(request_id) "
             "WHERE request_id IS NOT NULL"
         )
+
+    def _missing_columns(self) -> list[str]:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(versions)")}
+        return [c for c in VERSION_COLUMNS_ADDED if c not in present]
 
     def close(self) -> None:
         self._db.close()

@@ -159,3 +159,25 @@ def test_a_catalog_from_the_first_release_gains_the_new_columns(tmp_path):
     assert (record.version, record.status, record.creator_key) == (1, "active", "local")
     assert register(catalog, "old") == 2
     catalog.close()
+
+
+def test_opening_and_reading_never_wait_behind_a_writer(tmp_path):
+    import sqlite3
+    import time
+
+    path = tmp_path / "registry.db"
+    writer = Catalog(path)
+    register(writer, "m")
+    with writer.transaction():  # e.g. a registration writing large artifacts
+        writer.allocate_version("m")
+        started = time.perf_counter()
+        reader = Catalog(path)
+        assert reader.resolve("m").version == 1
+        assert time.perf_counter() - started < 1.0
+        reader.close()
+    with writer.transaction():
+        other = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")  # a second writer does wait (here, gives up)
+        other.close()
+    writer.close()
