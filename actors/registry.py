@@ -1,41 +1,118 @@
-"""The Registry actor: single writer of the SQLite catalog and of the artifact files.
+"""The Registry: single writer of the SQLite catalog and of the artifact files.
 
-Registrations go through this one actor so version numbers are allocated in one place. Readers
-(serving replicas, the CLI) ask it to resolve a model reference, then read the artifact files
-straight from storage and verify their sha256 against the catalog before parsing them.
+`RegistryService` is every registry operation as plain Python; the `Registry` Ray actor is that
+class made remote, so version numbers are allocated in one place on a cluster, and the local CLI
+can run the very same code in-process on an embedded setup. Readers (serving replicas, the CLI)
+resolve a model reference, then read the artifact files straight from storage and verify their
+sha256 against the catalog before parsing them.
+
+A registration is crash-consistent: the version's files are written under `models/NAME/vN/`
+while the catalog's write transaction that allocated N is open, and the row is inserted and
+committed only after the last byte is written. A writer killed midway leaves no row (SQLite
+rolls back) and at most a partial folder that no row points at; that folder is removed before
+N is handed out again, and on every start of the actor.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
+import json
 import logging
+import re
+import sqlite3
 import time
 from typing import Any
 
 import ray
 
-from actors.catalog import Catalog, VersionRecord
+from actors.catalog import (
+    ACTIVE,
+    ARCHIVED,
+    LOCAL_ACTOR,
+    Catalog,
+    KeyRow,
+    VersionRecord,
+    validate_name,
+)
+from actors.keys import (
+    ADMIN,
+    KDF,
+    KeyCheck,
+    key_id_of,
+    new_key,
+    parse_scopes,
+    secret_matches,
+)
+from actors.lineage import normalize_lineage
 from actors.storage import ArtifactStore
-from training.artifacts import sha256_hex, verify_files
+from training.errors import KilnError
 
 REGISTRY_NAME = "kiln-registry"
 NAMESPACE = "kiln"
+FILENAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 logger = logging.getLogger(__name__)
 
 
+def version_dir(name: str, version: int) -> str:
+    return f"models/{name}/v{version}"
+
+
 def artifact_path(name: str, version: int, filename: str) -> str:
-    return f"models/{name}/v{version}/{filename}"
+    return f"{version_dir(name, version)}/{filename}"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class Registry:
-    """Owns the catalog file; every method is one catalog operation."""
+def check_artifacts(files: dict[str, bytes], spec: dict[str, Any]) -> None:
+    """Refuse, before anything is stored, files that Kiln could not load without pickle."""
+    # Imported here: torch is heavy, and catalog-only commands (kiln models list) skip it.
+    from training.artifacts import SPEC_FILE, WEIGHTS_FILE, model_from_files
 
-    def __init__(self, db_path: str, storage_uri: str) -> None:
+    for filename in files:
+        if not FILENAME_PATTERN.match(filename):
+            raise KilnError(
+                f'Got "{filename}" for an artifact file name. Use letters, digits, ".", "_" '
+                'and "-", starting with a letter or digit.'
+            )
+    missing = [f for f in (SPEC_FILE, WEIGHTS_FILE) if f not in files]
+    if missing:
+        raise KilnError(f"a model version needs {SPEC_FILE} and {WEIGHTS_FILE}; missing {missing}")
+    _, stored_spec = model_from_files(files)  # parses JSON and safetensors, never unpickles
+    if stored_spec != json.loads(json.dumps(spec)):
+        raise KilnError(f"the spec given to register differs from the {SPEC_FILE} artifact")
+
+
+class RegistryService:
+    """Every registry operation on one catalog file and one artifact store."""
+
+    def __init__(self, db_path: str, storage_uri: str, recover: bool = True) -> None:
         self._catalog = Catalog(db_path)
         self._store = ArtifactStore(storage_uri)
         self.storage_uri = storage_uri
+        self.db_path = str(db_path)
+        if recover:
+            self.remove_orphans()
+
+    def close(self) -> None:
+        self._catalog.close()
+
+    # ------------------------------------------------------------------ identity
+
+    def _admin(self, key: str | None) -> str:
+        """The audit identity of a change: "local" without a key; a key must hold admin."""
+        if key is None:
+            return LOCAL_ACTOR
+        check = self.verify_key(key)
+        if not check.ok:
+            raise KilnError(f"the API key given is {check.reason}; use a valid admin key")
+        if ADMIN not in check.scopes:
+            raise KilnError(
+                f"API key {check.key_id} lacks the admin scope this change needs "
+                f"(it has {', '.join(check.scopes)})"
+            )
+        return str(check.key_id)
+
+    # ------------------------------------------------------------------ versions
 
     def register(
         self,
@@ -45,11 +122,24 @@ class Registry:
         metrics: dict[str, Any],
         lineage: dict[str, Any],
         creator: str | None = None,
+        key: str | None = None,
+        request_id: str | None = None,
     ) -> VersionRecord:
+        """Store a new version; a retry with the same `request_id` returns the first result."""
+        actor = self._admin(key)
+        validate_name(name)
+        check_artifacts(files, spec)
+        lineage = self._resolve_parent(normalize_lineage(lineage))
         with self._catalog.transaction():
+            if request_id and (done := self._catalog.find_request(request_id)) is not None:
+                return done
             version = self._catalog.allocate_version(name)
+            folder = version_dir(name, version)
+            # N was never committed: whatever is there was left by a writer killed midway.
+            if self._store.delete_dir(folder):
+                logger.warning("removed the leftovers of an interrupted registration in %s", folder)
             for filename, data in files.items():
-                self._store.write(artifact_path(name, version, filename), data)
+                self._store.write(f"{folder}/{filename}", data)
             record = VersionRecord(
                 name=name,
                 version=version,
@@ -58,11 +148,24 @@ class Registry:
                 spec=spec,
                 metrics=metrics,
                 lineage=lineage,
-                artifacts={f: sha256_hex(d) for f, d in files.items()},
+                artifacts={f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
+                creator_key=actor,
             )
-            self._catalog.insert_version(record)
+            self._catalog.insert_version(record, request_id)
+            self._catalog.add_audit(
+                actor,
+                "register",
+                record.ref,
+                {"artifacts": sorted(files), "request_id": request_id},
+            )
         logger.info("registered %s", record.ref)
         return record
+
+    def _resolve_parent(self, lineage: dict[str, Any]) -> dict[str, Any]:
+        """A parent given as name, name@alias or name@N is stored as the exact name@N."""
+        if lineage.get("parent"):
+            lineage["parent"] = self._catalog.resolve(lineage["parent"]).ref
+        return lineage
 
     def resolve(self, ref: str) -> VersionRecord:
         return self._catalog.resolve(ref)
@@ -70,17 +173,150 @@ class Registry:
     def list_models(self) -> list[dict[str, Any]]:
         return self._catalog.list_models()
 
+    def aliases(self, name: str) -> dict[str, int]:
+        return self._catalog.aliases(name)
+
     def list_versions(self, name: str) -> list[VersionRecord]:
+        validate_name(name)
+        self._catalog.require_model(name)
         return self._catalog.list_versions(name)
 
-    def set_alias(self, name: str, alias: str, version: int) -> None:
-        self._catalog.set_alias(name, alias, version)
+    def set_alias(
+        self, name: str, alias: str, version: int, key: str | None = None
+    ) -> dict[str, Any]:
+        previous = self._catalog.set_alias(name, alias, version, self._admin(key))
+        return {"name": name, "alias": alias, "version": version, "previous": previous}
 
-    def delete_version(self, name: str, version: int, force: bool = False) -> None:
-        self._catalog.delete_version(name, version, force)
+    def remove_alias(self, name: str, alias: str, key: str | None = None) -> dict[str, Any]:
+        version = self._catalog.remove_alias(name, alias, self._admin(key))
+        return {"name": name, "alias": alias, "version": version}
+
+    def delete_version(
+        self, name: str, version: int, force: bool = False, key: str | None = None
+    ) -> dict[str, Any]:
+        """Drop the row, then the files: a crash in between leaves only an orphan folder."""
+        aliases = self._catalog.delete_version(name, version, force, self._admin(key))
+        self._store.delete_dir(version_dir(name, version))
+        return {"ref": f"{name}@{version}", "deleted": True, "aliases_removed": aliases}
+
+    def archive_version(
+        self, name: str, version: int, force: bool = False, key: str | None = None
+    ) -> dict[str, Any]:
+        aliases = self._catalog.set_status(name, version, ARCHIVED, force, self._admin(key))
+        return {"ref": f"{name}@{version}", "status": ARCHIVED, "aliases_removed": aliases}
+
+    def unarchive_version(self, name: str, version: int, key: str | None = None) -> dict[str, Any]:
+        self._catalog.set_status(name, version, ACTIVE, actor=self._admin(key))
+        return {"ref": f"{name}@{version}", "status": ACTIVE, "aliases_removed": []}
+
+    def remove_orphans(self) -> list[str]:
+        """Delete version folders that no catalog row points at; returns their paths.
+
+        Runs under the catalog's write lock, so no registration (in this or another process)
+        can be between writing its files and committing its row.
+        """
+        removed: list[str] = []
+        try:
+            with self._catalog.transaction():
+                for name in self._store.list_dirs("models"):
+                    known = self._catalog.version_numbers(name)
+                    for folder in self._store.list_dirs(f"models/{name}"):
+                        number = folder[1:]
+                        if folder.startswith("v") and number.isdigit() and int(number) not in known:
+                            self._store.delete_dir(f"models/{name}/{folder}")
+                            removed.append(f"models/{name}/{folder}")
+        except sqlite3.OperationalError as exc:  # another writer held the lock too long
+            logger.warning("skipped the orphan sweep: %s", exc)
+        if removed:
+            logger.warning("removed %d orphan version folder(s): %s", len(removed), removed)
+        return removed
+
+    # ------------------------------------------------------------------ keys and audit
+
+    def create_key(
+        self, scopes: list[str], expires_in_s: float | None = None, key: str | None = None
+    ) -> dict[str, Any]:
+        """A new key; the returned secret exists nowhere else (only its hash is stored)."""
+        actor = self._admin(key)
+        parsed = parse_scopes(scopes)
+        if expires_in_s is not None and expires_in_s <= 0:
+            raise KilnError(f'Got "{expires_in_s}" for the key lifetime. Use a positive duration.')
+        made = new_key()
+        now = time.time()
+        row = KeyRow(
+            key_id=made.key_id,
+            hash=made.hash,
+            salt=made.salt,
+            kdf=KDF,
+            scopes=tuple(parsed),
+            created_at=now,
+            created_by=actor,
+            expires_at=now + expires_in_s if expires_in_s is not None else None,
+            revoked_at=None,
+        )
+        self._catalog.insert_key(row)
+        return {
+            "id": made.key_id,
+            "secret": made.secret,
+            "scopes": parsed,
+            "expires_at": row.expires_at,
+        }
+
+    def verify_key(self, secret: str) -> KeyCheck:
+        """Whether `secret` is a live key, and its scopes. Never raises for a bad secret."""
+        key_id = key_id_of(secret)
+        if key_id is None:
+            return KeyCheck(ok=False, reason="malformed")
+        row = self._catalog.get_key(key_id)
+        # Key ids are public (listed, audited): saying one is unknown leaks nothing, and
+        # skipping scrypt for it keeps junk tokens from tying up the single registry actor.
+        if row is None:
+            return KeyCheck(ok=False, reason="unknown", key_id=key_id)
+        if row.kdf != KDF or not secret_matches(secret, row.salt, row.hash):
+            return KeyCheck(ok=False, reason="invalid", key_id=key_id)
+        status = row.status(time.time())
+        return KeyCheck(
+            ok=status == "active",
+            reason="ok" if status == "active" else status,
+            key_id=key_id,
+            scopes=row.scopes,
+            expires_at=row.expires_at,
+        )
+
+    def list_keys(self, key: str | None = None) -> list[dict[str, Any]]:
+        self._admin(key)
+        now = time.time()
+        return [row.public(now) for row in self._catalog.list_keys()]
+
+    def revoke_key(self, key_id: str, key: str | None = None) -> dict[str, Any]:
+        return self._catalog.revoke_key(key_id, self._admin(key)).public(time.time())
+
+    def audit(
+        self, limit: int = 100, action: str | None = None, key: str | None = None
+    ) -> list[dict[str, Any]]:
+        self._admin(key)
+        return self._catalog.list_audit(limit, action)
+
+    def record_event(
+        self, action: str, target: str, detail: dict[str, Any] | None = None, key: str | None = None
+    ) -> None:
+        """An admin action that happens outside the catalog (e.g. deploy), for the audit."""
+        actor = self._admin(key)
+        with self._catalog.transaction():
+            self._catalog.add_audit(actor, action, target, detail)
+
+    # ------------------------------------------------------------------ where things live
 
     def get_storage_uri(self) -> str:
         return self.storage_uri
+
+    def get_db_path(self) -> str:
+        return self.db_path
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class Registry(RegistryService):
+    """The registry as one Ray actor: one method at a time, so one writer per cluster."""
 
 
 def start_registry(db_path: str, storage_uri: str, detached: bool = False) -> Any:
@@ -99,6 +335,8 @@ def start_registry(db_path: str, storage_uri: str, detached: bool = False) -> An
 
 def read_verified_files(storage_uri: str, record: VersionRecord) -> dict[str, bytes]:
     """Every artifact of a version, each checked against its catalog sha256."""
+    from training.artifacts import verify_files
+
     store = ArtifactStore(storage_uri)
     files = {f: store.read(artifact_path(record.name, record.version, f)) for f in record.artifacts}
     verify_files(files, record.artifacts)

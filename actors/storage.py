@@ -1,4 +1,9 @@
-"""Artifact storage on any pyarrow filesystem: a local folder, `file://`, `s3://`, `gs://`."""
+"""Artifact storage on any pyarrow filesystem: a local folder, `file://`, `s3://`, `gs://`.
+
+Only the Registry writes here. It never renames (object stores copy on rename): a version's
+files are written in place under a version folder that no catalog row points at until they are
+all there, and any such folder left by a crash is removed before the number is used again.
+"""
 
 from __future__ import annotations
 
@@ -45,3 +50,28 @@ class ArtifactStore:
                 return src.read()
         except FileNotFoundError as exc:
             raise KilnError(f"artifact {relpath} is missing from {self.root_uri}") from exc
+
+    def list_dirs(self, relpath: str) -> list[str]:
+        """Names of the folders directly below `relpath` (none when it does not exist)."""
+        selector = pafs.FileSelector(self._path(relpath), allow_not_found=True)
+        return sorted(
+            posixpath.basename(info.path)
+            for info in self._fs.get_file_info(selector)
+            if info.type == pafs.FileType.Directory
+        )
+
+    def list_files(self, relpath: str) -> list[str]:
+        selector = pafs.FileSelector(self._path(relpath), allow_not_found=True)
+        return sorted(
+            posixpath.basename(info.path)
+            for info in self._fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+        )
+
+    def delete_dir(self, relpath: str) -> bool:
+        """Remove a folder and everything in it; returns whether there was one."""
+        path = self._path(relpath)
+        if self._fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return False
+        self._fs.delete_dir(path)
+        return True

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Annotated, Any
 
 import typer
@@ -21,9 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from typer._click import exceptions as click_errors  # typer vendors click since 0.20
 
-from actors.sources import SourceSpec, check_source
 from cluster.settings import Settings
-from training.config import TrainConfig
 from training.errors import KilnError
 
 app = typer.Typer(
@@ -33,12 +31,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The model registry: versions, aliases, lineage.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(
     help="Datasets resident in ShardStore actors on a cluster.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+keys_app = typer.Typer(help="API keys for HTTP callers and admins.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 console = Console(stderr=True)
 logger = logging.getLogger("kiln")
@@ -55,6 +57,15 @@ StorageOpt = Annotated[
 HostOpt = Annotated[str | None, typer.Option("--host", help="HTTP host (KILN_HTTP_HOST).")]
 PortOpt = Annotated[int | None, typer.Option("--port", help="HTTP port (KILN_HTTP_PORT).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar="KILN_API_KEY",
+        show_envvar=False,
+        help="Act as this admin API key (KILN_API_KEY); default: the local user.",
+    ),
+]
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -153,6 +164,7 @@ def demo(
 ) -> None:
     """Digits -> shards -> Ray Train (2 workers) -> registry -> Ray Serve -> HTTP, locally."""
     from cluster.demo import run_demo
+    from training.config import TrainConfig
 
     started = time.perf_counter()
     cfg = TrainConfig(model="mlp", workers=workers, epochs=epochs, lr=2e-3, batch_size=32, l2=1.0)
@@ -160,6 +172,9 @@ def demo(
     if not settings.embedded:
         console.print("[yellow]kiln demo runs on an embedded Ray; ignoring RAY_ADDRESS[/]")
         settings = settings.model_copy(update={"ray_address": None})
+    from serving.app import AUTH_OFF_WARNING
+
+    console.print(f"[yellow]demo: {AUTH_OFF_WARNING}[/]")
     bar = EpochProgress(cfg.epochs, quiet=False)
     with bar.progress, connected(settings):
         result = run_demo(settings, cfg, on_epoch=bar.epoch, on_step=bar.step)
@@ -211,8 +226,10 @@ def train(
     storage: StorageOpt = None,
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
+    from actors.sources import SourceSpec, check_source
     from cluster.pipeline import TrainRequest, load_run_request, train_and_register
     from cluster.runtime import registry_for
+    from training.config import TrainConfig
 
     started = time.perf_counter()
     settings = load_settings(address=address, home=home, storage=storage)
@@ -300,29 +317,42 @@ def serve(
     batch_wait_timeout_s: Annotated[
         float, typer.Option(help="Dynamic batching: wait for a batch.")
     ] = 0.002,
+    auth: Annotated[
+        bool, typer.Option(help="Require an API key (Authorization: Bearer) on every call.")
+    ] = True,
     host: HostOpt = None,
     port: PortOpt = None,
     address: AddressOpt = None,
     home: HomeOpt = None,
     storage: StorageOpt = None,
+    key: KeyOpt = None,
 ) -> None:
     """Serve registered models over HTTP (blocks until Ctrl-C on the embedded Ray)."""
-    from cluster.serving_control import deploy_models
+    from serving.app import AUTH_OFF_WARNING
 
     settings = load_settings(address=address, home=home, storage=storage, host=host, port=port)
     with connected(settings):
-        from cluster.runtime import registry_for
+        from cluster.serving_control import deploy_models
 
-        registry_for(settings)
         url = deploy_models(
             settings,
             models,
+            key=key,
             max_batch_size=max_batch_size,
             batch_wait_timeout_s=batch_wait_timeout_s,
+            auth=auth,
         )
         console.print(
             f"serving {', '.join(models)} at {url}  (POST {url}/v1/models/<name>:predict)"
         )
+        if auth:
+            names = ", ".join(sorted({m.partition("@")[0] for m in models}))
+            console.print(
+                f"callers need a key with predict:<name> for {names}: "
+                "kiln keys create --scope predict:<name>"
+            )
+        else:
+            console.print(f"[yellow]{AUTH_OFF_WARNING}[/]")
         if not settings.embedded:
             return
         console.print("Ctrl-C stops")
@@ -351,6 +381,7 @@ def data_load(
     """Load a dataset into named, detached ShardStore actors on a cluster."""
     from actors.catalog import NAME_PATTERN
     from actors.shards import load_dataset
+    from actors.sources import SourceSpec, check_source
 
     if not NAME_PATTERN.match(name):
         raise KilnError(
@@ -421,20 +452,84 @@ def require_cluster(settings: Settings, command: str) -> Settings:
     return settings
 
 
-@models_app.command("list")
-def models_list(as_json: JsonOpt = False, home: HomeOpt = None, storage: StorageOpt = None) -> None:
-    """Registered models with their latest version and aliases."""
-    from actors.catalog import Catalog
+@contextmanager
+def open_client(
+    address: str | None = None,
+    home: str | None = None,
+    storage: str | None = None,
+    key: str | None = None,
+) -> Iterator[Any]:
+    """The Python client the registry commands run on (in-process unless --address)."""
+    from cluster.client import Kiln
 
-    settings = load_settings(home=home, storage=storage)
-    models = Catalog(settings.registry_db).list_models()
+    settings = load_settings(address=address, storage=storage)
+    where = settings.ray_address
+    with console.status(f"connecting to {where}") if where else nullcontext():
+        client = Kiln(home=home, key=key, settings=settings, use_ray=not settings.embedded)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, default=str), flush=True)
+
+
+def short_time(iso: str | None) -> str:
+    """`2025-01-31T12:00:00+00:00` -> `2025-01-31 12:00` for tables (JSON keeps the full form)."""
+    return iso[:16].replace("T", " ") if iso else ""
+
+
+def short_metrics(metrics: dict[str, Any]) -> str:
+    shown = [
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in metrics.items()
+        if isinstance(v, int | float)
+    ]
+    return ", ".join(shown[:3])
+
+
+@models_app.command("list")
+def models_list(
+    name: Annotated[
+        str | None, typer.Argument(help="A model name: list its versions instead.")
+    ] = None,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Registered models with their latest version and aliases (or one model's versions)."""
+    with open_client(address, home, storage) as client:
+        rows = client.models() if name is None else client.versions(name)
     if as_json:
-        print(json.dumps(models))
+        print_json(rows)
         return
-    table = Table("name", "versions", "latest", "aliases")
-    for m in models:
-        aliases = ", ".join(f"{a}->{v}" for a, v in m["aliases"].items())
-        table.add_row(m["name"], str(m["num_versions"]), str(m["latest_version"]), aliases)
+    if name is None:
+        table = Table("name", "versions", "archived", "latest", "aliases")
+        for m in rows:
+            aliases = ", ".join(f"{a}->{v}" for a, v in m["aliases"].items())
+            table.add_row(
+                m["name"],
+                str(m["num_versions"]),
+                str(m["num_archived"]),
+                str(m["latest_version"]),
+                aliases,
+            )
+    else:
+        from cluster.client import iso_time
+
+        table = Table("version", "status", "aliases", "created", "creator", "metrics")
+        for v in rows:
+            table.add_row(
+                str(v["version"]),
+                v["status"],
+                ", ".join(v["aliases"]),
+                short_time(iso_time(v["created_at"])),
+                f"{v['creator']} ({v['creator_key']})",
+                short_metrics(v["metrics"]),
+            )
     Console().print(table)
 
 
@@ -442,22 +537,224 @@ def models_list(as_json: JsonOpt = False, home: HomeOpt = None, storage: Storage
 def models_show(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS")],
     as_json: JsonOpt = False,
+    address: AddressOpt = None,
     home: HomeOpt = None,
     storage: StorageOpt = None,
 ) -> None:
-    """One model version: metrics, lineage and artifact checksums."""
-    from actors.catalog import Catalog
-
-    settings = load_settings(home=home, storage=storage)
-    try:
-        record = Catalog(settings.registry_db).resolve(ref)
-    except LookupError as exc:
-        raise KilnError(f'Got "{ref}": {exc}. See `kiln models list`.') from exc
-    result = record.to_dict()
+    """One model version: status, aliases, metrics, lineage and artifact checksums."""
+    with open_client(address, home, storage) as client:
+        try:
+            result = client.show(ref)
+        except LookupError as exc:
+            raise KilnError(f'Got "{ref}": {exc}. See `kiln models list`.') from exc
     if as_json:
-        print(json.dumps(result))
+        print_json(result)
         return
     Console().print_json(json.dumps({k: v for k, v in result.items() if k != "spec"}))
+
+
+@models_app.command("alias")
+def models_alias(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version number the alias will point at.")],
+    alias: Annotated[str, typer.Argument(help="production, staging, canary or any name.")],
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Point NAME@ALIAS at VERSION, atomically (creating or moving the alias)."""
+    with open_client(address, home, storage, key) as client:
+        result = client.alias(name, version, alias)
+    if as_json:
+        print_json(result)
+        return
+    was = f" (was {result['previous']})" if result["previous"] is not None else ""
+    Console().print(f"{name}@{alias} -> {version}{was}")
+
+
+@models_app.command("unalias")
+def models_unalias(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="The alias to remove.")],
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Remove an alias (the version stays)."""
+    with open_client(address, home, storage, key) as client:
+        result = client.unalias(name, alias)
+    if as_json:
+        print_json(result)
+        return
+    Console().print(f"removed {name}@{alias} (pointed at {result['version']})")
+
+
+@models_app.command("delete")
+def models_delete(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION, by number.")],
+    force: Annotated[bool, typer.Option(help="Also drop the aliases pointing at it.")] = False,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Delete a version and its artifacts; its number is never reused."""
+    with open_client(address, home, storage, key) as client:
+        result = client.delete(ref, force=force)
+    if as_json:
+        print_json(result)
+        return
+    dropped = f" (aliases removed: {', '.join(result['aliases_removed'])})"
+    Console().print(f"deleted {result['ref']}{dropped if result['aliases_removed'] else ''}")
+
+
+@models_app.command("archive")
+def models_archive(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION, by number.")],
+    force: Annotated[bool, typer.Option(help="Also drop the aliases pointing at it.")] = False,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Archive a version: a bare NAME no longer resolves to it; NAME@VERSION still does."""
+    with open_client(address, home, storage, key) as client:
+        result = client.archive(ref, force=force)
+    if as_json:
+        print_json(result)
+        return
+    Console().print(f"archived {result['ref']}")
+
+
+@models_app.command("unarchive")
+def models_unarchive(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION, by number.")],
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Make an archived version active again."""
+    with open_client(address, home, storage, key) as client:
+        result = client.unarchive(ref)
+    if as_json:
+        print_json(result)
+        return
+    Console().print(f"unarchived {result['ref']}")
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: Annotated[
+        list[str],
+        typer.Option(help="predict:<model|*>, feedback:<model|*> or admin; repeat for more."),
+    ],
+    expires: Annotated[
+        str | None, typer.Option(help="Lifetime: 30d, 12h or 90m (default: never).")
+    ] = None,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Create an API key. Its secret is printed once; only a salted hash is stored."""
+    with open_client(address, home, storage, key) as client:
+        made = client.create_key(scope, expires=expires)
+    if as_json:
+        print_json(made)
+        return
+    console.print("[yellow]Store this secret now: Kiln keeps only a hash and cannot show it again.")
+    # Plain lines, never a table: a wrapped secret could not be copied whole.
+    print(f"id       {made['id']}")
+    print(f"scopes   {', '.join(made['scopes'])}")
+    print(f"expires  {made['expires'] or 'never'}")
+    print(f"secret   {made['secret']}", flush=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Every API key with its scopes and status (never a secret)."""
+    with open_client(address, home, storage, key) as client:
+        rows = client.keys()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True)  # whole, so it can be pasted into `keys revoke`
+    for column in ("status", "scopes", "created", "by", "expires (UTC)", "revoked"):
+        table.add_column(column)
+    for k in rows:
+        table.add_row(
+            k["id"],
+            k["status"],
+            ", ".join(k["scopes"]),
+            short_time(k["created"]),
+            k["created_by"],
+            short_time(k["expires"]) or "never",
+            short_time(k["revoked"]),
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id (kiln keys list).")],
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Revoke a key; serving replicas refuse it within their cache TTL (5 s)."""
+    with open_client(address, home, storage, key) as client:
+        try:
+            row = client.revoke_key(key_id)
+        except LookupError as exc:
+            raise KilnError(f'Got "{key_id}" for ID: {exc}. See `kiln keys list`.') from exc
+    if as_json:
+        print_json(row)
+        return
+    Console().print(f"revoked {row['id']} at {row['revoked']}")
+
+
+@app.command("audit")
+def audit_log(
+    limit: Annotated[int, typer.Option(help="Show the newest N entries.")] = 100,
+    action: Annotated[
+        str | None,
+        typer.Option(help="Only this action: register, alias, delete, archive, key.create ..."),
+    ] = None,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Admin actions: who (key id or "local"), what, on which target, when."""
+    with open_client(address, home, storage, key) as client:
+        entries = client.audit(limit=limit, action=action)
+    if as_json:
+        print_json(entries)
+        return
+    table = Table("at (UTC)", "key", "action", "target", "detail")
+    for e in entries:
+        detail = json.dumps(e["detail"]) if e["detail"] else ""
+        table.add_row(short_time(e["at"]), e["key_id"], e["action"], e["target"], detail)
+    Console().print(table)
 
 
 # ----------------------------------------------------------------------------- entry point

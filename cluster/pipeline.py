@@ -25,6 +25,7 @@ from ray.util.queue import Empty, Queue
 from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
+from actors.lineage import code_version, dataset_sha256
 from actors.shards import Dataset, ShardSet, attach_dataset, load_dataset, load_shards
 from actors.sources import SourceSpec
 from cluster.settings import Settings
@@ -250,8 +251,12 @@ def train_and_register(
     registry: Any,
     on_epoch: ProgressFn | None = None,
     on_step: StepFn | None = None,
+    lineage_extra: dict[str, Any] | None = None,
 ) -> TrainOutcome:
-    """The whole path from a dataset to a registered, evaluated model version."""
+    """The whole path from a dataset to a registered, evaluated model version.
+
+    `lineage_extra` adds lineage fields the caller knows: `parent`, `sweep_id`, `trial_id`.
+    """
     started = time.perf_counter()
     step = on_step or (lambda _: None)
     cfg = request.train
@@ -261,6 +266,8 @@ def train_and_register(
 
     step("loading shards")
     data = resident_data(request)
+    # Hashing reads the whole source once; it runs beside the training instead of before it.
+    content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(data.train.source.uri)
     eval_set = None
     if request.eval_data:
         eval_source = SourceSpec(
@@ -277,7 +284,10 @@ def train_and_register(
         step("registering")
         final = result.metrics or {}
         lineage = {
-            "dataset": data.train.source.uri,
+            **(lineage_extra or {}),
+            "dataset_uri": data.train.source.uri,
+            "dataset_sha256": ray.get(content_hash),
+            "code_version": code_version(),
             "dataset_name": data.name,
             "eval_data": request.eval_data,
             "test_fraction": data.train.source.test_fraction,
@@ -292,7 +302,13 @@ def train_and_register(
         metrics = {**test_metrics, "train_loss": final["train_loss"], "history": strip(history)}
         record = ray.get(
             registry.register.remote(
-                request.name, model_to_files(model, spec), spec, metrics, lineage
+                request.name,
+                model_to_files(model, spec),
+                spec,
+                metrics,
+                lineage,
+                # A request id makes the actor's automatic retry (after a restart) register once.
+                request_id=uuid.uuid4().hex,
             )
         )
     finally:

@@ -46,11 +46,15 @@ def init_ray(settings: Settings, debug: bool = False) -> bool:
     return True
 
 
-def shutdown_ray() -> None:
-    """Serve first, then Ray: an orderly stop leaves no replicas or raylets behind."""
+def shutdown_ray(stop_serve: bool = True) -> None:
+    """Serve first, then Ray: an orderly stop leaves no replicas or raylets behind.
+
+    With `stop_serve=False` only this process's connection closes: on a cluster, the
+    applications a command deployed must outlive the command.
+    """
     from ray import serve
 
-    if serve_is_running():
+    if stop_serve and serve_is_running():
         serve.shutdown()
     ray.shutdown()
 
@@ -67,7 +71,7 @@ def ray_session(settings: Settings, debug: bool = False) -> Iterator[None]:
         yield
     finally:
         if started:
-            shutdown_ray()
+            shutdown_ray(stop_serve=settings.embedded)
 
 
 def registry_for(settings: Settings):  # noqa: ANN201 (a Ray actor handle)

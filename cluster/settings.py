@@ -7,6 +7,7 @@
 | RAY_ADDRESS      | --address   | unset: an embedded local Ray    |
 | KILN_HTTP_HOST   | --host      | 127.0.0.1                       |
 | KILN_HTTP_PORT   | --port      | 8000                            |
+| KILN_API_KEY     | --key       | unset: act as the local user    |
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ class Settings(BaseSettings):
     kiln_http_port: int = Field(8000, ge=1, le=65535)
     kiln_num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of the embedded Ray (default: max(4, cores)); ignored on a cluster."""
+    kiln_api_key: str | None = Field(None, repr=False)
+    """An admin API key to act as in registry changes; unset: the local user ("local")."""
 
-    @field_validator("ray_address", "kiln_storage")
+    @field_validator("ray_address", "kiln_storage", "kiln_api_key")
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

@@ -4,6 +4,10 @@ Each extra Serve hop costs more than the model does on this hardware (RAY_NOTES:
 ingress -> model chain served 40-100 req/s, the proxy alone about 600), so the FastAPI ingress
 and the batched forward pass share one replica. `@serve.batch` groups concurrent requests,
 whichever model they name, and runs one forward pass per model per batch.
+
+Callers authenticate with `Authorization: Bearer <key>` (see serving/auth.py): a missing or
+refused key gets 401 with a Bearer challenge, a live key without `predict:<model>`,
+`predict:*` or `admin` gets 403. `ServeArgs.auth=False` (the embedded demo) turns this off.
 """
 
 import json
@@ -11,20 +15,23 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import ray
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.catalog import VersionRecord
+from actors.keys import KeyCheck
 from actors.registry import NAMESPACE, REGISTRY_NAME
 from actors.replica import ModelReplica
+from serving.auth import BearerAuth, KeyCache
 from serving.schemas import (
     ErrorBody,
     ModelInfo,
@@ -38,8 +45,11 @@ from training.errors import KilnError
 logger = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 413, 422)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 503)
 }
+AUTH_OFF_WARNING = (
+    "Kiln serving with auth off: anyone who can reach the HTTP port may call every served model"
+)
 
 api = FastAPI(
     title="Kiln",
@@ -48,9 +58,20 @@ api = FastAPI(
 )
 
 
+# Reads the header only; whether the key is live and allowed is the registry's call (below).
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="KilnKey",
+    description="An API key from `kiln keys create`: kiln_<id>_<secret>.",
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
 @api.exception_handler(StarletteHTTPException)
 async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    return JSONResponse(
+        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 @api.exception_handler(RequestValidationError)
@@ -105,9 +126,10 @@ async def read_json_body(request: Request, max_body_bytes: int) -> Any:
         raise HTTPException(400, f"request body is not valid JSON: {exc}") from exc
 
 
-def resolve_records(refs: list[str]) -> tuple[list[VersionRecord], str, dict[str, list[str]]]:
+def resolve_records(
+    registry: Any, refs: list[str]
+) -> tuple[list[VersionRecord], str, dict[str, list[str]]]:
     """Ask the Registry actor what each reference means now; also return the storage URI."""
-    registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
     records: list[VersionRecord] = ray.get([registry.resolve.remote(ref) for ref in refs])
     storage_uri = str(ray.get(registry.get_storage_uri.remote()))
     aliases: dict[str, list[str]] = {}
@@ -126,7 +148,13 @@ class KilnServer:
 
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = ServeArgs(**args)
-        records, storage_uri, aliases = resolve_records(self.args.models)
+        self.registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+        records, storage_uri, aliases = resolve_records(self.registry, self.args.models)
+        self.auth: BearerAuth | None = None
+        if self.args.auth:
+            self.auth = BearerAuth(self._verify_key, KeyCache(self.args.auth_cache_ttl_s))
+        else:
+            logger.warning(AUTH_OFF_WARNING)
         self.replicas: dict[str, ModelReplica] = {}
         self.routes: dict[str, str] = {}
         for record in records:
@@ -146,6 +174,19 @@ class KilnServer:
             batched.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    async def _verify_key(self, secret: str) -> KeyCheck:
+        try:
+            return await self.registry.verify_key.remote(secret)
+        except ray.exceptions.RayError as exc:
+            logger.error("the registry could not check a key: %s", exc)
+            raise HTTPException(503, "the key registry is unavailable; retry shortly") from exc
+
+    async def _authorize(self, credentials: HTTPAuthorizationCredentials | None, name: str) -> None:
+        """401/403 unless the key may predict with `name` (a no-op when auth is off)."""
+        if self.auth is not None:
+            secret = credentials.credentials if credentials else None
+            await self.auth.authorize(secret, "predict", name.partition("@")[0])
 
     def _replica_for(self, name: str) -> tuple[str, ModelReplica]:
         key = self.routes.get(name)
@@ -185,12 +226,18 @@ class KilnServer:
             ),
         )
 
-    @api.get("/v1/models", response_model=ModelList)
-    async def list_models(self) -> ModelList:
-        return ModelList(models=[self._info(key) for key in sorted(self.replicas)])
+    @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def list_models(self, credentials: BearerDep) -> ModelList:
+        """The served versions this key may predict with (all of them when auth is off)."""
+        keys = sorted(self.replicas)
+        if self.auth is not None:
+            check = await self.auth.authenticate(credentials.credentials if credentials else None)
+            keys = [k for k in keys if check.allows("predict", self.replicas[k].record.name)]
+        return ModelList(models=[self._info(key) for key in keys])
 
     @api.get("/v1/models/{name}", response_model=ModelInfo, responses=ERROR_RESPONSES)
-    async def model_info(self, name: str) -> ModelInfo:
+    async def model_info(self, name: str, credentials: BearerDep) -> ModelInfo:
+        await self._authorize(credentials, name)
         key, _ = self._replica_for(name)
         return self._info(key)
 
@@ -206,7 +253,9 @@ class KilnServer:
             }
         },
     )
-    async def predict(self, name: str, request: Request) -> PredictResponse:
+    async def predict(self, name: str, request: Request, credentials: BearerDep) -> PredictResponse:
+        # Auth first: a caller without a key learns nothing, not even which models exist.
+        await self._authorize(credentials, name)
         key, replica = self._replica_for(name)
         payload = await read_json_body(request, self.args.max_body_bytes)
         try:

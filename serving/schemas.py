@@ -58,3 +58,9 @@ class ServeArgs(BaseModel):
     gpu: Literal["auto", "on", "off"] = "auto"
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
+    auth: bool = Field(
+        True, description="Require an API key with predict:<model> (or predict:*, admin)."
+    )
+    auth_cache_ttl_s: float = Field(
+        5.0, ge=0, le=300, description="How long a replica trusts the registry's answer."
+    )

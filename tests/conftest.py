@@ -33,6 +33,26 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, interval_s: float 
     return condition()
 
 
+TINY_SPEC = {
+    "kind": "mlp",
+    "task": "classification",
+    "num_features": 4,
+    "classes": [0, 1, 2],
+    "hidden": [8],
+}
+
+
+def tiny_model_files(seed: int = 0) -> dict[str, bytes]:
+    """A small MLP as its real artifacts (safetensors + spec.json), distinct per seed."""
+    import torch
+
+    from training.artifacts import model_to_files
+    from training.models import build_model
+
+    torch.manual_seed(seed)
+    return model_to_files(build_model(TINY_SPEC), TINY_SPEC)
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     import ray

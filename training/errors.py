@@ -11,3 +11,7 @@ class KilnError(ValueError):
 
 class CorruptArtifactError(KilnError):
     """An artifact whose bytes do not match the checksum recorded in the catalog."""
+
+
+class NotFoundError(KilnError, LookupError):
+    """A model, version, alias or key that the registry does not hold."""

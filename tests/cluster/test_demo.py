@@ -10,9 +10,9 @@ from tests.conftest import free_port, wait_for
 
 
 def raylet_pids() -> set[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True, text=True
-    )
+    """Raylets of this virtualenv's Ray only: other checkouts on the machine run their own."""
+    pattern = f"{sys.prefix}/.*ray/core/src/ray/raylet/raylet"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
 
 

@@ -12,7 +12,8 @@ from actors.sources import SourceSpec
 def served_digits(trained_digits, settings_session, registry_session):
     from cluster.serving_control import deploy_models
 
-    return deploy_models(settings_session, ["digits-mlp"])
+    # Keys are tested in test_http_auth.py; here every request is about the payload.
+    return deploy_models(settings_session, ["digits-mlp"], auth=False)
 
 
 @pytest.fixture(scope="module")

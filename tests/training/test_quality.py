@@ -71,7 +71,7 @@ def test_logistic_on_breast_cancer_from_a_named_dataset(
         outcome = train_and_register(settings_session, request, registry_session)
         assert outcome.test_metrics["accuracy"] >= 0.97
         assert outcome.record.lineage["dataset_name"] == "bc"
-        assert outcome.record.lineage["dataset"] == "sklearn:breast_cancer"
+        assert outcome.record.lineage["dataset_uri"] == "sklearn:breast_cancer"
         assert "val_loss" in outcome.history[-1] and "val_macro_f1" in outcome.history[-1]
         assert attach_dataset("bc") is not None  # the shared shards outlive the run
     finally:

@@ -1,0 +1,216 @@
+"""The Python client: what the `kiln models|keys|audit` commands do, from a script or notebook.
+
+    from cluster.client import Kiln
+    k = Kiln()                          # embedded: the catalog under KILN_HOME, no Ray started
+    k = Kiln(address="auto")            # a cluster: every call goes to its Registry actor
+    k.alias("digits-mlp", 3, "production")
+    key = k.create_key(["predict:digits-mlp"], expires="30d")   # key["secret"] is shown once
+
+The CLI is a thin layer over this class, so both do exactly the same thing. With a Ray address
+(or `use_ray=True`, or by default when this process already runs Ray) every call goes to the
+Registry actor. Otherwise the client runs the registry's own code (`RegistryService`)
+in-process on the SQLite file: SQLite's write lock serializes it with a Registry actor using
+the same file, and a catalog command needs no 5 s Ray start.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.catalog import VersionRecord, parse_model_ref, parse_version_ref, validate_name
+from actors.keys import parse_duration_s
+from actors.registry import RegistryService
+from cluster.settings import Settings
+from training.errors import KilnError
+
+logger = logging.getLogger(__name__)
+
+
+def iso_time(epoch_s: float | None) -> str | None:
+    """UTC ISO 8601 with seconds, or None."""
+    if epoch_s is None:
+        return None
+    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+class Kiln:
+    """Registry, keys and audit of one Kiln installation (embedded or on a Ray cluster)."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        home: str | Path | None = None,
+        storage: str | None = None,
+        key: str | None = None,
+        settings: Settings | None = None,
+        use_ray: bool | None = None,
+    ) -> None:
+        base = settings or Settings()
+        self.settings = base.with_overrides(
+            ray_address=address, kiln_home=home, kiln_storage=storage
+        )
+        self.key = key if key is not None else self.settings.kiln_api_key
+        self._local: RegistryService | None = None
+        self._registry: Any = None
+        self._started_ray = False
+        if use_ray is None:
+            use_ray = self.settings.ray_address is not None or ray.is_initialized()
+        if not use_ray:
+            self._local = RegistryService(
+                str(self.settings.registry_db), self.settings.storage_uri, recover=False
+            )
+        else:
+            self._connect(home_given=home is not None)
+
+    def _connect(self, home_given: bool) -> None:
+        from cluster.runtime import init_ray, registry_for
+
+        self._started_ray = init_ray(self.settings)
+        self._registry = registry_for(self.settings)
+        actual = ray.get(self._registry.get_db_path.remote())
+        if home_given and Path(actual) != self.settings.registry_db:
+            raise KilnError(
+                f"the Registry actor on this Ray uses {actual}, not {self.settings.registry_db}. "
+                "Leave --home unset, or use the KILN_HOME the cluster was started with."
+            )
+
+    @property
+    def uses_ray(self) -> bool:
+        return self._registry is not None
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+        if self._started_ray:
+            ray.shutdown()  # only the connection: Serve and the registry stay on the cluster
+
+    def __enter__(self) -> Kiln:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One registry operation, in-process or on the Registry actor, with clean errors."""
+        if self._local is not None:
+            return getattr(self._local, method)(*args, **kwargs)
+        try:
+            return ray.get(getattr(self._registry, method).remote(*args, **kwargs))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, KilnError):
+                raise exc.cause from None
+            raise
+
+    # ------------------------------------------------------------------ models
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("list_models")
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        records: list[VersionRecord] = self._call("list_versions", validate_name(name))
+        aliases = self._call("aliases", name)
+        return [
+            {**r.to_dict(), "aliases": sorted(a for a, v in aliases.items() if v == r.version)}
+            for r in records
+        ]
+
+    def resolve(self, ref: str) -> VersionRecord:
+        parse_model_ref(ref)
+        return self._call("resolve", ref)
+
+    def show(self, ref: str) -> dict[str, Any]:
+        record = self.resolve(ref)
+        aliases = self._call("aliases", record.name)
+        return {
+            **record.to_dict(),
+            "aliases": sorted(a for a, v in aliases.items() if v == record.version),
+        }
+
+    def register(
+        self,
+        name: str,
+        files: dict[str, bytes],
+        spec: dict[str, Any],
+        metrics: dict[str, Any],
+        lineage: dict[str, Any],
+        request_id: str | None = None,
+    ) -> VersionRecord:
+        """A new version; the request id makes a retried call register it once."""
+        request_id = request_id or uuid.uuid4().hex
+        return self._call(
+            "register",
+            name,
+            files,
+            spec,
+            metrics,
+            lineage,
+            key=self.key,
+            request_id=request_id,
+        )
+
+    def alias(self, name: str, version: int, alias: str) -> dict[str, Any]:
+        return self._call("set_alias", validate_name(name), alias, int(version), key=self.key)
+
+    def unalias(self, name: str, alias: str) -> dict[str, Any]:
+        return self._call("remove_alias", validate_name(name), alias, key=self.key)
+
+    def delete(self, ref: str, force: bool = False) -> dict[str, Any]:
+        name, version = parse_version_ref(ref)
+        return self._call("delete_version", name, version, force, key=self.key)
+
+    def archive(self, ref: str, force: bool = False) -> dict[str, Any]:
+        name, version = parse_version_ref(ref)
+        return self._call("archive_version", name, version, force, key=self.key)
+
+    def unarchive(self, ref: str) -> dict[str, Any]:
+        name, version = parse_version_ref(ref)
+        return self._call("unarchive_version", name, version, key=self.key)
+
+    # ------------------------------------------------------------------ keys and audit
+
+    def create_key(
+        self,
+        scopes: list[str],
+        expires: str | None = None,
+        expires_in_s: float | None = None,
+    ) -> dict[str, Any]:
+        """`{"id", "secret", "scopes", "expires"}`; `expires` like "30d", "12h" or "90m"."""
+        if expires is not None:
+            expires_in_s = parse_duration_s(expires)
+        made = self._call("create_key", list(scopes), expires_in_s, key=self.key)
+        return {
+            "id": made["id"],
+            "secret": made["secret"],
+            "scopes": made["scopes"],
+            "expires": iso_time(made["expires_at"]),
+        }
+
+    def keys(self) -> list[dict[str, Any]]:
+        return [self._public_key(k) for k in self._call("list_keys", key=self.key)]
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return self._public_key(self._call("revoke_key", key_id, key=self.key))
+
+    @staticmethod
+    def _public_key(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": row["id"],
+            "scopes": row["scopes"],
+            "status": row["status"],
+            "created": iso_time(row["created_at"]),
+            "created_by": row["created_by"],
+            "expires": iso_time(row["expires_at"]),
+            "revoked": iso_time(row["revoked_at"]),
+        }
+
+    def audit(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
+        if limit < 1:
+            raise KilnError(f'Got "{limit}" for --limit. --limit must be at least 1.')
+        entries = self._call("audit", limit, action, key=self.key)
+        return [{**e, "at": iso_time(e["at"])} for e in entries]

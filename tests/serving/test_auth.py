@@ -1,0 +1,105 @@
+"""The replica-side key cache and the 401/403 decision, with a stand-in registry. No Ray."""
+
+import asyncio
+
+import pytest
+from fastapi import HTTPException
+
+from actors.keys import KeyCheck
+from serving.auth import BearerAuth, KeyCache
+
+SECRET = "kiln_0123456789ab_abcdefghijklmnop"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingRegistry:
+    """Answers like Registry.verify_key and counts how often it was asked."""
+
+    def __init__(self, check: KeyCheck) -> None:
+        self.check = check
+        self.calls = 0
+
+    async def __call__(self, secret: str) -> KeyCheck:
+        self.calls += 1
+        return self.check
+
+
+def live(scopes=("predict:m",), expires_at=None) -> KeyCheck:
+    return KeyCheck(
+        ok=True, reason="ok", key_id="0123456789ab", scopes=scopes, expires_at=expires_at
+    )
+
+
+def refused(auth: BearerAuth, secret, kind="predict", model="m") -> HTTPException:
+    with pytest.raises(HTTPException) as info:
+        asyncio.run(auth.authorize(secret, kind, model))
+    return info.value
+
+
+def test_missing_and_malformed_keys_are_401_without_asking_the_registry():
+    registry = CountingRegistry(live())
+    auth = BearerAuth(registry)
+    missing = refused(auth, None)
+    assert missing.status_code == 401 and "missing API key" in missing.detail
+    assert missing.headers == {"WWW-Authenticate": 'Bearer realm="kiln"'}
+    assert refused(auth, "garbage").status_code == 401
+    assert registry.calls == 0
+
+
+def test_a_key_without_the_scope_is_403_naming_it():
+    auth = BearerAuth(CountingRegistry(live(scopes=("predict:other",))))
+    error = refused(auth, SECRET, model="m")
+    assert error.status_code == 403
+    assert "lacks scope predict:m" in error.detail and "predict:other" in error.detail
+
+
+@pytest.mark.parametrize(
+    "reason,fragment",
+    [("revoked", "was revoked"), ("expired", "expired at"), ("invalid", "invalid")],
+)
+def test_refused_keys_are_401_saying_why(reason, fragment):
+    check = KeyCheck(ok=False, reason=reason, key_id="0123456789ab", expires_at=5.0)
+    error = refused(BearerAuth(CountingRegistry(check)), SECRET)
+    assert error.status_code == 401 and fragment in error.detail
+
+
+def test_answers_are_cached_for_the_ttl_then_asked_again():
+    clock = Clock()
+    registry = CountingRegistry(live())
+    auth = BearerAuth(registry, KeyCache(ttl_s=5.0, clock=clock))
+    for _ in range(10):
+        asyncio.run(auth.authorize(SECRET, "predict", "m"))
+    assert registry.calls == 1
+    registry.check = KeyCheck(ok=False, reason="revoked", key_id="0123456789ab")
+    clock.now += 4.9
+    asyncio.run(auth.authorize(SECRET, "predict", "m"))  # still the cached answer
+    clock.now += 0.2
+    assert refused(auth, SECRET).status_code == 401  # revocation seen after the TTL
+    assert registry.calls == 2
+
+
+def test_a_cached_key_is_not_trusted_past_its_expiry():
+    clock = Clock()
+    registry = CountingRegistry(live(expires_at=clock.now + 1.0))
+    auth = BearerAuth(registry, KeyCache(ttl_s=60.0, clock=clock))
+    asyncio.run(auth.authorize(SECRET, "predict", "m"))
+    clock.now += 1.5
+    registry.check = KeyCheck(ok=False, reason="expired", key_id="0123456789ab", expires_at=1.0)
+    assert refused(auth, SECRET).status_code == 401
+    assert registry.calls == 2
+
+
+def test_the_cache_keeps_no_plaintext_secret_and_stays_bounded():
+    cache = KeyCache(max_entries=3)
+    for i in range(5):
+        cache.put(f"{SECRET}{i}", live())
+    assert len(cache._entries) == 3
+    assert all(SECRET not in slot for slot in cache._entries)
+    assert cache.get(f"{SECRET}0") is None and cache.get(f"{SECRET}4") is not None

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over the resident shards: search spaces, schedulers, reports."""
