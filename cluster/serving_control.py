@@ -12,6 +12,7 @@ from ray import serve
 from cluster.runtime import registry_for
 from cluster.settings import Settings
 from serving.app import AUTH_OFF_WARNING, build_app
+from training.errors import KilnError
 
 APP_NAME = "kiln"
 
@@ -39,3 +40,78 @@ def deploy_models(
     # serve.run returns once replicas are healthy; check the proxy routes to them too.
     httpx.get(f"{base_url}/docs", timeout=30).raise_for_status()
     return base_url
+
+
+def current_args() -> dict[str, Any]:
+    """The live arguments of the running Kiln app, asked of its ingress deployment."""
+    try:
+        handle = serve.get_app_handle(APP_NAME)
+    except Exception as exc:  # Serve raises several types when no app runs
+        raise KilnError("no Kiln application is being served; start one with kiln serve") from exc
+    return handle.current_args.remote().result(timeout_s=30)
+
+
+def update_app(
+    settings: Settings, args: dict[str, Any], action: str, target: str, key: str | None
+) -> dict[str, Any]:
+    """Redeploy with new live arguments: Serve reconfigures the replicas in place."""
+    registry = registry_for(settings)
+    ray.get(registry.record_event.remote(action, target, {"canary": args.get("canary")}, key))
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    return args
+
+
+def deploy_canary(
+    settings: Settings, name: str, version: int, weight: int, key: str | None = None
+) -> dict[str, Any]:
+    """Send `weight`% of `name`'s traffic to `name@version`; its alias `canary` moves there."""
+    if not 0 <= weight <= 100:
+        raise KilnError(f'Got "{weight}" for --canary-weight. Use 0 to 100.')
+    args = current_args()
+    if not any(ref.partition("@")[0] == name for ref in args["models"]):
+        raise KilnError(f"{name} is not served; serve it first (kiln serve {name})")
+    registry = registry_for(settings)
+    ray.get(registry.resolve.remote(f"{name}@{version}"))  # refuses an unknown version
+    ray.get(registry.set_alias.remote(name, "canary", version, key))
+    args["canary"] = {
+        **args.get("canary", {}),
+        name: {"ref": f"{name}@{version}", "weight": weight},
+    }
+    return update_app(settings, args, "deploy", f"{name}@{version}", key)
+
+
+def promote(settings: Settings, name: str, key: str | None = None) -> dict[str, Any]:
+    """The canary becomes `production` and takes all traffic; the old one is kept as `previous`."""
+    args = current_args()
+    canary = args.get("canary", {}).get(name)
+    if canary is None:
+        raise KilnError(
+            f"{name} has no canary to promote; deploy one with kiln deploy {name} --version N"
+        )
+    registry = registry_for(settings)
+    new = ray.get(registry.resolve.remote(canary["ref"]))
+    old = ray.get(registry.resolve.remote(stable_ref(args, name)))
+    ray.get(registry.set_alias.remote(name, "previous", old.version, key))
+    ray.get(registry.set_alias.remote(name, "production", new.version, key))
+    args["models"] = [new.ref if ref.partition("@")[0] == name else ref for ref in args["models"]]
+    args["canary"] = {k: v for k, v in args["canary"].items() if k != name}
+    return update_app(settings, args, "promote", new.ref, key)
+
+
+def rollback(settings: Settings, name: str, key: str | None = None) -> dict[str, Any]:
+    """Drop a live canary; without one, serve the `previous` production version again."""
+    args = current_args()
+    registry = registry_for(settings)
+    if name in args.get("canary", {}):
+        args["canary"] = {k: v for k, v in args["canary"].items() if k != name}
+        return update_app(settings, args, "rollback", f"{name} canary", key)
+    previous = ray.get(registry.resolve.remote(f"{name}@previous"))
+    ray.get(registry.set_alias.remote(name, "production", previous.version, key))
+    args["models"] = [
+        previous.ref if ref.partition("@")[0] == name else ref for ref in args["models"]
+    ]
+    return update_app(settings, args, "rollback", previous.ref, key)
+
+
+def stable_ref(args: dict[str, Any], name: str) -> str:
+    return next(ref for ref in args["models"] if ref.partition("@")[0] == name)

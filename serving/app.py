@@ -21,7 +21,7 @@ import numpy as np
 import ray
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve import Application
@@ -31,8 +31,12 @@ from actors.catalog import VersionRecord
 from actors.keys import KeyCheck
 from actors.registry import NAMESPACE, REGISTRY_NAME
 from actors.replica import ModelReplica
+from serving import v2
 from serving.auth import BearerAuth, KeyCache
+from serving.ratelimit import RateLimiter
+from serving.routing import Router
 from serving.schemas import (
+    LIVE_FIELDS,
     ErrorBody,
     ModelInfo,
     ModelList,
@@ -45,7 +49,7 @@ from training.errors import KilnError
 logger = logging.getLogger(__name__)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 503)
 }
 AUTH_OFF_WARNING = (
     "Kiln serving with auth off: anyone who can reach the HTTP port may call every served model"
@@ -79,6 +83,14 @@ async def validation_error(_: Request, exc: RequestValidationError) -> JSONRespo
     first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
     where = ".".join(str(p) for p in first.get("loc", ())) or "body"
     return JSONResponse({"error": f"{where}: {first['msg']}"}, status_code=422)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one replica serves now; rebuilt whole and swapped in by `reconfigure`."""
+
+    replicas: dict[str, ModelReplica]
+    router: Router
 
 
 @dataclass
@@ -126,54 +138,73 @@ async def read_json_body(request: Request, max_body_bytes: int) -> Any:
         raise HTTPException(400, f"request body is not valid JSON: {exc}") from exc
 
 
-def resolve_records(
-    registry: Any, refs: list[str]
-) -> tuple[list[VersionRecord], str, dict[str, list[str]]]:
-    """Ask the Registry actor what each reference means now; also return the storage URI."""
+def resolve_served(registry: Any, args: ServeArgs, loaded: dict[str, ModelReplica]) -> Served:
+    """Resolve every reference through the registry now and load what is not loaded yet."""
+    refs = list(args.models) + [c.ref for c in args.canary.values()]
     records: list[VersionRecord] = ray.get([registry.resolve.remote(ref) for ref in refs])
     storage_uri = str(ray.get(registry.get_storage_uri.remote()))
-    aliases: dict[str, list[str]] = {}
-    for ref, record in zip(refs, records, strict=True):
-        _, _, selector = ref.partition("@")
-        aliases.setdefault(record.ref, [])
-        if selector and not selector.isdigit():
-            aliases[record.ref].append(selector)
-    return records, storage_uri, aliases
+    replicas: dict[str, ModelReplica] = {}
+    for record in records:
+        replicas[record.ref] = loaded.get(record.ref) or ModelReplica(record, storage_uri, args.gpu)
+    router = Router()
+    for ref, record in zip(refs[: len(args.models)], records, strict=False):
+        selector = ref.partition("@")[2]
+        aliases = [selector] if selector and not selector.isdigit() else []
+        router.add(record.ref, *aliases, default=True)
+    for (name, canary), record in zip(
+        args.canary.items(), records[len(args.models) :], strict=True
+    ):
+        if name not in router.routes:
+            raise KilnError(f"canary for {name!r}, which is not among the served models")
+        router.add(record.ref, "canary", default=False)
+        router.split(name, record.ref, canary.weight)
+    return Served(replicas, router)
 
 
-@serve.deployment(name="KilnServer", health_check_period_s=5)
+@serve.deployment(
+    name="KilnServer",
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_wait_loop_s=0.5,
+)
 @serve.ingress(api)
 class KilnServer:
-    """Serves registered model versions over V1 HTTP, batching across concurrent requests."""
+    """Serves registered model versions over V1 and V2 HTTP, batching across requests."""
 
     def __init__(self, args: dict[str, Any]) -> None:
+        # `args` holds every field; the live ones come again (and later) through reconfigure.
         self.args = ServeArgs(**args)
         self.registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-        records, storage_uri, aliases = resolve_records(self.registry, self.args.models)
         self.auth: BearerAuth | None = None
         if self.args.auth:
             self.auth = BearerAuth(self._verify_key, KeyCache(self.args.auth_cache_ttl_s))
         else:
             logger.warning(AUTH_OFF_WARNING)
-        self.replicas: dict[str, ModelReplica] = {}
-        self.routes: dict[str, str] = {}
-        for record in records:
-            self.replicas[record.ref] = ModelReplica(record, storage_uri, self.args.gpu)
-            for key in (
-                record.name,
-                record.ref,
-                *(f"{record.name}@{a}" for a in aliases[record.ref]),
-            ):
-                self.routes.setdefault(key, record.ref)
-        self.reconfigure(self.args.model_dump())
+        self.limiter = RateLimiter(self.args.rate_limit_per_s, self.args.rate_limit_burst)
+        self.served = Served({}, Router())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live knobs: max_batch_size and batch_wait_timeout_s."""
+        """Live changes without a restart: served versions, canary split, batching, limits.
+
+        New versions load before the swap; the new routing table replaces the old in one
+        assignment, so requests in flight finish on the version they started with.
+        """
+        self.args = ServeArgs(**{**self.args.model_dump(), **user_config})
+        self.served = resolve_served(self.registry, self.args, self.served.replicas)
+        self.limiter = RateLimiter(self.args.rate_limit_per_s, self.args.rate_limit_burst)
         batched: Any = self._forward_batch  # @serve.batch adds the setters
-        if "max_batch_size" in user_config:
-            batched.set_max_batch_size(int(user_config["max_batch_size"]))
-        if "batch_wait_timeout_s" in user_config:
-            batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        batched.set_max_batch_size(self.args.max_batch_size)
+        batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        logger.info("serving %s", ", ".join(self.served.router.served()))
+
+    def current_args(self) -> dict[str, Any]:
+        """What this replica serves now (for `kiln deploy`, `promote` and `rollback`)."""
+        return self.args.model_dump()
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose models cannot run a forward pass."""
+        for replica in self.served.replicas.values():
+            replica.forward(np.zeros((1, replica.num_features), dtype=np.float32))
 
     async def _verify_key(self, secret: str) -> KeyCheck:
         try:
@@ -183,33 +214,46 @@ class KilnServer:
             raise HTTPException(503, "the key registry is unavailable; retry shortly") from exc
 
     async def _authorize(self, credentials: HTTPAuthorizationCredentials | None, name: str) -> None:
-        """401/403 unless the key may predict with `name` (a no-op when auth is off)."""
-        if self.auth is not None:
-            secret = credentials.credentials if credentials else None
-            await self.auth.authorize(secret, "predict", name.partition("@")[0])
+        """401/403 unless the key may predict with `name`; 429 past its rate (auth on)."""
+        if self.auth is None:
+            return
+        secret = credentials.credentials if credentials else None
+        check = await self.auth.authorize(secret, "predict", name.partition("@")[0])
+        wait_s = self.limiter.wait_s(check.key_id or "unknown")
+        if wait_s > 0:
+            raise HTTPException(
+                429,
+                f"rate limit of {self.args.rate_limit_per_s:g} requests/s for this key exceeded",
+                headers={"Retry-After": str(max(1, round(wait_s + 0.5)))},
+            )
 
-    def _replica_for(self, name: str) -> tuple[str, ModelReplica]:
-        key = self.routes.get(name)
+    def _replica_for(self, name: str, request: Request | None = None) -> tuple[str, ModelReplica]:
+        sticky = request.headers.get(self.args.sticky_header) if request is not None else None
+        served = self.served  # one read: a concurrent reconfigure cannot split this lookup
+        key = served.router.pick(name, sticky)
         if key is None:
-            served = ", ".join(sorted(self.routes))
-            raise HTTPException(404, f"model {name!r} is not served here; served: {served}")
-        return key, self.replicas[key]
+            raise HTTPException(
+                404,
+                f"model {name!r} is not served here; served: {', '.join(served.router.served())}",
+            )
+        return key, served.replicas[key]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _forward_batch(self, items: list[BatchItem]) -> list[np.ndarray]:
         """One forward pass per model over every row of the batch, split back per request."""
+        replicas = self.served.replicas
         outputs: list[np.ndarray | None] = [None] * len(items)
         for key in {item.model_key for item in items}:
             members = [i for i, item in enumerate(items) if item.model_key == key]
             x = np.concatenate([items[i].x for i in members])
-            out = self.replicas[key].forward(x)
+            out = replicas[key].forward(x)
             offsets = np.cumsum([0] + [len(items[i].x) for i in members])
             for j, i in enumerate(members):
                 outputs[i] = out[offsets[j] : offsets[j + 1]]
         return outputs  # type: ignore[return-value]
 
     def _info(self, key: str) -> ModelInfo:
-        replica = self.replicas[key]
+        replica = self.served.replicas[key]
         record, spec = replica.record, replica.spec
         return ModelInfo(
             name=record.name,
@@ -218,21 +262,19 @@ class KilnServer:
             kind=spec["kind"],
             num_features=spec["num_features"],
             classes=spec.get("classes"),
-            metrics=record.metrics,
-            aliases=sorted(
-                k.split("@", 1)[1]
-                for k, v in self.routes.items()
-                if v == key and "@" in k and not k.split("@", 1)[1].isdigit()
-            ),
+            metrics={k: v for k, v in record.metrics.items() if k != "history"},
+            aliases=self.served.router.aliases_of(key),
         )
+
+    # ------------------------------------------------------------------------ V1
 
     @api.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models(self, credentials: BearerDep) -> ModelList:
         """The served versions this key may predict with (all of them when auth is off)."""
-        keys = sorted(self.replicas)
+        keys = sorted(self.served.replicas)
         if self.auth is not None:
             check = await self.auth.authenticate(credentials.credentials if credentials else None)
-            keys = [k for k in keys if check.allows("predict", self.replicas[k].record.name)]
+            keys = [k for k in keys if check.allows("predict", self.served.replicas[k].record.name)]
         return ModelList(models=[self._info(key) for key in keys])
 
     @api.get("/v1/models/{name}", response_model=ModelInfo, responses=ERROR_RESPONSES)
@@ -256,7 +298,7 @@ class KilnServer:
     async def predict(self, name: str, request: Request, credentials: BearerDep) -> PredictResponse:
         # Auth first: a caller without a key learns nothing, not even which models exist.
         await self._authorize(credentials, name)
-        key, replica = self._replica_for(name)
+        key, replica = self._replica_for(name, request)
         payload = await read_json_body(request, self.args.max_body_bytes)
         try:
             body = PredictRequest.model_validate(payload)
@@ -273,18 +315,110 @@ class KilnServer:
             ids=[f"{request_id}-{i}" for i in range(len(x))],
         )
 
+    # ------------------------------------------------------------------------ V2 (OIP)
+
+    @api.get("/v2", tags=["v2"])
+    async def v2_server(self) -> dict[str, Any]:
+        return {"name": "kiln", "version": "1", "extensions": ["binary_tensor_data"]}
+
+    @api.get("/v2/health/live", tags=["v2"])
+    async def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready", tags=["v2"], responses=ERROR_RESPONSES)
+    async def v2_ready(self) -> dict[str, bool]:
+        if not self.served.replicas:
+            raise HTTPException(503, "no model is loaded yet")
+        return {"ready": True}
+
+    def _v2_replica(
+        self, name: str, version: str | None, request: Request | None
+    ) -> tuple[str, ModelReplica]:
+        if version is not None and not version.isdigit():
+            raise HTTPException(404, f"version {version!r} is not a number")
+        return self._replica_for(f"{name}@{version}" if version else name, request)
+
+    @api.get("/v2/models/{name}", tags=["v2"], responses=ERROR_RESPONSES)
+    @api.get("/v2/models/{name}/versions/{version}", tags=["v2"], responses=ERROR_RESPONSES)
+    async def v2_metadata(
+        self, name: str, credentials: BearerDep, version: str | None = None
+    ) -> dict[str, Any]:
+        await self._authorize(credentials, name)
+        _, replica = self._v2_replica(name, version, None)
+        return v2.model_metadata(replica.record.name, replica.record.version, replica.spec)
+
+    @api.get("/v2/models/{name}/ready", tags=["v2"], responses=ERROR_RESPONSES)
+    @api.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"], responses=ERROR_RESPONSES)
+    async def v2_model_ready(
+        self, name: str, credentials: BearerDep, version: str | None = None
+    ) -> dict[str, Any]:
+        await self._authorize(credentials, name)
+        _, replica = self._v2_replica(name, version, None)
+        return {"name": replica.record.name, "ready": True}
+
+    @api.post("/v2/models/{name}/infer", tags=["v2"], responses=ERROR_RESPONSES)
+    @api.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"], responses=ERROR_RESPONSES)
+    async def v2_infer(
+        self, name: str, request: Request, credentials: BearerDep, version: str | None = None
+    ) -> Response:
+        await self._authorize(credentials, name)
+        key, replica = self._v2_replica(name, version, request)
+        raw = await request.body()
+        if len(raw) > self.args.max_body_bytes:
+            raise HTTPException(
+                413, f"request body is {len(raw)} bytes; the limit is {self.args.max_body_bytes}"
+            )
+        try:
+            body, tail = v2.split_body(raw, request.headers.get(v2.HEADER_LENGTH))
+            x = v2.parse_infer_request(body, tail, replica.num_features, self.args.max_instances)
+            wanted = v2.requested_outputs(body, replica.spec)
+        except v2.V2Error as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        outputs = await self._forward_batch(BatchItem(key, x))
+        result = replica.format(outputs, probabilities=True)
+        arrays = {"predictions": np.asarray(result["predictions"])}
+        if "probabilities" in result:
+            arrays["probabilities"] = np.asarray(result["probabilities"], dtype=np.float32)
+        content, header_length = v2.build_response(
+            replica.record.name,
+            replica.record.version,
+            str(body.get("id") or uuid.uuid4().hex[:16]),
+            arrays,
+            wanted,
+            replica.spec,
+        )
+        headers = {v2.HEADER_LENGTH: header_length} if header_length else None
+        media = "application/octet-stream" if header_length else "application/json"
+        return Response(content, media_type=media, headers=headers)
+
 
 def build_app(args: dict[str, Any]) -> Application:
     """Serve config entry point: `import_path: serving.app:build_app`."""
     try:
         parsed = ServeArgs(**args)
+        autoscaling = parsed.autoscaling()
     except ValueError as exc:
         raise KilnError(f"invalid serve args: {exc}") from exc
-    return KilnServer.options(  # type: ignore[attr-defined]
-        num_replicas=parsed.num_replicas,
-        ray_actor_options={"num_cpus": parsed.num_cpus},
-        user_config={
-            "max_batch_size": parsed.max_batch_size,
-            "batch_wait_timeout_s": parsed.batch_wait_timeout_s,
-        },
-    ).bind(parsed.model_dump())
+    num_gpus = parsed.num_gpus
+    if num_gpus is None:  # a fractional GPU per replica when the cluster has GPUs
+        has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+        num_gpus = 0.25 if has_gpu and parsed.gpu != "off" else 0.0
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": parsed.num_cpus, "num_gpus": num_gpus},
+        "user_config": parsed.live(),
+        "graceful_shutdown_timeout_s": parsed.graceful_shutdown_timeout_s,
+        "max_ongoing_requests": max(2 * parsed.max_batch_size, 32),
+    }
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = parsed.num_replicas
+    # Bind the first live values only through `static_args`: init args that differ between two
+    # deploys restart every replica, while a user_config change reconfigures them in place.
+    return KilnServer.options(**options).bind(static_args(parsed))  # type: ignore[attr-defined]
+
+
+def static_args(parsed: ServeArgs) -> dict[str, Any]:
+    """Init args that stay equal across live updates (placeholders for the live fields)."""
+    dumped = parsed.model_dump()
+    return {k: v for k, v in dumped.items() if k not in LIVE_FIELDS} | {"models": ["_"]}

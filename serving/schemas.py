@@ -45,22 +45,81 @@ class ErrorBody(BaseModel):
     error: str
 
 
+class CanarySpec(BaseModel):
+    ref: str = Field(description="The canary version, e.g. digits-mlp@4.")
+    weight: int = Field(ge=0, le=100, description="Percent of bare-name traffic it takes.")
+
+
+LIVE_FIELDS = (
+    "models",
+    "canary",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "rate_limit_per_s",
+    "rate_limit_burst",
+)
+"""ServeArgs that travel as Serve `user_config`: changing them reconfigures running replicas in
+place (no restart, no failed request): what is served, canary splits, batching, rate limits."""
+
+
 class ServeArgs(BaseModel):
     """Arguments of `build_app`, from Python or from a Serve config file's `args`."""
 
     models: list[str] = Field(
         min_length=1, description="Model references: name, name@3, name@alias."
     )
+    canary: dict[str, CanarySpec] = Field(
+        default_factory=dict, description="Model name -> its canary version and weight."
+    )
+    sticky_header: str = Field(
+        "x-kiln-session", description="Requests with the same value stay on one side of a split."
+    )
     max_batch_size: int = Field(64, ge=1, le=4096)
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_instances: int = Field(4096, ge=1)
+    rate_limit_per_s: float = Field(0.0, ge=0, description="Per key and replica; 0: no limit.")
+    rate_limit_burst: float = Field(20.0, ge=1)
     gpu: Literal["auto", "on", "off"] = "auto"
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count (without autoscaling).")
+    min_replicas: int | None = Field(None, ge=0, description="Autoscaling floor (0 allowed).")
+    max_replicas: int | None = Field(None, ge=1, description="Autoscaling ceiling.")
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(10.0, ge=0)
     num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="GPU share per replica; default 0.25 when the cluster has GPUs.",
+    )
+    graceful_shutdown_timeout_s: float = Field(10.0, ge=0)
     auth: bool = Field(
         True, description="Require an API key with predict:<model> (or predict:*, admin)."
     )
     auth_cache_ttl_s: float = Field(
         5.0, ge=0, le=300, description="How long a replica trusts the registry's answer."
     )
+
+    def live(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if k in LIVE_FIELDS}
+
+    def autoscaling(self) -> dict | None:
+        if self.min_replicas is None and self.max_replicas is None:
+            return None
+        low = self.min_replicas if self.min_replicas is not None else 1
+        high = self.max_replicas if self.max_replicas is not None else max(low, 1)
+        if low > high:
+            raise ValueError(f"min_replicas {low} exceeds max_replicas {high}")
+        return {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": max(low, 1),
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "downscale_to_zero_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 5.0,
+        }
