@@ -12,6 +12,7 @@ from ray import serve
 from cluster.runtime import registry_for
 from cluster.settings import Settings
 from serving.app import AUTH_OFF_WARNING, build_app
+from serving.schemas import ServeArgs
 from training.errors import KilnError
 
 APP_NAME = "kiln"
@@ -115,3 +116,32 @@ def rollback(settings: Settings, name: str, key: str | None = None) -> dict[str,
 
 def stable_ref(args: dict[str, Any], name: str) -> str:
     return next(ref for ref in args["models"] if ref.partition("@")[0] == name)
+
+
+def serve_config(serve_args: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """A Serve config (the `serve deploy` schema, also a RayService's serveConfigV2)."""
+    defaults = ServeArgs(models=["_"]).model_dump()
+    args = {k: v for k, v in serve_args.items() if k == "models" or v != defaults.get(k)}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": settings.kiln_http_port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "serving.app:build_app",
+                "args": args,
+            }
+        ],
+    }
+
+
+def write_serve_config(path: str, serve_args: dict[str, Any], settings: Settings) -> None:
+    import yaml
+
+    header = (
+        "# Kiln Serve config: `serve deploy` it to a cluster where Kiln is installed (see\n"
+        "# cluster_configs/), or paste it as a KubeRay RayService's serveConfigV2.\n"
+    )
+    with open(path, "w") as out:
+        out.write(header + yaml.safe_dump(serve_config(serve_args, settings), sort_keys=False))

@@ -1,0 +1,54 @@
+"""`kiln serve --emit-config` and the serving commands' bad input; no Ray needed."""
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.cli import main
+
+
+def run(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        main(args)
+    except SystemExit as exited:
+        return exited.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def test_emitted_config_is_a_valid_serve_deploy_config(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "serve.yaml"
+    code, _ = run(
+        ["serve", "digits-mlp@production", "--min-replicas", "0", "--max-replicas", "4",
+         "--rate-limit", "50", "--emit-config", str(path)], tmp_path, monkeypatch, capsys,
+    )
+    assert code == 0
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = config.applications[0]
+    assert app.import_path == "serving.app:build_app" and app.route_prefix == "/"
+    assert app.args["models"] == ["digits-mlp@production"]
+    assert (app.args["min_replicas"], app.args["max_replicas"], app.args["rate_limit_per_s"]) == (0, 4, 50.0)
+    from serving.app import build_app
+
+    assert build_app(app.args) is not None  # the args build the application as written
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["serve"], "Give one or more models"),
+        (["serve", "m", "--min-replicas", "5", "--max-replicas", "2"], "min_replicas 5 exceeds max_replicas 2"),
+        (["serve", "m", "--num-gpus", "2"], 'Got "2.0" for num_gpus'),
+        (["serve", "m", "--rate-limit", "-1"], 'Got "-1.0" for rate_limit_per_s'),
+        (["deploy", "m", "--version", "2", "--canary-weight", "150"], 'Got "150" for --canary-weight'),
+        (["deploy", "m", "--version", "2"], "kiln deploy needs a running Ray cluster"),
+        (["promote", "m"], "kiln promote needs a running Ray cluster"),
+        (["rollback", "m"], "kiln rollback needs a running Ray cluster"),
+    ],
+)
+def test_bad_serving_input_is_one_line(args, fragment, tmp_path, monkeypatch, capsys):
+    code, err = run(args, tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert fragment in lines[0]
