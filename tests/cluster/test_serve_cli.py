@@ -20,15 +20,32 @@ def run(args, tmp_path, monkeypatch, capsys):
 def test_emitted_config_is_a_valid_serve_deploy_config(tmp_path, monkeypatch, capsys):
     path = tmp_path / "serve.yaml"
     code, _ = run(
-        ["serve", "digits-mlp@production", "--min-replicas", "0", "--max-replicas", "4",
-         "--rate-limit", "50", "--emit-config", str(path)], tmp_path, monkeypatch, capsys,
+        [
+            "serve",
+            "digits-mlp@production",
+            "--min-replicas",
+            "0",
+            "--max-replicas",
+            "4",
+            "--rate-limit",
+            "50",
+            "--emit-config",
+            str(path),
+        ],
+        tmp_path,
+        monkeypatch,
+        capsys,
     )
     assert code == 0
     config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     app = config.applications[0]
     assert app.import_path == "serving.app:build_app" and app.route_prefix == "/"
     assert app.args["models"] == ["digits-mlp@production"]
-    assert (app.args["min_replicas"], app.args["max_replicas"], app.args["rate_limit_per_s"]) == (0, 4, 50.0)
+    assert (app.args["min_replicas"], app.args["max_replicas"], app.args["rate_limit_per_s"]) == (
+        0,
+        4,
+        50.0,
+    )
     from serving.app import build_app
 
     assert build_app(app.args) is not None  # the args build the application as written
@@ -38,10 +55,16 @@ def test_emitted_config_is_a_valid_serve_deploy_config(tmp_path, monkeypatch, ca
     "args,fragment",
     [
         (["serve"], "Give one or more models"),
-        (["serve", "m", "--min-replicas", "5", "--max-replicas", "2"], "min_replicas 5 exceeds max_replicas 2"),
+        (
+            ["serve", "m", "--min-replicas", "5", "--max-replicas", "2"],
+            "min_replicas 5 exceeds max_replicas 2",
+        ),
         (["serve", "m", "--num-gpus", "2"], 'Got "2.0" for num_gpus'),
         (["serve", "m", "--rate-limit", "-1"], 'Got "-1.0" for rate_limit_per_s'),
-        (["deploy", "m", "--version", "2", "--canary-weight", "150"], 'Got "150" for --canary-weight'),
+        (
+            ["deploy", "m", "--version", "2", "--canary-weight", "150"],
+            'Got "150" for --canary-weight',
+        ),
         (["deploy", "m", "--version", "2"], "kiln deploy needs a running Ray cluster"),
         (["promote", "m"], "kiln promote needs a running Ray cluster"),
         (["rollback", "m"], "kiln rollback needs a running Ray cluster"),
