@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from actors.registry import NAMESPACE
@@ -82,6 +83,10 @@ class ShardStore:
         self._stats = self._compute_stats(batches)
         # The actor owns these objects: they live exactly as long as the shard does.
         self._refs = [ray.put(b) for b in batches]
+        # The batches now live in the object store: hand the actor's own copy back to the OS
+        # (pyarrow's pool keeps freed buffers otherwise, doubling the shard's footprint).
+        del batches
+        pa.default_memory_pool().release_unused()
         logger.info("shard %s/%d of %s: %d rows", split, index, source.uri, self._num_rows)
 
     @staticmethod

@@ -1,0 +1,312 @@
+"""Serving throughput: Kiln on Ray Serve against plain FastAPI + uvicorn, with wrk.
+
+Two models: light (MLP 64->256->10, overhead-bound) and heavy (MLP 64->4096->4096->10, a
+batch-1 forward of several ms on one core). At concurrency 1, 16 and 64, wrk (a Lua script
+POSTs one row per request, on loopback, bounded in time) measures requests/s and p50/p99 of:
+  - Kiln, batched (max_batch_size 64) and, for heavy, with batching off (max_batch_size 1),
+    behind Serve's default proxy and behind its HA proxy (RAY_SERVE_ENABLE_HA_PROXY=1),
+  - the same model in a plain FastAPI + uvicorn process (one worker, same forward code),
+  - the offline batched torch throughput of the heavy model on the same cores (compute limit).
+Writes benchmarks/results/serve_throughput.png and prints one JSON line last.
+
+    python benchmarks/serve_throughput.py                # about 4 minutes
+    python benchmarks/serve_throughput.py --smoke-test   # 1 s per point, light model, c=1,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SPECS = {
+    "light": {
+        "kind": "mlp",
+        "task": "classification",
+        "num_features": 64,
+        "classes": list(range(10)),
+        "hidden": [256],
+    },
+    "heavy": {
+        "kind": "mlp",
+        "task": "classification",
+        "num_features": 64,
+        "classes": list(range(10)),
+        "hidden": [4096, 4096],
+    },
+}
+ROW_JSON = ", ".join(["1.5"] * 64)
+LUA = f"""wrk.method = "POST"
+wrk.body = '{{"instances": [[{ROW_JSON}]]}}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def ensure_wrk() -> str:
+    """wrk from Debian's packages; installed here when missing (the benchmark's own set-up)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True)
+    return shutil.which("wrk") or "wrk"
+
+
+def run_wrk(url: str, connections: int, duration_s: int) -> dict[str, float]:
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text(LUA)
+    threads = min(2, connections)
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{duration_s}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 60,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": rps,
+        "p50_ms": latency_ms(out, "50%"),
+        "p99_ms": latency_ms(out, "99%"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
+
+
+def latency_ms(out: str, pct: str) -> float:
+    value, unit = re.search(rf"{pct}\s+([\d.]+)(us|ms|s)", out).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def sweep(url: str, levels: list[int], duration_s: int) -> dict[str, dict[str, float]]:
+    run_wrk(url, 4, 1)  # warm-up
+    return {f"c{c}": run_wrk(url, c, duration_s) for c in levels}
+
+
+def model_files(kind: str) -> dict[str, bytes]:
+    from training.artifacts import model_to_files
+    from training.models import build_model, set_standardization
+
+    torch.manual_seed(0)
+    spec = {**SPECS[kind], "mean": [0.0] * 64, "std": [1.0] * 64}
+    model = build_model(spec)
+    set_standardization(model, spec)
+    return model_to_files(model.eval(), spec)
+
+
+# ----------------------------------------------------------------------------- Kiln side
+
+
+def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) -> dict[str, Any]:
+    """Runs in its own process: Serve's proxy mode is fixed when Ray starts."""
+    import ray
+
+    from cluster.runtime import registry_for, shutdown_ray
+    from cluster.serving_control import deploy_models
+    from cluster.settings import Settings
+
+    if proxy == "ha":
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    settings = Settings(
+        kiln_home=Path(tempfile.mkdtemp(prefix="kiln-serve-bench-")), kiln_http_port=8431
+    )
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    registry = registry_for(settings)
+    results: dict[str, Any] = {}
+    for kind in kinds:
+        files = model_files(kind)
+        spec = json.loads(files["spec.json"])
+        ray.get(registry.register.remote(f"bench-{kind}", files, spec, {}, {}))
+        modes = {"batched": 64, "unbatched": 1} if kind == "heavy" else {"batched": 64}
+        for mode, max_batch in modes.items():
+            url = deploy_models(settings, [f"bench-{kind}"], auth=False, max_batch_size=max_batch)
+            results[f"{kind}_{mode}"] = sweep(
+                f"{url}/v1/models/bench-{kind}:predict", levels, duration_s
+            )
+    shutdown_ray()
+    return results
+
+
+# ----------------------------------------------------------------------------- plain side
+
+
+def plain_server(kind: str, port: int) -> None:
+    """The same model in one FastAPI + uvicorn process: what a user would write without Kiln."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from training.artifacts import model_from_files
+    from training.evaluate import outputs_to_predictions, predict_outputs
+
+    torch.set_num_threads(1)
+    model, spec = model_from_files(model_files(kind))
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(body: dict) -> dict:
+        x = np.asarray(body["instances"], dtype=np.float32)
+        return {"predictions": outputs_to_predictions(predict_outputs(model, x), spec).tolist()}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def plain_side(kind: str, levels: list[int], duration_s: int) -> dict[str, Any]:
+    import httpx
+
+    port = 8432
+    server = subprocess.Popen([sys.executable, __file__, "--plain-server", kind, str(port)])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.post(
+                    f"http://127.0.0.1:{port}/predict", json={"instances": [[0.0] * 64]}, timeout=2
+                )
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        return sweep(f"http://127.0.0.1:{port}/predict", levels, duration_s)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def compute_limit_rows_per_s(kind: str, threads: int) -> float:
+    """Offline batched forward passes (batch 64) on the same cores: the ceiling for serving."""
+    from training.artifacts import model_from_files
+
+    torch.set_num_threads(threads)
+    model, _ = model_from_files(model_files(kind))
+    x = torch.randn(64, 64)
+    with torch.inference_mode():
+        model(x)
+        started, rows = time.perf_counter(), 0
+        while time.perf_counter() - started < 3:
+            model(x)
+            rows += 64
+    torch.set_num_threads(1)
+    return rows / (time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def plot(out: dict[str, Any], levels: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("light", "heavy"), strict=True):
+        for label, series in out["series"].items():
+            if label.startswith(kind):
+                ax.plot(levels, [series[f"c{c}"]["rps"] for c in levels], marker="o", label=label)
+        if kind == "heavy" and "heavy_compute_limit_rps" in out:
+            ax.axhline(
+                out["heavy_compute_limit_rps"], linestyle="--", color="grey", label="compute limit"
+            )
+        ax.set(
+            title=f"{kind} model",
+            xlabel="concurrent connections",
+            ylabel="requests/s",
+            xscale="log",
+        )
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration-s", type=int, default=8)
+    parser.add_argument("--smoke-test", action="store_true")
+    parser.add_argument("--plain-server", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--kiln-side", nargs=3, metavar=("PROXY", "KINDS", "LEVELS"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.plain_server:
+        plain_server(args.plain_server[0], int(args.plain_server[1]))
+        return
+    if args.kiln_side:
+        proxy, kinds, levels = args.kiln_side
+        result = kiln_side(
+            proxy, kinds.split(","), [int(c) for c in levels.split(",")], args.duration_s
+        )
+        print(json.dumps(result))
+        return
+
+    ensure_wrk()
+    kinds = ["light"] if args.smoke_test else ["light", "heavy"]
+    levels = [1, 16] if args.smoke_test else [1, 16, 64]
+    duration_s = 1 if args.smoke_test else args.duration_s
+    series: dict[str, Any] = {}
+    for proxy in ("default", "ha"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--duration-s",
+                str(duration_s),
+                "--kiln-side",
+                proxy,
+                ",".join(kinds),
+                ",".join(map(str, levels)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"Kiln side ({proxy} proxy) failed:\n{done.stderr[-3000:]}")
+        for name, figures in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            series[f"{name}_kiln_{proxy}_proxy"] = figures
+    for kind in kinds:
+        series[f"{kind}_fastapi"] = plain_side(kind, levels, duration_s)
+    out: dict[str, Any] = {"levels": levels, "duration_s": duration_s, "series": series}
+    if "heavy" in kinds:
+        out["heavy_compute_limit_rps"] = compute_limit_rows_per_s("heavy", os.cpu_count() or 1)
+    top = f"c{levels[-1]}"
+    best_light = max(series[f"light_batched_kiln_{p}_proxy"][top]["rps"] for p in ("default", "ha"))
+    best_light_p50 = min(
+        series[f"light_batched_kiln_{p}_proxy"]["c1"]["p50_ms"] for p in ("default", "ha")
+    )
+    out["light_c64_vs_fastapi"] = best_light / series["light_fastapi"][top]["rps"]
+    out["light_c1_p50_vs_fastapi"] = best_light_p50 / series["light_fastapi"]["c1"]["p50_ms"]
+    if "heavy" in kinds:
+        best_heavy = max(
+            series[f"heavy_batched_kiln_{p}_proxy"][top]["rps"] for p in ("default", "ha")
+        )
+        out["heavy_c64_vs_fastapi"] = best_heavy / series["heavy_fastapi"][top]["rps"]
+        out["heavy_c64_vs_limit"] = best_heavy / out["heavy_compute_limit_rps"]
+    plot(out, levels, ROOT / "benchmarks" / "results" / "serve_throughput.png")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
