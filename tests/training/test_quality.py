@@ -1,8 +1,6 @@
 """Acceptance quality of `kiln train` against scikit-learn, on real Ray Train runs."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -78,12 +76,13 @@ def test_logistic_on_breast_cancer_from_a_named_dataset(
         drop_dataset("bc")
 
 
-def test_kiln_train_cli_mlp_on_digits(tmp_path):
-    result = subprocess.run(
+def test_kiln_train_cli_mlp_on_digits(ray_local, tmp_path, monkeypatch, capsys):
+    """The CLI end to end, in-process on the session's Ray (the demo test covers a fresh one)."""
+    from cluster.cli import main
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    main(
         [
-            sys.executable,
-            "-m",
-            "cluster.cli",
             "train",
             "--data",
             "sklearn:digits",
@@ -102,17 +101,10 @@ def test_kiln_train_cli_mlp_on_digits(tmp_path):
             "--register",
             "digits-cli",
             "--json",
-            "--home",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        ]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["model"] == "digits-cli" and summary["num_workers"] == 2
     assert summary["metrics"]["accuracy"] >= 0.97
     assert set(summary["metrics"]) >= {"accuracy", "precision", "recall", "macro_f1"}
-    assert np.isfinite(summary["elapsed_s"])
+    assert np.isfinite(summary["elapsed_s"]) and summary["run"].startswith("digits-cli-")
