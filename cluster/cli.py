@@ -441,12 +441,7 @@ def promote(
     key: KeyOpt = None,
 ) -> None:
     """The canary becomes production and takes all traffic (no failed request)."""
-    from cluster.serving_control import promote as promote_canary
-
-    settings = require_cluster(load_settings(address=address), "kiln promote")
-    with connected(settings):
-        args = promote_canary(settings, name, key)
-    console.print(f"{name} now serves {[m for m in args['models'] if m.startswith(name + '@')]}")
+    switch_traffic("promote", name, address, key)
 
 
 @app.command()
@@ -456,11 +451,15 @@ def rollback(
     key: KeyOpt = None,
 ) -> None:
     """Drop a live canary; without one, serve the previous production version again."""
-    from cluster.serving_control import rollback as roll_back
+    switch_traffic("rollback", name, address, key)
 
-    settings = require_cluster(load_settings(address=address), "kiln rollback")
+
+def switch_traffic(action: str, name: str, address: str | None, key: str | None) -> None:
+    from cluster import serving_control
+
+    settings = require_cluster(load_settings(address=address), f"kiln {action}")
     with connected(settings):
-        args = roll_back(settings, name, key)
+        args = getattr(serving_control, action)(settings, name, key)
     console.print(f"{name} now serves {[m for m in args['models'] if m.startswith(name + '@')]}")
 
 

@@ -8,7 +8,7 @@ optimisation), and `state.json` with the epoch and early-stopping counters.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,34 +60,34 @@ def optimizer_from_parts(
     optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
 
 
-def save_training_checkpoint(
-    directory: str | Path,
-    model: nn.Module,
-    best_weights: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: LoopState,
-) -> None:
+@dataclass
+class TrainingState:
+    """Everything a checkpoint saves and a resumed worker restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loop: LoopState = field(default_factory=LoopState)
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def save_training_checkpoint(directory: str | Path, state: TrainingState) -> None:
     folder = Path(directory)
-    save_file(state_tensors(model), str(folder / WEIGHTS_FILE))
-    save_file(best_weights, str(folder / BEST_WEIGHTS_FILE))
-    tensors, meta = optimizer_to_parts(optimizer)
+    save_file(state_tensors(state.model), str(folder / WEIGHTS_FILE))
+    save_file(state.best_weights, str(folder / BEST_WEIGHTS_FILE))
+    tensors, meta = optimizer_to_parts(state.optimizer)
     save_file(tensors, str(folder / OPTIMIZER_TENSORS_FILE))
-    meta["scheduler"] = scheduler.state_dict()
-    meta["loop"] = asdict(state)
+    meta["scheduler"] = state.scheduler.state_dict()
+    meta["loop"] = asdict(state.loop)
     (folder / STATE_FILE).write_text(json.dumps(meta))
 
 
-def load_training_checkpoint(
-    directory: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> tuple[LoopState, dict[str, torch.Tensor]]:
-    """Restore model, optimizer and scheduler in place; returns the loop state and best weights."""
+def load_training_checkpoint(directory: str | Path, state: TrainingState) -> None:
+    """Restore model, optimizer, scheduler, loop counters and best weights in place."""
     folder = Path(directory)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    state.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     meta = json.loads((folder / STATE_FILE).read_text())
-    optimizer_from_parts(optimizer, load_file(str(folder / OPTIMIZER_TENSORS_FILE)), meta)
-    scheduler.load_state_dict(meta["scheduler"])
-    return LoopState(**meta["loop"]), load_file(str(folder / BEST_WEIGHTS_FILE))
+    optimizer_from_parts(state.optimizer, load_file(str(folder / OPTIMIZER_TENSORS_FILE)), meta)
+    state.scheduler.load_state_dict(meta["scheduler"])
+    state.loop = LoopState(**meta["loop"])
+    state.best_weights = load_file(str(folder / BEST_WEIGHTS_FILE))

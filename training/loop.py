@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from training.checkpoints import (
     LoopState,
+    TrainingState,
     load_training_checkpoint,
     save_training_checkpoint,
     state_tensors,
@@ -241,7 +242,7 @@ def worker_identity(rows: int, device: torch.device) -> list[dict[str, Any]]:
     return gathered
 
 
-def update_early_stopping(state: LoopState, score: float, epoch: int, model: nn.Module) -> bool:
+def update_early_stopping(state: LoopState, score: float, epoch: int) -> bool:
     """Track the best score; returns True when the weights improved."""
     state.epoch = epoch
     if score < state.best_score:
@@ -269,19 +270,17 @@ def train_func(config: dict[str, Any]) -> None:
     base_model = build_model(cfg.spec)
     set_standardization(base_model, cfg.spec)
     optimizer = make_optimizer(base_model, cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train)
-    state, best_weights = LoopState(), state_tensors(base_model)
+    state = TrainingState(base_model, optimizer, make_scheduler(optimizer, cfg.train))
+    state.best_weights = state_tensors(base_model)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state, best_weights = load_training_checkpoint(
-                directory, base_model, optimizer, scheduler
-            )
+            load_training_checkpoint(directory, state)
     model = ray.train.torch.prepare_model(base_model)  # DDP-wrapped when world_size > 1
     workers = worker_identity(len(x) if cfg.feed == "shards" else -1, device)
 
     # 2. Epochs: train, all-reduce, validate, early-stop bookkeeping, report + checkpoint.
-    for epoch in range(state.epoch + 1, cfg.train.epochs):
+    for epoch in range(state.loop.epoch + 1, cfg.train.epochs):
         started = time.perf_counter()
         if cfg.feed == "shards":
             batches = shard_batches(
@@ -291,14 +290,14 @@ def train_func(config: dict[str, Any]) -> None:
             batches = raydata_batches(cfg.train.batch_size, cfg.spec["task"], device)
         totals = all_reduce_sum(run_epoch(model, optimizer, batches, cfg, device))
         epoch_time_s = time.perf_counter() - started
-        scheduler.step()
+        state.scheduler.step()
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": float(totals[0] / totals[2]),
             "rows_seen": int(totals[2]),
             "epoch_time_s": epoch_time_s,
             "rows_per_s": float(totals[2]) / epoch_time_s,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": state.scheduler.get_last_lr()[0],
             "num_workers": world_size,
             "workers": workers,
         }
@@ -307,36 +306,23 @@ def train_func(config: dict[str, Any]) -> None:
         if val is not None:
             sums = all_reduce_sum(validation_sums(base_model, *val, cfg.spec, device))
             metrics.update(validation_metrics(sums, cfg.spec))
-        score = metrics.get("val_loss", metrics["train_loss"])
-        if update_early_stopping(state, score, epoch, base_model):
-            best_weights = state_tensors(base_model)
-        stop = (
-            val is not None
-            and cfg.train.patience > 0
-            and state.epochs_since_best >= cfg.train.patience
-        )
-        metrics.update(best_epoch=state.best_epoch, stopped_early=stop)
-        report(cfg, rank, metrics, base_model, best_weights, optimizer, scheduler, state)
+        if update_early_stopping(state.loop, metrics.get("val_loss", metrics["train_loss"]), epoch):
+            state.best_weights = state_tensors(base_model)
+        patience = cfg.train.patience
+        stop = val is not None and patience > 0 and state.loop.epochs_since_best >= patience
+        metrics.update(best_epoch=state.loop.best_epoch, stopped_early=stop)
+        report(cfg, rank, metrics, state)
         if stop:
             break
 
 
-def report(
-    cfg: LoopConfig,
-    rank: int,
-    metrics: dict[str, Any],
-    model: nn.Module,
-    best_weights: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: LoopState,
-) -> None:
+def report(cfg: LoopConfig, rank: int, metrics: dict[str, Any], state: TrainingState) -> None:
     """Every rank reports; rank 0 attaches a checkpoint and feeds the live progress queue."""
     if rank == 0 and cfg.progress is not None:
         cfg.progress.put_nowait(metrics)
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            save_training_checkpoint(directory, model, best_weights, optimizer, scheduler, state)
+            save_training_checkpoint(directory, state)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)

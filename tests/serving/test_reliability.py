@@ -1,15 +1,14 @@
 """Serving under faults and load: a killed replica, and autoscaling up and back down."""
 
-import threading
 from collections import Counter
 
-import httpx
 import numpy as np
 import pytest
 import ray
 
 from actors.replica import ModelReplica
 from tests.conftest import wait_for
+from tests.serving.load import Load
 
 REPLICA_PREFIX = "SERVE_REPLICA::kiln#KilnServer#"
 
@@ -20,36 +19,6 @@ def live_replicas() -> list[str]:
         for a in ray.util.list_named_actors(all_namespaces=True)
         if a["namespace"] == "serve" and a["name"].startswith(REPLICA_PREFIX)
     ]
-
-
-class Load:
-    """`threads` clients posting the same rows until stopped; records status and answer."""
-
-    def __init__(self, url: str, rows: list, threads: int) -> None:
-        self.url, self.rows, self.stop, self.results = url, rows, threading.Event(), []
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(threads)]
-
-    def run(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self.stop.is_set():
-                try:
-                    r = client.post(
-                        f"{self.url}/v1/models/digits-mlp:predict", json={"instances": self.rows}
-                    )
-                    answer = r.json().get("predictions") if r.status_code == 200 else r.text[:200]
-                    self.results.append((r.status_code, answer))
-                except (httpx.HTTPError, ValueError) as exc:  # a proxy error page is not JSON
-                    self.results.append((type(exc).__name__, None))
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +46,9 @@ def test_a_killed_replica_under_load_loses_under_one_percent(
         assert wait_for(
             lambda: len(live_replicas()) == 2 and victim not in live_replicas(), timeout_s=90
         )
-    statuses = Counter(status for status, _ in load.results)
+    statuses = Counter(status for status, _, _ in load.results)
     assert statuses[200] / len(load.results) >= 0.99, statuses
-    assert all(p == answers for status, p in load.results if status == 200)  # every answer right
+    assert all(p == answers for status, _, p in load.results if status == 200)  # all right
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 Runs last among the serving tests: it redeploys the shared app in place several times.
 """
 
-import threading
 from collections import Counter
 
 import httpx
@@ -15,6 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from actors.registry import read_verified_files
 from tests.conftest import wait_for
+from tests.serving.load import Load
 
 ROW = [0.0] * 64
 
@@ -148,35 +148,6 @@ def test_rate_limit_answers_429_with_retry_after(two_versions, settings_session,
     assert "rate limit" in limited.json()["error"]
 
 
-class Load:
-    """Steady requests from two threads until stopped; records status and version of each."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.results, self.stop = url, [], threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(2)]
-
-    def run(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self.stop.is_set():
-                r = client.post(
-                    f"{self.url}/v1/models/digits-mlp:predict", json={"instances": [ROW]}
-                )
-                self.results.append((r.status_code, r.json().get("model_version")))
-
-    def versions_since(self, start: int) -> Counter:
-        return Counter(v for _, v in self.results[start:])
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-
 @pytest.mark.slow
 def test_canary_promote_and_rollback_fail_no_request(
     two_versions, settings_session, registry_session
@@ -189,9 +160,9 @@ def test_canary_promote_and_rollback_fail_no_request(
     def only(version: int, load: Load) -> bool:
         mark = len(load.results)
         wait_for(lambda: len(load.results) >= mark + 20, timeout_s=30)
-        return set(load.versions_since(mark + 5)) == {version}
+        return {v for _, v, _ in load.results[mark + 5 :]} == {version}
 
-    with Load(url) as load:
+    with Load(url, [ROW], threads=2) as load:
         assert wait_for(lambda: only(first.version, load), timeout_s=60)
         deploy_canary(settings_session, "digits-mlp", second.version, weight=50)
         mark = len(load.results)
@@ -211,7 +182,7 @@ def test_canary_promote_and_rollback_fail_no_request(
         assert wait_for(lambda: only(second.version, load), timeout_s=60)
         rollback(settings_session, "digits-mlp")
         assert wait_for(lambda: only(first.version, load), timeout_s=60)
-    statuses = Counter(status for status, _ in load.results)
+    statuses = Counter(status for status, _, _ in load.results)
     assert statuses[200] == len(load.results) > 100, statuses  # zero failed requests
     assert (
         ray.get(registry_session.resolve.remote("digits-mlp@production")).version == first.version

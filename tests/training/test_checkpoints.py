@@ -6,6 +6,7 @@ import torch
 
 from training.checkpoints import (
     LoopState,
+    TrainingState,
     load_training_checkpoint,
     save_training_checkpoint,
     state_tensors,
@@ -36,25 +37,23 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, optimizer
     torch.manual_seed(0)
     straight = build_model(SPEC)
     opt = make_optimizer(straight, cfg)
-    sched = make_scheduler(opt, cfg)
-    steps(straight, opt, sched, x, y, 6)
+    steps(straight, opt, make_scheduler(opt, cfg), x, y, 6)
 
     torch.manual_seed(0)
     first = build_model(SPEC)
     opt1 = make_optimizer(first, cfg)
     sched1 = make_scheduler(opt1, cfg)
     steps(first, opt1, sched1, x, y, 3)
-    save_training_checkpoint(
-        tmp_path, first, state_tensors(first), opt1, sched1, LoopState(epoch=2)
-    )
+    saved = TrainingState(first, opt1, sched1, LoopState(epoch=2), state_tensors(first))
+    save_training_checkpoint(tmp_path, saved)
 
     resumed = build_model(SPEC)
     opt2 = make_optimizer(resumed, cfg)
-    sched2 = make_scheduler(opt2, cfg)
-    state, _ = load_training_checkpoint(tmp_path, resumed, opt2, sched2)
-    steps(resumed, opt2, sched2, x, y, 3)
+    state = TrainingState(resumed, opt2, make_scheduler(opt2, cfg))
+    load_training_checkpoint(tmp_path, state)
+    steps(resumed, opt2, state.scheduler, x, y, 3)
 
-    assert state.epoch == 2
+    assert state.loop.epoch == 2 and set(state.best_weights) == set(state_tensors(first))
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
@@ -63,20 +62,16 @@ def test_checkpoint_folder_holds_no_pickle(tmp_path):
     model = build_model(SPEC)
     cfg = TrainConfig(model="mlp")
     opt = make_optimizer(model, cfg)
-    save_training_checkpoint(
-        tmp_path, model, state_tensors(model), opt, make_scheduler(opt, cfg), LoopState()
-    )
+    state = TrainingState(model, opt, make_scheduler(opt, cfg), LoopState(), state_tensors(model))
+    save_training_checkpoint(tmp_path, state)
     suffixes = sorted(p.suffix for p in tmp_path.iterdir())
     assert suffixes == [".json", ".safetensors", ".safetensors", ".safetensors"]
 
 
 def test_early_stopping_counts_epochs_without_improvement():
     state = LoopState()
-    model = build_model(SPEC)
-    improved = [
-        update_early_stopping(state, score, epoch, model)
-        for epoch, score in enumerate([3, 2, 2.5, 1, 1.5, 1.2])
-    ]
+    scores = [3, 2, 2.5, 1, 1.5, 1.2]
+    improved = [update_early_stopping(state, score, epoch) for epoch, score in enumerate(scores)]
     assert improved == [True, True, False, True, False, False]
     assert (state.best_epoch, state.best_score, state.epochs_since_best) == (3, 1, 2)
     assert np.isfinite(state.best_score)
