@@ -147,10 +147,15 @@ def resolve_served(registry: Any, args: ServeArgs, loaded: dict[str, ModelReplic
     for record in records:
         replicas[record.ref] = loaded.get(record.ref) or ModelReplica(record, storage_uri, args.gpu)
     router = Router()
+    names = sorted({r.name for r in records})
+    alias_maps = dict(zip(names, ray.get([registry.aliases.remote(n) for n in names]), strict=True))
     for ref, record in zip(refs[: len(args.models)], records, strict=False):
         selector = ref.partition("@")[2]
-        aliases = [selector] if selector and not selector.isdigit() else []
-        router.add(record.ref, *aliases, default=True)
+        # Every alias the registry has for this version answers too, not just the one named.
+        aliases = {a for a, v in alias_maps[record.name].items() if v == record.version}
+        if selector and not selector.isdigit():
+            aliases.add(selector)
+        router.add(record.ref, *sorted(aliases - {"canary"}), default=True)
     for (name, canary), record in zip(
         args.canary.items(), records[len(args.models) :], strict=True
     ):

@@ -167,7 +167,8 @@ def test_canary_promote_and_rollback_fail_no_request(
         deploy_canary(settings_session, "digits-mlp", second.version, weight=50)
         mark = len(load.results)
         assert wait_for(
-            lambda: set(load.versions_since(mark)) >= {first.version, second.version}, timeout_s=60
+            lambda: {v for _, v, _ in load.results[mark:]} >= {first.version, second.version},
+            timeout_s=60,
         )
         sticky = {
             httpx.post(
@@ -188,3 +189,7 @@ def test_canary_promote_and_rollback_fail_no_request(
         ray.get(registry_session.resolve.remote("digits-mlp@production")).version == first.version
     )
     assert ray.get(registry_session.resolve.remote("digits-mlp@previous")).version == first.version
+    # Registry aliases of the served version answer over HTTP, whatever name was deployed.
+    for alias in ("production", "previous"):
+        r = httpx.post(f"{url}/v1/models/digits-mlp@{alias}:predict", json={"instances": [ROW]})
+        assert r.status_code == 200 and r.json()["model_version"] == first.version
