@@ -9,6 +9,7 @@ its shard from the source (its constructor does the loading).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -71,6 +72,19 @@ class FeatureStats:
         return np.where(std < MIN_STD, 1.0, std)
 
 
+def release_freed_memory() -> None:
+    """Return the buffers freed after loading to the OS.
+
+    Measured: without this a 137 MiB shard kept 286 MiB of freed build buffers in its actor
+    (glibc's heap keeps them, as does pyarrow's pool), on top of the object store's copy.
+    """
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ShardStore:
     """One shard of one split of a dataset, as Arrow record batches in the object store."""
@@ -86,7 +100,7 @@ class ShardStore:
         # The batches now live in the object store: hand the actor's own copy back to the OS
         # (pyarrow's pool keeps freed buffers otherwise, doubling the shard's footprint).
         del batches
-        pa.default_memory_pool().release_unused()
+        release_freed_memory()
         logger.info("shard %s/%d of %s: %d rows", split, index, source.uri, self._num_rows)
 
     @staticmethod
@@ -132,10 +146,16 @@ class ShardStore:
         }
 
     def memory_bytes(self) -> dict[str, int]:
-        """This actor's own memory (USS) and the bytes it keeps in the object store."""
+        """This actor's private memory, without its pages of the shared object store (those
+        are the object store's bytes, which `object_store` counts), and the store's bytes."""
         import psutil
 
-        return {"uss": psutil.Process().memory_full_info().uss, "object_store": self._num_bytes}
+        private = sum(
+            m.private_clean + m.private_dirty
+            for m in psutil.Process().memory_maps(grouped=True)
+            if "plasma" not in m.path
+        )
+        return {"private": private, "object_store": self._num_bytes}
 
 
 @dataclass

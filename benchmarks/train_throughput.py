@@ -125,16 +125,17 @@ def raydata_dataset(data):
 
 
 def shard_memory(source: SourceSpec, num_shards: int) -> dict[str, float]:
-    """Resident bytes of the shards (object store + actors' private memory above an empty one)."""
+    """Resident bytes of the shards: object store + actors' private memory above an empty one."""
     empty = ShardStore.options(num_cpus=0).remote(source, "val", 0, 1)  # type: ignore[attr-defined]
     ray.get(empty.ready.remote())
-    baseline_uss = ray.get(empty.memory_bytes.remote())["uss"]
+    baseline = ray.get(empty.memory_bytes.remote())["private"]
     ray.kill(empty)
     before = plasma_bytes()
     data = load_dataset(source, num_shards)
     raw = sum(ray.get([h.num_bytes.remote() for h in data.train.handles]))
-    uss = [ray.get(h.memory_bytes.remote())["uss"] for h in data.train.handles]
-    resident = (plasma_bytes() - before) + sum(max(u - baseline_uss, 0) for u in uss)
+    private = [ray.get(h.memory_bytes.remote())["private"] for h in data.train.handles]
+    # Object store bytes, plus what each actor holds privately beyond an empty ShardStore.
+    resident = (plasma_bytes() - before) + sum(max(p - baseline, 0) for p in private)
     data.release()
     return {"raw_bytes": raw, "resident_bytes": resident, "memory_vs_raw": resident / raw}
 
