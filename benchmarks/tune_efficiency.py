@@ -203,7 +203,8 @@ def main() -> None:
         args.epochs, args.rows, args.grid_data = 4, 200_000, "sklearn:iris"
     out = Path(args.out)
     storage = str(Path(f"/tmp/kiln-bench-{uuid.uuid4().hex[:6]}").resolve())
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    # address="local": a fresh Ray of our own, never a cluster another job started here.
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         started = time.perf_counter()
         result = asha_vs_grid(args, storage, out)
