@@ -291,6 +291,228 @@ def train(
     )
 
 
+class SweepTable:
+    """A live rich table of the sweep's trials, fed by Tune's per-epoch results."""
+
+    def __init__(self, metric: str, quiet: bool) -> None:
+        from rich.live import Live
+
+        self.metric = metric
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.step_name = "starting"
+        self.live = Live(self.render(), console=console, refresh_per_second=2, transient=False)
+        self.quiet = quiet
+
+    def __enter__(self) -> SweepTable:
+        if not self.quiet:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.quiet:
+            self.live.__exit__(None, None, None)
+
+    def step(self, name: str) -> None:
+        self.step_name = name
+        self.refresh()
+
+    def result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
+        from tuning.sweep import trial_hyperparameters
+
+        self.rows[trial_id] = {
+            "config": trial_hyperparameters(config),
+            "epoch": result.get("training_iteration", 0),
+            "value": result.get(self.metric),
+        }
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.quiet:
+            self.live.update(self.render())
+
+    def render(self) -> Table:
+        table = Table(title=f"kiln tune: {self.step_name}", title_justify="left")
+        for column in ("trial", "lr", "λ", "other", "epochs", self.metric):
+            table.add_column(column)
+        for trial_id, row in sorted(self.rows.items())[-20:]:
+            config = dict(row["config"])
+            lr, l2 = config.pop("lr"), config.pop("l2")
+            other = " ".join(f"{k}={v}" for k, v in config.items())
+            value = row["value"]
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            table.add_row(trial_id, f"{lr:.2e}", f"{l2:.2e}", other, str(row["epoch"]), shown)
+        return table
+
+
+@app.command()
+def tune(
+    data: Annotated[
+        str | None,
+        typer.Option(help="Dataset URI or a dataset name from `kiln data load`."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
+    label: Annotated[str | None, typer.Option(help="Label column.")] = None,
+    features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Evaluate the best model on this dataset URI.")
+    ] = None,
+    trials: Annotated[int, typer.Option(help="Trials to sample (random, optuna).")] = 16,
+    scheduler: Annotated[str, typer.Option(help="asha|hyperband|pbt|none")] = "asha",
+    search: Annotated[str, typer.Option(help="random|grid|optuna")] = "random",
+    lr: Annotated[
+        str, typer.Option(help="Learning-rate range LOW:HIGH (log scale).")
+    ] = "1e-4:1e-1",
+    l2: Annotated[
+        str, typer.Option(help="λ range LOW:HIGH (log scale); 0,LOW:HIGH also tries λ=0.")
+    ] = "0,1e-4:10",
+    batch_size: Annotated[
+        str | None, typer.Option(help="Batch sizes to try, comma-separated.")
+    ] = None,
+    hidden_width: Annotated[
+        str | None, typer.Option(help="MLP hidden widths to try, comma-separated.")
+    ] = None,
+    depth: Annotated[str | None, typer.Option(help="MLP depths to try, comma-separated.")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="Optimisers to try, e.g. adam,sgd (default: adam).")
+    ] = None,
+    space: Annotated[
+        str | None, typer.Option(help="YAML search space (overrides the range options).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Most epochs per trial.")] = 20,
+    workers_per_trial: Annotated[
+        int, typer.Option(help="Ray Train workers per trial (1: in-process, fastest).")
+    ] = 1,
+    metric: Annotated[
+        str, typer.Option(help="Validation metric to rank trials: val_loss, val_accuracy, val_r2.")
+    ] = "val_loss",
+    grid_points: Annotated[int, typer.Option(help="Grid values per axis (lr, λ).")] = 4,
+    base_batch_size: Annotated[
+        int, typer.Option("--base-batch-size", help="Batch size when not tuned.")
+    ] = 32,
+    hidden: Annotated[str, typer.Option(help="MLP hidden widths when not tuned.")] = "128,64",
+    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option(help="Validation share of the rest (ranks the trials).")
+    ] = 0.15,
+    seed: Annotated[int, typer.Option(help="Seed of the split, shuffles and the search.")] = 0,
+    register: Annotated[
+        str | None, typer.Option(help="Registry name for the best model (default: <data>-<model>).")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Finish a sweep whose driver died, by its id.")
+    ] = None,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Sweep hyperparameters with Ray Tune on resident shards; register the best model."""
+    from actors.sources import SourceSpec, check_source
+    from cluster.runtime import registry_for
+    from cluster.sweeps import SweepRequest, load_sweep_request, tune_and_register
+    from training.config import TrainConfig
+    from tuning.space import SearchSpace, load_space_file
+    from tuning.sweep import SweepConfig
+
+    started = time.perf_counter()
+    settings = load_settings(address=address, home=home, storage=storage)
+    if resume:
+        request = load_sweep_request(settings, resume)
+    elif data is None:
+        raise KilnError("Give --data URI|NAME (or --resume SWEEP). See `kiln tune --help`.")
+    else:
+        raw_space: dict[str, Any] = {"lr": lr, "l2": l2}
+        for key, value in (
+            ("batch_size", batch_size),
+            ("hidden_width", hidden_width),
+            ("depth", depth),
+            ("optimizer", optimizer),
+        ):
+            if value:
+                raw_space[key] = value
+        search_space = (
+            SearchSpace.from_dict(load_space_file(space), where=space)
+            if space
+            else SearchSpace.from_dict(raw_space)
+        )
+        sweep_cfg = SweepConfig(
+            space=search_space,
+            scheduler=scheduler,
+            search=search,
+            num_trials=trials,
+            max_epochs=epochs,
+            workers_per_trial=workers_per_trial,
+            metric=metric,
+            grid_points=grid_points,
+            seed=seed,
+        )
+        base = TrainConfig(
+            model=model,
+            workers=workers_per_trial,
+            epochs=epochs,
+            batch_size=base_batch_size,
+            hidden=parse_hidden(hidden),
+            seed=seed,
+        )
+        source = SourceSpec(
+            uri=data,
+            label=label,
+            test_fraction=0.0 if eval_data else test_fraction,
+            val_fraction=val_fraction,
+            seed=seed,
+            features=tuple(f.strip() for f in features.split(",")) if features else None,
+        )
+        if val_fraction <= 0:
+            raise KilnError(
+                f'Got "{val_fraction}" for --val-fraction. A sweep ranks trials on validation '
+                "rows: use a value in (0, 1), e.g. 0.15."
+            )
+        request = SweepRequest(
+            data=data,
+            source=source,
+            train=base,
+            sweep=sweep_cfg,
+            eval_data=eval_data,
+            name=register or default_model_name(data, model),
+        )
+    if not looks_like_dataset_name(request.data):
+        check_source(request.source)
+    if request.eval_data:
+        check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
+    table = SweepTable(request.sweep.metric, quiet=as_json)
+    with table, connected(settings):
+        outcome = tune_and_register(
+            settings,
+            request,
+            registry_for(settings),
+            resume=bool(resume),
+            on_result=table.result,
+            on_step=table.step,
+        )
+    console.print(
+        f"sweep {outcome.sweep_id}: artifacts in {outcome.artifacts['csv'].rsplit('/', 1)[0]}"
+    )
+    emit(
+        {
+            "sweep_id": outcome.sweep_id,
+            "best_config": outcome.best.config,
+            "best_metrics": {
+                **outcome.test_metrics,
+                f"best_{request.sweep.metric}": outcome.best.best,
+            },
+            "best_trial": outcome.best.trial_id,
+            "num_trials": len(outcome.trials),
+            "trial_epochs": outcome.trial_epochs,
+            "model": outcome.record.name,
+            "version": outcome.record.version,
+            "elapsed_s": time.perf_counter() - started,
+            "artifacts": outcome.artifacts,
+        },
+        as_json,
+        f"kiln tune: {outcome.record.ref}",
+    )
+
+
 def looks_like_dataset_name(data: str) -> bool:
     """A bare name (no scheme, no path) may be a dataset loaded with `kiln data load`."""
     return ":" not in data and "/" not in data and "." not in data

@@ -33,7 +33,7 @@ from training.checkpoints import (
     state_tensors,
 )
 from training.config import TrainConfig
-from training.data import batches_to_arrays, encode_labels
+from training.data import batch_features, batches_to_arrays, encode_labels
 from training.losses import objective
 from training.metrics import metrics_from_confusion, regression_metrics_from_sums
 from training.models import build_model, set_standardization
@@ -80,18 +80,61 @@ def fetch_shard_batches(handle: Any, attempts: int = 5) -> list:
     return []
 
 
+class RowChunks:
+    """Rows spread over several read-only arrays (the object store's record batches), indexed
+    like one (N, F) array for what the loop does: sorted row gathers and slices.
+
+    Concatenating the batches would give every reader a private copy of the whole split; with
+    this view, concurrent Tune trials on one node all map the same object-store pages.
+    """
+
+    def __init__(self, chunks: list[np.ndarray]) -> None:
+        self.chunks = chunks
+        self.starts = np.cumsum([0] + [len(c) for c in chunks])
+        self.shape = (int(self.starts[-1]), chunks[0].shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        rows = np.asarray(index)  # sorted, as shard_batches and validation_sums ask
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        parts = [
+            self.chunks[c][rows[which == c] - self.starts[c]] for c in np.unique(which).tolist()
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.shape[1]), np.float32)
+
+
 def read_worker_shards(
-    shards: list[Any], rank: int, world_size: int, spec: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's rows: features zero-copy from the object store, labels encoded."""
-    xs, ys = [], []
+    shards: list[Any],
+    rank: int,
+    world_size: int,
+    spec: dict[str, Any],
+    zero_copy: bool = False,
+) -> tuple[Any, np.ndarray]:
+    """This rank's rows: features from the object store, labels encoded.
+
+    `zero_copy` keeps the features as a RowChunks view over the shared batches instead of one
+    private array (one copy per reader): what concurrent Tune trials on one node want.
+    """
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
     for handle in shards[rank::world_size]:
-        _, x, y = batches_to_arrays(fetch_shard_batches(handle))
-        xs.append(x)
-        ys.append(y)
+        batches = fetch_shard_batches(handle)
+        if zero_copy:
+            xs.extend(batch_features(b) for b in batches)
+            ys.extend(b.column("label").to_numpy() for b in batches)
+            continue
+        _, x_part, y_part = batches_to_arrays(batches)
+        xs.append(x_part)
+        ys.append(y_part)
     if not xs:
         return np.zeros((0, spec["num_features"]), np.float32), np.zeros(0)
-    x = np.concatenate(xs) if len(xs) > 1 else xs[0]
+    x: Any = RowChunks(xs) if zero_copy else None
+    if not zero_copy:
+        x = np.concatenate(xs) if len(xs) > 1 else xs[0]
     y = np.concatenate(ys) if len(ys) > 1 else ys[0]
     if spec["task"] == "classification":
         return x, encode_labels(y, spec["classes"])

@@ -1,1 +1,1 @@
-"""Ray Tune sweeps over the resident shards: search spaces, schedulers, reports."""
+"""Hyperparameter sweeps with Ray Tune over resident shards: spaces, trials, reports."""

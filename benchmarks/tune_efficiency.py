@@ -1,0 +1,219 @@
+"""Sweep efficiency: ASHA against a full grid, and shared shards against per-trial loading.
+
+1. The same grid of (lr, λ) configurations on the same resident data, run once to the end
+   (scheduler none) and once under ASHA: `asha_best_gap` is ASHA's best validation loss
+   relative to the grid's (0.01 = 1% worse), `asha_epoch_fraction` the share of the grid's
+   trial-epochs ASHA spent (targets: <= 0.01 and <= 0.40).
+2. Peak memory (sampled in a thread, above the idle baseline) of 2 concurrent trials reading
+   one resident copy of a large synthetic set,
+   against 2 trials that each load the set themselves: `shared_memory_ratio` (target <= 0.6).
+   Memory is the summed PSS of this benchmark's process tree (driver, raylet with its object
+   store, workers): on a machine shared with other jobs, total - available moves with them.
+
+Prints one JSON line last; writes the grid's heatmap and curves under --out.
+
+    python benchmarks/tune_efficiency.py                # digits grid, 2M x 32 memory set
+    python benchmarks/tune_efficiency.py --smoke-test   # small, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import ray  # noqa: E402
+
+from actors.shards import load_dataset, load_shards  # noqa: E402
+from actors.sources import SourceSpec, read_shard  # noqa: E402
+from cluster.pipeline import make_spec  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.data import batch_features, encode_labels  # noqa: E402
+from training.loop import RowChunks  # noqa: E402
+from tuning.report import write_reports  # noqa: E402
+from tuning.space import SearchSpace  # noqa: E402
+from tuning.sweep import SweepConfig, run_tuner, summarise  # noqa: E402
+from tuning.trainable import TrialContext  # noqa: E402
+
+
+class MemorySampler:
+    """Peak memory of this process tree (sum of PSS, shared pages split) while running."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def used() -> int:
+        me = psutil.Process()
+        total = 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                total += process.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.used())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> MemorySampler:
+        self.peak = self.used()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def sweep(cfg: SweepConfig, context: TrialContext, storage: str) -> tuple[list[Any], float]:
+    started = time.perf_counter()
+    grid = run_tuner(cfg, context, storage, f"bench-{uuid.uuid4().hex[:8]}")
+    return summarise(grid, cfg.metric, cfg.mode), time.perf_counter() - started
+
+
+def asha_vs_grid(args: argparse.Namespace, storage: str, out: Path) -> dict[str, Any]:
+    source = SourceSpec(uri=args.grid_data, val_fraction=0.2)
+    data = load_dataset(source, 1)
+    base = TrainConfig(model=args.grid_model, workers=1, epochs=args.epochs, batch_size=32)
+    context = TrialContext(
+        train=base.to_dict(),
+        spec=make_spec(base, data.train),
+        shards=data.train.handles,
+        val_shards=data.val.handles if data.val else [],
+        num_train_rows=data.train.num_rows,
+    )
+    space = SearchSpace.from_dict({"lr": "1e-4:1e-1", "l2": "0,1e-3:10"})
+    common = {"space": space, "search": "grid", "max_epochs": args.epochs, "grid_points": 4}
+    try:
+        full, full_s = sweep(SweepConfig(scheduler="none", **common), context, storage)
+        asha, asha_s = sweep(SweepConfig(scheduler="asha", **common), context, storage)
+    finally:
+        data.release()
+    write_reports(full, "val_loss", "min", out / "grid")
+    write_reports(asha, "val_loss", "min", out / "asha")
+    full_best, asha_best = min(t.best for t in full), min(t.best for t in asha)
+    return {
+        "grid_trials": len(full),
+        "grid_best_val_loss": full_best,
+        "asha_best_val_loss": asha_best,
+        "asha_best_gap": (asha_best - full_best) / abs(full_best),
+        "grid_trial_epochs": sum(t.epochs for t in full),
+        "asha_trial_epochs": sum(t.epochs for t in asha),
+        "asha_epoch_fraction": sum(t.epochs for t in asha) / sum(t.epochs for t in full),
+        "grid_elapsed_s": full_s,
+        "asha_elapsed_s": asha_s,
+        "heatmap": str(out / "grid" / "heatmap.png"),
+    }
+
+
+def own_copy_reader(source: SourceSpec):  # noqa: ANN201 (a callable shipped to trials)
+    """What a trial without shared shards does: read and build the training split itself."""
+
+    def read(spec: dict[str, Any]) -> tuple[Any, np.ndarray]:
+        batches = read_shard(source, "train", 0, 1)
+        x = RowChunks([batch_features(b) for b in batches])
+        y = np.concatenate([b.column("label").to_numpy() for b in batches])
+        return x, encode_labels(y, spec["classes"])
+
+    return read
+
+
+def settle(baseline: int, timeout_s: float = 30.0) -> None:
+    """Wait (with a deadline) for memory to come back near the baseline between runs."""
+    deadline = time.monotonic() + timeout_s
+    while MemorySampler.used() > baseline + 200 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def shared_vs_own_memory(args: argparse.Namespace, storage: str) -> dict[str, Any]:
+    uri = f"synthetic:classification?rows={args.rows}&features=32&classes=2&seed=1"
+    source = SourceSpec(uri=uri, test_fraction=0.01, val_fraction=0.02)
+    base = TrainConfig(model="logistic", workers=1, epochs=1, batch_size=4096)
+    cfg = SweepConfig(
+        space=SearchSpace.from_dict({"lr": "1e-3:1e-2", "l2": "1e-4:1e-2"}),
+        scheduler="none",
+        num_trials=2,
+        max_epochs=1,
+    )
+    baseline = MemorySampler.used()
+    with MemorySampler() as shared_peak:
+        data = load_dataset(source, 1)
+        context = TrialContext(
+            train=base.to_dict(),
+            spec=make_spec(base, data.train),
+            shards=data.train.handles,
+            val_shards=data.val.handles if data.val else [],
+            num_train_rows=data.train.num_rows,
+        )
+        sweep(cfg, context, storage)
+    data_bytes = sum(ray.get([h.num_bytes.remote() for h in data.train.handles]))
+    num_train_rows = data.train.num_rows
+    data.release()
+    settle(baseline)
+    own_baseline = MemorySampler.used()
+    with MemorySampler() as own_peak:
+        val = load_shards(source, "val", 1)
+        context = TrialContext(
+            train=base.to_dict(),
+            spec=make_spec(base, val),
+            shards=[],
+            val_shards=val.handles,
+            num_train_rows=num_train_rows,
+            read_own_data=own_copy_reader(source),
+        )
+        sweep(cfg, context, storage)
+    val.release()
+    shared = shared_peak.peak - baseline
+    own = own_peak.peak - own_baseline
+    return {
+        "memory_rows": args.rows,
+        "train_bytes": data_bytes,
+        "shared_peak_bytes": shared,
+        "own_peak_bytes": own,
+        "shared_memory_ratio": shared / own,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke-test", action="store_true", help="iris grid, 200k rows")
+    parser.add_argument("--epochs", type=int, default=18, help="Epochs of a grid trial.")
+    parser.add_argument("--rows", type=int, default=2_000_000, help="Rows of the memory set.")
+    parser.add_argument("--grid-data", default="sklearn:digits")
+    parser.add_argument("--grid-model", default="logistic")
+    parser.add_argument("--out", default="benchmarks/results/tune_efficiency")
+    parser.add_argument("--num-cpus", type=int, default=4)
+    args = parser.parse_args()
+    if args.smoke_test:
+        args.epochs, args.rows, args.grid_data = 4, 200_000, "sklearn:iris"
+    out = Path(args.out)
+    storage = str(Path(f"/tmp/kiln-bench-{uuid.uuid4().hex[:6]}").resolve())
+    # address="local": a fresh Ray of our own, never a cluster another job started here.
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        started = time.perf_counter()
+        result = asha_vs_grid(args, storage, out)
+        result.update(shared_vs_own_memory(args, storage))
+        result["elapsed_s"] = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Sweep -> evaluate -> register: the path behind `kiln tune` and `Kiln.tune`.
+
+Reads as its steps: make the dataset resident once (load it, or attach to a named one), build
+the model spec from its statistics, run the Tune sweep with every trial reading those same
+ShardStore actors, write the CSV and PNG reports, evaluate the best trial's best weights on the
+test split (or --eval-data), and register them with the sweep's lineage. The request is saved
+under KILN_HOME/sweeps before Ray Tune starts, so `kiln tune --resume SWEEP` can finish a sweep
+whose driver died.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from safetensors.torch import load_file
+
+from actors.catalog import VersionRecord, validate_name
+from actors.lineage import code_version, dataset_sha256
+from actors.shards import Dataset, attach_dataset, load_dataset, load_shards
+from actors.sources import SourceSpec
+from cluster.pipeline import StepFn, evaluate_on, make_spec
+from cluster.settings import Settings
+from training.artifacts import model_to_files
+from training.checkpoints import BEST_WEIGHTS_FILE
+from training.config import TrainConfig
+from training.errors import KilnError
+from training.models import KilnModel, build_model, set_standardization
+from tuning.report import write_reports
+from tuning.space import SearchSpace
+from tuning.sweep import ResultFn, SweepConfig, TrialSummary, best_trial, run_tuner, summarise
+from tuning.trainable import TrialContext, trial_spec, trial_train_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class SweepRequest:
+    """One `kiln tune`: data, base training config, search, registry name. Saved for --resume."""
+
+    data: str
+    source: SourceSpec
+    train: TrainConfig
+    sweep: SweepConfig
+    name: str
+    eval_data: str | None = None
+    sweep_id: str = ""
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not self.sweep_id:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.sweep_id = f"sweep-{self.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+    def to_json(self) -> str:
+        raw = asdict(self)
+        raw["sweep"]["space"] = self.sweep.space.to_dict()
+        return json.dumps(raw)
+
+    @classmethod
+    def from_json(cls, text: str) -> SweepRequest:
+        raw = json.loads(text)
+        source = raw["source"]
+        if source.get("features") is not None:
+            source["features"] = tuple(source["features"])
+        sweep = {**raw["sweep"], "space": SearchSpace.from_dict(raw["sweep"]["space"])}
+        return cls(
+            **{
+                **raw,
+                "source": SourceSpec(**source),
+                "train": TrainConfig(**raw["train"]),
+                "sweep": SweepConfig(**sweep),
+            }
+        )
+
+
+@dataclass
+class SweepOutcome:
+    sweep_id: str
+    record: VersionRecord
+    best: TrialSummary
+    test_metrics: dict[str, Any]
+    trials: list[TrialSummary]
+    artifacts: dict[str, str]
+    elapsed_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trial_epochs(self) -> int:
+        return sum(t.epochs for t in self.trials)
+
+
+def sweeps_folder(settings: Settings) -> Path:
+    return settings.kiln_home.expanduser() / "sweeps"
+
+
+def sweep_storage_path(settings: Settings) -> str:
+    return f"{settings.storage_uri.rstrip('/')}/sweeps"
+
+
+def load_sweep_request(settings: Settings, sweep_id: str) -> SweepRequest:
+    path = sweeps_folder(settings) / f"{sweep_id}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.json"))[-5:]
+        raise KilnError(
+            f'Got "{sweep_id}" for --resume, which is not a sweep of this KILN_HOME. '
+            f"Recent sweeps: {', '.join(known) or 'none'}."
+        )
+    return SweepRequest.from_json(path.read_text())
+
+
+def sweep_data(request: SweepRequest) -> Dataset:
+    """The named dataset if there is one (shared, never reloaded), else load the URI once."""
+    if ":" not in request.data and "/" not in request.data:
+        attached = attach_dataset(request.data)
+        if attached is not None:
+            if attached.val is None:
+                raise KilnError(
+                    f'Dataset "{request.data}" has no validation split, which a sweep ranks '
+                    f"trials on. Reload it with --val-fraction 0.1 or more."
+                )
+            return attached
+    return load_dataset(request.source, max(request.sweep.workers_per_trial, 1))
+
+
+def trial_context(request: SweepRequest, data: Dataset, settings: Settings) -> TrialContext:
+    if data.val is None or data.val.num_rows == 0:
+        raise KilnError("a sweep needs validation rows to rank trials: use --val-fraction 0.1")
+    return TrialContext(
+        train=request.train.to_dict(),
+        spec=make_spec(request.train, data.train),
+        shards=data.train.handles,
+        val_shards=data.val.handles,
+        num_train_rows=data.train.num_rows,
+        workers_per_trial=request.sweep.workers_per_trial,
+        storage_path=f"{sweep_storage_path(settings)}/{request.sweep_id}-train",
+    )
+
+
+def load_trial_model(best: TrialSummary, spec: dict[str, Any]) -> KilnModel:
+    """The best trial's best weights (lowest validation loss it saw), from its checkpoint."""
+    model = build_model(spec)
+    set_standardization(model, spec)
+    with best.checkpoint.as_directory() as directory:
+        model.load_state_dict(load_file(str(Path(directory) / BEST_WEIGHTS_FILE)))
+    return model.eval()
+
+
+def tune_and_register(
+    settings: Settings,
+    request: SweepRequest,
+    registry: Any,
+    resume: bool = False,
+    on_result: ResultFn | None = None,
+    on_step: StepFn | None = None,
+) -> SweepOutcome:
+    """The whole sweep, from a dataset to the best trial's registered model version."""
+    started = time.perf_counter()
+    step = on_step or (lambda _: None)
+    record_path = sweeps_folder(settings) / f"{request.sweep_id}.json"
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        record_path.write_text(request.to_json())
+
+    step("loading shards")
+    data = sweep_data(request)
+    content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(data.train.source.uri)
+    eval_set = None
+    if request.eval_data:
+        eval_source = SourceSpec(
+            uri=request.eval_data, label=request.source.label, features=request.source.features
+        )
+        eval_set = load_shards(eval_source, "all", 1)
+    try:
+        context = trial_context(request, data, settings)
+        step("tuning")
+        grid = run_tuner(
+            request.sweep,
+            context,
+            sweep_storage_path(settings),
+            request.sweep_id,
+            resume=resume,
+            on_result=on_result,
+        )
+        sweep = request.sweep
+        trials = summarise(grid, sweep.metric, sweep.mode)
+        best = best_trial(trials, sweep.mode)
+        step("reporting")
+        artifacts = write_reports(trials, sweep.metric, sweep.mode, record_path.with_suffix(""))
+        step("evaluating")
+        best_cfg = trial_train_config(request.train.to_dict(), best_config_of(grid, best))
+        spec = trial_spec(context.spec, best_cfg)
+        model = load_trial_model(best, spec)
+        test_metrics = evaluate_on(model, spec, eval_set or data.test)
+        step("registering")
+        lineage = {
+            "sweep_id": request.sweep_id,
+            "trial_id": best.trial_id,
+            "trial_config": best.config,
+            "sweep": {
+                "scheduler": sweep.scheduler,
+                "search": sweep.search,
+                "metric": sweep.metric,
+                "num_trials": len(trials),
+                "space": sweep.space.to_dict(),
+            },
+            "dataset_uri": data.train.source.uri,
+            "dataset_sha256": ray.get(content_hash),
+            "dataset_name": data.name,
+            "code_version": code_version(),
+            "eval_data": request.eval_data,
+            "test_fraction": data.train.source.test_fraction,
+            "val_fraction": data.train.source.val_fraction,
+            "split_seed": data.train.source.seed,
+            "train_rows": data.train.num_rows,
+            "test_rows": (eval_set or data.test).num_rows,
+            "train_config": best_cfg.to_dict(),
+            "best_epoch": best.metrics.get("best_epoch"),
+        }
+        metrics = {
+            **test_metrics,
+            f"best_{sweep.metric}": best.best,
+            "trial_epochs": best.epochs,
+        }
+        record = ray.get(
+            registry.register.remote(
+                request.name,
+                model_to_files(model, spec),
+                spec,
+                metrics,
+                lineage,
+                request_id=uuid.uuid4().hex,
+            )
+        )
+    finally:
+        data.release()
+        if eval_set is not None:
+            eval_set.release()
+    return SweepOutcome(
+        sweep_id=request.sweep_id,
+        record=record,
+        best=best,
+        test_metrics=test_metrics,
+        trials=trials,
+        artifacts=artifacts,
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def best_config_of(grid: Any, best: TrialSummary) -> dict[str, Any]:
+    """The raw Tune config of the best trial (λ still encoded; trial_train_config decodes)."""
+    for result in grid:
+        if result.path == best.path:
+            return dict(result.config or {})
+    raise KilnError(f"the best trial {best.trial_id} is missing from the sweep's results")

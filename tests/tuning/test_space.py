@@ -1,0 +1,71 @@
+"""Search spaces without Ray: parsing, validation messages, grids and the λ = 0 encoding."""
+
+import math
+
+import pytest
+
+from training.errors import KilnError
+from tuning.space import (
+    L2_LOG10_KEY,
+    SearchSpace,
+    decode_l2,
+    grid_size,
+    param_space,
+    parse_log_range,
+)
+from tuning.sweep import SweepConfig
+
+
+def test_ranges_parse_with_and_without_zero():
+    assert parse_log_range("1e-4:1e-1", "--lr", allow_zero=False).high == pytest.approx(0.1)
+    with_zero = parse_log_range("0,1e-6:1e-1", "--l2", allow_zero=True)
+    assert with_zero.include_zero and with_zero.low == pytest.approx(1e-6)
+    assert with_zero.grid(3) == pytest.approx([0.0, 1e-6, math.sqrt(1e-7), 1e-1])
+    assert parse_log_range("3e-3", "--lr", allow_zero=False).fixed
+
+
+@pytest.mark.parametrize(
+    "text,option,fragment",
+    [
+        ("1e-1:1e-4", "--lr", 'Got "1e-1:1e-4" for --lr. LOW must not exceed HIGH'),
+        ("-1e-3:1e-1", "--lr", "Both ends must be greater than 0"),
+        ("0:1e-1", "--lr", "Both ends must be greater than 0"),
+        ("0,1e-4:1e-1", "--lr", "--lr cannot include 0"),
+        ("abc", "--l2", "Give LOW:HIGH as numbers"),
+        ("1:0.1", "--l2", "LOW must not exceed HIGH, e.g. --l2 0,1e-6:1e-1"),
+        ("1e-4:20", "--lr", "below 10"),
+    ],
+)
+def test_bad_ranges_name_the_value_and_the_fix(text, option, fragment):
+    with pytest.raises(KilnError, match="e.g.") as raised:
+        parse_log_range(text, option, allow_zero=option == "--l2")
+    assert fragment in str(raised.value)
+
+
+def test_zero_band_decodes_to_exactly_zero_below_low():
+    space = SearchSpace.from_dict({"lr": "1e-3:1e-1", "l2": "0,1e-4:1"})
+    params = param_space(space, "random", 4)
+    assert L2_LOG10_KEY in params and "l2" not in params
+    assert decode_l2({L2_LOG10_KEY: -4.5, "l2_low": 1e-4}) == 0.0
+    assert decode_l2({L2_LOG10_KEY: -2.0, "l2_low": 1e-4}) == pytest.approx(1e-2)
+
+
+def test_grid_covers_every_point_and_choice():
+    space = SearchSpace.from_dict({"lr": "1e-3:1e-1", "l2": "0,1e-4:1", "optimizer": "adam,sgd"})
+    assert grid_size(space, 3) == 3 * 4 * 2
+    grid = param_space(space, "grid", 3)
+    assert grid["l2"]["grid_search"][0] == 0.0 and len(grid["optimizer"]["grid_search"]) == 2
+
+
+def test_space_rejects_unknown_keys_and_optimisers():
+    with pytest.raises(KilnError, match='unknown key "momentum"'):
+        SearchSpace.from_dict({"momentum": "0.9"})
+    with pytest.raises(KilnError, match='Got "rmsprop" for --optimizer'):
+        SearchSpace.from_dict({"optimizer": "adam,rmsprop"})
+
+
+def test_sweep_config_rejects_unknown_scheduler_and_pbt_with_optuna():
+    with pytest.raises(KilnError, match='Got "median" for --scheduler. Choose one of: asha'):
+        SweepConfig(space=SearchSpace(), scheduler="median")
+    with pytest.raises(KilnError, match="PBT picks its own"):
+        SweepConfig(space=SearchSpace(), scheduler="pbt", search="optuna")

@@ -1,0 +1,190 @@
+"""What a finished sweep leaves behind: a CSV of every trial, a heatmap, learning curves.
+
+The heatmap shows the sweep metric over (lr, λ) on log axes, binned so random and Optuna
+samples read like a grid (each cell: the best trial in it), with λ = 0 as its own column and
+every trial drawn as a dot. Figures are fixed-size PNGs from matplotlib's Agg backend, so they
+render on a headless node and their pixel size is known.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on a cluster node or in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tuning.sweep import TrialSummary  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+FIGURE_SIZE_IN = (7.0, 5.0)
+FIGURE_DPI = 100
+"""So every PNG is 700 x 500 pixels."""
+CSV_METRICS = (
+    "val_loss",
+    "val_accuracy",
+    "val_r2",
+    "val_mse",
+    "train_loss",
+    "train_accuracy",
+)
+
+
+def write_csv(trials: list[TrialSummary], metric: str, path: Path) -> Path:
+    """One row per trial: id, status, epochs run, hyperparameters, best and last metrics."""
+    params = sorted({k for t in trials for k in t.config})
+    metrics = [m for m in CSV_METRICS if any(m in t.metrics for t in trials)]
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["trial_id", "status", "epochs", *params, f"best_{metric}", *metrics])
+        for t in sorted(trials, key=lambda t: t.trial_id):
+            writer.writerow(
+                [
+                    t.trial_id,
+                    t.status,
+                    t.epochs,
+                    *[t.config.get(p, "") for p in params],
+                    t.best,
+                    *[t.metrics.get(m, "") for m in metrics],
+                ]
+            )
+    return path
+
+
+def _log_edges(values: list[float], bins: int) -> np.ndarray:
+    logs = np.log10(values)
+    low, high = float(logs.min()), float(logs.max())
+    if high - low < 1e-9:
+        low, high = low - 0.5, high + 0.5
+    pad = 0.05 * (high - low)  # keep the dots of the extreme trials inside the axes
+    low, high = low - pad, high + pad
+    return np.linspace(low, high + 1e-9, bins + 1)
+
+
+def heatmap_grid(
+    trials: list[TrialSummary], mode: str, bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(cells[λ bin, lr bin], lr edges, λ edges, has_zero): the best metric per cell, NaN empty.
+
+    Column 0 of the λ axis holds λ = 0 when any trial used it.
+    """
+    lrs = [t.config["lr"] for t in trials]
+    positive = [t.config["l2"] for t in trials if t.config["l2"] > 0]
+    has_zero = any(t.config["l2"] == 0 for t in trials)
+    lr_edges = _log_edges(lrs, bins)
+    l2_edges = _log_edges(positive or [1.0], bins if positive else 1)
+    cells = np.full((len(l2_edges) - 1 + int(has_zero), bins), np.nan)
+    for t in trials:
+        if not math.isfinite(t.best):
+            continue
+        col = min(int(np.searchsorted(lr_edges, math.log10(t.config["lr"]), "right")) - 1, bins - 1)
+        if t.config["l2"] == 0:
+            row = 0
+        else:
+            found = int(np.searchsorted(l2_edges, math.log10(t.config["l2"]), "right")) - 1
+            row = min(found, len(l2_edges) - 2) + int(has_zero)
+        old = cells[row, col]
+        better = math.isnan(old) or (t.best < old if mode == "min" else t.best > old)
+        cells[row, col] = t.best if better else old
+    return cells, lr_edges, l2_edges, has_zero
+
+
+def plot_heatmap(trials: list[TrialSummary], metric: str, mode: str, path: Path) -> Path:
+    """The metric over (lr, λ): binned cells, trial dots, the best trial starred."""
+    scored = [t for t in trials if math.isfinite(t.best)]
+    bins = max(2, min(8, round(math.sqrt(len(scored) or 1)) + 1))
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
+    if scored:
+        cells, lr_edges, l2_edges, has_zero = heatmap_grid(scored, mode, bins)
+        step = l2_edges[1] - l2_edges[0]
+        # λ = 0 has no logarithm: draw it as one extra row below the smallest positive λ.
+        y_edges = np.concatenate([[l2_edges[0] - step], l2_edges]) if has_zero else l2_edges
+        cmap = "viridis_r" if mode == "min" else "viridis"
+        mesh = ax.pcolormesh(lr_edges, y_edges, np.ma.masked_invalid(cells), cmap=cmap)
+        fig.colorbar(mesh, ax=ax, label=f"best {metric} in cell")
+        xs = [math.log10(t.config["lr"]) for t in scored]
+        ys = [_l2_position(t.config["l2"], y_edges[0], step) for t in scored]
+        ax.scatter(xs, ys, c="white", edgecolors="black", s=18, label="trials")
+        best = min(scored, key=lambda t: t.best if mode == "min" else -t.best)
+        ax.scatter(
+            [math.log10(best.config["lr"])],
+            [_l2_position(best.config["l2"], y_edges[0], step)],
+            marker="*",
+            s=220,
+            c="red",
+            edgecolors="black",
+            label=f"best {best.best:.4g}",
+        )
+        ax.legend(loc="upper right", fontsize=8)
+        if has_zero:
+            ax.axhline(l2_edges[0], color="white", linewidth=1)
+            ax.text(lr_edges[0], y_edges[0] + step / 2, " λ=0", color="white", va="center")
+    ax.set_xlabel("log10 learning rate")
+    ax.set_ylabel("log10 λ")
+    ax.set_title(f"{metric} over (lr, λ), {len(scored)} trials")
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return path
+
+
+def _l2_position(l2: float, zero_row_bottom: float, step: float) -> float:
+    return math.log10(l2) if l2 > 0 else zero_row_bottom + step / 2
+
+
+def plot_curves(trials: list[TrialSummary], metric: str, mode: str, path: Path) -> Path:
+    """The metric per epoch for every trial; the best trial drawn thick."""
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
+    scored = [t for t in trials if math.isfinite(t.best)]
+    best = min(scored, key=lambda t: t.best if mode == "min" else -t.best) if scored else None
+    for t in trials:
+        points = [
+            (h.get("training_iteration", i + 1), h.get(metric)) for i, h in enumerate(t.history)
+        ]
+        points = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        thick = best is not None and t.trial_id == best.trial_id
+        ax.plot(
+            xs,
+            ys,
+            linewidth=2.5 if thick else 0.9,
+            alpha=1.0 if thick else 0.6,
+            color="red" if thick else None,
+            label=f"best: {_short_config(t.config)}" if thick else None,
+        )
+    if mode == "min" and scored and min(t.best for t in scored) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"learning curves, {len(trials)} trials (stopped trials end early)")
+    if best is not None:
+        ax.legend(loc="best", fontsize=8)
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return path
+
+
+def _short_config(config: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items()
+    )
+
+
+def write_reports(
+    trials: list[TrialSummary], metric: str, mode: str, folder: Path
+) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "csv": str(write_csv(trials, metric, folder / "trials.csv")),
+        "heatmap": str(plot_heatmap(trials, metric, mode, folder / "heatmap.png")),
+        "curves": str(plot_curves(trials, metric, mode, folder / "curves.png")),
+    }

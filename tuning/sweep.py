@@ -1,0 +1,275 @@
+"""A sweep: Ray Tune's Tuner over the trial trainable, with a scheduler and a search algorithm.
+
+`SweepConfig` is validated once, up front. `run_tuner` starts (or, for a sweep whose driver
+died, restores) the Tuner with concurrency sized to the cluster, and streams every trial result
+to a callback for the live table. `summarise` turns the ResultGrid into plain rows for the
+reports and picks the best trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import ray
+import ray.train
+from ray import tune
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    PopulationBasedTraining,
+    TrialScheduler,
+)
+
+from training.errors import KilnError
+from tuning.space import SearchSpace, decode_l2, grid_size, param_space, pbt_mutations
+from tuning.trainable import TrialContext, run_trial
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("asha", "hyperband", "pbt", "none")
+SEARCHES = ("random", "grid", "optuna")
+ResultFn = Callable[[str, dict[str, Any], dict[str, Any]], None]
+"""(trial_id, trial config, one reported result) -> None"""
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """How to search; every field maps to a `kiln tune` option."""
+
+    space: SearchSpace
+    scheduler: str = "asha"
+    search: str = "random"
+    num_trials: int = 16
+    """Trials to sample (random, optuna); a grid runs every point once instead."""
+    max_epochs: int = 20
+    """Epochs of a trial that no scheduler stops."""
+    workers_per_trial: int = 1
+    metric: str = "val_loss"
+    grid_points: int = 4
+    """Values per continuous axis of a grid (lr, λ), log-spaced."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_choice(self.scheduler, SCHEDULERS, "--scheduler")
+        _require_choice(self.search, SEARCHES, "--search")
+        for option, value in (
+            ("--trials", self.num_trials),
+            ("--epochs", self.max_epochs),
+            ("--workers-per-trial", self.workers_per_trial),
+            ("--grid-points", self.grid_points),
+        ):
+            if value < 1:
+                raise KilnError(f'Got "{value}" for {option}. {option} must be at least 1.')
+        if self.scheduler == "pbt" and self.search == "optuna":
+            raise KilnError(
+                'Got "--scheduler pbt" with "--search optuna". PBT picks its own configurations: '
+                "use --search random with pbt, or another scheduler with optuna."
+            )
+        if not self.metric.startswith("val_"):
+            raise KilnError(
+                f'Got "{self.metric}" for --metric. Use a validation metric, e.g. val_loss, '
+                "val_accuracy or val_r2."
+            )
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.metric.endswith("loss") or self.metric.endswith("mse") else "max"
+
+    @property
+    def planned_trials(self) -> int:
+        if self.search == "grid":
+            return grid_size(self.space, self.grid_points)
+        return self.num_trials
+
+
+def _require_choice(value: str, options: tuple[str, ...], option: str) -> None:
+    if value not in options:
+        raise KilnError(f'Got "{value}" for {option}. Choose one of: {", ".join(options)}.')
+
+
+def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
+    """Epochs are Tune's time unit: one report per epoch is one training_iteration."""
+    if cfg.scheduler == "asha":
+        # A grace period of an eighth of the budget: early epochs rank learning rates by speed,
+        # not by where they end, so judging after one epoch would keep the fast-but-poor ones.
+        grace = max(1, cfg.max_epochs // 8)
+        return ASHAScheduler(max_t=cfg.max_epochs, grace_period=grace, reduction_factor=3)
+    if cfg.scheduler == "hyperband":
+        return HyperBandScheduler(max_t=cfg.max_epochs, reduction_factor=3)
+    if cfg.scheduler == "pbt":
+        return PopulationBasedTraining(
+            perturbation_interval=max(1, cfg.max_epochs // 5),
+            hyperparam_mutations=pbt_mutations(cfg.space),
+        )
+    return FIFOScheduler()
+
+
+def make_search(cfg: SweepConfig) -> Any:
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.seed)
+
+
+def trial_resources(workers_per_trial: int) -> tuple[dict[str, float], int]:
+    """Per-trial resources and how many trials fit the cluster at once.
+
+    A one-worker trial trains in its own process: one CPU, and a share of the GPUs when the
+    cluster has any. A multi-worker trial's driver only waits on its TorchTrainer, whose workers
+    take the CPUs: it asks a sliver of CPU (0 is refused), and concurrency counts the workers.
+    """
+    resources = ray.cluster_resources()
+    cpus = int(resources.get("CPU", 1))
+    gpus = float(resources.get("GPU", 0))
+    concurrent = max(1, cpus // workers_per_trial)
+    if workers_per_trial == 1:
+        ask: dict[str, float] = {"cpu": 1}
+        if gpus > 0:
+            ask["gpu"] = round(min(1.0, gpus / concurrent), 3)
+        return ask, concurrent
+    # The trial driver holds a sliver of CPU, so W workers per trial plus drivers must fit.
+    concurrent = max(1, int((cpus - 0.05 * concurrent) // workers_per_trial))
+    return {"cpu": 0.01}, concurrent
+
+
+def run_tuner(
+    cfg: SweepConfig,
+    context: TrialContext,
+    storage_path: str,
+    sweep_id: str,
+    resume: bool = False,
+    on_result: ResultFn | None = None,
+) -> tune.ResultGrid:
+    """Run (or restore and finish) the sweep; blocks until every trial is done."""
+    # A killed driver loses at most this many seconds of sweep state (default: adaptive).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    resources, concurrent = trial_resources(cfg.workers_per_trial)
+    context.use_gpu = "gpu" in resources or (
+        cfg.workers_per_trial > 1 and ray.cluster_resources().get("GPU", 0) >= 1
+    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+    params = param_space(cfg.space, cfg.search, cfg.grid_points)
+    path = f"{storage_path.rstrip('/')}/{sweep_id}"
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise KilnError(f'Got "{sweep_id}" for --resume, but {path} holds no sweep state.')
+        tuner = tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, param_space=params
+        )
+        return tuner.fit()
+    logger.info(
+        "sweep %s: %d trials, %d at once, %s", sweep_id, cfg.planned_trials, concurrent, resources
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=params,
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            scheduler=make_scheduler(cfg),
+            search_alg=make_search(cfg),
+            num_samples=1 if cfg.search == "grid" else cfg.num_trials,
+            max_concurrent_trials=concurrent,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_id,
+            storage_path=storage_path,
+            verbose=0,
+            callbacks=[ProgressCallback(on_result)] if on_result else [],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+    return tuner.fit()
+
+
+class ProgressCallback(tune.Callback):
+    """Forwards each trial result to the driver's live table (runs in the driver process)."""
+
+    def __init__(self, on_result: ResultFn | None) -> None:
+        self.on_result = on_result
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune saves its run config (callbacks included) for restore; a live display holds
+        # locks and cannot be pickled, and a restored sweep is handed a fresh callback anyway.
+        return {"on_result": None}
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **_: Any
+    ) -> None:
+        if self.on_result is not None:
+            self.on_result(trial.trial_id, dict(trial.config), result)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(kw_only=True)
+class TrialSummary:
+    """One trial as the reports and the registry see it."""
+
+    trial_id: str
+    config: dict[str, Any]
+    """The trial's hyperparameters, λ decoded (lr, l2, and any tuned choices)."""
+    metrics: dict[str, Any]
+    """The last reported metrics."""
+    best: float
+    """The best value of the sweep metric over the trial's epochs."""
+    epochs: int
+    history: list[dict[str, Any]]
+    status: str
+    checkpoint: Any = None
+    path: str = ""
+
+
+def trial_hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
+    shown = {"lr": float(config["lr"]), "l2": decode_l2(config)}
+    for key in ("batch_size", "hidden_width", "depth", "optimizer"):
+        if key in config:
+            shown[key] = config[key]
+    return shown
+
+
+def summarise(grid: tune.ResultGrid, metric: str, mode: str) -> list[TrialSummary]:
+    """Every trial with its config, history and best metric (errored trials included)."""
+    rows = []
+    for result in cast(Any, grid):  # ResultGrid iterates over its Results
+        frame = result.metrics_dataframe
+        history = frame.to_dict("records") if frame is not None else []
+        values = [h[metric] for h in history if h.get(metric) is not None]
+        best = (min(values) if mode == "min" else max(values)) if values else float("nan")
+        metrics = result.metrics or {}
+        checkpoint = result.checkpoint
+        if checkpoint is None and metrics.get("checkpoint_path"):
+            # A multi-worker trial: TuneReportCallback forwards the Train run's checkpoint path.
+            checkpoint = ray.train.Checkpoint(metrics["checkpoint_path"])
+        rows.append(
+            TrialSummary(
+                trial_id=str(metrics.get("trial_id") or result.path.rsplit("/", 1)[-1]),
+                config=trial_hyperparameters(result.config or {}),
+                metrics=metrics,
+                best=float(best),
+                epochs=int(metrics.get("training_iteration", len(history))),
+                history=history,
+                status="ERROR" if result.error else "TERMINATED",
+                checkpoint=checkpoint,
+                path=result.path,
+            )
+        )
+    return rows
+
+
+def best_trial(trials: list[TrialSummary], mode: str) -> TrialSummary:
+    scored = [t for t in trials if t.best == t.best and t.checkpoint is not None]
+    if not scored:
+        raise KilnError("no trial of the sweep reported a metric; rerun with --debug to see why")
+    return min(scored, key=lambda t: t.best if mode == "min" else -t.best)

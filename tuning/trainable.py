@@ -1,0 +1,168 @@
+"""The Tune trial: the same training steps as `kiln train`, on the sweep's resident shards.
+
+Every trial gets the ShardStore handles of the one copy of the dataset the sweep loaded (through
+`tune.with_parameters`, so they are shipped once) and reads its rows zero-copy from the object
+store: no trial reloads the data, and trials on one node share its pages. A one-worker trial is
+a plain function trainable running training/loop.py's steps (no Ray Train start-up cost); a
+trial with several workers runs a TorchTrainer over `train_func` and forwards its reports to
+Tune through TuneReportCallback. Either way each epoch reports validation metrics, so ASHA can
+stop a bad trial, and a safetensors checkpoint, so PBT and a resumed sweep can continue it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import ray
+import ray.train
+import torch
+from ray import tune
+
+from training.checkpoints import (
+    LoopState,
+    load_training_checkpoint,
+    save_training_checkpoint,
+    state_tensors,
+)
+from training.config import TrainConfig
+from training.loop import (
+    LoopConfig,
+    make_optimizer,
+    make_scheduler,
+    read_worker_shards,
+    run_epoch,
+    shard_batches,
+    train_func,
+    update_early_stopping,
+    validation_metrics,
+    validation_sums,
+)
+from training.models import build_model, set_standardization
+from tuning.space import decode_l2
+
+logger = logging.getLogger(__name__)
+
+TUNED_KEYS = ("lr", "batch_size", "optimizer")
+
+
+@dataclass(kw_only=True)
+class TrialContext:
+    """What every trial of one sweep shares; handed to Tune once with `with_parameters`."""
+
+    train: dict[str, Any]
+    """The base TrainConfig (as a dict); a trial overrides the tuned fields."""
+    spec: dict[str, Any]
+    shards: list[Any]
+    val_shards: list[Any]
+    num_train_rows: int
+    workers_per_trial: int = 1
+    storage_path: str = ""
+    """Where a multi-worker trial's TorchTrainer keeps its run (under the sweep's storage)."""
+    use_gpu: bool = False
+    read_own_data: Any = None
+    """Benchmarks only: a callable (source) -> (x, y) that makes each trial load its own copy."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def trial_train_config(base: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
+    """The base config with this trial's sampled values; validated like `kiln train`'s."""
+    overrides: dict[str, Any] = {k: config[k] for k in TUNED_KEYS if k in config}
+    overrides["l2"] = decode_l2(config)
+    if "hidden_width" in config or "depth" in config:
+        width = int(config.get("hidden_width", base["hidden"][0]))
+        depth = int(config.get("depth", len(base["hidden"])))
+        overrides["hidden"] = [width] * depth
+    # Early stopping is the scheduler's job in a sweep: the trial runs until Tune stops it.
+    return TrainConfig(**{**base, **overrides, "patience": 0})
+
+
+def trial_spec(spec: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    return {**spec, "hidden": list(cfg.hidden)} if spec["kind"] == "mlp" else dict(spec)
+
+
+def trial_device(use_gpu: bool) -> torch.device:
+    if use_gpu and torch.cuda.is_available() and ray.get_gpu_ids():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def run_trial(config: dict[str, Any], context: TrialContext) -> None:
+    """The Tune trainable (one trial)."""
+    cfg = trial_train_config(context.train, config)
+    spec = trial_spec(context.spec, cfg)
+    if context.workers_per_trial > 1:
+        run_trial_on_train(cfg, spec, context)
+        return
+    run_trial_in_process(cfg, spec, context)
+
+
+def run_trial_in_process(cfg: TrainConfig, spec: dict[str, Any], context: TrialContext) -> None:
+    """One worker: training/loop.py's steps, reporting to Tune every epoch."""
+    torch.manual_seed(cfg.seed)
+    device = trial_device(context.use_gpu)
+    if context.read_own_data is not None:
+        x, y = context.read_own_data(spec)
+    else:
+        x, y = read_worker_shards(context.shards, 0, 1, spec, zero_copy=True)
+    val = read_worker_shards(context.val_shards, 0, 1, spec, zero_copy=True)
+    loop_cfg = LoopConfig(train=cfg, spec=spec, shards=[], num_train_rows=context.num_train_rows)
+
+    model = build_model(spec)
+    set_standardization(model, spec)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    state, best_weights = LoopState(), state_tensors(model)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # a resumed trial, or PBT handing over a better trial's state
+        with checkpoint.as_directory() as directory:
+            state, best_weights = load_training_checkpoint(directory, model, optimizer, scheduler)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr  # PBT may have perturbed the learning rate since the save
+
+    for epoch in range(state.epoch + 1, cfg.epochs):
+        batches = shard_batches(x, y, cfg.batch_size, (cfg.seed, epoch, 0), device)
+        totals = run_epoch(model, optimizer, batches, loop_cfg, device)
+        scheduler.step()
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(totals[0] / totals[2])}
+        if spec["task"] == "classification":
+            metrics["train_accuracy"] = float(totals[1] / totals[2])
+        metrics.update(validation_metrics(validation_sums(model, *val, spec, device), spec))
+        if update_early_stopping(state, metrics["val_loss"], epoch, model):
+            best_weights = state_tensors(model)
+        metrics["best_epoch"] = state.best_epoch
+        with tempfile.TemporaryDirectory() as directory:
+            save_training_checkpoint(directory, model, best_weights, optimizer, scheduler, state)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def run_trial_on_train(cfg: TrainConfig, spec: dict[str, Any], context: TrialContext) -> None:
+    """Several workers: a TorchTrainer over `train_func`, its reports forwarded to Tune."""
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg.workers = context.workers_per_trial
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "spec": spec,
+            "shards": context.shards,
+            "val_shards": context.val_shards,
+            "num_train_rows": context.num_train_rows,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=context.workers_per_trial, use_gpu=context.use_gpu
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train_{trial_id}",
+            storage_path=context.storage_path,
+            callbacks=[cast(Any, TuneReportCallback())],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    trainer.fit()
