@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-slow test-all lint bench clean
 
 install: $(STAMP)
 
@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/kiln demo
 
+# `make test` keeps to about 10 minutes on 2 cores; tests marked `slow` (long acceptance runs,
+# the demo in its own process) run in `make test-slow`. CI (.ci/run) runs both.
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
 
-test-fast: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow and not chaos and not multinode"
+test-slow: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m slow
+
+test-all: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
@@ -32,6 +37,8 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/serve_throughput.py
+	$(BIN)/python benchmarks/tune_efficiency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

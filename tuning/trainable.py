@@ -22,7 +22,7 @@ import torch
 from ray import tune
 
 from training.checkpoints import (
-    LoopState,
+    TrainingState,
     load_training_checkpoint,
     save_training_checkpoint,
     state_tensors,
@@ -114,28 +114,28 @@ def run_trial_in_process(cfg: TrainConfig, spec: dict[str, Any], context: TrialC
     set_standardization(model, spec)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    state, best_weights = LoopState(), state_tensors(model)
+    state = TrainingState(model, optimizer, make_scheduler(optimizer, cfg))
+    state.best_weights = state_tensors(model)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a resumed trial, or PBT handing over a better trial's state
         with checkpoint.as_directory() as directory:
-            state, best_weights = load_training_checkpoint(directory, model, optimizer, scheduler)
+            load_training_checkpoint(directory, state)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr  # PBT may have perturbed the learning rate since the save
 
-    for epoch in range(state.epoch + 1, cfg.epochs):
+    for epoch in range(state.loop.epoch + 1, cfg.epochs):
         batches = shard_batches(x, y, cfg.batch_size, (cfg.seed, epoch, 0), device)
         totals = run_epoch(model, optimizer, batches, loop_cfg, device)
-        scheduler.step()
+        state.scheduler.step()
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(totals[0] / totals[2])}
         if spec["task"] == "classification":
             metrics["train_accuracy"] = float(totals[1] / totals[2])
         metrics.update(validation_metrics(validation_sums(model, *val, spec, device), spec))
-        if update_early_stopping(state, metrics["val_loss"], epoch, model):
-            best_weights = state_tensors(model)
-        metrics["best_epoch"] = state.best_epoch
+        if update_early_stopping(state.loop, metrics["val_loss"], epoch):
+            state.best_weights = state_tensors(model)
+        metrics["best_epoch"] = state.loop.best_epoch
         with tempfile.TemporaryDirectory() as directory:
-            save_training_checkpoint(directory, model, best_weights, optimizer, scheduler, state)
+            save_training_checkpoint(directory, state)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 

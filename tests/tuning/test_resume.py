@@ -13,7 +13,7 @@ import pytest
 from cluster.cli import main
 from tests.conftest import wait_for
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 
 def trial_statuses(storage: Path) -> dict[str, str]:
