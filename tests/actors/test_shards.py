@@ -59,7 +59,7 @@ def test_a_killed_shard_actor_reloads_and_every_row_is_read_exactly_once(ray_loc
         victim = shards.handles[1]
         stale_refs = ray.get(victim.batch_refs.remote())
         ray.kill(victim, no_restart=False)  # the actor restarts and reloads from the source
-        assert ray.get(victim.ready.remote(), timeout=60) == shards.rows_per_shard[1]
+        assert ray.get(victim.ready.remote(), timeout=180) == shards.rows_per_shard[1]
         fresh_refs = ray.get(victim.batch_refs.remote())
         assert {r.hex() for r in fresh_refs}.isdisjoint({r.hex() for r in stale_refs})  # reloaded
         row_ids = np.concatenate(

@@ -26,7 +26,7 @@ def test_two_workers_really_ran_and_loss_fell(trained_digits):
 def test_registered_version_loads_and_predicts_like_the_evaluated_model(
     trained_digits, settings_session, registry_session
 ):
-    record = ray.get(registry_session.resolve.remote("digits-mlp"))
+    record = ray.get(registry_session.resolve.remote(trained_digits.record.ref))
     assert record.version == trained_digits.record.version
     assert record.metrics["accuracy"] == pytest.approx(trained_digits.test_metrics["accuracy"])
     replica = ModelReplica(record, settings_session.storage_uri, gpu="off")
