@@ -10,10 +10,10 @@ if [ "$action" = stop ]; then
   [ -f "$dir/sshd.pid" ] && kill "$(cat "$dir/sshd.pid")" 2>/dev/null || true
   exit 0
 fi
-command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] && command -v rsync >/dev/null 2>&1 || {
+if ! { [ -x /usr/sbin/sshd ] && command -v rsync >/dev/null; }; then
   apt-get install -y --no-install-recommends openssh-server rsync >/dev/null 2>&1 ||
     { apt-get update >/dev/null && apt-get install -y --no-install-recommends openssh-server rsync >/dev/null; }
-}
+fi
 id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
 mkdir -p "$dir"
 ssh-keygen -q -t ed25519 -N '' -f "$dir/id_ed25519" <<<y >/dev/null
