@@ -6,11 +6,19 @@
     k.alias("digits-mlp", 3, "production")
     key = k.create_key(["predict:digits-mlp"], expires="30d")   # key["secret"] is shown once
 
+    k = Kiln("http://127.0.0.1:8265")   # a cluster's Jobs API (after `ray dashboard ...`)
+    job = k.submit_train(data="sklearn:iris", model="logistic", register="iris-lr")
+    k.wait(job); k.job_result(job)      # the `kiln train --json` summary of the job
+
 The CLI is a thin layer over this class, so both do exactly the same thing. With a Ray address
 (or `use_ray=True`, or by default when this process already runs Ray) every call goes to the
 Registry actor. Otherwise the client runs the registry's own code (`RegistryService`)
 in-process on the SQLite file: SQLite's write lock serializes it with a Registry actor using
 the same file, and a catalog command needs no 5 s Ray start.
+
+An http(s) address is a cluster's Jobs API: `submit_train`, `submit_tune` and `deploy` run the
+matching `kiln` command there as a Ray Job (cluster/jobs.py); registry calls then need a Ray
+address instead, and say so.
 """
 
 from __future__ import annotations
@@ -50,8 +58,15 @@ class Kiln:
         key: str | None = None,
         settings: Settings | None = None,
         use_ray: bool | None = None,
+        jobs_address: str | None = None,
+        token: str | None = None,
     ) -> None:
         base = settings or Settings()
+        self.jobs_address = jobs_address
+        self.token = token
+        if address is not None and address.startswith(("http://", "https://")):
+            self.jobs_address, address = address, None
+            use_ray = False if use_ray is None else use_ray
         self.settings = base.with_overrides(
             ray_address=address, kiln_home=home, kiln_storage=storage
         )
@@ -59,6 +74,9 @@ class Kiln:
         self._local: RegistryService | None = None
         self._registry: Any = None
         self._started_ray = False
+        self._jobs: Any = None
+        if self.jobs_address is not None and not use_ray:
+            return  # a Jobs API client only: no catalog is opened on this machine
         if use_ray is None:
             use_ray = self.settings.ray_address is not None or ray.is_initialized()
         if not use_ray:
@@ -98,6 +116,12 @@ class Kiln:
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """One registry operation, in-process or on the Registry actor, with clean errors."""
+        if self._local is None and self._registry is None:
+            raise KilnError(
+                f"Kiln({self.jobs_address!r}) talks to the Jobs API only; registry calls need "
+                "the cluster's Ray address: Kiln(address=\"auto\") on a node, or a job's "
+                "result with job_result(job_id)."
+            )
         if self._local is not None:
             return getattr(self._local, method)(*args, **kwargs)
         try:
@@ -214,3 +238,103 @@ class Kiln:
             raise KilnError(f'Got "{limit}" for --limit. --limit must be at least 1.')
         entries = self._call("audit", limit, action, key=self.key)
         return [{**e, "at": iso_time(e["at"])} for e in entries]
+
+    # ------------------------------------------------------------------ jobs on a cluster
+
+    @property
+    def jobs(self) -> Any:
+        """The cluster's Jobs API client (cluster.jobs.JobsClient), made on first use."""
+        if self._jobs is None:
+            from cluster.jobs import JobsClient
+
+            self._jobs = JobsClient(self.jobs_address, self.token)
+        return self._jobs
+
+    def submit(self, argv: list[str], env_vars: dict[str, str] | None = None) -> str:
+        """Any `kiln ...` command line as a Ray Job; returns the job id."""
+        return self.jobs.submit(argv, env_vars)
+
+    def submit_train(self, env_vars: dict[str, str] | None = None, **options: Any) -> str:
+        """`kiln train --json` on the cluster, options as keywords: data=, model=, workers= ..."""
+        return self.submit(["kiln", "train", *command_args("train", options), "--json"], env_vars)
+
+    def submit_tune(self, env_vars: dict[str, str] | None = None, **options: Any) -> str:
+        """`kiln tune --json` on the cluster (a sweep), options as keywords."""
+        return self.submit(["kiln", "tune", *command_args("tune", options), "--json"], env_vars)
+
+    def deploy(
+        self, models: list[str], env_vars: dict[str, str] | None = None, **serve_options: Any
+    ) -> str:
+        """`kiln serve MODELS ...` on the cluster: it deploys and returns; the app stays up."""
+        if not models:
+            raise KilnError("Give deploy() one or more models: NAME, NAME@VERSION or NAME@ALIAS.")
+        argv = ["kiln", "serve", *models, *command_args("serve", serve_options)]
+        return self.submit(argv, env_vars)
+
+    def wait(self, job_id: str, timeout_s: float = 3600.0) -> str:
+        """Block until the job ends; returns SUCCEEDED, FAILED or STOPPED."""
+        return str(self.jobs.wait(job_id, timeout_s).status)
+
+    def job_status(self, job_id: str) -> str:
+        return str(self.jobs.info(job_id).status)
+
+    def job_logs(self, job_id: str) -> str:
+        return str(self.jobs.logs(job_id))
+
+    def job_result(self, job_id: str) -> dict[str, Any]:
+        """The JSON summary a finished `--json` job printed (train: model, version, metrics)."""
+        from cluster.jobs import last_json_line
+
+        info = self.jobs.info(job_id)
+        if info.status != "SUCCEEDED":
+            raise KilnError(
+                f"job {job_id} is {info.status}{': ' + info.message if info.message else ''}; "
+                f"see kiln jobs logs {job_id}"
+            )
+        found = last_json_line(self.job_logs(job_id))
+        if found is None:
+            raise KilnError(f"job {job_id} printed no JSON result; was it run with --json?")
+        return found
+
+    def stop_job(self, job_id: str) -> bool:
+        return bool(self.jobs.stop(job_id))
+
+
+def command_args(command: str, options: dict[str, Any]) -> list[str]:
+    """Keyword options as `kiln COMMAND` flags, checked against that command's own options.
+
+    `epochs=3` -> `--epochs 3`, `auth=False` -> `--no-auth`, a list repeats the flag. A name
+    the command does not take fails here, before anything is submitted.
+    """
+    known = cli_options(command)
+    args: list[str] = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if known is not None and flag not in known and f"--no-{flag[2:]}" not in known:
+            raise KilnError(
+                f'Got "{name}" for kiln {command}, which has no {flag} option. '
+                f"Options: {', '.join(sorted(k[2:].replace('-', '_') for k in known))}."
+            )
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list | tuple):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def cli_options(command: str) -> set[str] | None:
+    """The long options of `kiln COMMAND`; None when this checkout lacks that command."""
+    import typer
+
+    from cluster.cli import app
+
+    group: Any = typer.main.get_command(app)
+    found = group.commands.get(command)
+    if found is None:
+        return None
+    return {o for p in found.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}

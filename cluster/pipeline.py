@@ -22,6 +22,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
@@ -151,7 +152,9 @@ def fit(
         if on_epoch is not None:
             on_epoch(metrics)
 
-    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    # On the driver's node: losing another node must not take the progress stream with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     trainer = TorchTrainer(
         train_func,
