@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# One subprocess runs every scenario (about 150 s here): all of it runs with the slow tests.
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).with_name("multinode_run.py")
 
 
