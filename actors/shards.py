@@ -17,6 +17,7 @@ from typing import Any, cast
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.registry import NAMESPACE
 from actors.sources import SourceSpec, check_source, read_shard, task_of_labels
@@ -217,9 +218,13 @@ def load_shards(
     """Start `num_shards` ShardStore actors spread over the nodes and wait until loaded."""
     check_source(source)
     store: Any = ShardStore  # @ray.remote adds .options, which type checkers cannot see
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     handles = []
     for i in range(num_shards):
-        options: dict[str, Any] = {"scheduling_strategy": "SPREAD"}
+        # Round-robin over the live nodes: SPREAD alone is best effort, and it put every
+        # 0-CPU shard on one node in a 3-node test. Soft, so a restart may go elsewhere.
+        strategy = NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True)
+        options: dict[str, Any] = {"scheduling_strategy": strategy}
         if name:
             options["name"] = actor_name(name, split, i)
             options["namespace"] = NAMESPACE
