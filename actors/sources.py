@@ -52,6 +52,12 @@ class SourceSpec:
     """Share of the non-test rows held out for validation (early stopping)."""
     seed: int = 0
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> SourceSpec:
+        """From its JSON form (where `features` became a list)."""
+        features = raw.get("features")
+        return cls(**{**raw, "features": tuple(features) if features is not None else None})
+
     def __post_init__(self) -> None:
         for option, value in (
             ("--test-fraction", self.test_fraction),

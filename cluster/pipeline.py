@@ -71,9 +71,7 @@ class TrainRequest:
 
     def __post_init__(self) -> None:
         validate_name(self.name)
-        if not self.run_name:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            self.run_name = f"{self.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+        self.run_name = self.run_name or unique_name(self.name)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -81,10 +79,23 @@ class TrainRequest:
     @classmethod
     def from_json(cls, text: str) -> TrainRequest:
         raw = json.loads(text)
-        source = raw["source"]
-        if source.get("features") is not None:
-            source["features"] = tuple(source["features"])
-        return cls(**{**raw, "source": SourceSpec(**source), "train": TrainConfig(**raw["train"])})
+        source, train = SourceSpec.from_dict(raw["source"]), TrainConfig(**raw["train"])
+        return cls(**{**raw, "source": source, "train": train})
+
+
+def unique_name(prefix: str) -> str:
+    """`prefix-YYYYmmdd-HHMMSS-xxxxxx`: Ray Train and Tune resume a run that reuses a name."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def register_model(
+    registry: Any, name: str, model: KilnModel, spec: dict, metrics: dict, lineage: dict
+) -> VersionRecord:
+    """Register through the Registry actor; the request id makes a retried call register once."""
+    files = model_to_files(model, spec)
+    return ray.get(
+        registry.register.remote(name, files, spec, metrics, lineage, request_id=uuid.uuid4().hex)
+    )
 
 
 def run_record_path(settings: Settings, run_name: str) -> Path:
@@ -303,17 +314,7 @@ def train_and_register(
             "best_epoch": final.get("best_epoch"),
         }
         metrics = {**test_metrics, "train_loss": final["train_loss"], "history": strip(history)}
-        record = ray.get(
-            registry.register.remote(
-                request.name,
-                model_to_files(model, spec),
-                spec,
-                metrics,
-                lineage,
-                # A request id makes the actor's automatic retry (after a restart) register once.
-                request_id=uuid.uuid4().hex,
-            )
-        )
+        record = register_model(registry, request.name, model, spec, metrics, lineage)
     finally:
         data.release()
         if eval_set is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,8 @@ from actors.catalog import VersionRecord, validate_name
 from actors.lineage import code_version, dataset_sha256
 from actors.shards import Dataset, attach_dataset, load_dataset, load_shards
 from actors.sources import SourceSpec
-from cluster.pipeline import StepFn, evaluate_on, make_spec
+from cluster.pipeline import StepFn, evaluate_on, make_spec, register_model, unique_name
 from cluster.settings import Settings
-from training.artifacts import model_to_files
 from training.checkpoints import BEST_WEIGHTS_FILE
 from training.config import TrainConfig
 from training.errors import KilnError
@@ -54,9 +52,7 @@ class SweepRequest:
 
     def __post_init__(self) -> None:
         validate_name(self.name)
-        if not self.sweep_id:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            self.sweep_id = f"sweep-{self.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+        self.sweep_id = self.sweep_id or unique_name(f"sweep-{self.name}")
 
     def to_json(self) -> str:
         raw = asdict(self)
@@ -66,14 +62,11 @@ class SweepRequest:
     @classmethod
     def from_json(cls, text: str) -> SweepRequest:
         raw = json.loads(text)
-        source = raw["source"]
-        if source.get("features") is not None:
-            source["features"] = tuple(source["features"])
         sweep = {**raw["sweep"], "space": SearchSpace.from_dict(raw["sweep"]["space"])}
         return cls(
             **{
                 **raw,
-                "source": SourceSpec(**source),
+                "source": SourceSpec.from_dict(raw["source"]),
                 "train": TrainConfig(**raw["train"]),
                 "sweep": SweepConfig(**sweep),
             }
@@ -228,16 +221,7 @@ def tune_and_register(
             f"best_{sweep.metric}": best.best,
             "trial_epochs": best.epochs,
         }
-        record = ray.get(
-            registry.register.remote(
-                request.name,
-                model_to_files(model, spec),
-                spec,
-                metrics,
-                lineage,
-                request_id=uuid.uuid4().hex,
-            )
-        )
+        record = register_model(registry, request.name, model, spec, metrics, lineage)
     finally:
         data.release()
         if eval_set is not None:
