@@ -259,6 +259,14 @@ def evaluate_on(model: KilnModel, spec: dict[str, Any], test: ShardSet) -> dict[
     return evaluate_model(model, spec, x_test, labels)
 
 
+def load_eval_set(eval_data: str | None, source: SourceSpec) -> ShardSet | None:
+    """All of `--eval-data`, read with the training data's label and feature columns."""
+    if not eval_data:
+        return None
+    eval_source = SourceSpec(uri=eval_data, label=source.label, features=source.features)
+    return load_shards(eval_source, "all", 1)
+
+
 def train_and_register(
     settings: Settings,
     request: TrainRequest,
@@ -282,12 +290,7 @@ def train_and_register(
     data = resident_data(request)
     # Hashing reads the whole source once; it runs beside the training instead of before it.
     content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(data.train.source.uri)
-    eval_set = None
-    if request.eval_data:
-        eval_source = SourceSpec(
-            uri=request.eval_data, label=request.source.label, features=request.source.features
-        )
-        eval_set = load_shards(eval_source, "all", 1)
+    eval_set = load_eval_set(request.eval_data, request.source)
     try:
         spec = make_spec(cfg, data.train)
         step("training")

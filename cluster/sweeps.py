@@ -22,9 +22,16 @@ from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
 from actors.lineage import code_version, dataset_sha256
-from actors.shards import Dataset, attach_dataset, load_dataset, load_shards
+from actors.shards import Dataset, attach_dataset, load_dataset
 from actors.sources import SourceSpec
-from cluster.pipeline import StepFn, evaluate_on, make_spec, register_model, unique_name
+from cluster.pipeline import (
+    StepFn,
+    evaluate_on,
+    load_eval_set,
+    make_spec,
+    register_model,
+    unique_name,
+)
 from cluster.settings import Settings
 from training.checkpoints import BEST_WEIGHTS_FILE
 from training.config import TrainConfig
@@ -164,12 +171,7 @@ def tune_and_register(
     step("loading shards")
     data = sweep_data(request)
     content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(data.train.source.uri)
-    eval_set = None
-    if request.eval_data:
-        eval_source = SourceSpec(
-            uri=request.eval_data, label=request.source.label, features=request.source.features
-        )
-        eval_set = load_shards(eval_source, "all", 1)
+    eval_set = load_eval_set(request.eval_data, request.source)
     try:
         context = trial_context(request, data, settings)
         step("tuning")
