@@ -1244,7 +1244,10 @@ def main(argv: list[str] | None = None) -> None:
         format="%(message)s",
     )
     try:
-        app(args=args, prog_name="kiln", standalone_mode=False)
+        # Outside standalone mode click returns a command's typer.Exit code instead of exiting.
+        code = app(args=args, prog_name="kiln", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except click_errors.UsageError as exc:

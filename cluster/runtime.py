@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -41,9 +42,26 @@ def init_ray(settings: Settings, debug: bool = False) -> bool:
             address=settings.ray_address,
             namespace=NAMESPACE,
             log_to_driver=debug,
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env={"env_vars": worker_env_vars()},
         )
     return True
+
+
+def worker_env_vars() -> dict[str, str]:
+    """WORKER_ENV less the keys a Ray Job's own runtime env already sets.
+
+    Inside a job, Ray merges the driver's runtime env into the job's and refuses any key set
+    in both (`kiln submit --env OMP_NUM_THREADS=1 -- kiln train ...` would fail to start).
+    The job's value reaches the workers anyway.
+    """
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    job_env: dict[str, str] = {}
+    if injected:
+        try:
+            job_env = (json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            job_env = {}
+    return {k: v for k, v in WORKER_ENV.items() if k not in job_env}
 
 
 def shutdown_ray(stop_serve: bool = True) -> None:

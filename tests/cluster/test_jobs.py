@@ -113,7 +113,10 @@ def test_registry_calls_on_a_jobs_address_say_what_to_use():
 @pytest.mark.slow
 def test_submit_wait_trains_on_the_cluster_and_registers(head, kiln_env):
     started = time.perf_counter()
-    env_args = [a for k, v in kiln_env.items() for a in ("--env", f"{k}={v}")]
+    # OMP_NUM_THREADS is also one of the env vars Kiln's own ray.init asks for: Ray refuses
+    # a key set twice, so Kiln must leave it to the job.
+    job_env = {**kiln_env, "OMP_NUM_THREADS": "1"}
+    env_args = [a for k, v in job_env.items() for a in ("--env", f"{k}={v}")]
     args = ["submit", "--address", head.address, "--wait", *env_args, "--", *TRAIN]
     result = kiln(head, *args, "--register", "iris-job")
     elapsed_s = time.perf_counter() - started
@@ -126,6 +129,14 @@ def test_submit_wait_trains_on_the_cluster_and_registers(head, kiln_env):
     assert version["metrics"]["accuracy"] >= 0.6
     assert version["lineage"]["train_config"]["epochs"] == 3
     print(f"submit --wait to SUCCEEDED: {elapsed_s:.1f} s (train {summary['elapsed_s']:.1f} s)")
+
+
+@pytest.mark.slow
+def test_submit_wait_exits_non_zero_when_the_job_fails(head):
+    failing = [sys.executable, "-c", "import sys; print('about to fail'); sys.exit(3)"]
+    result = kiln(head, "submit", "--address", head.address, "--wait", "--", *failing)
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr[-2000:])
+    assert "about to fail" in result.stdout and "FAILED" in result.stderr
 
 
 @pytest.mark.slow
