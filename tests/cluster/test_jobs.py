@@ -12,11 +12,13 @@ import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from cluster.client import Kiln, command_args
 from cluster.jobs import jobs_address, last_json_line, new_job_id, parse_env, resolve_token
 from tests.cluster.headnode import Head, ray_head
+from tests.conftest import free_port, wait_for
 from training.errors import KilnError
 
 TRAIN = [
@@ -162,9 +164,7 @@ def test_jobs_list_logs_and_stop(head):
     from cluster.jobs import JobsClient
 
     jobs = JobsClient(head.address, head.token_path.read_text())
-    deadline = time.monotonic() + 60
-    while "sleeping" not in jobs.logs(job_id) and time.monotonic() < deadline:
-        time.sleep(0.3)
+    assert wait_for(lambda: "sleeping" in jobs.logs(job_id), timeout_s=60, interval_s=0.3)
     logs = kiln(head, "jobs", "logs", job_id, "--address", head.address)
     assert "sleeping" in logs.stdout
     listed = kiln(head, "jobs", "list", "--json", "--address", head.address)
@@ -194,3 +194,34 @@ def test_a_wrong_or_missing_token_is_one_clear_line(head, tmp_path):
     )
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "requires a token and none was found" in missing.stderr
+
+
+@pytest.mark.slow
+def test_client_tunes_then_deploys_and_the_cluster_serves_it(head, kiln_env, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_path))
+    client = Kiln(head.address)
+    sweep = client.submit_tune(
+        env_vars=kiln_env, data="sklearn:iris", model="logistic", trials=2, epochs=3,
+        scheduler="none", register="iris-tuned",
+    )  # fmt: skip
+    assert client.wait(sweep, timeout_s=300) == "SUCCEEDED", client.job_logs(sweep)[-3000:]
+    tuned = client.job_result(sweep)
+    assert tuned["model"] == "iris-tuned" and tuned["num_trials"] == 2, tuned
+    assert tuned["trial_epochs"] == 2 * 3 and set(tuned["best_config"]) >= {"lr", "l2"}, tuned
+
+    port = free_port()
+    deployed = client.deploy(["iris-tuned"], env_vars=kiln_env, port=port, auth=False)
+    assert client.wait(deployed, timeout_s=300) == "SUCCEEDED", client.job_logs(deployed)[-3000:]
+    # The job has ended; the application it deployed keeps answering on the cluster.
+    url = f"http://127.0.0.1:{port}/v1/models/iris-tuned:predict"
+    body = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
+
+    def answered() -> bool:
+        try:
+            return httpx.post(url, json=body, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_for(answered, timeout_s=60, interval_s=0.5)
+    reply = httpx.post(url, json=body, timeout=5).json()
+    assert reply["model_version"] == tuned["version"] and len(reply["predictions"]) == 2, reply
