@@ -20,6 +20,11 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Ray Train V2 holds every report() until its controller's next poll (2 s by default):
 # measured here, a report took 1.6 s at the default and 0.13 s at 0.2 s.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+# Serve's HAProxy ingress (bundled with ray[serve] on Linux) instead of its Python proxy:
+# measured here (benchmarks/serve_throughput.py), 3-4x the requests/s and a quarter of the
+# latency. Fixed when Ray starts, so it applies to the embedded Ray; a cluster sets it on
+# `ray start` (cluster_configs/ do).
+SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def init_ray(settings: Settings, debug: bool = False) -> bool:
@@ -29,6 +34,8 @@ def init_ray(settings: Settings, debug: bool = False) -> bool:
     for key, value in {**WORKER_ENV, **TRAIN_ENV}.items():
         os.environ.setdefault(key, value)
     if settings.embedded:
+        for key, value in SERVE_ENV.items():
+            os.environ.setdefault(key, value)
         ray.init(
             address="local",
             num_cpus=settings.kiln_num_cpus or max(4, os.cpu_count() or 1),

@@ -57,9 +57,26 @@ def tiny_model_files(seed: int = 0) -> dict[str, bytes]:
 def ray_local() -> Iterator[None]:
     import ray
 
-    ray.init(
-        address="local", num_cpus=6, include_dashboard=False, namespace="kiln", log_to_driver=False
-    )
+    from cluster.runtime import SERVE_ENV
+
+    # Serve in the tests runs as `kiln` runs it on the embedded Ray (HAProxy ingress); only
+    # this Ray's processes see the setting, not the multi-node tests' own clusters.
+    saved = {k: os.environ.get(k) for k in SERVE_ENV}
+    os.environ.update({k: os.environ.get(k) or v for k, v in SERVE_ENV.items()})
+    try:
+        ray.init(
+            address="local",
+            num_cpus=6,
+            include_dashboard=False,
+            namespace="kiln",
+            log_to_driver=False,
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     yield
     from cluster.runtime import shutdown_ray
 
