@@ -3,10 +3,14 @@
 Two models: light (MLP 64->256->10, overhead-bound) and heavy (MLP 64->4096->4096->10, a
 batch-1 forward of several ms on one core). At concurrency 1, 16 and 64, wrk (a Lua script
 POSTs one row per request, on loopback, bounded in time) measures requests/s and p50/p99 of:
-  - Kiln, batched (max_batch_size 64) and, for heavy, with batching off (max_batch_size 1),
-    behind Serve's default proxy and behind its HA proxy (RAY_SERVE_ENABLE_HA_PROXY=1),
+  - Kiln as `kiln serve` runs it (Serve's HAProxy ingress), batched (max_batch_size 64) and,
+    for heavy, with batching off (max_batch_size 1); for reference also behind Serve's
+    Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0);
   - the same model in a plain FastAPI + uvicorn process (one worker, same forward code),
   - the offline batched torch throughput of the heavy model on the same cores (compute limit).
+The light replica and server use one torch thread; the heavy ones use every core, as the
+compute limit does (a Kiln replica computes with the `num_cpus` it reserves). The ratios
+use Kiln's default (HAProxy) figures.
 Writes benchmarks/results/serve_throughput.png and prints one JSON line last.
 
     python benchmarks/serve_throughput.py                # about 4 minutes
@@ -105,6 +109,11 @@ def sweep(url: str, levels: list[int], duration_s: int) -> dict[str, dict[str, f
     return {f"c{c}": run_wrk(url, c, duration_s) for c in levels}
 
 
+def threads_for(kind: str) -> int:
+    """Torch threads (and replica CPUs) per model: the heavy one gets every core."""
+    return (os.cpu_count() or 1) if kind == "heavy" else 1
+
+
 def model_files(kind: str) -> dict[str, bytes]:
     from training.artifacts import model_to_files
     from training.models import build_model, set_standardization
@@ -123,12 +132,11 @@ def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) 
     """Runs in its own process: Serve's proxy mode is fixed when Ray starts."""
     import ray
 
-    from cluster.runtime import registry_for, shutdown_ray
+    from cluster.runtime import SERVE_ENV, registry_for, shutdown_ray
     from cluster.serving_control import deploy_models
     from cluster.settings import Settings
 
-    if proxy == "ha":
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    os.environ.update(SERVE_ENV if proxy == "ha" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"})
     settings = Settings(
         kiln_home=Path(tempfile.mkdtemp(prefix="kiln-serve-bench-")), kiln_http_port=8431
     )
@@ -141,7 +149,13 @@ def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) 
         ray.get(registry.register.remote(f"bench-{kind}", files, spec, {}, {}))
         modes = {"batched": 64, "unbatched": 1} if kind == "heavy" else {"batched": 64}
         for mode, max_batch in modes.items():
-            url = deploy_models(settings, [f"bench-{kind}"], auth=False, max_batch_size=max_batch)
+            url = deploy_models(
+                settings,
+                [f"bench-{kind}"],
+                auth=False,
+                max_batch_size=max_batch,
+                num_cpus=threads_for(kind),
+            )
             results[f"{kind}_{mode}"] = sweep(
                 f"{url}/v1/models/bench-{kind}:predict", levels, duration_s
             )
@@ -160,7 +174,7 @@ def plain_server(kind: str, port: int) -> None:
     from training.artifacts import model_from_files
     from training.evaluate import outputs_to_predictions, predict_outputs
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads_for(kind))
     model, spec = model_from_files(model_files(kind))
     app = FastAPI()
 
@@ -266,7 +280,7 @@ def main() -> None:
     levels = [1, 16] if args.smoke_test else [1, 16, 64]
     duration_s = 1 if args.smoke_test else args.duration_s
     series: dict[str, Any] = {}
-    for proxy in ("default", "ha"):
+    for proxy in ("ha", "python"):
         done = subprocess.run(
             [
                 sys.executable,
@@ -284,26 +298,21 @@ def main() -> None:
         )
         if done.returncode != 0:
             raise SystemExit(f"Kiln side ({proxy} proxy) failed:\n{done.stderr[-3000:]}")
+        suffix = "kiln" if proxy == "ha" else "kiln_python_proxy"
         for name, figures in json.loads(done.stdout.strip().splitlines()[-1]).items():
-            series[f"{name}_kiln_{proxy}_proxy"] = figures
+            series[f"{name}_{suffix}"] = figures
     for kind in kinds:
         series[f"{kind}_fastapi"] = plain_side(kind, levels, duration_s)
     out: dict[str, Any] = {"levels": levels, "duration_s": duration_s, "series": series}
     if "heavy" in kinds:
         out["heavy_compute_limit_rps"] = compute_limit_rows_per_s("heavy", os.cpu_count() or 1)
     top = f"c{levels[-1]}"
-    best_light = max(series[f"light_batched_kiln_{p}_proxy"][top]["rps"] for p in ("default", "ha"))
-    best_light_p50 = min(
-        series[f"light_batched_kiln_{p}_proxy"]["c1"]["p50_ms"] for p in ("default", "ha")
-    )
-    out["light_c64_vs_fastapi"] = best_light / series["light_fastapi"][top]["rps"]
-    out["light_c1_p50_vs_fastapi"] = best_light_p50 / series["light_fastapi"]["c1"]["p50_ms"]
-    if "heavy" in kinds:
-        best_heavy = max(
-            series[f"heavy_batched_kiln_{p}_proxy"][top]["rps"] for p in ("default", "ha")
-        )
-        out["heavy_c64_vs_fastapi"] = best_heavy / series["heavy_fastapi"][top]["rps"]
-        out["heavy_c64_vs_limit"] = best_heavy / out["heavy_compute_limit_rps"]
+    light, heavy = series["light_batched_kiln"], series.get("heavy_batched_kiln")
+    out["light_c64_vs_fastapi"] = light[top]["rps"] / series["light_fastapi"][top]["rps"]
+    out["light_c1_p50_vs_fastapi"] = light["c1"]["p50_ms"] / series["light_fastapi"]["c1"]["p50_ms"]
+    if heavy is not None:
+        out["heavy_c64_vs_fastapi"] = heavy[top]["rps"] / series["heavy_fastapi"][top]["rps"]
+        out["heavy_c64_vs_limit"] = heavy[top]["rps"] / out["heavy_compute_limit_rps"]
     plot(out, levels, ROOT / "benchmarks" / "results" / "serve_throughput.png")
     print(json.dumps(out))
 

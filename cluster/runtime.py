@@ -23,8 +23,14 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 # Serve's HAProxy ingress (bundled with ray[serve] on Linux) instead of its Python proxy:
 # measured here (benchmarks/serve_throughput.py), 3-4x the requests/s and a quarter of the
 # latency. Fixed when Ray starts, so it applies to the embedded Ray; a cluster sets it on
-# `ray start` (cluster_configs/ do).
-SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# `ray start` (cluster_configs/ do). With it every stopping replica drains for at least
+# RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s by default, time for an external load
+# balancer to drop it): on one machine HAProxy reloads in well under a second, so 2 s, and
+# `serve.shutdown` takes 3 s instead of 30.
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 
 
 def init_ray(settings: Settings, debug: bool = False) -> bool:
