@@ -45,6 +45,13 @@ from serving.schemas import (
     PredictRequest,
     PredictResponse,
     ServeArgs,
+    V2InferRequest,
+    V2InferResponse,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
 )
 from training.errors import KilnError
 
@@ -91,6 +98,46 @@ async def validation_error(_: Request, exc: RequestValidationError) -> JSONRespo
     first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
     where = ".".join(str(p) for p in first.get("loc", ())) or "body"
     return JSONResponse({"error": f"{where}: {first['msg']}"}, status_code=422)
+
+
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its local `$defs` references replaced by the definitions."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)  # type: ignore[no-any-return]
+
+
+# The infer routes read the raw body (binary tensors may follow the JSON): the schemas are
+# declared for the docs only.
+V2_INFER_DOCS: dict[str, Any] = {
+    "tags": ["v2"],
+    "response_model": V2InferResponse,
+    "response_model_exclude_none": True,
+    "responses": ERROR_RESPONSES,
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": inline_refs(V2InferRequest.model_json_schema())},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "The JSON request, then the binary tensors; "
+                    "Inference-Header-Content-Length gives the JSON's length.",
+                },
+            },
+        }
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -351,15 +398,15 @@ class KilnServer:
 
     # ------------------------------------------------------------------------ V2 (OIP)
 
-    @api.get("/v2", tags=["v2"])
+    @api.get("/v2", tags=["v2"], response_model=V2ServerMetadata)
     async def v2_server(self) -> dict[str, Any]:
         return {"name": "kiln", "version": "1", "extensions": ["binary_tensor_data"]}
 
-    @api.get("/v2/health/live", tags=["v2"])
+    @api.get("/v2/health/live", tags=["v2"], response_model=V2Live)
     async def v2_live(self) -> dict[str, bool]:
         return {"live": True}
 
-    @api.get("/v2/health/ready", tags=["v2"], responses=ERROR_RESPONSES)
+    @api.get("/v2/health/ready", tags=["v2"], response_model=V2Ready, responses=ERROR_RESPONSES)
     async def v2_ready(self) -> dict[str, bool]:
         if not self.served.replicas:
             raise HTTPException(503, "no model is loaded yet")
@@ -372,8 +419,15 @@ class KilnServer:
             raise HTTPException(404, f"version {version!r} is not a number")
         return self._replica_for(f"{name}@{version}" if version else name, request)
 
-    @api.get("/v2/models/{name}", tags=["v2"], responses=ERROR_RESPONSES)
-    @api.get("/v2/models/{name}/versions/{version}", tags=["v2"], responses=ERROR_RESPONSES)
+    @api.get(
+        "/v2/models/{name}", tags=["v2"], response_model=V2ModelMetadata, responses=ERROR_RESPONSES
+    )
+    @api.get(
+        "/v2/models/{name}/versions/{version}",
+        tags=["v2"],
+        response_model=V2ModelMetadata,
+        responses=ERROR_RESPONSES,
+    )
     async def v2_metadata(
         self, name: str, credentials: BearerDep, version: str | None = None
     ) -> dict[str, Any]:
@@ -381,8 +435,18 @@ class KilnServer:
         _, replica = self._v2_replica(name, version, None)
         return v2.model_metadata(replica.record.name, replica.record.version, replica.spec)
 
-    @api.get("/v2/models/{name}/ready", tags=["v2"], responses=ERROR_RESPONSES)
-    @api.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"], responses=ERROR_RESPONSES)
+    @api.get(
+        "/v2/models/{name}/ready",
+        tags=["v2"],
+        response_model=V2ModelReady,
+        responses=ERROR_RESPONSES,
+    )
+    @api.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        tags=["v2"],
+        response_model=V2ModelReady,
+        responses=ERROR_RESPONSES,
+    )
     async def v2_model_ready(
         self, name: str, credentials: BearerDep, version: str | None = None
     ) -> dict[str, Any]:
@@ -390,8 +454,8 @@ class KilnServer:
         _, replica = self._v2_replica(name, version, None)
         return {"name": replica.record.name, "ready": True}
 
-    @api.post("/v2/models/{name}/infer", tags=["v2"], responses=ERROR_RESPONSES)
-    @api.post("/v2/models/{name}/versions/{version}/infer", tags=["v2"], responses=ERROR_RESPONSES)
+    @api.post("/v2/models/{name}/infer", **V2_INFER_DOCS)
+    @api.post("/v2/models/{name}/versions/{version}/infer", **V2_INFER_DOCS)
     async def v2_infer(
         self, name: str, request: Request, credentials: BearerDep, version: str | None = None
     ) -> Response:

@@ -45,6 +45,81 @@ class ErrorBody(BaseModel):
     error: str
 
 
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: Literal["FP32", "FP64", "INT64", "BYTES"]
+    shape: list[int] = Field(description="-1 for a dimension of any size.")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2InferInput(BaseModel):
+    name: str = Field(description="The model's input name (see its metadata).")
+    shape: list[int] = Field(description="[N, F]: N rows of the model's F features.")
+    datatype: Literal["FP32", "FP64", "INT64"]
+    data: list[Any] | None = Field(
+        None, description="Row-major values, flat or nested; absent with binary_data_size."
+    )
+    parameters: dict[str, Any] | None = Field(
+        None, description="binary_data_size: the tensor's bytes follow the JSON header."
+    )
+
+
+class V2RequestedOutput(BaseModel):
+    name: Literal["predictions", "probabilities"]
+    parameters: dict[str, Any] | None = Field(None, description="binary_data: true|false.")
+
+
+class V2InferRequest(BaseModel):
+    """Open Inference Protocol V2 request; binary tensors follow the JSON when the
+    Inference-Header-Content-Length header gives the JSON's length."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2InferInput] = Field(min_length=1, max_length=1)
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[V2InferOutput]
+
+
 class CanarySpec(BaseModel):
     ref: str = Field(description="The canary version, e.g. digits-mlp@4.")
     weight: int = Field(ge=0, le=100, description="Percent of bare-name traffic it takes.")
