@@ -8,6 +8,7 @@ answers exactly as the evaluated one did.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,9 @@ from training.artifacts import model_from_files
 from training.evaluate import outputs_to_predictions, predict_outputs, softmax
 
 logger = logging.getLogger(__name__)
+
+
+SMALL_ROWS = 16
 
 
 def pick_device(gpu: str = "auto") -> torch.device:
@@ -36,6 +40,10 @@ class ModelReplica:
         self.device = pick_device(gpu)
         self.model = model.to(self.device)
         self.record = record
+        self.small_forward_s = 0.0
+        """Moving average of the seconds a forward pass of a few rows takes (serving uses it
+        to run cheap passes inline and costly ones on a worker thread)."""
+        self.forward(np.zeros((1, self.num_features), dtype=np.float32))  # warm-up, first time
         logger.info("loaded %s on %s", record.ref, self.device)
 
     @property
@@ -48,7 +56,14 @@ class ModelReplica:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs (N, K) for x of shape (N, num_features)."""
-        return predict_outputs(self.model, x, self.device)
+        started = time.perf_counter()
+        out = predict_outputs(self.model, x, self.device)
+        if len(x) <= SMALL_ROWS:
+            took = time.perf_counter() - started
+            self.small_forward_s = (
+                took if not self.small_forward_s else (0.9 * self.small_forward_s + 0.1 * took)
+            )
+        return out
 
     def predict(self, x: np.ndarray, probabilities: bool = False) -> dict[str, Any]:
         """x is (N, num_features) float32; returns predictions (class labels or values)."""
