@@ -198,6 +198,9 @@ def main() -> None:
     parser.add_argument("--grid-model", default="logistic")
     parser.add_argument("--out", default="benchmarks/results/tune_efficiency")
     parser.add_argument("--num-cpus", type=int, default=4)
+    parser.add_argument(
+        "--only", choices=("asha", "memory"), help="Run one of the two comparisons."
+    )
     args = parser.parse_args()
     if args.smoke_test:
         args.epochs, args.rows, args.grid_data = 4, 200_000, "sklearn:iris"
@@ -207,8 +210,11 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         started = time.perf_counter()
-        result = asha_vs_grid(args, storage, out)
-        result.update(shared_vs_own_memory(args, storage))
+        result: dict[str, Any] = {}
+        if args.only != "memory":
+            result.update(asha_vs_grid(args, storage, out))
+        if args.only != "asha":
+            result.update(shared_vs_own_memory(args, storage))
         result["elapsed_s"] = time.perf_counter() - started
     finally:
         ray.shutdown()
