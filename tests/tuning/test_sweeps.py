@@ -1,5 +1,6 @@
 """Sweeps on the shared local Ray: ASHA really stops trials, Optuna runs, reports and lineage."""
 
+import json
 import struct
 from pathlib import Path
 
@@ -65,6 +66,61 @@ def test_optuna_search_runs_distinct_trials(ray_local, settings_session, registr
     assert len(outcome.trials) == 4 and outcome.trial_epochs == 4 * 3
     assert len({t.config["lr"] for t in outcome.trials}) == 4
     assert outcome.record.lineage["sweep"]["search"] == "optuna"
+
+
+def test_kiln_tune_json_is_the_contract_and_the_refit_is_in_the_lineage(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    """`kiln tune --json` in-process: exactly the issue's keys; the registered model was refit
+    on train + validation rows, which its lineage says (and --no-refit does not)."""
+    from cluster.cli import main
+    from cluster.client import Kiln
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    args = ["tune", "--data", "sklearn:wine", "--model", "logistic", "--trials", "2"]
+    args += ["--epochs", "3", "--scheduler", "none", "--val-fraction", "0.2", "--json"]
+    main([*args, "--register", "wine-refit"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) == {
+        "best_config",
+        "best_metrics",
+        "num_trials",
+        "trial_epochs",
+        "model",
+        "version",
+        "elapsed_s",
+        "artifacts",
+    }
+    assert set(result["artifacts"]) == {"csv", "heatmap", "curves"}
+    assert result["num_trials"] == 2 and result["trial_epochs"] == 2 * 3
+    assert set(result["best_config"]) == {"lr", "l2"} and result["model"] == "wine-refit"
+    assert {"accuracy", "best_val_loss"} <= set(result["best_metrics"])
+
+    main([*args, "--register", "wine-no-refit", "--no-refit"])
+    capsys.readouterr()
+    kiln = Kiln(home=tmp_path, use_ray=False)  # the catalog's SQLite file, read directly
+    refit = kiln.show("wine-refit@1")["lineage"]
+    kept = kiln.show("wine-no-refit@1")["lineage"]
+    # wine: 178 rows, 20% test -> 142, of which 20% validation -> 113 train + 29 validation.
+    assert kept["refit"] is None and kept["train_rows"] == 113
+    assert refit["refit"]["rows"] == refit["train_rows"] == 113 + 29
+    assert 1 <= refit["refit"]["epochs"] <= 3
+    assert refit["refit"]["trial_id"] == refit["trial_id"]
+
+
+@pytest.mark.slow  # two TorchTrainers of 2 workers each: 1-3 minutes on 2 cores
+def test_trials_with_two_workers_each_train_on_two_ray_train_workers(
+    ray_local, settings_session, registry_session
+):
+    request = sweep_request("random", "none", trials=2, epochs=2, name="wine-two-workers")
+    request.sweep.workers_per_trial = request.train.workers = 2
+    outcome = tune_and_register(settings_session, request, registry_session)
+    assert len(outcome.trials) == 2 and outcome.trial_epochs == 2 * 2
+    for trial in outcome.trials:
+        workers = trial.metrics["workers"]  # gathered from every rank by train_func
+        assert trial.metrics["num_workers"] == 2 and len({w["pid"] for w in workers}) == 2
+        assert sum(w["rows"] for w in workers) == 113  # every training row, split in two
+    assert outcome.test_metrics["accuracy"] >= 0.8
 
 
 @pytest.mark.slow
