@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from training.data import make_batch
 from training.errors import KilnError
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
 
 SKLEARN_SETS = ("digits", "breast_cancer", "diabetes", "iris", "wine")
 SKLEARN_REGRESSION = ("diabetes",)
@@ -153,6 +156,8 @@ def load_sklearn(name: str) -> pa.Table:
 
 
 def open_file_dataset(uri: str) -> pads.Dataset:
+    import pyarrow.dataset as pads  # only file sources need it (30 MB in each shard process)
+
     try:
         filesystem, path = (
             pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)

@@ -144,7 +144,10 @@ def shard_batches(
     x: np.ndarray, y: np.ndarray, batch_size: int, seed: tuple, device: torch.device
 ) -> Batches:
     """Shuffled minibatches of resident arrays, deterministic from (seed, epoch, rank)."""
-    perm = np.random.default_rng(seed).permutation(len(x))
+    # The same order as Generator.permutation(len(x)), in int32 where it fits: the index is
+    # the one array per row a zero-copy reader still owns (160 MB at 20M rows in int64).
+    perm = np.arange(len(x), dtype=np.int32 if len(x) < 2**31 else np.int64)
+    np.random.default_rng(seed).shuffle(perm)
     for start in range(0, len(perm), batch_size):
         idx = np.sort(perm[start : start + batch_size])  # sorted gathers read memory in order
         yield torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device)
