@@ -71,7 +71,7 @@ def test_optuna_search_runs_distinct_trials(ray_local, settings_session, registr
 
 
 def test_kiln_tune_json_is_the_contract_and_the_refit_is_in_the_lineage(
-    ray_local, tmp_path, monkeypatch, capsys
+    ray_local, settings_session, registry_session, tmp_path, monkeypatch, capsys
 ):
     """`kiln tune --json` in-process: exactly the issue's keys; the registered model was refit
     on train + validation rows, which its lineage says."""
@@ -98,7 +98,9 @@ def test_kiln_tune_json_is_the_contract_and_the_refit_is_in_the_lineage(
     assert set(result["best_config"]) == {"lr", "l2"} and result["model"] == "wine-refit"
     assert {"accuracy", "best_val_loss"} <= set(result["best_metrics"])
 
-    refit = Kiln(home=tmp_path, use_ray=False).show("wine-refit@1")["lineage"]
+    # This Ray's one Registry actor (the session's) holds what the in-process CLI registered.
+    kiln = Kiln(settings=settings_session)
+    refit = kiln.show(f"wine-refit@{result['version']}")["lineage"]
     # wine: 178 rows, 20% test -> 142, of which 20% validation -> 113 train + 29 validation.
     assert refit["refit"]["rows"] == refit["train_rows"] == 113 + 29
     assert 1 <= refit["refit"]["epochs"] <= 3
