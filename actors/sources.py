@@ -9,17 +9,20 @@ filesystem (local path, `file://`, `s3://`, `gs://`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-from sklearn.model_selection import train_test_split
 
 from training.data import make_batch
 from training.errors import KilnError
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
 
 SKLEARN_SETS = ("digits", "breast_cancer", "diabetes", "iris", "wine")
 SKLEARN_REGRESSION = ("diabetes",)
@@ -153,6 +156,8 @@ def load_sklearn(name: str) -> pa.Table:
 
 
 def open_file_dataset(uri: str) -> pads.Dataset:
+    import pyarrow.dataset as pads  # only file sources need it (30 MB in each shard process)
+
     try:
         filesystem, path = (
             pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
@@ -251,6 +256,10 @@ def split_indices(
     y: np.ndarray, test_fraction: float, seed: int, stratify: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted train and test row indices; stratified by label for classification."""
+    # Imported here: scikit-learn (with scipy) adds about 160 MB to every process that holds
+    # a shard, and a shard process only splits once, when it loads.
+    from sklearn.model_selection import train_test_split
+
     rows = np.arange(len(y))
     if test_fraction == 0:
         return rows, rows[:0]
@@ -297,16 +306,22 @@ def split_rows(y: np.ndarray, spec: SourceSpec, split: str) -> np.ndarray:
 
 def read_shard(spec: SourceSpec, split: str, index: int, num_shards: int) -> list[pa.RecordBatch]:
     """The record batches of one shard of one split: train, val, test or all."""
+    return list(iter_shard(spec, split, index, num_shards))
+
+
+def iter_shard(
+    spec: SourceSpec, split: str, index: int, num_shards: int
+) -> Iterator[pa.RecordBatch]:
+    """The same batches one at a time, so a reader can store each before the next is made."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     if spec.uri.startswith("synthetic:"):
         synthetic = parse_synthetic(spec.uri)
         lo, hi = synthetic_split_range(spec, synthetic.rows, split)
         start, stop = shard_bounds(hi - lo, num_shards, index)
-        return [
-            synthetic_rows(synthetic, lo + s, lo + min(s + BATCH_ROWS, stop))
-            for s in range(start, stop, BATCH_ROWS)
-        ]
+        for s in range(start, stop, BATCH_ROWS):
+            yield synthetic_rows(synthetic, lo + s, lo + min(s + BATCH_ROWS, stop))
+        return
     if spec.uri.startswith("sklearn:"):
         table = load_sklearn(spec.uri.split(":", 1)[1])
     else:
@@ -315,10 +330,9 @@ def read_shard(spec: SourceSpec, split: str, index: int, num_shards: int) -> lis
     rows = split_rows(y, spec, split)
     start, stop = shard_bounds(len(rows), num_shards, index)
     mine = rows[start:stop]
-    return [
-        make_batch(part, x[part], y[part])
-        for part in (mine[s : s + BATCH_ROWS] for s in range(0, len(mine), BATCH_ROWS))
-    ]
+    for s in range(0, len(mine), BATCH_ROWS):
+        part = mine[s : s + BATCH_ROWS]
+        yield make_batch(part, x[part], y[part])
 
 
 def check_source(spec: SourceSpec) -> None:

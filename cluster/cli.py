@@ -419,6 +419,13 @@ def tune(
     resume: Annotated[
         str | None, typer.Option(help="Finish a sweep whose driver died, by its id.")
     ] = None,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            help="Train the best configuration again on train + validation rows and register "
+            "that model (--no-refit: register the best trial's own weights)."
+        ),
+    ] = True,
     as_json: JsonOpt = False,
     address: AddressOpt = None,
     home: HomeOpt = None,
@@ -492,6 +499,7 @@ def tune(
             sweep=sweep_cfg,
             eval_data=eval_data,
             name=register or default_model_name(data, model),
+            refit=refit,
         )
     if not looks_like_dataset_name(request.data):
         check_source(request.source)
@@ -511,24 +519,24 @@ def tune(
         f"sweep {outcome.sweep_id}: artifacts in {outcome.artifacts['csv'].rsplit('/', 1)[0]}"
     )
     emit(
-        {
-            "sweep_id": outcome.sweep_id,
-            "best_config": outcome.best.config,
-            "best_metrics": {
-                **outcome.test_metrics,
-                f"best_{request.sweep.metric}": outcome.best.best,
-            },
-            "best_trial": outcome.best.trial_id,
-            "num_trials": len(outcome.trials),
-            "trial_epochs": outcome.trial_epochs,
-            "model": outcome.record.name,
-            "version": outcome.record.version,
-            "elapsed_s": time.perf_counter() - started,
-            "artifacts": outcome.artifacts,
-        },
+        tune_result(outcome, request.sweep.metric, time.perf_counter() - started),
         as_json,
         f"kiln tune: {outcome.record.ref}",
     )
+
+
+def tune_result(outcome: Any, metric: str, elapsed_s: float) -> dict[str, Any]:
+    """`kiln tune --json`: exactly the keys the sweep's contract names (issue 4)."""
+    return {
+        "best_config": outcome.best.config,
+        "best_metrics": {**outcome.test_metrics, f"best_{metric}": outcome.best.best},
+        "num_trials": len(outcome.trials),
+        "trial_epochs": outcome.trial_epochs,
+        "model": outcome.record.name,
+        "version": outcome.record.version,
+        "elapsed_s": elapsed_s,
+        "artifacts": {k: outcome.artifacts[k] for k in ("csv", "heatmap", "curves")},
+    }
 
 
 def looks_like_dataset_name(data: str) -> bool:

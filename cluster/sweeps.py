@@ -2,8 +2,9 @@
 
 Reads as its steps: make the dataset resident once (load it, or attach to a named one), build
 the model spec from its statistics, run the Tune sweep with every trial reading those same
-ShardStore actors, write the CSV and PNG reports, evaluate the best trial's best weights on the
-test split (or --eval-data), and register them with the sweep's lineage. The request is saved
+ShardStore actors, write the CSV and PNG reports, train the best configuration again on train +
+validation rows (or, with refit off, take the best trial's best weights), evaluate that model on
+the test split (or --eval-data), and register it with the sweep's lineage. The request is saved
 under KILN_HOME/sweeps before Ray Tune starts, so `kiln tune --resume SWEEP` can finish a sweep
 whose driver died.
 """
@@ -13,16 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import ray
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
 from actors.lineage import code_version, dataset_sha256
-from actors.shards import Dataset, attach_dataset, load_dataset
+from actors.shards import Dataset, FeatureStats, attach_dataset, load_dataset
 from actors.sources import SourceSpec
 from cluster.pipeline import (
     StepFn,
@@ -40,7 +42,7 @@ from training.models import KilnModel, build_model, set_standardization
 from tuning.report import write_reports
 from tuning.space import SearchSpace
 from tuning.sweep import ResultFn, SweepConfig, TrialSummary, best_trial, run_tuner, summarise
-from tuning.trainable import TrialContext, trial_spec, trial_train_config
+from tuning.trainable import TrialContext, refit_weights, trial_spec, trial_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class SweepRequest:
     name: str
     eval_data: str | None = None
     sweep_id: str = ""
+    refit: bool = True
+    """Train the best configuration again on train + validation rows and register that."""
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -188,10 +192,15 @@ def tune_and_register(
         best = best_trial(trials, sweep.mode)
         step("reporting")
         artifacts = write_reports(trials, sweep.metric, sweep.mode, record_path.with_suffix(""))
-        step("evaluating")
         best_cfg = trial_train_config(request.train.to_dict(), best_config_of(grid, best))
         spec = trial_spec(context.spec, best_cfg)
-        model = load_trial_model(best, spec)
+        refit: dict[str, Any] | None = None
+        if request.refit:
+            step("refitting")
+            model, spec, refit = refit_best(best_cfg, spec, best, data, context.use_gpu)
+        else:
+            model = load_trial_model(best, spec)
+        step("evaluating")
         test_metrics = evaluate_on(model, spec, eval_set or data.test)
         step("registering")
         lineage = {
@@ -213,10 +222,11 @@ def tune_and_register(
             "test_fraction": data.train.source.test_fraction,
             "val_fraction": data.train.source.val_fraction,
             "split_seed": data.train.source.seed,
-            "train_rows": data.train.num_rows,
+            "train_rows": refit["rows"] if refit else data.train.num_rows,
             "test_rows": (eval_set or data.test).num_rows,
             "train_config": best_cfg.to_dict(),
             "best_epoch": best.metrics.get("best_epoch"),
+            "refit": refit,
         }
         metrics = {
             **test_metrics,
@@ -237,6 +247,49 @@ def tune_and_register(
         artifacts=artifacts,
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def refit_best(
+    cfg: TrainConfig, spec: dict[str, Any], best: TrialSummary, data: Dataset, use_gpu: bool
+) -> tuple[KilnModel, dict[str, Any], dict[str, Any]]:
+    """The best configuration trained again on train + validation rows (no row held out).
+
+    The sweep fitted every trial on the training rows alone, holding validation rows back to
+    rank them; with the configuration chosen those rows are worth training on. The refit runs
+    as many epochs as the best trial took to its best validation loss, standardises with the
+    statistics of all the rows it trains on, and runs as a Ray task on the cluster (reading
+    the same resident shards). Returns the model, its spec and what the lineage records.
+    """
+    assert data.val is not None  # a sweep always has validation rows (trial_context)
+    epochs = int(best.metrics.get("best_epoch", cfg.epochs - 1)) + 1
+    rows = data.train.num_rows + data.val.num_rows
+    refit_spec = spec_with_stats(spec, data.train.stats.merge(data.val.stats))
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(refit_weights)
+    weights = ray.get(
+        task.remote(
+            replace(cfg, epochs=epochs),
+            refit_spec,
+            data.train.handles + data.val.handles,
+            rows,
+            use_gpu,
+        )
+    )
+    model = build_model(refit_spec)
+    set_standardization(model, refit_spec)
+    model.load_state_dict(load_safetensors(weights))
+    return model.eval(), refit_spec, {"epochs": epochs, "rows": rows, "trial_id": best.trial_id}
+
+
+def spec_with_stats(spec: dict[str, Any], stats: FeatureStats) -> dict[str, Any]:
+    """The spec with standardisation statistics from `stats` (as make_spec computes them)."""
+    found = {
+        **spec,
+        "mean": stats.mean.astype(float).tolist(),
+        "std": stats.std.astype(float).tolist(),
+    }
+    if spec["task"] == "regression":
+        found.update(target_mean=stats.label_mean, target_std=stats.label_std)
+    return found
 
 
 def best_config_of(grid: Any, best: TrialSummary) -> dict[str, Any]:

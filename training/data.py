@@ -3,12 +3,18 @@
 A shard is a list of Arrow record batches with three columns: `row_id` (int64, the row's
 position in the source, for coverage checks), `features` (fixed_size_list<float32>[F], so a
 batch's features are one contiguous buffer) and `label`. Reading features back is zero-copy.
+
+No torch here: the ShardStore actors import this module, and every megabyte a shard's process
+imports is paid once per shard for as long as the dataset stays resident.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
+import ray
 
 ROW_ID = "row_id"
 FEATURES = "features"
@@ -47,3 +53,19 @@ def batches_to_arrays(batches: list[pa.RecordBatch]) -> tuple[np.ndarray, np.nda
 def encode_labels(labels: np.ndarray, classes: list) -> np.ndarray:
     """Class indices 0..K-1 for labels drawn from `classes` (sorted)."""
     return np.searchsorted(np.asarray(classes), labels).astype(np.int64)
+
+
+def fetch_shard_batches(handle: Any, attempts: int = 5) -> list:
+    """A shard's record batches through its ObjectRefs, surviving a restart of its actor.
+
+    If the ShardStore died after handing out refs, those objects died with it (it owned
+    them): ask the restarted actor, which reloaded its shard from the source, for new refs.
+    """
+    for attempt in range(attempts):
+        refs = ray.get(handle.batch_refs.remote())
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+            if attempt == attempts - 1:
+                raise
+    return []

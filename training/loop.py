@@ -33,7 +33,12 @@ from training.checkpoints import (
     state_tensors,
 )
 from training.config import TrainConfig
-from training.data import batch_features, batches_to_arrays, encode_labels
+from training.data import (
+    batch_features,
+    batches_to_arrays,
+    encode_labels,
+    fetch_shard_batches,
+)
 from training.losses import objective
 from training.metrics import metrics_from_confusion, regression_metrics_from_sums
 from training.models import build_model, set_standardization
@@ -64,25 +69,9 @@ class LoopConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def fetch_shard_batches(handle: Any, attempts: int = 5) -> list:
-    """A shard's record batches through its ObjectRefs, surviving a restart of its actor.
-
-    If the ShardStore died after handing out refs, those objects died with it (it owned
-    them): ask the restarted actor, which reloaded its shard from the source, for new refs.
-    """
-    for attempt in range(attempts):
-        refs = ray.get(handle.batch_refs.remote())
-        try:
-            return ray.get(refs)
-        except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
-            if attempt == attempts - 1:
-                raise
-    return []
-
-
 class RowChunks:
     """Rows spread over several read-only arrays (the object store's record batches), indexed
-    like one (N, F) array for what the loop does: sorted row gathers and slices.
+    like one (N, ...) array for what the loop does: sorted row gathers and slices.
 
     Concatenating the batches would give every reader a private copy of the whole split; with
     this view, concurrent Tune trials on one node all map the same object-store pages.
@@ -91,7 +80,7 @@ class RowChunks:
     def __init__(self, chunks: list[np.ndarray]) -> None:
         self.chunks = chunks
         self.starts = np.cumsum([0] + [len(c) for c in chunks])
-        self.shape = (int(self.starts[-1]), chunks[0].shape[1])
+        self.shape = (int(self.starts[-1]), *chunks[0].shape[1:])
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -104,7 +93,9 @@ class RowChunks:
         parts = [
             self.chunks[c][rows[which == c] - self.starts[c]] for c in np.unique(which).tolist()
         ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.shape[1]), np.float32)
+        if not parts:
+            return np.zeros((0, *self.shape[1:]), self.chunks[0].dtype)
+        return np.concatenate(parts)
 
 
 def read_worker_shards(
@@ -113,11 +104,12 @@ def read_worker_shards(
     world_size: int,
     spec: dict[str, Any],
     zero_copy: bool = False,
-) -> tuple[Any, np.ndarray]:
+) -> tuple[Any, Any]:
     """This rank's rows: features from the object store, labels encoded.
 
-    `zero_copy` keeps the features as a RowChunks view over the shared batches instead of one
-    private array (one copy per reader): what concurrent Tune trials on one node want.
+    `zero_copy` keeps features and labels as RowChunks views over the shared batches instead
+    of private arrays (one copy per reader): what concurrent Tune trials on one node want.
+    Labels that are already class indices 0..K-1 stay views too; others are encoded per batch.
     """
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
@@ -132,20 +124,30 @@ def read_worker_shards(
         ys.append(y_part)
     if not xs:
         return np.zeros((0, spec["num_features"]), np.float32), np.zeros(0)
-    x: Any = RowChunks(xs) if zero_copy else None
-    if not zero_copy:
-        x = np.concatenate(xs) if len(xs) > 1 else xs[0]
-    y = np.concatenate(ys) if len(ys) > 1 else ys[0]
-    if spec["task"] == "classification":
-        return x, encode_labels(y, spec["classes"])
-    return x, y.astype(np.float32)
+    if zero_copy:
+        return RowChunks(xs), RowChunks([label_targets(y, spec) for y in ys])
+    x = np.concatenate(xs) if len(xs) > 1 else xs[0]
+    return x, label_targets(np.concatenate(ys) if len(ys) > 1 else ys[0], spec)
+
+
+def label_targets(y: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Class indices (int64) or float32 targets; the array itself when it already is one."""
+    if spec["task"] != "classification":
+        return y.astype(np.float32, copy=False)
+    classes = spec["classes"]
+    if y.dtype == np.int64 and classes == list(range(len(classes))):
+        return y  # labels 0..K-1 are their own indices
+    return encode_labels(y, classes)
 
 
 def shard_batches(
     x: np.ndarray, y: np.ndarray, batch_size: int, seed: tuple, device: torch.device
 ) -> Batches:
     """Shuffled minibatches of resident arrays, deterministic from (seed, epoch, rank)."""
-    perm = np.random.default_rng(seed).permutation(len(x))
+    # The same order as Generator.permutation(len(x)), in int32 where it fits: the index is
+    # the one array per row a zero-copy reader still owns (160 MB at 20M rows in int64).
+    perm = np.arange(len(x), dtype=np.int32 if len(x) < 2**31 else np.int64)
+    np.random.default_rng(seed).shuffle(perm)
     for start in range(0, len(perm), batch_size):
         idx = np.sort(perm[start : start + batch_size])  # sorted gathers read memory in order
         yield torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device)

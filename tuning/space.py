@@ -8,6 +8,7 @@ The same space feeds random search, a full grid, Optuna's TPE and PBT's mutation
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -195,14 +196,11 @@ def load_space_file(path: str) -> dict[str, Any]:
 
 
 def param_space(space: SearchSpace, search: str, grid_points: int) -> dict[str, Any]:
-    """Ray Tune's param_space: grid_search lists for `grid`, sampling domains otherwise."""
+    """Ray Tune's param_space: the grid's values as choices for `grid` (the points themselves
+    come from `grid_configs`, in a shuffled order), sampling domains otherwise."""
     if search == "grid":
-        params: dict[str, Any] = {
-            "lr": tune.grid_search(space.lr.grid(grid_points)),
-            "l2": tune.grid_search(space.l2.grid(grid_points)),
-        }
-        params.update({k: tune.grid_search(v) for k, v in space.categorical().items()})
-        return params
+        axes = grid_axes(space, grid_points)
+        return {k: tune.choice(v) if len(v) > 1 else v[0] for k, v in axes.items()}
     params = {"lr": _log_domain(space.lr)}
     if space.l2.include_zero and space.l2.high > 0:
         top = math.log10(space.l2.high)
@@ -245,8 +243,27 @@ def decode_l2(config: dict[str, Any]) -> float:
     return float(10.0**exponent)
 
 
+def grid_axes(space: SearchSpace, grid_points: int) -> dict[str, list[Any]]:
+    return {
+        "lr": space.lr.grid(grid_points),
+        "l2": space.l2.grid(grid_points),
+        **space.categorical(),
+    }
+
+
 def grid_size(space: SearchSpace, grid_points: int) -> int:
-    size = len(space.lr.grid(grid_points)) * len(space.l2.grid(grid_points))
-    for values in space.categorical().values():
-        size *= len(values)
-    return size
+    return math.prod(len(values) for values in grid_axes(space, grid_points).values())
+
+
+def grid_configs(space: SearchSpace, grid_points: int, seed: int) -> list[dict[str, Any]]:
+    """Every point of the grid once, in a seeded random order.
+
+    Order matters to asynchronous successive halving: it ranks each trial against those that
+    reached a rung before it. In axis order the grid starts with the smallest learning rates
+    (usually the worst), so every rung filled with poor trials first and each later, better one
+    went on: on the tune_efficiency digits grid ASHA then ran 79% of the grid's trial-epochs.
+    """
+    axes = grid_axes(space, grid_points)
+    points = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    order = np.random.default_rng(seed).permutation(len(points))
+    return [points[i] for i in order]

@@ -26,7 +26,15 @@ from ray.tune.schedulers import (
 )
 
 from training.errors import KilnError
-from tuning.space import SearchSpace, decode_l2, grid_size, param_space, pbt_mutations
+from tuning.asha import PromotingASHA
+from tuning.space import (
+    SearchSpace,
+    decode_l2,
+    grid_configs,
+    grid_size,
+    param_space,
+    pbt_mutations,
+)
 from tuning.trainable import TrialContext, run_trial
 
 logger = logging.getLogger(__name__)
@@ -98,6 +106,15 @@ def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
         # A grace period of an eighth of the budget: early epochs rank learning rates by speed,
         # not by where they end, so judging after one epoch would keep the fast-but-poor ones.
         grace = max(1, cfg.max_epochs // 8)
+        if pauses_trials(cfg):
+            return PromotingASHA(
+                max_t=cfg.max_epochs,
+                grace_period=grace,
+                reduction_factor=3,
+                num_trials=cfg.planned_trials,
+            )
+        # A multi-worker trial keeps its checkpoints in its own Train run, not in Tune, so it
+        # cannot be paused and resumed at a rung: Ray's stopping ASHA judges it instead.
         return ASHAScheduler(max_t=cfg.max_epochs, grace_period=grace, reduction_factor=3)
     if cfg.scheduler == "hyperband":
         return HyperBandScheduler(max_t=cfg.max_epochs, reduction_factor=3)
@@ -116,7 +133,25 @@ def make_search(cfg: SweepConfig) -> Any:
         return OptunaSearch(seed=cfg.seed)
     from ray.tune.search import BasicVariantGenerator
 
+    if cfg.search == "grid":
+        points = grid_configs(cfg.space, cfg.grid_points, cfg.seed)
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.seed)
     return BasicVariantGenerator(random_state=cfg.seed)
+
+
+def searcher_concurrency(cfg: SweepConfig, concurrent: int) -> int | None:
+    """Tune's cap on live trials, or None to let the trials' resources alone cap them.
+
+    Tune counts a paused trial as live: under PromotingASHA, a cap would let paused trials
+    hold every slot while no new trial may start. One-worker trials ask a whole CPU each, so
+    the cluster's CPUs already bound how many run at once.
+    """
+    return None if pauses_trials(cfg) else concurrent
+
+
+def pauses_trials(cfg: SweepConfig) -> bool:
+    """ASHA over one-worker trials promotes (PromotingASHA), pausing trials at its rungs."""
+    return cfg.scheduler == "asha" and cfg.workers_per_trial == 1
 
 
 def trial_resources(workers_per_trial: int) -> tuple[dict[str, float], int]:
@@ -176,8 +211,8 @@ def run_tuner(
             mode=cfg.mode,
             scheduler=make_scheduler(cfg),
             search_alg=make_search(cfg),
-            num_samples=1 if cfg.search == "grid" else cfg.num_trials,
-            max_concurrent_trials=concurrent,
+            num_samples=cfg.planned_trials,
+            max_concurrent_trials=searcher_concurrency(cfg, concurrent),
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(

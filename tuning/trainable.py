@@ -20,6 +20,7 @@ import ray
 import ray.train
 import torch
 from ray import tune
+from safetensors.torch import save as save_safetensors
 
 from training.checkpoints import (
     TrainingState,
@@ -137,6 +138,30 @@ def run_trial_in_process(cfg: TrainConfig, spec: dict[str, Any], context: TrialC
         with tempfile.TemporaryDirectory() as directory:
             save_training_checkpoint(directory, state)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def refit_weights(
+    cfg: TrainConfig, spec: dict[str, Any], shards: list[Any], num_rows: int, use_gpu: bool
+) -> bytes:
+    """The winning configuration trained again, on every shard handed in (train and
+    validation rows), for `cfg.epochs` epochs: its final weights, as safetensors bytes.
+
+    The same steps as a trial (training/loop.py), without validation: no row is held out.
+    """
+    torch.manual_seed(cfg.seed)
+    device = trial_device(use_gpu)
+    x, y = read_worker_shards(shards, 0, 1, spec, zero_copy=True)
+    loop_cfg = LoopConfig(train=cfg, spec=spec, shards=[], num_train_rows=num_rows)
+    model = build_model(spec)
+    set_standardization(model, spec)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    for epoch in range(cfg.epochs):
+        batches = shard_batches(x, y, cfg.batch_size, (cfg.seed, epoch, 0), device)
+        run_epoch(model, optimizer, batches, loop_cfg, device)
+        scheduler.step()
+    return save_safetensors(state_tensors(model))
 
 
 def run_trial_on_train(cfg: TrainConfig, spec: dict[str, Any], context: TrialContext) -> None:

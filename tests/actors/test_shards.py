@@ -51,7 +51,7 @@ def test_batches_are_object_refs_owned_by_the_actor(ray_local):
 
 def test_a_killed_shard_actor_reloads_and_every_row_is_read_exactly_once(ray_local):
     from actors.sources import synthetic_split_range
-    from training.loop import fetch_shard_batches
+    from training.data import fetch_shard_batches
 
     source = SourceSpec(uri="synthetic:classification?rows=30000&features=4&classes=3&seed=5")
     shards = load_shards(source, "train", 3)

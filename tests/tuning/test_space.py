@@ -9,6 +9,7 @@ from tuning.space import (
     L2_LOG10_KEY,
     SearchSpace,
     decode_l2,
+    grid_configs,
     grid_size,
     param_space,
     parse_log_range,
@@ -53,8 +54,15 @@ def test_zero_band_decodes_to_exactly_zero_below_low():
 def test_grid_covers_every_point_and_choice():
     space = SearchSpace.from_dict({"lr": "1e-3:1e-1", "l2": "0,1e-4:1", "optimizer": "adam,sgd"})
     assert grid_size(space, 3) == 3 * 4 * 2
-    grid = param_space(space, "grid", 3)
-    assert grid["l2"]["grid_search"][0] == 0.0 and len(grid["optimizer"]["grid_search"]) == 2
+    points = grid_configs(space, 3, seed=0)
+    as_tuples = [(p["lr"], p["l2"], p["optimizer"]) for p in points]
+    assert len(set(as_tuples)) == len(points) == 3 * 4 * 2  # each point exactly once
+    assert {p["l2"] for p in points} == {0.0, *space.l2.grid(3)[1:]}
+    assert {p["optimizer"] for p in points} == {"adam", "sgd"}
+    assert as_tuples != sorted(as_tuples)  # not in axis order: ASHA would meet the worst first
+    assert points == grid_configs(space, 3, seed=0) and points != grid_configs(space, 3, seed=1)
+    choices = param_space(space, "grid", 3)  # the same values, as Tune domains
+    assert sorted(choices["lr"].categories) == sorted(space.lr.grid(3))
 
 
 def test_space_rejects_unknown_keys_and_optimisers():
