@@ -132,11 +132,11 @@ def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) 
     """Runs in its own process: Serve's proxy mode is fixed when Ray starts."""
     import ray
 
-    from cluster.runtime import SERVE_ENV, registry_for, shutdown_ray
+    from cluster.runtime import registry_for, serve_env, shutdown_ray
     from cluster.serving_control import deploy_models
     from cluster.settings import Settings
 
-    os.environ.update(SERVE_ENV if proxy == "ha" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    os.environ.update(serve_env() if proxy == "ha" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"})
     settings = Settings(
         kiln_home=Path(tempfile.mkdtemp(prefix="kiln-serve-bench-")), kiln_http_port=8431
     )

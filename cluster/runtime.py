@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,6 +32,26 @@ SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
+# HAProxy's stats and metrics ports and the fallback proxy's ports are fixed numbers by
+# default (8404, 9101, 8500, 9500): a second Ray with Serve on the machine (another `kiln`
+# command, a test run) could not start its HAProxy. The embedded Ray takes free ones.
+SERVE_PORT_VARS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+
+
+def serve_env() -> dict[str, str]:
+    """What the embedded Ray's Serve runs with: SERVE_ENV plus free ports of its own."""
+    return {**SERVE_ENV, **{name: str(free_port()) for name in SERVE_PORT_VARS}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def init_ray(settings: Settings, debug: bool = False) -> bool:
@@ -40,7 +61,7 @@ def init_ray(settings: Settings, debug: bool = False) -> bool:
     for key, value in {**WORKER_ENV, **TRAIN_ENV}.items():
         os.environ.setdefault(key, value)
     if settings.embedded:
-        for key, value in SERVE_ENV.items():
+        for key, value in serve_env().items():
             os.environ.setdefault(key, value)
         ray.init(
             address="local",

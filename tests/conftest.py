@@ -57,12 +57,13 @@ def tiny_model_files(seed: int = 0) -> dict[str, bytes]:
 def ray_local() -> Iterator[None]:
     import ray
 
-    from cluster.runtime import SERVE_ENV
+    from cluster.runtime import serve_env
 
     # Serve in the tests runs as `kiln` runs it on the embedded Ray (HAProxy ingress); only
     # this Ray's processes see the setting, not the multi-node tests' own clusters.
-    saved = {k: os.environ.get(k) for k in SERVE_ENV}
-    os.environ.update({k: os.environ.get(k) or v for k, v in SERVE_ENV.items()})
+    env = serve_env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: os.environ.get(k) or v for k, v in env.items()})
     try:
         ray.init(
             address="local",

@@ -44,7 +44,6 @@ def head_env(token_path: Path) -> dict[str, str]:
         RAY_AUTH_TOKEN_PATH=str(token_path),
         OMP_NUM_THREADS="1",
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",
-        RAY_SERVE_ENABLE_HA_PROXY="1",  # as cluster_configs/ start Ray
     )
     return env
 
