@@ -208,10 +208,18 @@ def fit(
 
 
 def drain(progress: Queue, on_epoch: ProgressFn) -> None:
+    """Hand every queued epoch report to `on_epoch`.
+
+    Progress is a side channel: the queue actor being briefly unreachable (a node dying
+    nearby, a loaded machine) must not fail the run, so that case waits for the next poll.
+    """
     while True:
         try:
             on_epoch(progress.get_nowait())
         except Empty:
+            return
+        except ray.exceptions.ActorUnavailableError:
+            logger.warning("the progress queue is unreachable for now; retrying")
             return
 
 

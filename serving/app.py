@@ -312,12 +312,14 @@ class KilnServer:
         """Outputs for x: at once for a cheap pass on an idle replica, else through the batcher.
 
         A cheap forward pass (a small model, a few rows) costs less than the batch queue's
-        hand-offs, so with no batch in flight it runs at once. Everything else goes through
+        hand-offs, so with no batch in flight and no batch wait asked for it runs at once.
+        Everything else goes through
         `@serve.batch`: with no wait for a batch to fill (the default), a batch holds the
         requests that arrived while the previous one ran, as in Triton's dynamic batcher.
         """
         replica = self.served.replicas[key]
-        if self.batches_in_flight == 0 and runs_inline(replica, len(x)):
+        idle = self.batches_in_flight == 0 and self.args.batch_wait_timeout_s == 0
+        if idle and runs_inline(replica, len(x)):
             return replica.forward(x)
         return await self._forward_batch(BatchItem(key, x))
 
