@@ -248,7 +248,6 @@ class KilnServer:
             logger.warning(AUTH_OFF_WARNING)
         self.limiter = RateLimiter(self.args.rate_limit_per_s, self.args.rate_limit_burst)
         self.served = Served({}, Router())
-        self.batches_in_flight = 0
         # The replica computes with the cores it reserves (Kiln's workers default to one
         # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads.
         torch.set_num_threads(max(1, int(self.args.num_cpus)))
@@ -312,14 +311,12 @@ class KilnServer:
         """Outputs for x: at once for a cheap pass on an idle replica, else through the batcher.
 
         A cheap forward pass (a small model, a few rows) costs less than the batch queue's
-        hand-offs, so with no batch in flight and no batch wait asked for it runs at once.
-        Everything else goes through
-        `@serve.batch`: with no wait for a batch to fill (the default), a batch holds the
+        hand-offs, so when no batch wait is asked for it runs at once. Everything else goes
+        through `@serve.batch`: with no wait for a batch to fill (the default), a batch holds the
         requests that arrived while the previous one ran, as in Triton's dynamic batcher.
         """
         replica = self.served.replicas[key]
-        idle = self.batches_in_flight == 0 and self.args.batch_wait_timeout_s == 0
-        if idle and runs_inline(replica, len(x)):
+        if self.args.batch_wait_timeout_s == 0 and runs_inline(replica, len(x)):
             return replica.forward(x)
         return await self._forward_batch(BatchItem(key, x))
 
@@ -332,14 +329,7 @@ class KilnServer:
         small batches (measured: a third of the throughput). Blocking here lets the requests
         that arrive meanwhile queue up and go through together in the next batch.
         """
-        self.batches_in_flight += 1
-        try:
-            return self._run_batch(self.served.replicas, items)
-        finally:
-            self.batches_in_flight -= 1
-
-    @staticmethod
-    def _run_batch(replicas: dict[str, ModelReplica], items: list[BatchItem]) -> list[np.ndarray]:
+        replicas = self.served.replicas
         outputs: list[np.ndarray | None] = [None] * len(items)
         for key in {item.model_key for item in items}:
             members = [i for i, item in enumerate(items) if item.model_key == key]

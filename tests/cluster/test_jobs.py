@@ -54,6 +54,13 @@ def kiln_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"KILN_HOME": str(root / "home"), "KILN_STORAGE": str(root / "storage")}
 
 
+@pytest.fixture
+def client(head: Head, monkeypatch: pytest.MonkeyPatch) -> Kiln:
+    """The Python client on the head's Jobs API, finding the token as users' clients do."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_path))
+    return Kiln(head.address)
+
+
 def kiln(head: Head, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args],
@@ -142,9 +149,7 @@ def test_submit_wait_exits_non_zero_when_the_job_fails(head):
 
 
 @pytest.mark.slow
-def test_client_submits_train_and_reads_the_result(head, kiln_env, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_path))
-    client = Kiln(head.address)
+def test_client_submits_train_and_reads_the_result(client, kiln_env):
     job_id = client.submit_train(
         env_vars=kiln_env, data="sklearn:iris", model="logistic", workers=1, epochs=2,
         register="iris-client",
@@ -197,9 +202,7 @@ def test_a_wrong_or_missing_token_is_one_clear_line(head, tmp_path):
 
 
 @pytest.mark.slow
-def test_client_tunes_then_deploys_and_the_cluster_serves_it(head, kiln_env, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_path))
-    client = Kiln(head.address)
+def test_client_tunes_then_deploys_and_the_cluster_serves_it(client, kiln_env):
     sweep = client.submit_tune(
         env_vars=kiln_env, data="sklearn:iris", model="logistic", trials=2, epochs=3,
         scheduler="none", register="iris-tuned",
