@@ -7,6 +7,7 @@ from sklearn.datasets import load_digits
 
 from actors.shards import load_shards
 from actors.sources import SourceSpec, split_indices
+from tests.conftest import wait_for
 
 
 def test_shards_hold_the_train_split_balanced_and_exactly_once(ray_local):
@@ -58,10 +59,19 @@ def test_a_killed_shard_actor_reloads_and_every_row_is_read_exactly_once(ray_loc
     try:
         victim = shards.handles[1]
         stale_refs = ray.get(victim.batch_refs.remote())
+        stale = {r.hex() for r in stale_refs}
         ray.kill(victim, no_restart=False)  # the actor restarts and reloads from the source
+
+        def reloaded() -> bool:
+            # ray.kill is asynchronous: calls made just after it may still reach the old actor.
+            try:
+                refs = ray.get(victim.batch_refs.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return False
+            return {r.hex() for r in refs}.isdisjoint(stale)
+
+        assert wait_for(reloaded, timeout_s=180)
         assert ray.get(victim.ready.remote(), timeout=180) == shards.rows_per_shard[1]
-        fresh_refs = ray.get(victim.batch_refs.remote())
-        assert {r.hex() for r in fresh_refs}.isdisjoint({r.hex() for r in stale_refs})  # reloaded
         row_ids = np.concatenate(
             [b.column("row_id").to_numpy() for h in shards.handles for b in fetch_shard_batches(h)]
         )
