@@ -21,8 +21,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.registry import NAMESPACE
 from actors.sources import SourceSpec, check_source, iter_shard, task_of_labels
-from training.data import batch_features, batches_to_arrays, fetch_shard_batches
+from training.data import batch_features, batches_to_arrays, encode_labels, fetch_shard_batches
 from training.errors import KilnError
+from training.linear import CrossMoments, softmax_sums, squared_sums
 from training.preprocess import feature_moments
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class ShardStore:
         self._refs: list[ray.ObjectRef] = []
         self._num_rows = self._num_bytes = 0
         self._stats = FeatureStats(0, np.zeros(0), np.zeros(0))
+        self._moments: CrossMoments | None = None
         # One batch at a time into the object store, the actor owning each object (they live
         # exactly as long as the shard does): while loading, the actor holds one batch, not a
         # second copy of the shard (measured at 2M x 32: the load peaked at twice the shard).
@@ -135,6 +137,33 @@ class ShardStore:
 
     def feature_stats(self) -> FeatureStats:
         return self._stats
+
+    def linear_moments(self) -> CrossMoments:
+        """Count, means and centred co-moments of (features, label), for the exact solvers:
+        F x F numbers leave the actor, never rows. Computed once, batch by batch."""
+        if self._moments is None:
+            moments = CrossMoments.empty(len(self._stats.mean))
+            for batch in ray.get(self._refs):
+                y = batch.column("label").to_numpy()
+                moments = moments.merge(CrossMoments.from_arrays(batch_features(batch), y))
+            self._moments = moments
+        return self._moments
+
+    def loss_sums(
+        self, loss: str, a: np.ndarray, c: np.ndarray, classes: list[Any] | None = None
+    ) -> tuple[float, np.ndarray, np.ndarray]:
+        """Σ loss and its gradient over this shard's rows for raw weights (a, c): one step of
+        a full-batch solver (`softmax`: cross-entropy on `classes`; `squared`: ½·Σ residual²)."""
+        total, grad_a, grad_c = 0.0, np.zeros_like(a, dtype=np.float64), np.zeros(len(c))
+        for batch in ray.get(self._refs):
+            y = batch.column("label").to_numpy()
+            x = batch_features(batch)
+            if loss == "softmax":
+                part = softmax_sums(x, encode_labels(y, classes or []), a, c)
+            else:
+                part = squared_sums(x, y, a, c)
+            total, grad_a, grad_c = total + part[0], grad_a + part[1], grad_c + part[2]
+        return total, grad_a, grad_c
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -182,6 +211,28 @@ class ShardSet:
             ray.kill(handle)
 
 
+def reduce_linear_moments(handles: list[Any]) -> CrossMoments:
+    """The moments of every row of these shards: one F x F reduce over the actors."""
+    parts = ray.get([h.linear_moments.remote() for h in handles])
+    moments = parts[0]
+    for part in parts[1:]:
+        moments = moments.merge(part)
+    return moments
+
+
+def reduce_loss_sums(
+    handles: list[Any], loss: str, a: np.ndarray, c: np.ndarray, classes: list[Any] | None
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Σ loss and gradient over every row of these shards, each actor summing its own."""
+    a_ref, c_ref = ray.put(a), ray.put(c)
+    parts = ray.get([h.loss_sums.remote(loss, a_ref, c_ref, classes) for h in handles])
+    return (
+        sum(p[0] for p in parts),
+        np.sum([p[1] for p in parts], axis=0),
+        np.sum([p[2] for p in parts], axis=0),
+    )
+
+
 @dataclass
 class Dataset:
     """The splits of one dataset resident in ShardStore actors."""
@@ -192,6 +243,8 @@ class Dataset:
     val: ShardSet | None = None
     owned: bool = True
     """Loaded for this command (released at its end) rather than a named, shared dataset."""
+    content_hash: Any = None
+    """An ObjectRef of the training source's sha256, once a caller started hashing it."""
 
     @property
     def splits(self) -> list[ShardSet]:

@@ -215,9 +215,24 @@ def train(
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
     epochs: Annotated[int, typer.Option(help="Most training epochs.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 64,
-    optimizer: Annotated[str, typer.Option(help="sgd|adam|adamw")] = "adam",
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    l2: Annotated[float, typer.Option(help="λ, the L2 coefficient (biases excluded).")] = 0.0,
+    solver: Annotated[
+        str,
+        typer.Option(
+            help="auto|exact|lbfgs|sgd|adam|adamw. auto: exact for linear/ridge, lbfgs for "
+            "logistic, --optimizer (Ray Train minibatches) for mlp/cnn."
+        ),
+    ] = "auto",
+    optimizer: Annotated[str, typer.Option(help="sgd|adam|adamw (minibatch solvers)")] = "adam",
+    lr: Annotated[float, typer.Option(help="Learning rate (minibatch solvers).")] = 1e-3,
+    l2: Annotated[
+        float | None,
+        typer.Option(
+            help="λ, the L2 coefficient (biases excluded). Default: 1 for ridge and logistic "
+            "(scikit-learn's defaults), else 0."
+        ),
+    ] = None,
+    max_iter: Annotated[int, typer.Option(help="Most L-BFGS iterations.")] = 1000,
+    tol: Annotated[float, typer.Option(help="L-BFGS gradient tolerance.")] = 1e-6,
     hidden: Annotated[str, typer.Option(help="MLP hidden widths, comma-separated.")] = "128,64",
     lr_schedule: Annotated[str, typer.Option(help="constant|step|cosine")] = "constant",
     test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
@@ -264,6 +279,9 @@ def train(
             optimizer=optimizer,
             lr=lr,
             l2=l2,
+            solver=solver,
+            max_iter=max_iter,
+            tol=tol,
             hidden=parse_hidden(hidden),
             lr_schedule=lr_schedule,
             seed=seed,
@@ -294,12 +312,18 @@ def train(
         if request.train.gpu == "on":
             require_gpu()
         outcome = train_and_register(settings, request, registry_for(settings), bar.epoch, bar.step)
+    if outcome.warning:
+        console.print(f"kiln: warning: {outcome.warning}")
     emit(
         {
             "model": outcome.record.name,
             "version": outcome.record.version,
             "metrics": outcome.test_metrics,
+            "solver": outcome.solver,
+            "converged": outcome.converged,
+            "final_rel_loss_change": outcome.final_rel_loss_change,
             "epochs_run": outcome.epochs_run,
+            "iterations": outcome.iterations,
             "num_workers": outcome.num_workers,
             "run": outcome.run_name,
             "elapsed_s": time.perf_counter() - started,
@@ -381,8 +405,19 @@ def tune(
         str, typer.Option(help="Learning-rate range LOW:HIGH (log scale).")
     ] = "1e-4:1e-1",
     l2: Annotated[
-        str, typer.Option(help="λ range LOW:HIGH (log scale); 0,LOW:HIGH also tries λ=0.")
-    ] = "0,1e-4:10",
+        str | None,
+        typer.Option(
+            help="λ range LOW:HIGH (log scale); 0,LOW:HIGH also tries λ=0. Default: "
+            "0,1e-3:1e5 for linear/ridge, 1e-4:1e4 for logistic, else 0,1e-4:10."
+        ),
+    ] = None,
+    solver: Annotated[
+        str,
+        typer.Option(
+            help="auto|exact|lbfgs|sgd|adam|adamw. auto: linear/ridge walk the exact λ path, "
+            "logistic an L-BFGS λ path; mlp/cnn run Tune trials."
+        ),
+    ] = "auto",
     batch_size: Annotated[
         str | None, typer.Option(help="Batch sizes to try, comma-separated.")
     ] = None,
@@ -436,7 +471,7 @@ def tune(
     from cluster.runtime import registry_for
     from cluster.sweeps import SweepRequest, load_sweep_request, tune_and_register
     from training.config import TrainConfig
-    from tuning.space import SearchSpace, load_space_file
+    from tuning.space import SearchSpace, default_l2_range, load_space_file
     from tuning.sweep import SweepConfig
 
     started = time.perf_counter()
@@ -446,7 +481,16 @@ def tune(
     elif data is None:
         raise KilnError("Give --data URI|NAME (or --resume SWEEP). See `kiln tune --help`.")
     else:
-        raw_space: dict[str, Any] = {"lr": lr, "l2": l2}
+        base = TrainConfig(
+            model=model,
+            workers=workers_per_trial,
+            epochs=epochs,
+            batch_size=base_batch_size,
+            hidden=parse_hidden(hidden),
+            seed=seed,
+            solver=solver,
+        )
+        raw_space: dict[str, Any] = {"lr": lr, "l2": l2 or default_l2_range(base)}
         for key, value in (
             ("batch_size", batch_size),
             ("hidden_width", hidden_width),
@@ -469,14 +513,6 @@ def tune(
             workers_per_trial=workers_per_trial,
             metric=metric,
             grid_points=grid_points,
-            seed=seed,
-        )
-        base = TrainConfig(
-            model=model,
-            workers=workers_per_trial,
-            epochs=epochs,
-            batch_size=base_batch_size,
-            hidden=parse_hidden(hidden),
             seed=seed,
         )
         source = SourceSpec(
@@ -518,6 +554,8 @@ def tune(
     console.print(
         f"sweep {outcome.sweep_id}: artifacts in {outcome.artifacts['csv'].rsplit('/', 1)[0]}"
     )
+    for note in outcome.extra.get("notes", []):
+        console.print(f"kiln: note: {note}")
     emit(
         tune_result(outcome, request.sweep.metric, time.perf_counter() - started),
         as_json,
@@ -536,6 +574,7 @@ def tune_result(outcome: Any, metric: str, elapsed_s: float) -> dict[str, Any]:
         "version": outcome.record.version,
         "elapsed_s": elapsed_s,
         "artifacts": {k: outcome.artifacts[k] for k in ("csv", "heatmap", "curves")},
+        **outcome.extra,
     }
 
 

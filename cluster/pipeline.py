@@ -27,12 +27,21 @@ from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
 from actors.lineage import code_version, dataset_sha256
-from actors.shards import Dataset, ShardSet, attach_dataset, load_dataset, load_shards
+from actors.shards import (
+    Dataset,
+    FeatureStats,
+    ShardSet,
+    attach_dataset,
+    load_dataset,
+    load_shards,
+)
 from actors.sources import SourceSpec
+from cluster.convex import fit_convex, lbfgs_warning
 from cluster.settings import Settings
 from training.artifacts import model_to_files
 from training.checkpoints import BEST_WEIGHTS_FILE
 from training.config import TrainConfig
+from training.convergence import minibatch_convergence
 from training.data import encode_labels
 from training.errors import KilnError
 from training.evaluate import evaluate_model
@@ -55,6 +64,13 @@ class TrainOutcome:
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
     run_name: str = ""
+    solver: str = ""
+    converged: bool = True
+    final_rel_loss_change: float | None = None
+    warning: str | None = None
+    """One line for the user when an iterative run stopped before converging."""
+    iterations: int = 0
+    """L-BFGS iterations (0 for the other solvers)."""
 
 
 @dataclass(kw_only=True)
@@ -243,7 +259,7 @@ def resident_data(request: TrainRequest) -> Dataset:
     )
     if attached is not None:
         shards = len(attached.train.handles)
-        if request.train.workers > shards:
+        if request.train.resolved_solver == "minibatch" and request.train.workers > shards:
             raise KilnError(
                 f'Got "{request.train.workers}" for --workers, but dataset "{request.data}" has '
                 f"{shards} shards. Use --workers {shards} or fewer, or reload it with more shards."
@@ -275,6 +291,124 @@ def load_eval_set(eval_data: str | None, source: SourceSpec) -> ShardSet | None:
     return load_shards(eval_source, "all", 1)
 
 
+@dataclass
+class Trained:
+    """A fitted model before evaluation and registration, whatever fitted it."""
+
+    model: KilnModel
+    spec: dict[str, Any]
+    solver: str
+    train_rows: int
+    converged: bool
+    final_rel_loss_change: float | None
+    warning: str | None = None
+    train_loss: float | None = None
+    epochs_run: int = 0
+    num_workers: int = 0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    iterations: int = 0
+
+
+def train_minibatch(
+    cfg: TrainConfig,
+    spec: dict[str, Any],
+    data: Dataset,
+    settings: Settings,
+    run_name: str,
+    on_epoch: ProgressFn | None,
+) -> Trained:
+    """Ray Train over the resident shards; the best weights of the final checkpoint."""
+    result, history = fit(cfg, spec, data, settings, run_name, on_epoch)
+    final = result.metrics or {}
+    found = minibatch_convergence(history, cfg.epochs)
+    return Trained(
+        model=load_best_model(result, spec),
+        spec=spec,
+        solver=cfg.optimizer,
+        train_rows=data.train.num_rows,
+        converged=found.converged,
+        final_rel_loss_change=found.final_rel_loss_change,
+        warning=found.warning,
+        train_loss=final["train_loss"],
+        epochs_run=int(final["epoch"]) + 1,
+        num_workers=int(final["num_workers"]),
+        workers=final["workers"],
+        history=history,
+        best_epoch=final.get("best_epoch"),
+    )
+
+
+def solve_convex(cfg: TrainConfig, data: Dataset) -> Trained:
+    """Exact or L-BFGS on every non-test row (no early stopping needs validation rows)."""
+    sets = [s for s in (data.train, data.val) if s is not None]
+    stats = data.train.stats.merge(data.val.stats) if data.val is not None else data.train.stats
+    spec = spec_with_stats(make_spec(cfg, data.train), stats)
+    fit = fit_convex(cfg, spec, sets)
+    return Trained(
+        model=fit.model,
+        spec=spec,
+        solver=fit.solver,
+        train_rows=sum(s.num_rows for s in sets),
+        converged=fit.converged,
+        final_rel_loss_change=fit.final_rel_loss_change,
+        warning=lbfgs_warning(fit, cfg),
+        train_loss=fit.details.get("objective"),
+        iterations=fit.iterations,
+    )
+
+
+def spec_with_stats(spec: dict[str, Any], stats: FeatureStats) -> dict[str, Any]:
+    """The spec with standardisation statistics from `stats` (as make_spec computes them)."""
+    found = {
+        **spec,
+        "mean": stats.mean.astype(float).tolist(),
+        "std": stats.std.astype(float).tolist(),
+    }
+    if spec["task"] == "regression":
+        found.update(target_mean=stats.label_mean, target_std=stats.label_std)
+    return found
+
+
+def register_outcome(
+    registry: Any,
+    name: str,
+    model: KilnModel,
+    spec: dict[str, Any],
+    metrics: dict[str, Any],
+    data: Dataset,
+    evaluated_on: ShardSet,
+    lineage_extra: dict[str, Any],
+) -> VersionRecord:
+    """Register a fitted, evaluated model with the lineage every path records.
+
+    `lineage_extra` holds what the caller knows beyond the data: the training config, the
+    solver, the run or sweep, the rows it trained on (train, or train + validation).
+    """
+    source = data.train.source
+    lineage = {
+        "dataset_uri": source.uri,
+        "dataset_sha256": ray.get(data_hash(data)),
+        "code_version": code_version(),
+        "dataset_name": data.name,
+        "test_fraction": source.test_fraction,
+        "val_fraction": source.val_fraction,
+        "split_seed": source.seed,
+        "train_rows": data.train.num_rows,
+        "test_rows": evaluated_on.num_rows,
+        **lineage_extra,
+    }
+    return register_model(registry, name, model, spec, metrics, lineage)
+
+
+def data_hash(data: Dataset) -> Any:
+    """The content hash of the training source, computed beside the fit (it reads the source)."""
+    if data.content_hash is None:
+        data.content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(data.train.source.uri)
+    return data.content_hash
+
+
 def train_and_register(
     settings: Settings,
     request: TrainRequest,
@@ -296,36 +430,41 @@ def train_and_register(
 
     step("loading shards")
     data = resident_data(request)
-    # Hashing reads the whole source once; it runs beside the training instead of before it.
-    content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(data.train.source.uri)
+    data_hash(data)  # hashing reads the whole source once: it runs beside the fit
     eval_set = load_eval_set(request.eval_data, request.source)
     try:
-        spec = make_spec(cfg, data.train)
-        step("training")
-        result, history = fit(cfg, spec, data, settings, request.run_name, on_epoch)
+        if cfg.resolved_solver == "minibatch":
+            step("training")
+            spec = make_spec(cfg, data.train)
+            trained = train_minibatch(cfg, spec, data, settings, request.run_name, on_epoch)
+        else:
+            step(f"solving ({cfg.resolved_solver})")
+            trained = solve_convex(cfg, data)
         step("evaluating")
-        model = load_best_model(result, spec)
-        test_metrics = evaluate_on(model, spec, eval_set or data.test)
+        test_metrics = evaluate_on(trained.model, trained.spec, eval_set or data.test)
         step("registering")
-        final = result.metrics or {}
-        lineage = {
-            **(lineage_extra or {}),
-            "dataset_uri": data.train.source.uri,
-            "dataset_sha256": ray.get(content_hash),
-            "code_version": code_version(),
-            "dataset_name": data.name,
-            "eval_data": request.eval_data,
-            "test_fraction": data.train.source.test_fraction,
-            "val_fraction": data.train.source.val_fraction,
-            "split_seed": data.train.source.seed,
-            "train_rows": data.train.num_rows,
-            "test_rows": (eval_set or data.test).num_rows,
-            "train_config": cfg.to_dict(),
-            "run_name": request.run_name,
-            "best_epoch": final.get("best_epoch"),
-        }
-        metrics = {**test_metrics, "train_loss": final["train_loss"], "history": strip(history)}
-        record = register_model(registry, request.name, model, spec, metrics, lineage)
+        metrics = {**test_metrics, "history": strip(trained.history)}
+        if trained.train_loss is not None:
+            metrics["train_loss"] = trained.train_loss
+        record = register_outcome(
+            registry,
+            request.name,
+            trained.model,
+            trained.spec,
+            metrics,
+            data,
+            eval_set or data.test,
+            {
+                **(lineage_extra or {}),
+                "eval_data": request.eval_data,
+                "train_rows": trained.train_rows,
+                "train_config": cfg.to_dict(),
+                "solver": trained.solver,
+                "converged": trained.converged,
+                "run_name": request.run_name,
+                "best_epoch": trained.best_epoch,
+            },
+        )
     finally:
         data.release()
         if eval_set is not None:
@@ -333,12 +472,17 @@ def train_and_register(
     return TrainOutcome(
         record=record,
         test_metrics=test_metrics,
-        epochs_run=int(final["epoch"]) + 1,
-        num_workers=int(final["num_workers"]),
-        workers=final["workers"],
-        history=history,
+        epochs_run=trained.epochs_run,
+        num_workers=trained.num_workers,
+        workers=trained.workers,
+        history=trained.history,
         elapsed_s=time.perf_counter() - started,
         run_name=request.run_name,
+        solver=trained.solver,
+        converged=trained.converged,
+        final_rel_loss_change=trained.final_rel_loss_change,
+        warning=trained.warning,
+        iterations=trained.iterations,
     )
 
 

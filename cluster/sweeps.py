@@ -23,23 +23,31 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
-from actors.lineage import code_version, dataset_sha256
-from actors.shards import Dataset, FeatureStats, attach_dataset, load_dataset
+from actors.shards import Dataset, attach_dataset, load_dataset
 from actors.sources import SourceSpec
+from cluster.lambda_sweep import (
+    NOT_SEARCHED,
+    logistic_path_trials,
+    ridge_path_trials,
+    with_l2,
+)
 from cluster.pipeline import (
     StepFn,
+    data_hash,
     evaluate_on,
     load_eval_set,
     make_spec,
-    register_model,
+    register_outcome,
+    spec_with_stats,
     unique_name,
 )
 from cluster.settings import Settings
 from training.checkpoints import BEST_WEIGHTS_FILE
 from training.config import TrainConfig
+from training.convergence import minibatch_convergence
 from training.errors import KilnError
 from training.models import KilnModel, build_model, set_standardization
-from tuning.report import write_reports
+from tuning.report import write_path_reports, write_reports
 from tuning.space import SearchSpace
 from tuning.sweep import ResultFn, SweepConfig, TrialSummary, best_trial, run_tuner, summarise
 from tuning.trainable import TrialContext, refit_weights, trial_spec, trial_train_config
@@ -164,7 +172,11 @@ def tune_and_register(
     on_result: ResultFn | None = None,
     on_step: StepFn | None = None,
 ) -> SweepOutcome:
-    """The whole sweep, from a dataset to the best trial's registered model version."""
+    """The whole sweep, from a dataset to the best configuration's registered model version.
+
+    Minibatch models (mlp, cnn, or a convex model with --solver sgd|adam|adamw) run Ray Tune
+    trials; the convex models with their own solvers walk the λ path (cluster/lambda_sweep.py).
+    """
     started = time.perf_counter()
     step = on_step or (lambda _: None)
     record_path = sweeps_folder(settings) / f"{request.sweep_id}.json"
@@ -174,66 +186,52 @@ def tune_and_register(
 
     step("loading shards")
     data = sweep_data(request)
-    content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(data.train.source.uri)
+    data_hash(data)  # hashing reads the whole source once: it runs beside the sweep
     eval_set = load_eval_set(request.eval_data, request.source)
     try:
-        context = trial_context(request, data, settings)
-        step("tuning")
-        grid = run_tuner(
-            request.sweep,
-            context,
-            sweep_storage_path(settings),
-            request.sweep_id,
-            resume=resume,
-            on_result=on_result,
-        )
-        sweep = request.sweep
-        trials = summarise(grid, sweep.metric, sweep.mode)
-        best = best_trial(trials, sweep.mode)
-        step("reporting")
-        artifacts = write_reports(trials, sweep.metric, sweep.mode, record_path.with_suffix(""))
-        best_cfg = trial_train_config(request.train.to_dict(), best_config_of(grid, best))
-        spec = trial_spec(context.spec, best_cfg)
-        refit: dict[str, Any] | None = None
-        if request.refit:
-            step("refitting")
-            model, spec, refit = refit_best(best_cfg, spec, best, data, context.use_gpu)
+        if request.train.resolved_solver == "minibatch":
+            found = run_trials(settings, request, data, resume, on_result, step)
         else:
-            model = load_trial_model(best, spec)
+            found = run_lambda_path(request, data, step)
+        sweep = request.sweep
+        step("reporting")
+        artifacts = write_found_reports(found, sweep, record_path.with_suffix(""))
         step("evaluating")
-        test_metrics = evaluate_on(model, spec, eval_set or data.test)
+        test_metrics = evaluate_on(found.model, found.spec, eval_set or data.test)
         step("registering")
-        lineage = {
-            "sweep_id": request.sweep_id,
-            "trial_id": best.trial_id,
-            "trial_config": best.config,
-            "sweep": {
-                "scheduler": sweep.scheduler,
-                "search": sweep.search,
-                "metric": sweep.metric,
-                "num_trials": len(trials),
-                "space": sweep.space.to_dict(),
-            },
-            "dataset_uri": data.train.source.uri,
-            "dataset_sha256": ray.get(content_hash),
-            "dataset_name": data.name,
-            "code_version": code_version(),
-            "eval_data": request.eval_data,
-            "test_fraction": data.train.source.test_fraction,
-            "val_fraction": data.train.source.val_fraction,
-            "split_seed": data.train.source.seed,
-            "train_rows": refit["rows"] if refit else data.train.num_rows,
-            "test_rows": (eval_set or data.test).num_rows,
-            "train_config": best_cfg.to_dict(),
-            "best_epoch": best.metrics.get("best_epoch"),
-            "refit": refit,
-        }
         metrics = {
             **test_metrics,
-            f"best_{sweep.metric}": best.best,
-            "trial_epochs": best.epochs,
+            f"best_{found.metric}": found.best.best,
+            "trial_epochs": found.best.epochs,
         }
-        record = register_model(registry, request.name, model, spec, metrics, lineage)
+        record = register_outcome(
+            registry,
+            request.name,
+            found.model,
+            found.spec,
+            metrics,
+            data,
+            eval_set or data.test,
+            {
+                "sweep_id": request.sweep_id,
+                "trial_id": found.best.trial_id,
+                "trial_config": found.best.config,
+                "sweep": {
+                    "scheduler": found.scheduler,
+                    "search": found.search,
+                    "metric": found.metric,
+                    "num_trials": len(found.trials),
+                    "space": sweep.space.to_dict(),
+                },
+                "eval_data": request.eval_data,
+                "train_rows": found.train_rows,
+                "train_config": found.train_config.to_dict(),
+                "solver": found.solver,
+                "converged": found.converged,
+                "best_epoch": found.best.metrics.get("best_epoch"),
+                "refit": found.refit,
+            },
+        )
     finally:
         data.release()
         if eval_set is not None:
@@ -241,12 +239,144 @@ def tune_and_register(
     return SweepOutcome(
         sweep_id=request.sweep_id,
         record=record,
-        best=best,
+        best=found.best,
         test_metrics=test_metrics,
-        trials=trials,
+        trials=found.trials,
         artifacts=artifacts,
         elapsed_s=time.perf_counter() - started,
+        extra=found.summary(),
     )
+
+
+@dataclass
+class SweepFound:
+    """What a sweep chose, before evaluation and registration."""
+
+    trials: list[TrialSummary]
+    best: TrialSummary
+    model: KilnModel
+    spec: dict[str, Any]
+    train_config: TrainConfig
+    metric: str
+    mode: str
+    train_rows: int
+    solver: str
+    scheduler: str
+    search: str
+    converged: bool
+    final_rel_loss_change: float | None
+    refit: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)
+    selection: str = ""
+    """How the best configuration was chosen."""
+
+    def summary(self) -> dict[str, Any]:
+        """What `kiln tune --json` adds to the sweep's keys."""
+        return {
+            "solver": self.solver,
+            "searched": self.searched,
+            "selection": self.selection,
+            "converged": self.converged,
+            "final_rel_loss_change": self.final_rel_loss_change,
+            "notes": self.notes,
+        }
+
+
+def run_trials(
+    settings: Settings,
+    request: SweepRequest,
+    data: Dataset,
+    resume: bool,
+    on_result: ResultFn | None,
+    step: StepFn,
+) -> SweepFound:
+    """Ray Tune trials over the resident shards; the best configuration refitted (or its
+    trial's best weights)."""
+    context = trial_context(request, data, settings)
+    step("tuning")
+    sweep = request.sweep
+    grid = run_tuner(
+        sweep,
+        context,
+        sweep_storage_path(settings),
+        request.sweep_id,
+        resume=resume,
+        on_result=on_result,
+    )
+    trials = summarise(grid, sweep.metric, sweep.mode)
+    best = best_trial(trials, sweep.mode)
+    best_cfg = trial_train_config(request.train.to_dict(), best_config_of(grid, best))
+    spec = trial_spec(context.spec, best_cfg)
+    refit: dict[str, Any] | None = None
+    if request.refit:
+        step("refitting")
+        model, spec, refit = refit_best(best_cfg, spec, best, data, context.use_gpu)
+    else:
+        model = load_trial_model(best, spec)
+    found = minibatch_convergence(
+        [h for h in best.history if "val_loss" in h] or [best.metrics], sweep.max_epochs
+    )
+    return SweepFound(
+        trials=trials,
+        best=best,
+        model=model,
+        spec=spec,
+        train_config=best_cfg,
+        metric=sweep.metric,
+        mode=sweep.mode,
+        train_rows=refit["rows"] if refit else data.train.num_rows,
+        solver="minibatch",
+        scheduler=sweep.scheduler,
+        search=sweep.search,
+        converged=found.converged,
+        final_rel_loss_change=found.final_rel_loss_change,
+        refit=refit,
+        notes=[found.warning] if found.warning else [],
+        searched=sorted(k for k in best.config),
+        selection=f"best {sweep.metric} of the trials ({sweep.scheduler}, {sweep.search})",
+    )
+
+
+def run_lambda_path(request: SweepRequest, data: Dataset, step: StepFn) -> SweepFound:
+    """The convex models: every λ of the path, no Tune trials (cluster/lambda_sweep.py)."""
+    cfg = request.train
+    solver = cfg.resolved_solver
+    step(f"λ path ({solver})")
+    if solver == "exact":
+        trials, spec, fit = ridge_path_trials(cfg, data, request.sweep.space.l2)
+        metric, selection = "gcv", "generalised cross-validation on train + validation rows"
+    else:
+        if data.val is None or data.val.num_rows == 0:
+            raise KilnError("a sweep needs validation rows to rank λ: use --val-fraction 0.15")
+        trials, spec, fit = logistic_path_trials(cfg, data, request.sweep.space.l2)
+        metric, selection = "val_loss", "validation log-loss, then refitted on train + validation"
+    best = min((t for t in trials if t.best == t.best), key=lambda t: t.best)
+    sets = [s for s in (data.train, data.val) if s is not None]
+    return SweepFound(
+        trials=trials,
+        best=best,
+        model=fit.model,
+        spec=spec,
+        train_config=with_l2(cfg, best.config["l2"]),
+        metric=metric,
+        mode="min",
+        train_rows=sum(s.num_rows for s in sets),
+        solver=solver,
+        scheduler="none",
+        search="path",
+        converged=fit.converged,
+        final_rel_loss_change=fit.final_rel_loss_change,
+        notes=[NOT_SEARCHED.format(solver=solver)],
+        searched=["l2"],
+        selection=selection,
+    )
+
+
+def write_found_reports(found: SweepFound, sweep: SweepConfig, folder: Path) -> dict[str, str]:
+    if found.solver == "minibatch":
+        return write_reports(found.trials, sweep.metric, sweep.mode, folder)
+    return write_path_reports(found.trials, found.metric, folder)
 
 
 def refit_best(
@@ -278,18 +408,6 @@ def refit_best(
     set_standardization(model, refit_spec)
     model.load_state_dict(load_safetensors(weights))
     return model.eval(), refit_spec, {"epochs": epochs, "rows": rows, "trial_id": best.trial_id}
-
-
-def spec_with_stats(spec: dict[str, Any], stats: FeatureStats) -> dict[str, Any]:
-    """The spec with standardisation statistics from `stats` (as make_spec computes them)."""
-    found = {
-        **spec,
-        "mean": stats.mean.astype(float).tolist(),
-        "std": stats.std.astype(float).tolist(),
-    }
-    if spec["task"] == "regression":
-        found.update(target_mean=stats.label_mean, target_std=stats.label_std)
-    return found
 
 
 def best_config_of(grid: Any, best: TrialSummary) -> dict[str, Any]:

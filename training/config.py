@@ -10,6 +10,11 @@ from training.errors import KilnError
 from training.models import MODEL_KINDS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SOLVERS = ("auto", "exact", "lbfgs", *OPTIMIZERS)
+CONVEX_KINDS = ("linear", "ridge", "logistic")
+DEFAULT_L2 = {"ridge": 1.0, "logistic": 1.0}
+"""λ when the user gives none: scikit-learn's defaults (Ridge alpha=1; LogisticRegression C=1
+for several classes, C=2 for two: see README's mapping). Other kinds: 0."""
 LR_SCHEDULES = ("constant", "step", "cosine")
 GPU_MODES = ("auto", "on", "off")
 
@@ -40,8 +45,16 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     """Learning rate."""
-    l2: float = 0.0
-    """λ, the L2 coefficient (DESIGN.md); biases are not penalised."""
+    l2: float | None = None
+    """λ, the L2 coefficient (DESIGN.md); biases are not penalised. None: DEFAULT_L2."""
+    solver: str = "auto"
+    """exact (linear, ridge), lbfgs (linear, ridge, logistic: full batch), or sgd|adam|adamw
+    (minibatches through Ray Train). auto: exact for linear and ridge, lbfgs for logistic,
+    --optimizer for mlp and cnn."""
+    max_iter: int = 1000
+    """Most L-BFGS iterations."""
+    tol: float = 1e-6
+    """L-BFGS stops when no component of J's gradient exceeds this."""
     momentum: float = 0.9
     """SGD momentum."""
     lr_schedule: str = "constant"
@@ -53,6 +66,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require_choice(self.model, MODEL_KINDS, "--model")
+        _require_choice(self.solver, SOLVERS, "--solver")
+        if self.l2 is None:
+            self.l2 = DEFAULT_L2.get(self.model, 0.0)
+        self._check_solver()
         _require_choice(self.optimizer, OPTIMIZERS, "--optimizer")
         _require_choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
         _require_choice(self.gpu, GPU_MODES, "--gpu")
@@ -66,11 +83,43 @@ class TrainConfig:
             0 < self.lr < 10, f'Got "{self.lr}" for --lr. --lr must be greater than 0 and below 10.'
         )
         _require(self.patience >= 0, f'Got "{self.patience}" for --patience. Use 0 (off) or more.')
-        _require(self.l2 >= 0, f'Got "{self.l2}" for --l2. --l2 (λ) must be 0 or more.')
+        _require(self.penalty >= 0, f'Got "{self.l2}" for --l2. --l2 (λ) must be 0 or more.')
+        _require(self.max_iter >= 1, f'Got "{self.max_iter}" for --max-iter. Use 1 or more.')
+        _require(0 < self.tol < 1, f'Got "{self.tol}" for --tol. Use a value in (0, 1), e.g. 1e-6.')
         _require(
             len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden),
             f'Got "{self.hidden}" for --hidden. Give widths of at least 1, e.g. 128,64.',
         )
+
+    def _check_solver(self) -> None:
+        if self.solver == "exact":
+            _require(
+                self.model in ("linear", "ridge"),
+                f'Got "--solver exact" for --model {self.model}. The exact solver fits linear '
+                "and ridge; use --solver lbfgs for logistic, adam|sgd|adamw for mlp and cnn.",
+            )
+        if self.solver == "lbfgs":
+            _require(
+                self.model in CONVEX_KINDS,
+                f'Got "--solver lbfgs" for --model {self.model}. L-BFGS fits the convex models '
+                "(linear, ridge, logistic); use --solver adam|sgd|adamw for mlp and cnn.",
+            )
+        if self.solver in OPTIMIZERS:
+            self.optimizer = self.solver
+
+    @property
+    def resolved_solver(self) -> str:
+        """exact, lbfgs, or `minibatch` (Ray Train with --optimizer)."""
+        if self.solver == "auto":
+            return {"linear": "exact", "ridge": "exact", "logistic": "lbfgs"}.get(
+                self.model, "minibatch"
+            )
+        return self.solver if self.solver in ("exact", "lbfgs") else "minibatch"
+
+    @property
+    def penalty(self) -> float:
+        """λ as a number (None is replaced in __post_init__)."""
+        return float(self.l2 or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -212,7 +212,7 @@ def run_epoch(
                     outputs.float(),
                     yb,
                     task,
-                    cfg.train.l2,
+                    cfg.train.penalty,
                     cfg.num_train_rows,
                     cfg.spec.get("target_std", 1.0),
                 )

@@ -130,3 +130,15 @@ def set_standardization(model: KilnModel, spec: dict[str, Any]) -> None:
     if spec["task"] == "regression":
         model.target_mean.fill_(float(spec.get("target_mean", 0.0)))
         model.target_std.fill_(float(spec.get("target_std", 1.0)))
+
+
+def linear_model(spec: dict[str, Any], weight: Any, bias: Any) -> KilnModel:
+    """A linear, ridge or logistic model with the given layer weights (K, F) and biases (K,),
+    in the model's standardised space (as the exact and L-BFGS solvers return them)."""
+    model = build_model(spec)
+    set_standardization(model, spec)
+    body: Any = model.body
+    with torch.no_grad():
+        body.weight.copy_(torch.as_tensor(weight, dtype=torch.float32).reshape(body.weight.shape))
+        body.bias.copy_(torch.as_tensor(bias, dtype=torch.float32).reshape(body.bias.shape))
+    return model.eval()

@@ -188,3 +188,74 @@ def write_reports(
         "heatmap": str(plot_heatmap(trials, metric, mode, folder / "heatmap.png")),
         "curves": str(plot_curves(trials, metric, mode, folder / "curves.png")),
     }
+
+
+def write_path_reports(trials: list[TrialSummary], metric: str, folder: Path) -> dict[str, str]:
+    """A λ path's reports: the CSV of every λ, the metric over λ as a curve and as a strip.
+
+    λ is on the x-axis (log scale); λ = 0, which has no logarithm, sits one step left of the
+    smallest positive λ. The best λ is starred.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = sorted(trials, key=lambda t: t.config["l2"])
+    scored = [t for t in rows if math.isfinite(t.best)]
+    csv_path = folder / "trials.csv"
+    keys = sorted({k for t in rows for k in t.metrics})
+    with csv_path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["trial_id", "l2", f"best_{metric}", *keys])
+        for t in rows:
+            writer.writerow(
+                [t.trial_id, t.config["l2"], t.best, *[t.metrics.get(k, "") for k in keys]]
+            )
+    xs = _path_positions([t.config["l2"] for t in scored])
+    ys = [t.best for t in scored]
+    best = min(range(len(scored)), key=lambda i: ys[i]) if scored else None
+    curves = folder / "curves.png"
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
+    ax.plot(xs, ys, marker="o", markersize=3)
+    if best is not None:
+        label = f"best λ={scored[best].config['l2']:.4g}: {ys[best]:.4g}"
+        ax.scatter([xs[best]], [ys[best]], marker="*", s=220, c="red", zorder=3, label=label)
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("log10 λ (λ = 0 at the far left)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} over the λ path, {len(scored)} values")
+    fig.savefig(curves, dpi=FIGURE_DPI)
+    plt.close(fig)
+    heatmap = folder / "heatmap.png"
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
+    if scored:
+        edges = _strip_edges(xs)
+        mesh = ax.pcolormesh(edges, [0.0, 1.0], np.asarray([ys]), cmap="viridis_r")
+        fig.colorbar(mesh, ax=ax, label=metric)
+        if best is not None:
+            ax.scatter([xs[best]], [0.5], marker="*", s=220, c="red", edgecolors="black")
+    ax.set_yticks([])
+    ax.set_xlabel("log10 λ (λ = 0 at the far left)")
+    ax.set_title(f"{metric} over λ (no learning rate: the solver has none)")
+    fig.savefig(heatmap, dpi=FIGURE_DPI)
+    plt.close(fig)
+    return {"csv": str(csv_path), "heatmap": str(heatmap), "curves": str(curves)}
+
+
+def _path_positions(l2s: list[float]) -> list[float]:
+    """log10 λ, with λ = 0 placed one step left of the smallest positive λ."""
+    logs = [math.log10(v) for v in l2s if v > 0]
+    low = min(logs) if logs else 0.0
+    step = (max(logs) - low) / max(len(logs) - 1, 1) if len(logs) > 1 else 1.0
+    return [math.log10(v) if v > 0 else low - step for v in l2s]
+
+
+def _strip_edges(xs: list[float]) -> np.ndarray:
+    centres = np.asarray(xs, dtype=float)
+    if len(centres) == 1:
+        return np.asarray([centres[0] - 0.5, centres[0] + 0.5])
+    middles = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate(
+        [
+            [centres[0] - (middles[0] - centres[0])],
+            middles,
+            [centres[-1] + centres[-1] - middles[-1]],
+        ]
+    )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from ray import tune
 
-from training.config import OPTIMIZERS
+from training.config import OPTIMIZERS, TrainConfig
 from training.errors import KilnError
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,10 @@ L2_ZERO_BAND_DECADES = 1.0
 in that band means λ = 0. One float dimension keeps every searcher (Optuna included) usable."""
 L2_LOG10_KEY = "l2_log10"
 SPACE_KEYS = ("lr", "l2", "batch_size", "hidden_width", "depth", "optimizer")
+DEFAULT_L2_RANGES = {"exact": "0,1e-3:1e5", "lbfgs": "1e-4:1e4", "minibatch": "0,1e-4:10"}
+"""λ searched when the user names no range: the exact path is cheap (one solve per λ) and spans
+the scales of standardised data, λ/m from 1e-8 to 1e3 on a thousand rows; the L-BFGS path
+spans C = 1/λ from 1e-4 to 1e4, as scikit-learn's LogisticRegressionCV does."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +96,10 @@ def parse_log_range(text: str, option: str, allow_zero: bool) -> LogRange:
             f'Got "{text}" for --lr. Keep the learning rate below 10, e.g. --lr 1e-4:1e-1.'
         )
     return LogRange(low=low, high=high, include_zero=include_zero)
+
+
+def default_l2_range(cfg: TrainConfig) -> str:
+    return DEFAULT_L2_RANGES[cfg.resolved_solver]
 
 
 def parse_int_choices(text: Any, option: str) -> list[int]:

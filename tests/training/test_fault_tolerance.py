@@ -57,7 +57,7 @@ def test_a_run_continues_by_its_name(ray_local, settings_session, registry_sessi
     first = TrainRequest(
         data="sklearn:iris",
         source=SourceSpec(uri="sklearn:iris"),
-        train=TrainConfig(model="logistic", workers=1, epochs=3, lr=0.05),
+        train=TrainConfig(model="logistic", solver="adam", workers=1, epochs=3, lr=0.05),
         name="iris-resume",
         run_name=run_name,
     )

@@ -57,6 +57,7 @@ def test_resume_after_a_killed_driver_skips_finished_trials(
     env = {**os.environ, "KILN_HOME": str(home), "KILN_NUM_CPUS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     args = ["tune", "--data", "sklearn:iris", "--model", "logistic", "--trials", "3"]
+    args += ["--solver", "adam"]
     args += ["--epochs", "10", "--scheduler", "none", "--json"]
     # One CPU: trials run one after another, so the kill lands between finished and pending ones.
     proc = subprocess.Popen(

@@ -24,7 +24,7 @@ def sweep_request(search: str, scheduler: str, trials: int, epochs: int, name: s
     return SweepRequest(
         data="sklearn:wine",
         source=SourceSpec(uri="sklearn:wine", val_fraction=0.2),
-        train=TrainConfig(model="logistic", workers=1, epochs=epochs, batch_size=16),
+        train=TrainConfig(model="logistic", solver="adam", workers=1, epochs=epochs, batch_size=16),
         sweep=SweepConfig(
             space=SearchSpace.from_dict({"lr": "1e-4:1e-1", "l2": "0,1e-3:10"}),
             scheduler=scheduler,
@@ -79,7 +79,8 @@ def test_kiln_tune_json_is_the_contract_and_the_refit_is_in_the_lineage(
     from cluster.client import Kiln
 
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
-    args = ["tune", "--data", "sklearn:wine", "--model", "logistic", "--trials", "2"]
+    args = ["tune", "--data", "sklearn:wine", "--model", "logistic", "--solver", "adam"]
+    args += ["--trials", "2"]
     args += ["--epochs", "3", "--scheduler", "none", "--val-fraction", "0.2", "--json"]
     main([*args, "--register", "wine-refit"])  # --refit is the default
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -92,6 +93,12 @@ def test_kiln_tune_json_is_the_contract_and_the_refit_is_in_the_lineage(
         "version",
         "elapsed_s",
         "artifacts",
+        "solver",
+        "searched",
+        "selection",
+        "converged",
+        "final_rel_loss_change",
+        "notes",
     }
     assert set(result["artifacts"]) == {"csv", "heatmap", "curves"}
     assert result["num_trials"] == 2 and result["trial_epochs"] == 2 * 3

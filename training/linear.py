@@ -1,0 +1,321 @@
+"""Exact and full-batch solvers for Kiln's convex models, from statistics that merge.
+
+Ridge and linear regression are solved from sufficient statistics: each shard reduces its rows
+to `CrossMoments` (count, means, centred co-moments: F x F numbers, whatever the row count),
+moments merge exactly (Chan's update, as `FeatureStats` does), and one F x F system
+`(ZᵀZ + λI) w = Zᵀt` gives the optimum of J. Every λ of a path reuses one eigendecomposition,
+and a validation split's moments score any weights exactly, so a whole λ sweep needs no rows.
+
+Logistic regression has no closed form: `fit_softmax_lbfgs` runs scipy's L-BFGS on the full
+objective, calling a `loss_sums` function (a reduce over the shards, handed in) once per
+iteration. Everything here is numpy and scipy: the shard actors import this module and never
+load torch.
+
+Parameters live in the model's space: features standardised by the spec's mean and std, and
+(for regression) the target standardised by the spec's target mean and std, so the weights go
+straight into the model's linear layer. `raw_weights` maps them onto raw features for the shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg, optimize
+
+logger = logging.getLogger(__name__)
+
+LossSums = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray, np.ndarray]]
+"""(raw weights (F, K), raw biases (K,)) -> (Σ loss, Xᵀ·dloss (F, K), Σ dloss (K,))."""
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class CrossMoments:
+    """Count, means and centred co-moments of features x (F) and a target y.
+
+    cxx = Σ(x-x̄)(x-x̄)ᵀ, cxy = Σ(x-x̄)(y-ȳ), cyy = Σ(y-ȳ)², all float64.
+    """
+
+    count: int
+    mean_x: np.ndarray
+    mean_y: float
+    cxx: np.ndarray
+    cxy: np.ndarray
+    cyy: float
+
+    @classmethod
+    def empty(cls, num_features: int) -> CrossMoments:
+        f = num_features
+        return cls(0, np.zeros(f), 0.0, np.zeros((f, f)), np.zeros(f), 0.0)
+
+    @classmethod
+    def from_arrays(cls, x: np.ndarray, y: np.ndarray) -> CrossMoments:
+        """Moments of rows x (N, F) and targets y (N,), in float64."""
+        x64 = np.asarray(x, dtype=np.float64)
+        y64 = np.asarray(y, dtype=np.float64)
+        if len(x64) == 0:
+            return cls.empty(x64.shape[1])
+        mean_x, mean_y = x64.mean(axis=0), float(y64.mean())
+        xc = x64 - mean_x  # (N, F)
+        yc = y64 - mean_y  # (N,)
+        return cls(len(x64), mean_x, mean_y, xc.T @ xc, xc.T @ yc, float(yc @ yc))
+
+    def merge(self, other: CrossMoments) -> CrossMoments:
+        """Chan's pairwise update: exact whatever the split of rows between the parts."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        count = self.count + other.count
+        weight = self.count * other.count / count
+        dx = other.mean_x - self.mean_x
+        dy = other.mean_y - self.mean_y
+        return CrossMoments(
+            count,
+            self.mean_x + dx * (other.count / count),
+            self.mean_y + dy * (other.count / count),
+            self.cxx + other.cxx + np.outer(dx, dx) * weight,
+            self.cxy + other.cxy + dx * dy * weight,
+            self.cyy + other.cyy + dy * dy * weight,
+        )
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """The model's standardisation: features (x - mean) / std, target (y - t_mean) / t_std."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+
+@dataclass(frozen=True)
+class StandardSystem:
+    """The ridge normal equations in the model's space: gram = ZcᵀZc, rhs = Zcᵀtc (centred)."""
+
+    gram: np.ndarray
+    rhs: np.ndarray
+    tt: float
+    """tcᵀtc, for residual sums."""
+    count: int
+    z_mean: np.ndarray
+    t_mean: float
+    """Means of the standardised rows (0 when the scaling came from the same rows)."""
+
+
+def standard_system(moments: CrossMoments, scaling: Scaling) -> StandardSystem:
+    inv = 1.0 / scaling.std
+    sigma = scaling.target_std
+    return StandardSystem(
+        gram=moments.cxx * np.outer(inv, inv),
+        rhs=moments.cxy * inv / sigma,
+        tt=moments.cyy / sigma**2,
+        count=moments.count,
+        z_mean=(moments.mean_x - scaling.mean) * inv,
+        t_mean=(moments.mean_y - scaling.target_mean) / sigma,
+    )
+
+
+# ----------------------------------------------------------------------------- ridge
+
+
+def solve_ridge(system: StandardSystem, l2: float) -> tuple[np.ndarray, float]:
+    """The minimiser (w, b) of (1/2m)·Σ(w·z + b - t)² + (λ/2m)·|w|², b unpenalised.
+
+    Cholesky of ZᵀZ + λI; when λ = 0 and ZᵀZ is singular (a constant or duplicated feature),
+    the minimum-norm least-squares solution instead.
+    """
+    f = len(system.rhs)
+    try:
+        factor = linalg.cho_factor(system.gram + l2 * np.eye(f), check_finite=True)
+        w = linalg.cho_solve(factor, system.rhs)
+        if not np.all(np.isfinite(w)) or _ill_conditioned(system.gram, l2):
+            raise linalg.LinAlgError("ill-conditioned")
+    except linalg.LinAlgError:
+        w = np.linalg.lstsq(system.gram + l2 * np.eye(f), system.rhs, rcond=None)[0]
+    return w, intercept(system, w)
+
+
+def _ill_conditioned(gram: np.ndarray, l2: float) -> bool:
+    if l2 > 0:
+        return False
+    eigenvalues = np.linalg.eigvalsh(gram)
+    return bool(eigenvalues[0] <= 1e-10 * max(eigenvalues[-1], 1e-300))
+
+
+def intercept(system: StandardSystem, w: np.ndarray) -> float:
+    return float(system.t_mean - system.z_mean @ w)
+
+
+@dataclass(frozen=True)
+class RidgePath:
+    """Every λ of a sweep solved from one eigendecomposition of ZᵀZ = V·diag(d)·Vᵀ."""
+
+    system: StandardSystem
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+    projected: np.ndarray
+    """Vᵀ·rhs."""
+
+    @classmethod
+    def of(cls, system: StandardSystem) -> RidgePath:
+        d, v = np.linalg.eigh(system.gram)
+        d = np.clip(d, 0.0, None)
+        return cls(system, d, v, v.T @ system.rhs)
+
+    def _shrink(self, l2: float) -> np.ndarray:
+        d = self.eigenvalues
+        if l2 > 0:
+            return 1.0 / (d + l2)
+        # λ = 0: the pseudo-inverse, ignoring directions with no variance.
+        keep = d > 1e-10 * max(float(d[-1]), 1e-300)
+        return np.where(keep, 1.0 / np.where(keep, d, 1.0), 0.0)
+
+    def weights(self, l2: float) -> tuple[np.ndarray, float]:
+        w = self.eigenvectors @ (self._shrink(l2) * self.projected)
+        return w, intercept(self.system, w)
+
+    def gcv(self, l2: float) -> float:
+        """Generalised cross-validation score, (RSS/n) / (1 - df/n)², in standardised units.
+
+        df counts the intercept; RSS comes from the statistics: tᵀt - 2wᵀZᵀt + wᵀZᵀZw.
+        """
+        n = self.system.count
+        shrink = self._shrink(l2)
+        df = float(np.sum(self.eigenvalues * shrink)) + 1.0
+        w, _ = self.weights(l2)
+        rss = self.system.tt - 2 * w @ self.system.rhs + w @ self.system.gram @ w
+        rss = max(float(rss), 0.0)
+        if df >= n:
+            return float("inf")
+        return (rss / n) / (1.0 - df / n) ** 2
+
+
+def raw_weights(
+    w: np.ndarray, b: np.ndarray | float, scaling: Scaling
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weights on raw features and raw target: ŷ = x·a + c (a: (F,) or (F, K))."""
+    w = np.asarray(w, dtype=np.float64)
+    scale = (1.0 / scaling.std).reshape(-1, *([1] * (w.ndim - 1)))
+    a = w * scale * scaling.target_std
+    c = np.asarray(b, dtype=np.float64) * scaling.target_std + scaling.target_mean
+    return a, c - scaling.mean @ a
+
+
+def squared_error(moments: CrossMoments, a: np.ndarray, c: float) -> float:
+    """Σ(x·a + c - y)² over the rows summarised by `moments`, exactly, without the rows."""
+    offset = float(moments.mean_x @ a + c - moments.mean_y)
+    value = a @ moments.cxx @ a - 2.0 * a @ moments.cxy + moments.cyy
+    return max(float(value) + moments.count * offset**2, 0.0)
+
+
+def r2_score(moments: CrossMoments, a: np.ndarray, c: float) -> float:
+    if moments.cyy <= 0:
+        return 0.0
+    return 1.0 - squared_error(moments, a, c) / moments.cyy
+
+
+# ----------------------------------------------------------------------------- L-BFGS
+
+
+def softmax_sums(
+    x: np.ndarray, labels: np.ndarray, a: np.ndarray, c: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Cross-entropy summed over rows x (N, F) with class indices `labels`, and its gradient
+    with respect to raw weights a (F, K) and biases c (K,), in float64."""
+    x64 = np.asarray(x, dtype=np.float64)
+    logits = x64 @ a + c  # (N, K)
+    top = logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits - top)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = np.arange(len(labels))
+    loss = float(np.sum(np.log(total[:, 0]) + top[:, 0] - logits[rows, labels]))
+    residual = exp / total  # (N, K): softmax - one-hot
+    residual[rows, labels] -= 1.0
+    return loss, x64.T @ residual, residual.sum(axis=0)
+
+
+def squared_sums(
+    x: np.ndarray, y: np.ndarray, a: np.ndarray, c: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """½·Σ(x·a + c - y)² and its gradient, with a (F, 1) and c (1,) as for softmax_sums."""
+    x64 = np.asarray(x, dtype=np.float64)
+    residual = (x64 @ a + c) - np.asarray(y, dtype=np.float64)[:, None]  # (N, 1)
+    return 0.5 * float(np.sum(residual**2)), x64.T @ residual, residual.sum(axis=0)
+
+
+@dataclass
+class LbfgsResult:
+    weight: np.ndarray
+    """(F, K) in the model's space (the linear layer's weight is its transpose)."""
+    bias: np.ndarray
+    converged: bool
+    iterations: int
+    loss: float
+    grad_norm: float
+    final_rel_loss_change: float
+    message: str
+
+
+def fit_lbfgs(
+    loss_sums: LossSums,
+    scaling: Scaling,
+    num_outputs: int,
+    count: int,
+    l2: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+) -> LbfgsResult:
+    """Minimise J = (1/m)·Σ loss + (λ/2m)·|W|² (biases unpenalised) with L-BFGS.
+
+    `loss_sums` sees weights on raw features (the shards standardise nothing); the chain rule
+    brings its sums back to the model's space. Stops when the largest gradient component is
+    below `tol` (converged) or after `max_iter` iterations (not converged).
+    """
+    f, k, m = len(scaling.mean), num_outputs, float(count)
+    inv_std = 1.0 / scaling.std
+    sigma = scaling.target_std
+    trace: list[float] = []
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[: f * k].reshape(f, k), theta[f * k :]
+        a, c = raw_weights(w, b, scaling)
+        loss, grad_a, grad_c = loss_sums(a, c)
+        # d/dw of loss(a(w), c(w)): a = w·σ/s, c = b·σ + t_mean - mean·a.
+        grad_w = (grad_a - np.outer(scaling.mean, grad_c)) * (inv_std * sigma)[:, None]
+        grad_b = grad_c * sigma
+        value = loss / (m * sigma**2) + (l2 / (2 * m)) * float(np.sum(w * w))
+        grad = np.concatenate(
+            [(grad_w / (m * sigma**2) + (l2 / m) * w).ravel(), grad_b / (m * sigma**2)]
+        )
+        trace.append(value)
+        return value, grad
+
+    start = np.zeros(f * k + k) if init is None else np.concatenate([init[0].ravel(), init[1]])
+    found = optimize.minimize(
+        objective,
+        start,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-15, "maxcor": 20},
+    )
+    _, grad = objective(found.x)
+    grad_norm = float(np.max(np.abs(grad)))
+    last, before = trace[-1], trace[-2] if len(trace) > 1 else trace[-1]
+    return LbfgsResult(
+        weight=found.x[: f * k].reshape(f, k),
+        bias=found.x[f * k :],
+        converged=grad_norm <= tol * 10 or bool(found.success and found.nit < max_iter),
+        iterations=int(found.nit),
+        loss=float(found.fun),
+        grad_norm=grad_norm,
+        final_rel_loss_change=abs(before - last) / max(abs(before), 1e-300),
+        message=str(found.message),
+    )
