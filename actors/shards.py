@@ -23,7 +23,7 @@ from actors.registry import NAMESPACE
 from actors.sources import SourceSpec, check_source, iter_shard, task_of_labels
 from training.data import batch_features, batches_to_arrays, encode_labels, fetch_shard_batches
 from training.errors import KilnError
-from training.linear import CrossMoments, softmax_sums, squared_sums
+from training.linear import CrossMoments, LooBasis, softmax_sums, squared_sums
 from training.preprocess import feature_moments
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,13 @@ class ShardStore:
             self._moments = moments
         return self._moments
 
+    def loo_squared_errors(self, basis: LooBasis) -> np.ndarray:
+        """Σ of the ridge path's leave-one-out errors² over this shard's rows, one per λ."""
+        total = np.zeros(len(basis.intercepts))
+        for batch in ray.get(self._refs):
+            total += basis.squared_errors(batch_features(batch), batch.column("label").to_numpy())
+        return total
+
     def loss_sums(
         self, loss: str, a: np.ndarray, c: np.ndarray, classes: list[Any] | None = None
     ) -> tuple[float, np.ndarray, np.ndarray]:
@@ -218,6 +225,12 @@ def reduce_linear_moments(handles: list[Any]) -> CrossMoments:
     for part in parts[1:]:
         moments = moments.merge(part)
     return moments
+
+
+def reduce_loo_errors(handles: list[Any], basis: LooBasis) -> np.ndarray:
+    """Leave-one-out errors² of a ridge path summed over every row of these shards."""
+    basis_ref = ray.put(basis)
+    return np.sum(ray.get([h.loo_squared_errors.remote(basis_ref) for h in handles]), axis=0)
 
 
 def reduce_loss_sums(

@@ -124,9 +124,11 @@ def connected(settings: Settings) -> Iterator[None]:
 
 
 class EpochProgress:
-    """A rich progress bar fed by the training loop's per-epoch metrics."""
+    """A rich progress bar fed by the training loop's per-epoch metrics; it also times the
+    pipeline's steps (`timings_s` in `kiln train --json`)."""
 
-    def __init__(self, epochs: int, quiet: bool) -> None:
+    def __init__(self, epochs: int | None, quiet: bool) -> None:
+        self.marks: list[tuple[str, float]] = [("starting ray", time.perf_counter())]
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -139,7 +141,13 @@ class EpochProgress:
         self.task = self.progress.add_task("train", total=epochs, metrics="")
 
     def step(self, name: str) -> None:
+        self.marks.append((name.split(" (")[0], time.perf_counter()))
         self.progress.update(self.task, description=name)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each step, Ray's start included, up to now."""
+        ends = [t for _, t in self.marks[1:]] + [time.perf_counter()]
+        return {name: round(end - start, 3) for (name, start), end in zip(self.marks, ends)}
 
     def epoch(self, metrics: dict[str, Any]) -> None:
         shown = f"loss {metrics['train_loss']:.4f}"
@@ -307,11 +315,13 @@ def train(
         check_source(request.source)  # a typo in --data fails here, before Ray starts
     if request.eval_data:
         check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
-    bar = EpochProgress(request.train.epochs, quiet=False)
+    minibatch = request.train.resolved_solver == "minibatch"
+    bar = EpochProgress(request.train.epochs if minibatch else None, quiet=False)
     with bar.progress, connected(settings):
         if request.train.gpu == "on":
             require_gpu()
         outcome = train_and_register(settings, request, registry_for(settings), bar.epoch, bar.step)
+        bar.step("shutting down")
     if outcome.warning:
         console.print(f"kiln: warning: {outcome.warning}")
     emit(
@@ -327,6 +337,7 @@ def train(
             "num_workers": outcome.num_workers,
             "run": outcome.run_name,
             "elapsed_s": time.perf_counter() - started,
+            "timings_s": bar.timings(),
         },
         as_json,
         f"kiln train: {outcome.record.ref}",

@@ -2,9 +2,12 @@
 
 Linear and ridge regression: one reduce of sufficient statistics over the ShardStore actors
 (train + validation rows), one eigendecomposition, then every λ of the path is an F x F solve.
-λ is chosen by generalised cross-validation (GCV) on those same rows, which needs no held-out
-rows and no data beyond the statistics, and the model at that λ is fitted on all of them: what
-scikit-learn's `RidgeCV` does with its (leave-one-out) criterion.
+λ is chosen by exact leave-one-out cross-validation on those same rows, scikit-learn's `RidgeCV`
+criterion: each shard adds up its rows' leave-one-out errors for every λ from the path's
+eigenbasis (one more pass over the resident rows, an L-vector back per shard), and the model at
+the chosen λ is fitted on all the rows. Generalised cross-validation (GCV, from the statistics
+alone) is reported beside it; on diabetes it chose a λ 0.005 R² worse than RidgeCV's on one
+split of ten, where leave-one-out stays within 0.001 (README).
 
 Logistic regression: L-BFGS fits along the path from the largest λ down, each warm-started
 from the previous one, on the training rows; each is scored by its log-loss on the validation
@@ -20,8 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from actors.shards import Dataset, reduce_loss_sums
-from cluster.convex import fit_exact, fit_full_batch, handles_of, path_moments, ridge_path_of
+from actors.shards import Dataset, reduce_loo_errors, reduce_loss_sums
+from cluster.convex import (
+    fit_exact,
+    fit_full_batch,
+    handles_of,
+    path_moments,
+    ridge_path_of,
+    scaling_of,
+)
 from cluster.pipeline import make_spec, spec_with_stats
 from training.config import TrainConfig
 from tuning.space import LogRange
@@ -48,10 +58,13 @@ def ridge_path_trials(
     stats = data.train.stats.merge(data.val.stats) if data.val is not None else data.train.stats
     spec = spec_with_stats(make_spec(cfg, data.train), stats)
     path = ridge_path_of(path_moments(sets), spec)
+    values = path_values(l2, RIDGE_PATH_POINTS)
+    loo = reduce_loo_errors(handles_of(sets), path.loo_basis(scaling_of(spec), values))
+    rows = path.system.count
     trials = []
-    for i, value in enumerate(path_values(l2, RIDGE_PATH_POINTS)):
-        score = path.gcv(value)
-        trials.append(path_trial(i, value, {"gcv": score}, score))
+    for i, value in enumerate(values):
+        score = float(loo[i]) / rows
+        trials.append(path_trial(i, value, {"loo_mse": score, "gcv": path.gcv(value)}, score))
     best = min(trials, key=lambda t: t.best)
     fit = fit_exact(with_l2(cfg, best.config["l2"]), spec, sets)
     return trials, spec, fit

@@ -345,7 +345,7 @@ def run_lambda_path(request: SweepRequest, data: Dataset, step: StepFn) -> Sweep
     step(f"λ path ({solver})")
     if solver == "exact":
         trials, spec, fit = ridge_path_trials(cfg, data, request.sweep.space.l2)
-        metric, selection = "gcv", "generalised cross-validation on train + validation rows"
+        metric, selection = "loo_mse", "exact leave-one-out on train + validation rows"
     else:
         if data.val is None or data.val.num_rows == 0:
             raise KilnError("a sweep needs validation rows to rank λ: use --val-fraction 0.15")

@@ -181,6 +181,18 @@ class RidgePath:
         w = self.eigenvectors @ (self._shrink(l2) * self.projected)
         return w, intercept(self.system, w)
 
+    def loo_basis(self, scaling: Scaling, l2s: list[float]) -> LooBasis:
+        solved = [self.weights(v) for v in l2s]
+        return LooBasis(
+            scaling=scaling,
+            z_mean=self.system.z_mean,
+            eigenvectors=self.eigenvectors,
+            shrink=np.stack([self._shrink(v) for v in l2s], axis=1),
+            weights=np.stack([w for w, _ in solved]),
+            intercepts=np.asarray([b for _, b in solved]),
+            count=self.system.count,
+        )
+
     def gcv(self, l2: float) -> float:
         """Generalised cross-validation score, (RSS/n) / (1 - df/n)², in standardised units.
 
@@ -195,6 +207,40 @@ class RidgePath:
         if df >= n:
             return float("inf")
         return (rss / n) / (1.0 - df / n) ** 2
+
+
+@dataclass(frozen=True)
+class LooBasis:
+    """What a shard needs to add up the exact leave-one-out errors of a ridge path.
+
+    With an unpenalised intercept the hat matrix is 1/n + Zc·(ZcᵀZc + λI)⁻¹·Zcᵀ, so row i's
+    leverage is h_i(λ) = 1/n + Σ_j (zc_i·v_j)² / (d_j + λ), and its leave-one-out error is
+    r_i(λ) / (1 - h_i(λ)), r_i the ordinary residual: scikit-learn's RidgeCV criterion, summed
+    by each shard over its own rows.
+    """
+
+    scaling: Scaling
+    z_mean: np.ndarray
+    """Mean of the standardised rows of the whole fit (centres zc)."""
+    eigenvectors: np.ndarray
+    shrink: np.ndarray
+    """(F, L): 1/(d_j + λ_l), 0 for directions without variance at λ = 0."""
+    weights: np.ndarray
+    """(L, F) ridge weights along the path."""
+    intercepts: np.ndarray
+    """(L,)"""
+    count: int
+
+    def squared_errors(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Σ over these rows of the leave-one-out error², one per λ (standardised target)."""
+        scaling = self.scaling
+        z = (np.asarray(x, dtype=np.float64) - scaling.mean) / scaling.std  # (N, F)
+        t = (np.asarray(y, dtype=np.float64) - scaling.target_mean) / scaling.target_std
+        projected = (z - self.z_mean) @ self.eigenvectors  # (N, F)
+        leverage = 1.0 / self.count + (projected**2) @ self.shrink  # (N, L)
+        residual = t[:, None] - (z @ self.weights.T + self.intercepts)  # (N, L)
+        errors = residual / np.clip(1.0 - leverage, 1e-12, None)
+        return np.sum(errors**2, axis=0)
 
 
 def raw_weights(
@@ -299,16 +345,19 @@ def fit_lbfgs(
         return value, grad
 
     start = np.zeros(f * k + k) if init is None else np.concatenate([init[0].ravel(), init[1]])
+    per_iteration = [objective(start)[0]]
     found = optimize.minimize(
         objective,
         start,
         jac=True,
         method="L-BFGS-B",
+        # J after each iteration: the last evaluation is the point the line search accepted.
+        callback=lambda _: per_iteration.append(trace[-1]),
         options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-15, "maxcor": 20},
     )
     _, grad = objective(found.x)
     grad_norm = float(np.max(np.abs(grad)))
-    last, before = trace[-1], trace[-2] if len(trace) > 1 else trace[-1]
+    last, before = per_iteration[-1], per_iteration[-2] if len(per_iteration) > 1 else np.inf
     return LbfgsResult(
         weight=found.x[: f * k].reshape(f, k),
         bias=found.x[f * k :],
@@ -316,6 +365,8 @@ def fit_lbfgs(
         iterations=int(found.nit),
         loss=float(found.fun),
         grad_norm=grad_norm,
-        final_rel_loss_change=abs(before - last) / max(abs(before), 1e-300),
+        final_rel_loss_change=(last - before) / max(abs(before), 1e-300)
+        if np.isfinite(before)
+        else 0.0,
         message=str(found.message),
     )

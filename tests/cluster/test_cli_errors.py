@@ -13,6 +13,11 @@ CASES = [
     (["train", "--data", "sklearn:iris", "--workers", "abc"], 'Got "abc" for --workers'),
     (["train", "--data", "sklearn:iris", "--lr", "-1"], "--lr must be greater than 0"),
     (["train", "--data", "sklearn:iris", "--model", "xgb"], 'Got "xgb" for --model'),
+    (
+        ["train", "--data", "sklearn:iris", "--model", "mlp", "--solver", "exact"],
+        'Got "--solver exact" for --model mlp. The exact solver fits linear and ridge',
+    ),
+    (["tune", "--data", "sklearn:iris", "--model", "cnn", "--solver", "lbfgs"], "for --model cnn"),
     (["train", "--data", "/does/not/exist.parquet"], "does not exist"),
     (["train", "--data", "sklearn:iris", "--register", "Bad/Name"], "model name"),
     (["models", "show", "no-such-model"], "no model named no-such-model"),

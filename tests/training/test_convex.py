@@ -134,7 +134,7 @@ def test_ridge_sweep_reaches_ridgecv(seed, ray_local, settings_session, registry
     for key in ("csv", "heatmap", "curves"):
         assert outcome.artifacts[key].endswith((".csv", ".png"))
     rows = open(outcome.artifacts["csv"]).read().splitlines()
-    assert len(rows) == len(outcome.trials) + 1 and rows[0].startswith("trial_id,l2,best_gcv")
+    assert len(rows) == len(outcome.trials) + 1 and rows[0].startswith("trial_id,l2,best_loo_mse")
 
 
 def test_logistic_sweep_picks_lambda_on_validation_rows(
