@@ -269,6 +269,12 @@ class Dataset:
                 shard_set.release()
 
 
+def looks_like_dataset_name(data: str) -> bool:
+    """The one rule for `--data`: a bare name (no scheme, no path, no file suffix) may be a
+    dataset loaded with `kiln data load`; anything else is a URI."""
+    return ":" not in data and "/" not in data and "." not in data
+
+
 def actor_name(dataset: str, split: str, index: int) -> str:
     return f"{DATASET_PREFIX}:{dataset}:{split}:{index}"
 

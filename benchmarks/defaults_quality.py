@@ -119,7 +119,9 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    print("| dataset | model | seed | metric | Kiln (defaults) | scikit-learn | solver | converged |")
+    print(
+        "| dataset | model | seed | metric | Kiln (defaults) | scikit-learn | solver | converged |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

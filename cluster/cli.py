@@ -147,9 +147,12 @@ class EpochProgress:
     def timings(self) -> dict[str, float]:
         """Seconds spent in each step, Ray's start included, up to now."""
         ends = [t for _, t in self.marks[1:]] + [time.perf_counter()]
-        return {name: round(end - start, 3) for (name, start), end in zip(self.marks, ends)}
+        pairs = zip(self.marks, ends, strict=True)
+        return {name: round(end - start, 3) for (name, start), end in pairs}
 
     def epoch(self, metrics: dict[str, Any]) -> None:
+        if "max_epochs" in metrics:
+            self.progress.update(self.task, total=metrics["max_epochs"])
         shown = f"loss {metrics['train_loss']:.4f}"
         if "train_accuracy" in metrics:
             shown += f"  acc {metrics['train_accuracy']:.3f}"
@@ -221,7 +224,13 @@ def train(
     label: Annotated[str | None, typer.Option(help="Label column.")] = None,
     features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
-    epochs: Annotated[int, typer.Option(help="Most training epochs.")] = 30,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Most training epochs (minibatch solvers). Default: enough for 600 optimizer "
+            "steps, between 30 and 300."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 64,
     solver: Annotated[
         str,
@@ -248,8 +257,12 @@ def train(
         float, typer.Option(help="Validation share of the rest (early stopping); 0: none.")
     ] = 0.1,
     patience: Annotated[
-        int, typer.Option(help="Stop after this many epochs without a better val loss; 0: off.")
-    ] = 5,
+        int | None,
+        typer.Option(
+            help="Stop after this many epochs without a better val loss; 0: off. Default: a "
+            "tenth of the epochs, at least 5."
+        ),
+    ] = None,
     eval_data: Annotated[
         str | None, typer.Option(help="Evaluate on this dataset URI instead of a test split.")
     ] = None,
@@ -267,6 +280,7 @@ def train(
     storage: StorageOpt = None,
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
+    from actors.shards import looks_like_dataset_name
     from actors.sources import SourceSpec, check_source
     from cluster.pipeline import TrainRequest, load_run_request, train_and_register
     from cluster.runtime import registry_for
@@ -316,7 +330,7 @@ def train(
     if request.eval_data:
         check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
     minibatch = request.train.resolved_solver == "minibatch"
-    bar = EpochProgress(request.train.epochs if minibatch else None, quiet=False)
+    bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
     with bar.progress, connected(settings):
         if request.train.gpu == "on":
             require_gpu()
@@ -478,6 +492,7 @@ def tune(
     storage: StorageOpt = None,
 ) -> None:
     """Sweep hyperparameters with Ray Tune on resident shards; register the best model."""
+    from actors.shards import looks_like_dataset_name
     from actors.sources import SourceSpec, check_source
     from cluster.runtime import registry_for
     from cluster.sweeps import SweepRequest, load_sweep_request, tune_and_register
@@ -587,11 +602,6 @@ def tune_result(outcome: Any, metric: str, elapsed_s: float) -> dict[str, Any]:
         "artifacts": {k: outcome.artifacts[k] for k in ("csv", "heatmap", "curves")},
         **outcome.extra,
     }
-
-
-def looks_like_dataset_name(data: str) -> bool:
-    """A bare name (no scheme, no path) may be a dataset loaded with `kiln data load`."""
-    return ":" not in data and "/" not in data and "." not in data
 
 
 def default_model_name(data: str, model: str) -> str:

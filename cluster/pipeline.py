@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ from actors.shards import (
     attach_dataset,
     load_dataset,
     load_shards,
+    looks_like_dataset_name,
 )
 from actors.sources import SourceSpec
 from cluster.convex import fit_convex, lbfgs_warning
@@ -118,15 +120,19 @@ def run_record_path(settings: Settings, run_name: str) -> Path:
     return settings.kiln_home.expanduser() / "runs" / f"{run_name}.json"
 
 
-def load_run_request(settings: Settings, run_name: str) -> TrainRequest:
-    path = run_record_path(settings, run_name)
+def read_saved_request(path: Path, kind: str) -> str:
+    """The JSON of a request saved under KILN_HOME (a run or a sweep), for --resume."""
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.json"))[-5:]
         raise KilnError(
-            f'Got "{run_name}" for --resume, which is not a run of this KILN_HOME. '
-            f"Recent runs: {', '.join(known) or 'none'}."
+            f'Got "{path.stem}" for --resume, which is not a {kind} of this KILN_HOME. '
+            f"Recent {kind}s: {', '.join(known) or 'none'}."
         )
-    return TrainRequest.from_json(path.read_text())
+    return path.read_text()
+
+
+def load_run_request(settings: Settings, run_name: str) -> TrainRequest:
+    return TrainRequest.from_json(read_saved_request(run_record_path(settings, run_name), "run"))
 
 
 def make_spec(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
@@ -239,24 +245,21 @@ def drain(progress: Queue, on_epoch: ProgressFn) -> None:
             return
 
 
-def load_best_model(result: ray.train.Result, spec: dict[str, Any]) -> KilnModel:
-    """The best weights (lowest validation loss, else the last epoch) of the final checkpoint."""
-    if result.checkpoint is None:
+def load_best_model(checkpoint: ray.train.Checkpoint | None, spec: dict[str, Any]) -> KilnModel:
+    """The best weights (lowest validation loss, else the last epoch) of a run's or a trial's
+    checkpoint."""
+    if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     model = build_model(spec)
     set_standardization(model, spec)
-    with result.checkpoint.as_directory() as directory:
+    with checkpoint.as_directory() as directory:
         model.load_state_dict(load_file(str(Path(directory) / BEST_WEIGHTS_FILE)))
     return model.eval()
 
 
 def resident_data(request: TrainRequest) -> Dataset:
     """A named dataset loaded earlier (shared, not reloaded), else load the URI for this run."""
-    attached = (
-        attach_dataset(request.data)
-        if ":" not in request.data and "/" not in request.data
-        else None
-    )
+    attached = attach_dataset(request.data) if looks_like_dataset_name(request.data) else None
     if attached is not None:
         shards = len(attached.train.handles)
         if request.train.resolved_solver == "minibatch" and request.train.workers > shards:
@@ -322,9 +325,9 @@ def train_minibatch(
     """Ray Train over the resident shards; the best weights of the final checkpoint."""
     result, history = fit(cfg, spec, data, settings, run_name, on_epoch)
     final = result.metrics or {}
-    found = minibatch_convergence(history, cfg.epochs)
+    found = minibatch_convergence(history, cfg.max_epochs)
     return Trained(
-        model=load_best_model(result, spec),
+        model=load_best_model(result.checkpoint, spec),
         spec=spec,
         solver=cfg.optimizer,
         train_rows=data.train.num_rows,
@@ -434,7 +437,8 @@ def train_and_register(
     eval_set = load_eval_set(request.eval_data, request.source)
     try:
         if cfg.resolved_solver == "minibatch":
-            step("training")
+            cfg = cfg.planned(math.ceil(data.train.num_rows / cfg.workers))
+            step(f"training ({cfg.max_epochs} epochs)")
             spec = make_spec(cfg, data.train)
             trained = train_minibatch(cfg, spec, data, settings, request.run_name, on_epoch)
         else:

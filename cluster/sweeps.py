@@ -20,10 +20,9 @@ from typing import Any
 
 import ray
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord, validate_name
-from actors.shards import Dataset, attach_dataset, load_dataset
+from actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
 from actors.sources import SourceSpec
 from cluster.lambda_sweep import (
     NOT_SEARCHED,
@@ -35,14 +34,15 @@ from cluster.pipeline import (
     StepFn,
     data_hash,
     evaluate_on,
+    load_best_model,
     load_eval_set,
     make_spec,
+    read_saved_request,
     register_outcome,
     spec_with_stats,
     unique_name,
 )
 from cluster.settings import Settings
-from training.checkpoints import BEST_WEIGHTS_FILE
 from training.config import TrainConfig
 from training.convergence import minibatch_convergence
 from training.errors import KilnError
@@ -118,18 +118,12 @@ def sweep_storage_path(settings: Settings) -> str:
 
 def load_sweep_request(settings: Settings, sweep_id: str) -> SweepRequest:
     path = sweeps_folder(settings) / f"{sweep_id}.json"
-    if not path.exists():
-        known = sorted(p.stem for p in path.parent.glob("*.json"))[-5:]
-        raise KilnError(
-            f'Got "{sweep_id}" for --resume, which is not a sweep of this KILN_HOME. '
-            f"Recent sweeps: {', '.join(known) or 'none'}."
-        )
-    return SweepRequest.from_json(path.read_text())
+    return SweepRequest.from_json(read_saved_request(path, "sweep"))
 
 
 def sweep_data(request: SweepRequest) -> Dataset:
     """The named dataset if there is one (shared, never reloaded), else load the URI once."""
-    if ":" not in request.data and "/" not in request.data:
+    if looks_like_dataset_name(request.data):
         attached = attach_dataset(request.data)
         if attached is not None:
             if attached.val is None:
@@ -153,15 +147,6 @@ def trial_context(request: SweepRequest, data: Dataset, settings: Settings) -> T
         workers_per_trial=request.sweep.workers_per_trial,
         storage_path=f"{sweep_storage_path(settings)}/{request.sweep_id}-train",
     )
-
-
-def load_trial_model(best: TrialSummary, spec: dict[str, Any]) -> KilnModel:
-    """The best trial's best weights (lowest validation loss it saw), from its checkpoint."""
-    model = build_model(spec)
-    set_standardization(model, spec)
-    with best.checkpoint.as_directory() as directory:
-        model.load_state_dict(load_file(str(Path(directory) / BEST_WEIGHTS_FILE)))
-    return model.eval()
 
 
 def tune_and_register(
@@ -313,7 +298,7 @@ def run_trials(
         step("refitting")
         model, spec, refit = refit_best(best_cfg, spec, best, data, context.use_gpu)
     else:
-        model = load_trial_model(best, spec)
+        model = load_best_model(best.checkpoint, spec)
     found = minibatch_convergence(
         [h for h in best.history if "val_loss" in h] or [best.metrics], sweep.max_epochs
     )
@@ -391,7 +376,7 @@ def refit_best(
     the same resident shards). Returns the model, its spec and what the lineage records.
     """
     assert data.val is not None  # a sweep always has validation rows (trial_context)
-    epochs = int(best.metrics.get("best_epoch", cfg.epochs - 1)) + 1
+    epochs = int(best.metrics.get("best_epoch", cfg.max_epochs - 1)) + 1
     rows = data.train.num_rows + data.val.num_rows
     refit_spec = spec_with_stats(spec, data.train.stats.merge(data.val.stats))
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(refit_weights)

@@ -177,9 +177,9 @@ def make_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.max_epochs)
     if cfg.lr_schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(cfg.epochs // 3, 1))
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(cfg.max_epochs // 3, 1))
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
 
 
@@ -325,7 +325,7 @@ def train_func(config: dict[str, Any]) -> None:
     workers = worker_identity(len(x) if cfg.feed == "shards" else -1, device)
 
     # 2. Epochs: train, all-reduce, validate, early-stop bookkeeping, report + checkpoint.
-    for epoch in range(state.loop.epoch + 1, cfg.train.epochs):
+    for epoch in range(state.loop.epoch + 1, cfg.train.max_epochs):
         started = time.perf_counter()
         if cfg.feed == "shards":
             batches = shard_batches(
@@ -338,6 +338,7 @@ def train_func(config: dict[str, Any]) -> None:
         state.scheduler.step()
         metrics: dict[str, Any] = {
             "epoch": epoch,
+            "max_epochs": cfg.train.max_epochs,
             "train_loss": float(totals[0] / totals[2]),
             "rows_seen": int(totals[2]),
             "epoch_time_s": epoch_time_s,
@@ -353,7 +354,7 @@ def train_func(config: dict[str, Any]) -> None:
             metrics.update(validation_metrics(sums, cfg.spec))
         if update_early_stopping(state.loop, metrics.get("val_loss", metrics["train_loss"]), epoch):
             state.best_weights = state_tensors(base_model)
-        patience = cfg.train.patience
+        patience = cfg.train.patience or 0
         stop = val is not None and patience > 0 and state.loop.epochs_since_best >= patience
         metrics.update(best_epoch=state.loop.best_epoch, stopped_early=stop)
         report(cfg, rank, metrics, state)

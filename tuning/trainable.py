@@ -124,7 +124,7 @@ def run_trial_in_process(cfg: TrainConfig, spec: dict[str, Any], context: TrialC
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr  # PBT may have perturbed the learning rate since the save
 
-    for epoch in range(state.loop.epoch + 1, cfg.epochs):
+    for epoch in range(state.loop.epoch + 1, cfg.max_epochs):
         batches = shard_batches(x, y, cfg.batch_size, (cfg.seed, epoch, 0), device)
         totals = run_epoch(model, optimizer, batches, loop_cfg, device)
         state.scheduler.step()
@@ -157,7 +157,7 @@ def refit_weights(
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    for epoch in range(cfg.epochs):
+    for epoch in range(cfg.max_epochs):
         batches = shard_batches(x, y, cfg.batch_size, (cfg.seed, epoch, 0), device)
         run_epoch(model, optimizer, batches, loop_cfg, device)
         scheduler.step()

@@ -41,7 +41,8 @@ def test_a_killed_worker_resumes_from_a_recent_checkpoint(ray_local, settings_se
             f"chaos-{uuid.uuid4().hex[:8]}",
             kill_rank_1_after_epoch_3,
         )
-        accuracy = evaluate_on(load_best_model(result, spec), spec, data.test)["accuracy"]
+        model = load_best_model(result.checkpoint, spec)
+        accuracy = evaluate_on(model, spec, data.test)["accuracy"]
     finally:
         data.release()
     epochs = [m["epoch"] for m in history]

@@ -209,3 +209,14 @@ def test_leave_one_out_errors_equal_refits_without_each_row():
             t = (y[i] - scaling.target_mean) / scaling.target_std
             errors.append(t - (z @ w + b))
         assert by_parts[index] == pytest.approx(np.sum(np.square(errors)), rel=1e-8)
+
+
+def test_epochs_are_planned_in_optimizer_steps_when_left_to_kiln():
+    tiny = TrainConfig(model="mlp", epochs=None, patience=None).planned(rows_per_worker=54)
+    assert tiny.epochs == 300 and tiny.patience == 30  # one step per epoch: the cap
+    mid = TrainConfig(model="mlp", epochs=None, patience=None).planned(rows_per_worker=647)
+    assert mid.epochs == 55 and mid.patience == 5  # 11 steps per epoch
+    big = TrainConfig(model="mlp", epochs=None, patience=None).planned(rows_per_worker=10**6)
+    assert big.epochs == 30
+    given = TrainConfig(model="mlp", epochs=7, patience=None).planned(rows_per_worker=54)
+    assert given.epochs == 7 and given.patience == 5
