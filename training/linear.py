@@ -8,8 +8,9 @@ and a validation split's moments score any weights exactly, so a whole λ sweep 
 
 Logistic regression has no closed form: `fit_softmax_lbfgs` runs scipy's L-BFGS on the full
 objective, calling a `loss_sums` function (a reduce over the shards, handed in) once per
-iteration. Everything here is numpy and scipy: the shard actors import this module and never
-load torch.
+iteration. Everything here is numpy, and scipy inside the two driver-side solvers: the shard
+actors import this module for the per-row sums and load neither torch nor scipy (every
+megabyte a shard process imports is paid for as long as the dataset stays resident).
 
 Parameters live in the model's space: features standardised by the spec's mean and std, and
 (for regression) the target standardised by the spec's target mean and std, so the weights go
@@ -23,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import linalg, optimize
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,8 @@ def solve_ridge(system: StandardSystem, l2: float) -> tuple[np.ndarray, float]:
     Cholesky of ZᵀZ + λI; when λ = 0 and ZᵀZ is singular (a constant or duplicated feature),
     the minimum-norm least-squares solution instead.
     """
+    from scipy import linalg  # driver side only: the shard processes never load scipy
+
     f = len(system.rhs)
     try:
         factor = linalg.cho_factor(system.gram + l2 * np.eye(f), check_finite=True)
@@ -325,6 +327,8 @@ def fit_lbfgs(
     brings its sums back to the model's space. Stops when the largest gradient component is
     below `tol` (converged) or after `max_iter` iterations (not converged).
     """
+    from scipy import optimize  # driver side only: the shard processes never load scipy
+
     f, k, m = len(scaling.mean), num_outputs, float(count)
     inv_std = 1.0 / scaling.std
     sigma = scaling.target_std

@@ -104,3 +104,18 @@ def test_a_named_dataset_is_shared_listed_and_dropped(ray_local):
     finally:
         assert drop_dataset("wine-shared") == 5  # 2 train + 2 val + 1 test
     assert wait_for(lambda: attach_dataset("wine-shared") is None, timeout_s=30)
+
+
+def test_a_shard_process_imports_neither_torch_nor_scipy_nor_sklearn():
+    """Every megabyte a ShardStore process imports is held as long as the dataset is resident:
+    the exact solvers' per-row sums must not drag the driver-side solvers in."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, actors.shards; print(sorted({'torch', 'scipy', 'sklearn'} & set(sys.modules)))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert found == "[]"
