@@ -28,6 +28,8 @@ TRAIN = [
     "sklearn:iris",
     "--model",
     "logistic",
+    "--solver",
+    "adam",
     "--workers",
     "1",
     "--epochs",
@@ -151,8 +153,8 @@ def test_submit_wait_exits_non_zero_when_the_job_fails(head):
 @pytest.mark.slow
 def test_client_submits_train_and_reads_the_result(client, kiln_env):
     job_id = client.submit_train(
-        env_vars=kiln_env, data="sklearn:iris", model="logistic", workers=1, epochs=2,
-        register="iris-client",
+        env_vars=kiln_env, data="sklearn:iris", model="logistic", solver="adam", workers=1,
+        epochs=2, register="iris-client",
     )  # fmt: skip
     assert client.wait(job_id, timeout_s=120) == "SUCCEEDED", client.job_logs(job_id)[-2000:]
     result = client.job_result(job_id)
@@ -204,7 +206,7 @@ def test_a_wrong_or_missing_token_is_one_clear_line(head, tmp_path):
 @pytest.mark.slow
 def test_client_tunes_then_deploys_and_the_cluster_serves_it(client, kiln_env):
     sweep = client.submit_tune(
-        env_vars=kiln_env, data="sklearn:iris", model="logistic", trials=2, epochs=3,
+        env_vars=kiln_env, data="sklearn:iris", model="logistic", solver="adam", trials=2, epochs=3,
         scheduler="none", register="iris-tuned",
     )  # fmt: skip
     assert client.wait(sweep, timeout_s=300) == "SUCCEEDED", client.job_logs(sweep)[-3000:]

@@ -165,6 +165,8 @@ def test_ray_up_local_yaml_over_loopback_ssh(sshd, tmp_path):
             "sklearn:iris",
             "--model",
             "logistic",
+            "--solver",
+            "adam",
             "--workers",
             "2",
             "--epochs",
