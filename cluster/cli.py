@@ -1219,14 +1219,23 @@ def jobs_stop(
 
 
 def user_error(exc: BaseException) -> KilnError | None:
-    """The KilnError inside an exception chain (Ray wraps errors raised in actors and workers)."""
+    """The KilnError in an exception chain, found by type alone (never by module name).
+
+    Ray wraps an error raised in an actor or a worker: the RayTaskError it raises derives from
+    the error's own class too, but its text carries the remote traceback, so the search looks
+    through any wrapper that keeps the original as `cause` and returns the original.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, KilnError) and type(current).__module__.startswith("training"):
+        inner = getattr(current, "cause", None)
+        if isinstance(inner, BaseException):
+            current = inner
+        elif isinstance(current, KilnError):
             return current
-        current = getattr(current, "cause", None) or current.__cause__
+        else:
+            current = current.__cause__
     return exc if isinstance(exc, KilnError) else None
 
 
