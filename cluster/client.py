@@ -37,6 +37,7 @@ import ray
 from actors.catalog import VersionRecord, parse_model_ref, parse_version_ref, validate_name
 from actors.keys import parse_duration_s
 from actors.registry import RegistryService
+from cluster.options import COMMAND_OPTIONS
 from cluster.settings import Settings
 from training.errors import KilnError
 
@@ -335,7 +336,7 @@ def command_args(command: str, options: dict[str, Any]) -> list[str]:
     `epochs=3` -> `--epochs 3`, `auth=False` -> `--no-auth`, a list repeats the flag. A name
     the command does not take fails here, before anything is submitted.
     """
-    known = cli_options(command)
+    known = COMMAND_OPTIONS.get(command)
     args: list[str] = []
     for name, value in options.items():
         if value is None:
@@ -354,16 +355,3 @@ def command_args(command: str, options: dict[str, Any]) -> list[str]:
         else:
             args += [flag, str(value)]
     return args
-
-
-def cli_options(command: str) -> set[str] | None:
-    """The long options of `kiln COMMAND`; None when this checkout lacks that command."""
-    import typer
-
-    from cluster.cli import app
-
-    group: Any = typer.main.get_command(app)
-    found = group.commands.get(command)
-    if found is None:
-        return None
-    return {o for p in found.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
