@@ -190,7 +190,7 @@ def demo(
     if not settings.embedded:
         console.print("[yellow]kiln demo runs on an embedded Ray; ignoring RAY_ADDRESS[/]")
         settings = settings.model_copy(update={"ray_address": None})
-    from serving.app import AUTH_OFF_WARNING
+    from serving.schemas import AUTH_OFF_WARNING
 
     console.print(f"[yellow]demo: {AUTH_OFF_WARNING}[/]")
     bar = EpochProgress(cfg.epochs, quiet=False)
@@ -599,7 +599,7 @@ def serve(
     key: KeyOpt = None,
 ) -> None:
     """Serve registered models over HTTP (blocks until Ctrl-C on the embedded Ray)."""
-    from serving.app import AUTH_OFF_WARNING
+    from serving.schemas import AUTH_OFF_WARNING
 
     if not models:
         raise KilnError("Give one or more models to serve, e.g. kiln serve digits-mlp@production.")

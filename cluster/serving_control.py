@@ -11,8 +11,8 @@ from ray import serve
 
 from cluster.runtime import registry_for
 from cluster.settings import Settings
-from serving.app import AUTH_OFF_WARNING, build_app
-from serving.schemas import ServeArgs
+from serving.app import build_app
+from serving.schemas import AUTH_OFF_WARNING, ServeArgs
 from training.errors import KilnError
 
 APP_NAME = "kiln"

@@ -37,6 +37,7 @@ from serving.auth import BearerAuth, KeyCache
 from serving.ratelimit import RateLimiter
 from serving.routing import Router
 from serving.schemas import (
+    AUTH_OFF_WARNING,
     LIVE_FIELDS,
     ErrorBody,
     ModelInfo,
@@ -67,9 +68,6 @@ INLINE_FORWARD_S = 0.0005
 # Serve's own health and control calls then share the loop with forward passes; one pass
 # blocks it for milliseconds at most against a 30 s health-check timeout.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-AUTH_OFF_WARNING = (
-    "Kiln serving with auth off: anyone who can reach the HTTP port may call every served model"
-)
 
 api = FastAPI(
     title="Kiln",

@@ -125,6 +125,11 @@ class CanarySpec(BaseModel):
     weight: int = Field(ge=0, le=100, description="Percent of bare-name traffic it takes.")
 
 
+AUTH_OFF_WARNING = (
+    "Kiln serving with auth off: anyone who can reach the HTTP port may call every served model"
+)
+"""Logged by each replica and printed by the CLI when `ServeArgs.auth` is False."""
+
 LIVE_FIELDS = (
     "models",
     "canary",
