@@ -676,10 +676,9 @@ def deploy(
     key: KeyOpt = None,
 ) -> None:
     """Canary: send --canary-weight% of NAME's traffic to NAME@--version, live."""
-    from cluster.serving_control import deploy_canary
+    from cluster.serving_control import check_canary_weight, deploy_canary
 
-    if not 0 <= canary_weight <= 100:
-        raise KilnError(f'Got "{canary_weight}" for --canary-weight. Use 0 to 100.')
+    check_canary_weight(canary_weight)
     settings = require_cluster(load_settings(address=address), "kiln deploy")
     with connected(settings):
         deploy_canary(settings, name, version, canary_weight, key)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 
 class PredictRequest(BaseModel):
@@ -120,9 +120,25 @@ class V2InferResponse(BaseModel):
     outputs: list[V2InferOutput]
 
 
+CanaryWeight = Annotated[
+    int, Field(ge=0, le=100, description="Percent of bare-name traffic it takes.")
+]
+"""The one rule for a canary's share of traffic; `is_canary_weight` applies it outside a model."""
+_CANARY_WEIGHT = TypeAdapter(CanaryWeight)
+
+
+def is_canary_weight(weight: int) -> bool:
+    """Whether `weight` is a share a canary may take (the rule of `CanarySpec.weight`)."""
+    try:
+        _CANARY_WEIGHT.validate_python(weight)
+    except ValidationError:
+        return False
+    return True
+
+
 class CanarySpec(BaseModel):
     ref: str = Field(description="The canary version, e.g. digits-mlp@4.")
-    weight: int = Field(ge=0, le=100, description="Percent of bare-name traffic it takes.")
+    weight: CanaryWeight
 
 
 AUTH_OFF_WARNING = (
