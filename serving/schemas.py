@@ -45,6 +45,14 @@ class ErrorBody(BaseModel):
     error: str
 
 
+class RequestError(ValueError):
+    """A request Kiln cannot serve; it answers `status` with an `ErrorBody` (serving/errors.py)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class V2ServerMetadata(BaseModel):
     name: str
     version: str
