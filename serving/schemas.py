@@ -89,7 +89,9 @@ class V2ModelReady(BaseModel):
 class V2InferInput(BaseModel):
     name: str = Field(description="The model's input name (see its metadata).")
     shape: list[int] = Field(description="[N, F]: N rows of the model's F features.")
-    datatype: Literal["FP32", "FP64", "INT64"]
+    datatype: Literal["FP32", "FP64", "INT64", "INT32", "FP16"] = Field(
+        description="Any of these is read and converted to FP32 (serving/v2.py DTYPES)."
+    )
     data: list[Any] | None = Field(
         None, description="Row-major values, flat or nested; absent with binary_data_size."
     )
