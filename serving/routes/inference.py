@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Request
@@ -25,6 +26,7 @@ from serving.schemas import (
 )
 
 router = APIRouter(tags=["v2"])
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Coroutine[Any, Any, Any]])
 
 # The infer routes read the raw body (binary tensors may follow the JSON): the schemas are
 # declared for the docs only.
@@ -73,12 +75,18 @@ async def v2_ready(host: HostDep) -> dict[str, bool]:
     return {"ready": True}
 
 
-@router.get("/v2/models/{name}", response_model=V2ModelMetadata, responses=ERROR_RESPONSES)
-@router.get(
-    "/v2/models/{name}/versions/{version}",
-    response_model=V2ModelMetadata,
-    responses=ERROR_RESPONSES,
-)
+def model_route(method: str, suffix: str, **docs: Any) -> Callable[[Endpoint], Endpoint]:
+    """Registers a model route twice: `/v2/models/{name}SUFFIX` and the form with a version."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        for path in ("/v2/models/{name}/versions/{version}", "/v2/models/{name}"):
+            router.add_api_route(path + suffix, endpoint, methods=[method], **docs)
+        return endpoint
+
+    return register
+
+
+@model_route("GET", "", response_model=V2ModelMetadata, responses=ERROR_RESPONSES)
 async def v2_metadata(
     name: str, host: HostDep, _: Authorized, version: str | None = None
 ) -> dict[str, Any]:
@@ -86,12 +94,7 @@ async def v2_metadata(
     return v2.model_metadata(replica.record.name, replica.record.version, replica.spec)
 
 
-@router.get("/v2/models/{name}/ready", response_model=V2ModelReady, responses=ERROR_RESPONSES)
-@router.get(
-    "/v2/models/{name}/versions/{version}/ready",
-    response_model=V2ModelReady,
-    responses=ERROR_RESPONSES,
-)
+@model_route("GET", "/ready", response_model=V2ModelReady, responses=ERROR_RESPONSES)
 async def v2_model_ready(
     name: str, host: HostDep, _: Authorized, version: str | None = None
 ) -> dict[str, Any]:
@@ -99,8 +102,7 @@ async def v2_model_ready(
     return {"name": replica.record.name, "ready": True}
 
 
-@router.post("/v2/models/{name}/infer", **V2_INFER_DOCS)
-@router.post("/v2/models/{name}/versions/{version}/infer", **V2_INFER_DOCS)
+@model_route("POST", "/infer", **V2_INFER_DOCS)
 async def v2_infer(
     name: str, request: Request, host: HostDep, _: Authorized, version: str | None = None
 ) -> Response:
