@@ -14,13 +14,17 @@ measures requests/s and p50/p99 of:
     forward pass overlaps another's HTTP handling; batched (max_batch_size 64; heavy waits up
     to 20 ms for a batch to fill) and, for heavy, with batching off (max_batch_size 1). For
     reference, light also behind Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0);
-  - the same model in a plain FastAPI + uvicorn process (one worker, same forward code,
-    every core's torch threads for medium and heavy);
+  - the plain baseline: the same model and forward code in FastAPI under
+    `uvicorn --workers <cores>`, one single-thread worker per core (the best that alternative
+    does: no batching, but every core handles HTTP). The series `*_fastapi_one_process` is the
+    older, weaker baseline (one uvicorn process, every core's torch threads for medium and
+    heavy), kept only for comparison with earlier recorded runs; no ratio uses it;
   - the compute limit: offline batched forward passes (batch 64) on the same cores, the better
     of one process with a thread per core and one single-thread process per core, measured
     before and after the servers run; the best of these counts.
 Writes benchmarks/results/serve_throughput.png (a smoke run: a temporary folder) and prints one
-JSON line last.
+JSON line last; it leads with the `*_vs_limit` ratios (Kiln's requests/s at the top concurrency
+over the compute limit's rows/s), then the ratios against the plain baseline.
 
     python benchmarks/serve_throughput.py                # about 6 minutes
     python benchmarks/serve_throughput.py --smoke-test   # 1 s per point, light model, c=1,16
@@ -175,16 +179,16 @@ def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) 
 # ----------------------------------------------------------------------------- plain side
 
 
-def plain_server(kind: str, port: int) -> None:
-    """The same model in one FastAPI + uvicorn process: what a user would write without Kiln."""
-    import uvicorn
+def plain_app() -> Any:
+    """The same model in FastAPI: what a user would write without Kiln (a uvicorn app factory,
+    so each `--workers` process builds its own; the kind and threads come in the environment)."""
     from fastapi import FastAPI
 
     from training.artifacts import model_from_files
     from training.evaluate import outputs_to_predictions, predict_outputs
 
-    torch.set_num_threads(threads_for(kind))
-    model, spec = model_from_files(model_files(kind))
+    torch.set_num_threads(int(os.environ["KILN_BENCH_THREADS"]))
+    model, spec = model_from_files(model_files(os.environ["KILN_BENCH_KIND"]))
     app = FastAPI()
 
     @app.post("/predict")
@@ -192,14 +196,32 @@ def plain_server(kind: str, port: int) -> None:
         x = np.asarray(body["instances"], dtype=np.float32)
         return {"predictions": outputs_to_predictions(predict_outputs(model, x), spec).tolist()}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    return app
 
 
-def plain_side(kind: str, levels: list[int], duration_s: int) -> dict[str, Any]:
+def plain_server(kind: str, port: int, workers: int) -> None:
+    """`uvicorn --workers N` serving `plain_app`; one worker gets every core's threads."""
+    import uvicorn
+
+    threads = threads_for(kind) if workers == 1 else max(1, CORES // workers)
+    os.environ.update(KILN_BENCH_KIND=kind, KILN_BENCH_THREADS=str(threads))
+    uvicorn.run(
+        "benchmarks.serve_throughput:plain_app",
+        factory=True,
+        workers=workers,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+    )
+
+
+def plain_side(kind: str, levels: list[int], duration_s: int, workers: int) -> dict[str, Any]:
     import httpx
 
     port = 8432
-    server = subprocess.Popen([sys.executable, __file__, "--plain-server", kind, str(port)])
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--plain-server", kind, str(port), str(workers)]
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -256,6 +278,24 @@ def best_limit(runs: list[dict[str, float]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- report
 
 
+def ratios(
+    series: dict[str, Any], limits: dict[str, Any], kinds: list[str], levels: list[int]
+) -> dict[str, float]:
+    """The headline figures, `*_vs_limit` first: Kiln (batched) at the top concurrency against
+    the compute limit, then against the plain baseline (`uvicorn --workers <cores>`)."""
+    top = f"c{levels[-1]}"
+    kiln = {kind: series[f"{kind}_batched_kiln"] for kind in kinds}
+    plain = {kind: series[f"{kind}_fastapi"] for kind in kinds}
+    out = {
+        f"{kind}_{top}_vs_limit": kiln[kind][top]["rps"] / limits[kind]["rows_per_s"]
+        for kind in kinds
+    }
+    for kind in kinds:
+        out[f"{kind}_{top}_vs_fastapi"] = kiln[kind][top]["rps"] / plain[kind][top]["rps"]
+    out["light_c1_p50_vs_fastapi"] = kiln["light"]["c1"]["p50_ms"] / plain["light"]["c1"]["p50_ms"]
+    return out
+
+
 def plot(out: dict[str, Any], levels: list[int], path: Path) -> None:
     import matplotlib
 
@@ -269,7 +309,13 @@ def plot(out: dict[str, Any], levels: list[int], path: Path) -> None:
             if label.startswith(kind):
                 ax.plot(levels, [series[f"c{c}"]["rps"] for c in levels], marker="o", label=label)
         limit = out.get(f"{kind}_compute_limit", {}).get("rows_per_s")
-        if limit:
+        highest = max(
+            point["rps"]
+            for label, series in out["series"].items()
+            if label.startswith(kind)
+            for point in series.values()
+        )
+        if limit and limit < 5 * highest:  # light's limit is far off the chart: overhead-bound
             ax.axhline(limit, linestyle="--", color="grey", label="compute limit")
             ax.axhline(limit / 2, linestyle=":", color="grey", label="half the limit")
         ax.set(
@@ -289,14 +335,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration-s", type=int, default=8)
     parser.add_argument("--smoke-test", action="store_true")
-    parser.add_argument("--plain-server", nargs=2, metavar=("KIND", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--plain-server", nargs=3, metavar=("KIND", "PORT", "WORKERS"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--offline", metavar="KIND", help=argparse.SUPPRESS)
     parser.add_argument(
         "--kiln-side", nargs=3, metavar=("PROXY", "KINDS", "LEVELS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.plain_server:
-        plain_server(args.plain_server[0], int(args.plain_server[1]))
+        kind, port, workers = args.plain_server
+        plain_server(kind, int(port), int(workers))
         return
     if args.offline:
         print(offline_rows_per_s(args.offline, 1, seconds=4.0))
@@ -314,7 +363,7 @@ def main() -> None:
     levels = [1, 16] if args.smoke_test else [1, 16, 64]
     duration_s = 1 if args.smoke_test else args.duration_s
     # The compute limits are measured before the servers run and again after.
-    limit_runs = {kind: [compute_limit(kind)] for kind in kinds[1:]}
+    limit_runs = {kind: [compute_limit(kind)] for kind in kinds}
     series: dict[str, Any] = {}
     # Serve's Python proxy only for the light model: it shows what the proxy hop costs.
     for proxy, proxy_kinds in (("ha", kinds), ("python", ["light"])):
@@ -339,24 +388,19 @@ def main() -> None:
         for name, figures in json.loads(done.stdout.strip().splitlines()[-1]).items():
             series[f"{name}_{suffix}"] = figures
     for kind in kinds:
-        series[f"{kind}_fastapi"] = plain_side(kind, levels, duration_s)
-    out: dict[str, Any] = {
+        series[f"{kind}_fastapi"] = plain_side(kind, levels, duration_s, workers=CORES)
+        series[f"{kind}_fastapi_one_process"] = plain_side(kind, levels, duration_s, workers=1)
+    limits = {kind: best_limit([*limit_runs[kind], compute_limit(kind)]) for kind in kinds}
+    out = {
+        **ratios(series, limits, kinds, levels),
         "levels": levels,
         "duration_s": duration_s,
         "cores": CORES,
         "deploy": {k: DEPLOY[k] for k in kinds},
+        "fastapi_baseline": f"uvicorn --workers {CORES}, one torch thread each, no batching",
         "series": series,
+        **{f"{kind}_compute_limit": limits[kind] for kind in kinds},
     }
-    top = f"c{levels[-1]}"
-    light = series["light_batched_kiln"]
-    out["light_c64_vs_fastapi"] = light[top]["rps"] / series["light_fastapi"][top]["rps"]
-    out["light_c1_p50_vs_fastapi"] = light["c1"]["p50_ms"] / series["light_fastapi"]["c1"]["p50_ms"]
-    for kind in kinds[1:]:
-        limit = best_limit([*limit_runs[kind], compute_limit(kind)])
-        out[f"{kind}_compute_limit"] = limit
-        batched = series[f"{kind}_batched_kiln"][top]["rps"]
-        out[f"{kind}_c64_vs_fastapi"] = batched / series[f"{kind}_fastapi"][top]["rps"]
-        out[f"{kind}_c64_vs_limit"] = batched / limit["rows_per_s"]
     # A smoke run must not overwrite the recorded plot.
     results = Path(tempfile.mkdtemp()) if args.smoke_test else ROOT / "benchmarks" / "results"
     plot(out, levels, results / "serve_throughput.png")

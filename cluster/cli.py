@@ -201,7 +201,7 @@ def demo(
     if not settings.embedded:
         console.print("[yellow]kiln demo runs on an embedded Ray; ignoring RAY_ADDRESS[/]")
         settings = settings.model_copy(update={"ray_address": None})
-    from serving.app import AUTH_OFF_WARNING
+    from serving.schemas import AUTH_OFF_WARNING
 
     console.print(f"[yellow]demo: {AUTH_OFF_WARNING}[/]")
     bar = EpochProgress(cfg.epochs, quiet=False)
@@ -659,7 +659,7 @@ def serve(
     key: KeyOpt = None,
 ) -> None:
     """Serve registered models over HTTP (blocks until Ctrl-C on the embedded Ray)."""
-    from serving.app import AUTH_OFF_WARNING
+    from serving.schemas import AUTH_OFF_WARNING
 
     if not models:
         raise KilnError("Give one or more models to serve, e.g. kiln serve digits-mlp@production.")
@@ -736,10 +736,9 @@ def deploy(
     key: KeyOpt = None,
 ) -> None:
     """Canary: send --canary-weight% of NAME's traffic to NAME@--version, live."""
-    from cluster.serving_control import deploy_canary
+    from cluster.serving_control import check_canary_weight, deploy_canary
 
-    if not 0 <= canary_weight <= 100:
-        raise KilnError(f'Got "{canary_weight}" for --canary-weight. Use 0 to 100.')
+    check_canary_weight(canary_weight)
     settings = require_cluster(load_settings(address=address), "kiln deploy")
     with connected(settings):
         deploy_canary(settings, name, version, canary_weight, key)
@@ -1279,14 +1278,23 @@ def jobs_stop(
 
 
 def user_error(exc: BaseException) -> KilnError | None:
-    """The KilnError inside an exception chain (Ray wraps errors raised in actors and workers)."""
+    """The KilnError in an exception chain, found by type alone (never by module name).
+
+    Ray wraps an error raised in an actor or a worker: the RayTaskError it raises derives from
+    the error's own class too, but its text carries the remote traceback, so the search looks
+    through any wrapper that keeps the original as `cause` and returns the original.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, KilnError) and type(current).__module__.startswith("training"):
+        inner = getattr(current, "cause", None)
+        if isinstance(inner, BaseException):
+            current = inner
+        elif isinstance(current, KilnError):
             return current
-        current = getattr(current, "cause", None) or current.__cause__
+        else:
+            current = current.__cause__
     return exc if isinstance(exc, KilnError) else None
 
 

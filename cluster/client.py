@@ -24,7 +24,10 @@ address instead, and say so.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,10 +37,34 @@ import ray
 from actors.catalog import VersionRecord, parse_model_ref, parse_version_ref, validate_name
 from actors.keys import parse_duration_s
 from actors.registry import RegistryService
+from cluster.options import COMMAND_OPTIONS
 from cluster.settings import Settings
 from training.errors import KilnError
 
 logger = logging.getLogger(__name__)
+
+# A CLI flag named in an error message: `--limit`, `--canary-weight`.
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+@contextmanager
+def flags_as_keywords() -> Iterator[None]:
+    """Errors name the `kiln` command's flags; from Python they are keyword arguments.
+
+    The message stays the CLI's (one text for both); a note on the exception, shown under it
+    in a traceback, tells a Python caller what the flag means here.
+    """
+    try:
+        yield
+    except KilnError as exc:
+        flags = list(dict.fromkeys(FLAG.findall(str(exc))))
+        note = (
+            f"From Python: {', '.join(flags)} {'is' if len(flags) == 1 else 'are'} the kiln "
+            "command's name for the matching keyword argument of this call."
+        )
+        if flags and note not in getattr(exc, "__notes__", ()):
+            exc.add_note(note)
+        raise
 
 
 def iso_time(epoch_s: float | None) -> str | None:
@@ -122,14 +149,15 @@ class Kiln:
                 "the cluster's Ray address: Kiln(address=\"auto\") on a node, or a job's "
                 "result with job_result(job_id)."
             )
-        if self._local is not None:
-            return getattr(self._local, method)(*args, **kwargs)
-        try:
-            return ray.get(getattr(self._registry, method).remote(*args, **kwargs))
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, KilnError):
-                raise exc.cause from None
-            raise
+        with flags_as_keywords():
+            if self._local is not None:
+                return getattr(self._local, method)(*args, **kwargs)
+            try:
+                return ray.get(getattr(self._registry, method).remote(*args, **kwargs))
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, KilnError):
+                    raise exc.cause from None
+                raise
 
     # ------------------------------------------------------------------ models
 
@@ -206,7 +234,8 @@ class Kiln:
     ) -> dict[str, Any]:
         """`{"id", "secret", "scopes", "expires"}`; `expires` like "30d", "12h" or "90m"."""
         if expires is not None:
-            expires_in_s = parse_duration_s(expires)
+            with flags_as_keywords():
+                expires_in_s = parse_duration_s(expires)
         made = self._call("create_key", list(scopes), expires_in_s, key=self.key)
         return {
             "id": made["id"],
@@ -235,7 +264,8 @@ class Kiln:
 
     def audit(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
         if limit < 1:
-            raise KilnError(f'Got "{limit}" for --limit. --limit must be at least 1.')
+            with flags_as_keywords():
+                raise KilnError(f'Got "{limit}" for --limit. --limit must be at least 1.')
         entries = self._call("audit", limit, action, key=self.key)
         return [{**e, "at": iso_time(e["at"])} for e in entries]
 
@@ -306,7 +336,7 @@ def command_args(command: str, options: dict[str, Any]) -> list[str]:
     `epochs=3` -> `--epochs 3`, `auth=False` -> `--no-auth`, a list repeats the flag. A name
     the command does not take fails here, before anything is submitted.
     """
-    known = cli_options(command)
+    known = COMMAND_OPTIONS.get(command)
     args: list[str] = []
     for name, value in options.items():
         if value is None:
@@ -325,16 +355,3 @@ def command_args(command: str, options: dict[str, Any]) -> list[str]:
         else:
             args += [flag, str(value)]
     return args
-
-
-def cli_options(command: str) -> set[str] | None:
-    """The long options of `kiln COMMAND`; None when this checkout lacks that command."""
-    import typer
-
-    from cluster.cli import app
-
-    group: Any = typer.main.get_command(app)
-    found = group.commands.get(command)
-    if found is None:
-        return None
-    return {o for p in found.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}

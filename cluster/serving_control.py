@@ -11,8 +11,8 @@ from ray import serve
 
 from cluster.runtime import registry_for
 from cluster.settings import Settings
-from serving.app import AUTH_OFF_WARNING, build_app
-from serving.schemas import ServeArgs
+from serving.app import build_app
+from serving.schemas import AUTH_OFF_WARNING, ServeArgs, is_canary_weight
 from training.errors import KilnError
 
 APP_NAME = "kiln"
@@ -66,8 +66,7 @@ def deploy_canary(
     settings: Settings, name: str, version: int, weight: int, key: str | None = None
 ) -> dict[str, Any]:
     """Send `weight`% of `name`'s traffic to `name@version`; its alias `canary` moves there."""
-    if not 0 <= weight <= 100:
-        raise KilnError(f'Got "{weight}" for --canary-weight. Use 0 to 100.')
+    check_canary_weight(weight)
     args = current_args()
     if not any(ref.partition("@")[0] == name for ref in args["models"]):
         raise KilnError(f"{name} is not served; serve it first (kiln serve {name})")
@@ -79,6 +78,12 @@ def deploy_canary(
         name: {"ref": f"{name}@{version}", "weight": weight},
     }
     return update_app(settings, args, "deploy", f"{name}@{version}", key)
+
+
+def check_canary_weight(weight: int) -> None:
+    """A KilnError naming --canary-weight unless the serving schema accepts `weight`."""
+    if not is_canary_weight(weight):
+        raise KilnError(f'Got "{weight}" for --canary-weight. Use 0 to 100.')
 
 
 def promote(settings: Settings, name: str, key: str | None = None) -> dict[str, Any]:

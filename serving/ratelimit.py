@@ -7,6 +7,7 @@ N replicas a key may reach N x the rate: size `rate_per_s` per replica.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -33,16 +34,20 @@ class TokenBucket:
 
 
 class RateLimiter:
-    """One bucket per key id; `rate_per_s <= 0` turns limiting off."""
+    """One bucket per key id; `rate_per_s <= 0` turns limiting off. `clock` gives seconds."""
 
-    def __init__(self, rate_per_s: float, burst: float) -> None:
+    def __init__(
+        self, rate_per_s: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate_per_s, self.burst = rate_per_s, max(burst, 1.0)
+        self.clock = clock
         self.buckets: dict[str, TokenBucket] = {}
 
     def wait_s(self, key_id: str, now_s: float | None = None) -> float:
         if self.rate_per_s <= 0:
             return 0.0
+        now = self.clock() if now_s is None else now_s
         bucket = self.buckets.get(key_id)
         if bucket is None:
-            bucket = self.buckets[key_id] = TokenBucket(self.rate_per_s, self.burst)
-        return bucket.take(now_s)
+            bucket = self.buckets[key_id] = TokenBucket(self.rate_per_s, self.burst, updated_s=now)
+        return bucket.take(now)

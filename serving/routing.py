@@ -12,6 +12,8 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from serving.schemas import is_canary_weight
+
 
 @dataclass(frozen=True)
 class Split:
@@ -38,7 +40,7 @@ class Router:
             self.routes[name] = ref
 
     def split(self, name: str, canary_ref: str, weight: int) -> None:
-        if not 0 <= weight <= 100:
+        if not is_canary_weight(weight):
             raise ValueError(f"canary weight {weight} is outside 0-100")
         self.splits[name] = Split(self.routes[name], canary_ref, weight)
 

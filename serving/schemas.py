@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 
 class PredictRequest(BaseModel):
@@ -45,6 +45,14 @@ class ErrorBody(BaseModel):
     error: str
 
 
+class RequestError(ValueError):
+    """A request Kiln cannot serve; it answers `status` with an `ErrorBody` (serving/errors.py)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class V2ServerMetadata(BaseModel):
     name: str
     version: str
@@ -81,7 +89,9 @@ class V2ModelReady(BaseModel):
 class V2InferInput(BaseModel):
     name: str = Field(description="The model's input name (see its metadata).")
     shape: list[int] = Field(description="[N, F]: N rows of the model's F features.")
-    datatype: Literal["FP32", "FP64", "INT64"]
+    datatype: Literal["FP32", "FP64", "INT64", "INT32", "FP16"] = Field(
+        description="Any of these is read and converted to FP32 (serving/v2.py DTYPES)."
+    )
     data: list[Any] | None = Field(
         None, description="Row-major values, flat or nested; absent with binary_data_size."
     )
@@ -120,10 +130,31 @@ class V2InferResponse(BaseModel):
     outputs: list[V2InferOutput]
 
 
+CanaryWeight = Annotated[
+    int, Field(ge=0, le=100, description="Percent of bare-name traffic it takes.")
+]
+"""The one rule for a canary's share of traffic; `is_canary_weight` applies it outside a model."""
+_CANARY_WEIGHT = TypeAdapter(CanaryWeight)
+
+
+def is_canary_weight(weight: int) -> bool:
+    """Whether `weight` is a share a canary may take (the rule of `CanarySpec.weight`)."""
+    try:
+        _CANARY_WEIGHT.validate_python(weight)
+    except ValidationError:
+        return False
+    return True
+
+
 class CanarySpec(BaseModel):
     ref: str = Field(description="The canary version, e.g. digits-mlp@4.")
-    weight: int = Field(ge=0, le=100, description="Percent of bare-name traffic it takes.")
+    weight: CanaryWeight
 
+
+AUTH_OFF_WARNING = (
+    "Kiln serving with auth off: anyone who can reach the HTTP port may call every served model"
+)
+"""Logged by each replica and printed by the CLI when `ServeArgs.auth` is False."""
 
 LIVE_FIELDS = (
     "models",

@@ -3,7 +3,7 @@
 Both the JSON form and the binary-tensor extension are read, since Triton's own client sends
 binary tensors by default: the body is a JSON header of `Inference-Header-Content-Length`
 bytes followed by the raw little-endian tensors, each announced by its `binary_data_size`.
-Pure logic, no Ray; errors are `V2Error`, which the route turns into a 4xx.
+Pure logic, no Ray; errors are `V2Error`, a `RequestError` that answers with its 4xx.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from serving.schemas import RequestError
 
 INPUT_NAME = "features"
 DTYPES = {
@@ -25,10 +27,8 @@ DTYPES = {
 HEADER_LENGTH = "inference-header-content-length"
 
 
-class V2Error(ValueError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class V2Error(RequestError):
+    """A malformed or unservable V2 request; `status` is its 4xx."""
 
 
 def split_body(raw: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:

@@ -1,7 +1,10 @@
-"""User-facing error type shared by every Kiln package.
+"""User-facing error types shared by every Kiln package.
 
-A `KilnError` carries a message a user can act on ("Got X for --y. --y must be ..."); the CLI
-prints it as one line and the HTTP layer maps it to a 4xx. Anything else is a bug.
+They live in `training/`, the bottom package that every other package may import. A
+`KilnError` carries a message a user can act on ("Got X for --y. --y must be ..."); the CLI
+prints it as one line and the HTTP layer maps it to a 4xx. Anything else is a bug. Membership
+is by type alone (`isinstance`, through Ray's wrappers): a subclass defined in any package is
+a user error too. Messages name the `kiln` flags; the Python client adds a note saying so.
 """
 
 

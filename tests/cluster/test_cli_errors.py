@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from ray.exceptions import RayTaskError
 
-from cluster.cli import main
+from cluster.cli import main, user_error
+from training.errors import KilnError
 
 CASES = [
     (["train", "--data", "sklearn:nope"], "sklearn:nope"),
@@ -77,3 +79,45 @@ def test_the_installed_entry_point_prints_one_line_and_no_traceback(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = run_kiln(["train", "--data", "sklearn:nope", "--debug"], tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+class ExtensionError(KilnError):
+    """A Kiln error type defined outside training/ (here: in a test module)."""
+
+
+def test_a_kiln_error_is_recognised_by_type_wherever_its_class_is_defined():
+    raised = ExtensionError('Got "x" for --thing. Use y.')
+    assert user_error(raised) is raised
+    try:
+        try:
+            raise raised
+        except ExtensionError as exc:
+            raise RuntimeError("while loading") from exc
+    except RuntimeError as outer:
+        assert user_error(outer) is raised
+    assert user_error(RuntimeError("a bug")) is None
+
+
+def test_an_error_wrapped_by_ray_is_unwrapped_to_the_kiln_error():
+    raised = ExtensionError('Got "x" for --thing. Use y.')
+    # What ray.get raises for a KilnError raised in an actor or task: a RayTaskError whose
+    # class also derives from ExtensionError, with the remote traceback in its text.
+    wrapped = RayTaskError("load", "Traceback (most recent call last): ...", raised)
+    wrapper = wrapped.as_instanceof_cause()
+    assert isinstance(wrapper, ExtensionError) and wrapper is not raised
+    assert user_error(wrapper) is raised
+    assert user_error(wrapped) is raised
+    assert user_error(RayTaskError("f", "tb", ValueError("a bug"))) is None
+
+
+def test_the_cli_prints_a_kiln_error_defined_anywhere_as_one_line(monkeypatch, capsys):
+    import cluster.cli
+
+    def fail(*_: object, **__: object) -> None:
+        raise RuntimeError("wrapped") from ExtensionError('Got "x" for --thing. Use y.')
+
+    monkeypatch.setattr(cluster.cli, "app", fail)
+    with pytest.raises(SystemExit) as exited:
+        main(["anything"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == 'kiln: Got "x" for --thing. Use y.'

@@ -54,6 +54,24 @@ def test_keys_and_audit_in_process(local):
         local.create_key(["admin"], expires="7x")
 
 
+def test_an_error_naming_a_flag_tells_a_python_caller_it_is_a_keyword(local):
+    with pytest.raises(KilnError) as raised:
+        local.audit(limit=0)
+    assert str(raised.value) == 'Got "0" for --limit. --limit must be at least 1.'
+    assert raised.value.__notes__ == [
+        "From Python: --limit is the kiln command's name for the matching keyword argument "
+        "of this call."
+    ]
+    local.register("m", tiny_model_files(), TINY_SPEC, {}, {})
+    local.alias("m", 1, "production")
+    with pytest.raises(KilnError, match="--force") as raised:
+        local.delete("m@1")
+    assert len(raised.value.__notes__) == 1 and "--force is the kiln" in raised.value.__notes__[0]
+    with pytest.raises(NotFoundError) as missing:
+        local.resolve("ghost")
+    assert not getattr(missing.value, "__notes__", None)  # no flag named, nothing to add
+
+
 def test_a_client_key_acts_as_that_key(tmp_path):
     home = tmp_path / "home"
     with Kiln(home=home, use_ray=False) as owner:

@@ -48,7 +48,14 @@ def test_emitted_config_is_a_valid_serve_deploy_config(tmp_path, monkeypatch, ca
     )
     from serving.app import build_app
 
-    assert build_app(app.args) is not None  # the args build the application as written
+    # The args build the application as written (Serve has no public getter for the bound
+    # deployment of an Application).
+    deployment = build_app(app.args)._bound_deployment
+    assert deployment.name == "KilnServer"
+    live = deployment.user_config
+    assert (live["models"], live["rate_limit_per_s"]) == (["digits-mlp@production"], 50.0)
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (0, 4)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import json
 
+from serving import v2
 from serving.app import api
 
 
@@ -26,7 +27,8 @@ def test_v2_infer_documents_json_and_binary_bodies_without_dangling_refs():
     assert "$defs" not in json.dumps(request) and "$ref" not in json.dumps(request)
     tensor = request["properties"]["inputs"]["items"]
     assert {"name", "shape", "datatype", "data", "parameters"} <= set(tensor["properties"])
-    assert set(tensor["properties"]["datatype"]["enum"]) == {"FP32", "FP64", "INT64"}
+    # The documented input datatypes are exactly the ones the V2 parser accepts.
+    assert set(tensor["properties"]["datatype"]["enum"]) == set(v2.DTYPES)
     assert "application/octet-stream" in body
     response = operation["responses"]["200"]["content"]["application/json"]["schema"]
     assert response["$ref"].endswith("/V2InferResponse")

@@ -1,7 +1,14 @@
 """Checkpoints without pickle: a resumed optimisation continues exactly where it stopped."""
 
+import json
+import pickle
+import pickletools
+import struct
+import zipfile
+
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 
 from training.checkpoints import (
@@ -66,6 +73,36 @@ def test_checkpoint_folder_holds_no_pickle(tmp_path):
     save_training_checkpoint(tmp_path, state)
     suffixes = sorted(p.suffix for p in tmp_path.iterdir())
     assert suffixes == [".json", ".safetensors", ".safetensors", ".safetensors"]
+    for path in tmp_path.iterdir():
+        data = path.read_bytes()
+        assert not zipfile.is_zipfile(path), path  # torch.save's format
+        assert not is_pickle_stream(data), path
+        if path.suffix == ".json":
+            json.loads(data)  # plain data: a JSON parser cannot run code
+            continue
+        # safetensors: an 8-byte header length, a JSON header, then raw tensor bytes. The
+        # header accounts for every byte of the file, so nothing else can hide in it.
+        header_length = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + header_length])
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        assert 8 + header_length + max(ends, default=0) == len(data), path
+        assert set(safetensors.numpy.load_file(path)) == set(header) - {"__metadata__"}
+
+
+def is_pickle_stream(data: bytes) -> bool:
+    """Whether `data` parses as a complete pickle (opcodes up to STOP); pickle runs code."""
+    try:
+        return [op.name for op, _, _ in pickletools.genops(data)][-1:] == ["STOP"]
+    except (ValueError, IndexError, EOFError):
+        return False
+
+
+def test_the_checks_would_see_torch_save_and_pickle(tmp_path):
+    assert is_pickle_stream(pickle.dumps({"epoch": 2}))
+    legacy, zipped = tmp_path / "legacy.pt", tmp_path / "zipped.pt"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    torch.save({"w": torch.zeros(2)}, zipped)
+    assert is_pickle_stream(legacy.read_bytes()) and zipfile.is_zipfile(zipped)
 
 
 def test_early_stopping_counts_epochs_without_improvement():

@@ -1,6 +1,10 @@
 """The numpy path of preprocessing (the CuPy path is the same code on a GPU)."""
 
+import sys
+import types
+
 import numpy as np
+import pytest
 
 from actors.shards import FeatureStats
 from training.preprocess import array_module, feature_moments
@@ -29,4 +33,34 @@ def test_without_a_gpu_the_array_module_is_numpy():
 
     if not torch.cuda.is_available():
         assert array_module(prefer_gpu=True) is np
-    assert array_module(prefer_gpu=False) is np
+
+
+class FakeCupy(types.ModuleType):
+    """Stands in for cupy: `available` says whether CUDA answers, `broken` fails the first array."""
+
+    def __init__(self, available: bool, broken: bool = False) -> None:
+        super().__init__("cupy")
+        self.cuda = types.SimpleNamespace(is_available=lambda: available)
+        self.broken = broken
+
+    def zeros(self, n: int) -> np.ndarray:
+        if self.broken:
+            raise RuntimeError("cudaErrorInsufficientDriver")
+        return np.zeros(n)
+
+
+@pytest.mark.parametrize(
+    "fake,prefer_gpu,chosen",
+    [
+        (FakeCupy(available=True), True, "cupy"),
+        (FakeCupy(available=True), False, "numpy"),  # asked not to, though a GPU answers
+        (FakeCupy(available=False), True, "numpy"),
+        (FakeCupy(available=True, broken=True), True, "numpy"),  # imports, fails at first use
+        (None, True, "numpy"),  # not installed
+    ],
+)
+def test_the_gpu_module_is_used_only_when_asked_for_and_working(
+    fake, prefer_gpu, chosen, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "cupy", fake)  # None: `import cupy` raises ImportError
+    assert array_module(prefer_gpu=prefer_gpu).__name__ == chosen

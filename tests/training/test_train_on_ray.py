@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import ray
+import torch
 
 from actors.registry import artifact_path, read_verified_files
 from actors.replica import ModelReplica
@@ -45,6 +46,7 @@ def test_a_corrupted_artifact_is_refused_naming_the_file(trained_digits, setting
         f"{settings_session.storage_uri}/{artifact_path(record.name, record.version, WEIGHTS_FILE)}"
     )
     original = open(path, "rb").read()
+    before, _ = model_from_files(read_verified_files(settings_session.storage_uri, record))
     try:
         with open(path, "r+b") as f:
             f.seek(len(original) // 2)
@@ -53,5 +55,9 @@ def test_a_corrupted_artifact_is_refused_naming_the_file(trained_digits, setting
             read_verified_files(settings_session.storage_uri, record)
     finally:
         open(path, "wb").write(original)
+    # The restored bytes verify again and load as the very same weights.
     model, _ = model_from_files(read_verified_files(settings_session.storage_uri, record))
-    assert model is not None
+    restored, expected = model.state_dict(), before.state_dict()
+    assert restored.keys() == expected.keys() and len(restored) > 0
+    for name, tensor in expected.items():
+        assert torch.equal(restored[name], tensor), name

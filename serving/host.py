@@ -1,0 +1,206 @@
+"""The model host of a Kiln replica: loaded versions, routing, rate limits and batching.
+
+Plain Python without FastAPI, so the HTTP side (serving/routes/, serving/dependencies.py) stays
+thin and this part can be read and tested on its own. The Serve deployment (serving/app.py)
+owns one `ModelHost`; Serve's `reconfigure` and `check_health` hooks call straight through to
+it. A request it cannot serve raises `RequestError` with the HTTP status the routes answer with.
+
+`@serve.batch` groups concurrent requests, whichever model they name, and runs one forward
+pass per model per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from actors.catalog import VersionRecord
+from actors.keys import KeyCheck
+from actors.replica import SMALL_ROWS, ModelReplica
+from serving.ratelimit import RateLimiter
+from serving.routing import Router
+from serving.schemas import ModelInfo, PredictRequest, RequestError, ServeArgs
+from training.errors import KilnError
+
+logger = logging.getLogger(__name__)
+
+# A request whose forward pass is expected to take less than this skips the batch queue when
+# no batch is running: batching cannot save more than the queue's own overhead then.
+INLINE_FORWARD_S = 0.0005
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one replica serves now; rebuilt whole and swapped in by `reconfigure`."""
+
+    replicas: dict[str, ModelReplica]
+    router: Router
+
+
+@dataclass
+class BatchItem:
+    """One request's rows on their way through the batch queue."""
+
+    model_key: str
+    x: np.ndarray  # (N, F) float32
+
+
+def runs_inline(replica: ModelReplica, rows: int) -> bool:
+    """Whether a forward pass of `rows` rows is cheap enough to block the event loop for."""
+    return rows <= SMALL_ROWS and replica.small_forward_s < INLINE_FORWARD_S
+
+
+def parse_rows(body: PredictRequest, replica: ModelReplica, max_instances: int) -> np.ndarray:
+    """The instances as an (N, F) float32 array, or a 422 that names the expected shape."""
+    num_features = replica.num_features
+    if not body.instances:
+        raise RequestError(422, f"instances is empty; send shape [N, {num_features}] with N >= 1")
+    if len(body.instances) > max_instances:
+        raise RequestError(
+            422, f"got {len(body.instances)} instances; at most {max_instances} per request"
+        )
+    for i, row in enumerate(body.instances):
+        if len(row) != num_features:
+            raise RequestError(
+                422,
+                f"instances must have shape [N, {num_features}]; "
+                f"instance {i} has {len(row)} values",
+            )
+    x = np.asarray(body.instances, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise RequestError(422, f"instance {bad} holds NaN or Inf; send finite numbers only")
+    return x
+
+
+def resolve_served(registry: Any, args: ServeArgs, loaded: dict[str, ModelReplica]) -> Served:
+    """Resolve every reference through the registry now and load what is not loaded yet."""
+    refs = list(args.models) + [c.ref for c in args.canary.values()]
+    records: list[VersionRecord] = ray.get([registry.resolve.remote(ref) for ref in refs])
+    storage_uri = str(ray.get(registry.get_storage_uri.remote()))
+    replicas: dict[str, ModelReplica] = {}
+    for record in records:
+        replicas[record.ref] = loaded.get(record.ref) or ModelReplica(record, storage_uri, args.gpu)
+    router = Router()
+    names = sorted({r.name for r in records})
+    alias_maps = dict(zip(names, ray.get([registry.aliases.remote(n) for n in names]), strict=True))
+    for ref, record in zip(refs[: len(args.models)], records, strict=False):
+        selector = ref.partition("@")[2]
+        # Every alias the registry has for this version answers too, not just the one named.
+        aliases = {a for a, v in alias_maps[record.name].items() if v == record.version}
+        if selector and not selector.isdigit():
+            aliases.add(selector)
+        router.add(record.ref, *sorted(aliases - {"canary"}), default=True)
+    for (name, canary), record in zip(
+        args.canary.items(), records[len(args.models) :], strict=True
+    ):
+        if name not in router.routes:
+            raise KilnError(f"canary for {name!r}, which is not among the served models")
+        router.add(record.ref, "canary", default=False)
+        router.split(name, record.ref, canary.weight)
+    return Served(replicas, router)
+
+
+class ModelHost:
+    """Registered model versions on one replica, batched across requests."""
+
+    def __init__(self, args: ServeArgs, registry: Any) -> None:
+        # `args` holds every field; the live ones come again (and later) through reconfigure.
+        self.args = args
+        self.registry = registry
+        self.limiter = RateLimiter(args.rate_limit_per_s, args.rate_limit_burst)
+        self.served = Served({}, Router())
+        # The replica computes with the cores it reserves (Kiln's workers default to one
+        # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads.
+        torch.set_num_threads(max(1, int(args.num_cpus)))
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live changes without a restart: served versions, canary split, batching, limits.
+
+        New versions load before the swap; the new routing table replaces the old in one
+        assignment, so requests in flight finish on the version they started with.
+        """
+        self.args = ServeArgs(**{**self.args.model_dump(), **user_config})
+        self.served = resolve_served(self.registry, self.args, self.served.replicas)
+        self.limiter = RateLimiter(self.args.rate_limit_per_s, self.args.rate_limit_burst)
+        batched: Any = self._forward_batch  # @serve.batch adds the setters
+        batched.set_max_batch_size(self.args.max_batch_size)
+        batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        logger.info("serving %s", ", ".join(self.served.router.served()))
+
+    def check_health(self) -> None:
+        """Raises unless every loaded model can run a forward pass."""
+        for replica in self.served.replicas.values():
+            replica.forward(np.zeros((1, replica.num_features), dtype=np.float32))
+
+    async def verify_key(self, secret: str) -> KeyCheck:
+        """The registry's verdict on an API key; 503 while the registry cannot answer."""
+        try:
+            return await self.registry.verify_key.remote(secret)
+        except ray.exceptions.RayError as exc:
+            logger.error("the registry could not check a key: %s", exc)
+            raise RequestError(503, "the key registry is unavailable; retry shortly") from exc
+
+    def replica_for(self, name: str, sticky_key: str | None = None) -> tuple[str, ModelReplica]:
+        """The version that answers `name` (a sticky key keeps a caller on one side of a split)."""
+        served = self.served  # one read: a concurrent reconfigure cannot split this lookup
+        key = served.router.pick(name, sticky_key)
+        if key is None:
+            raise RequestError(
+                404,
+                f"model {name!r} is not served here; served: {', '.join(served.router.served())}",
+            )
+        return key, served.replicas[key]
+
+    def info(self, key: str) -> ModelInfo:
+        replica = self.served.replicas[key]
+        record, spec = replica.record, replica.spec
+        return ModelInfo(
+            name=record.name,
+            version=record.version,
+            task=spec["task"],
+            kind=spec["kind"],
+            num_features=spec["num_features"],
+            classes=spec.get("classes"),
+            metrics={k: v for k, v in record.metrics.items() if k != "history"},
+            aliases=self.served.router.aliases_of(key),
+        )
+
+    async def forward(self, key: str, x: np.ndarray) -> np.ndarray:
+        """Outputs for x: at once for a cheap pass on an idle replica, else through the batcher.
+
+        A cheap forward pass (a small model, a few rows) costs less than the batch queue's
+        hand-offs, so when no batch wait is asked for it runs at once. Everything else goes
+        through `@serve.batch`: with no wait for a batch to fill (the default), a batch holds the
+        requests that arrived while the previous one ran, as in Triton's dynamic batcher.
+        """
+        replica = self.served.replicas[key]
+        if self.args.batch_wait_timeout_s == 0 and runs_inline(replica, len(x)):
+            return replica.forward(x)
+        return await self._forward_batch(BatchItem(key, x))
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def _forward_batch(self, items: list[BatchItem]) -> list[np.ndarray]:
+        """One forward pass per model over every row of the batch, split back per request.
+
+        The pass runs on the event loop, on purpose: Serve's batcher forms the next batch as
+        soon as this one starts, so a pass on a worker thread left the loop free to cut many
+        small batches (measured: a third of the throughput). Blocking here lets the requests
+        that arrive meanwhile queue up and go through together in the next batch.
+        """
+        replicas = self.served.replicas
+        outputs: list[np.ndarray | None] = [None] * len(items)
+        for key in {item.model_key for item in items}:
+            members = [i for i, item in enumerate(items) if item.model_key == key]
+            x = np.concatenate([items[i].x for i in members])
+            out = replicas[key].forward(x)
+            offsets = np.cumsum([0] + [len(items[i].x) for i in members])
+            for j, i in enumerate(members):
+                outputs[i] = out[offsets[j] : offsets[j + 1]]
+        return outputs  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""One `APIRouter` per resource; serving/app.py includes them into the one Serve ingress."""

@@ -1,0 +1,134 @@
+"""Open Inference Protocol V2 routes (KServe, Triton): server and model metadata, infer."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+
+from actors.replica import ModelReplica
+from serving import v2
+from serving.dependencies import Authorized, HostDep
+from serving.errors import ERROR_RESPONSES, inline_refs
+from serving.host import ModelHost
+from serving.schemas import (
+    V2InferRequest,
+    V2InferResponse,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+)
+
+router = APIRouter(tags=["v2"])
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+# The infer routes read the raw body (binary tensors may follow the JSON): the schemas are
+# declared for the docs only.
+V2_INFER_DOCS: dict[str, Any] = {
+    "response_model": V2InferResponse,
+    "response_model_exclude_none": True,
+    "responses": ERROR_RESPONSES,
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": inline_refs(V2InferRequest.model_json_schema())},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "The JSON request, then the binary tensors; "
+                    "Inference-Header-Content-Length gives the JSON's length.",
+                },
+            },
+        }
+    },
+}
+
+
+def v2_replica(
+    host: ModelHost, name: str, version: str | None, sticky_key: str | None = None
+) -> tuple[str, ModelReplica]:
+    if version is not None and not version.isdigit():
+        raise HTTPException(404, f"version {version!r} is not a number")
+    return host.replica_for(f"{name}@{version}" if version else name, sticky_key)
+
+
+@router.get("/v2", response_model=V2ServerMetadata)
+async def v2_server() -> dict[str, Any]:
+    return {"name": "kiln", "version": "1", "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/v2/health/live", response_model=V2Live)
+async def v2_live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready", response_model=V2Ready, responses=ERROR_RESPONSES)
+async def v2_ready(host: HostDep) -> dict[str, bool]:
+    if not host.served.replicas:
+        raise HTTPException(503, "no model is loaded yet")
+    return {"ready": True}
+
+
+def model_route(method: str, suffix: str, **docs: Any) -> Callable[[Endpoint], Endpoint]:
+    """Registers a model route twice: `/v2/models/{name}SUFFIX` and the form with a version."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        for path in ("/v2/models/{name}/versions/{version}", "/v2/models/{name}"):
+            router.add_api_route(path + suffix, endpoint, methods=[method], **docs)
+        return endpoint
+
+    return register
+
+
+@model_route("GET", "", response_model=V2ModelMetadata, responses=ERROR_RESPONSES)
+async def v2_metadata(
+    name: str, host: HostDep, _: Authorized, version: str | None = None
+) -> dict[str, Any]:
+    _key, replica = v2_replica(host, name, version)
+    return v2.model_metadata(replica.record.name, replica.record.version, replica.spec)
+
+
+@model_route("GET", "/ready", response_model=V2ModelReady, responses=ERROR_RESPONSES)
+async def v2_model_ready(
+    name: str, host: HostDep, _: Authorized, version: str | None = None
+) -> dict[str, Any]:
+    _key, replica = v2_replica(host, name, version)
+    return {"name": replica.record.name, "ready": True}
+
+
+@model_route("POST", "/infer", **V2_INFER_DOCS)
+async def v2_infer(
+    name: str, request: Request, host: HostDep, _: Authorized, version: str | None = None
+) -> Response:
+    key, replica = v2_replica(host, name, version, request.headers.get(host.args.sticky_header))
+    raw = await request.body()
+    if len(raw) > host.args.max_body_bytes:
+        raise HTTPException(
+            413, f"request body is {len(raw)} bytes; the limit is {host.args.max_body_bytes}"
+        )
+    # A malformed request raises v2.V2Error, which answers with its 4xx (serving/errors.py).
+    body, tail = v2.split_body(raw, request.headers.get(v2.HEADER_LENGTH))
+    x = v2.parse_infer_request(body, tail, replica.num_features, host.args.max_instances)
+    wanted = v2.requested_outputs(body, replica.spec)
+    outputs = await host.forward(key, x)
+    result = replica.format(outputs, probabilities=True)
+    arrays = {"predictions": np.asarray(result["predictions"])}
+    if "probabilities" in result:
+        arrays["probabilities"] = np.asarray(result["probabilities"], dtype=np.float32)
+    content, header_length = v2.build_response(
+        replica.record.name,
+        replica.record.version,
+        str(body.get("id") or uuid.uuid4().hex[:16]),
+        arrays,
+        wanted,
+        replica.spec,
+    )
+    headers = {v2.HEADER_LENGTH: header_length} if header_length else None
+    media = "application/octet-stream" if header_length else "application/json"
+    return Response(content, media_type=media, headers=headers)

@@ -1,0 +1,85 @@
+"""V1 routes (TF-Serving / KServe V1 style): list models, describe one, predict with it."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
+from serving.errors import ERROR_RESPONSES
+from serving.host import parse_rows
+from serving.schemas import ModelInfo, ModelList, PredictRequest, PredictResponse
+
+router = APIRouter()
+
+
+async def read_json_body(request: Request, max_body_bytes: int) -> Any:
+    """The parsed body; 413 past the size limit, 400 for malformed JSON."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_body_bytes:
+        raise HTTPException(413, f"request body is {declared} bytes; the limit is {max_body_bytes}")
+    raw = await request.body()
+    if len(raw) > max_body_bytes:
+        raise HTTPException(413, f"request body is {len(raw)} bytes; the limit is {max_body_bytes}")
+    try:
+        return json.loads(raw, parse_constant=lambda c: math.nan)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"request body is not valid JSON: {exc}") from exc
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def list_models(host: HostDep, auth: AuthDep, credentials: BearerDep) -> ModelList:
+    """The served versions this key may predict with (all of them when auth is off)."""
+    replicas = host.served.replicas
+    keys = sorted(replicas)
+    if auth is not None:
+        check = await auth.authenticate(credentials.credentials if credentials else None)
+        keys = [k for k in keys if check.allows("predict", replicas[k].record.name)]
+    return ModelList(models=[host.info(key) for key in keys])
+
+
+@router.get("/v1/models/{name}", response_model=ModelInfo, responses=ERROR_RESPONSES)
+async def model_info(name: str, host: HostDep, _: Authorized) -> ModelInfo:
+    key, _replica = host.replica_for(name)
+    return host.info(key)
+
+
+@router.post(
+    "/v1/models/{name}:predict",
+    response_model=PredictResponse,
+    response_model_exclude_none=True,
+    responses=ERROR_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+        }
+    },
+)
+async def predict(name: str, request: Request, host: HostDep, _: Authorized) -> Response:
+    # Auth first (the Authorized dependency): a caller without a key learns nothing, not even
+    # which models exist.
+    key, replica = host.replica_for(name, request.headers.get(host.args.sticky_header))
+    payload = await read_json_body(request, host.args.max_body_bytes)
+    try:
+        body = PredictRequest.model_validate(payload)
+    except ValueError as exc:
+        raise RequestValidationError(exc.errors()) from exc  # type: ignore[attr-defined]
+    x = parse_rows(body, replica, host.args.max_instances)
+    outputs = await host.forward(key, x)
+    result = replica.format(outputs, probabilities=body.return_ == "probabilities")
+    request_id = uuid.uuid4().hex[:16]
+    reply = PredictResponse(
+        **result,
+        model=replica.record.name,
+        model_version=replica.record.version,
+        ids=[f"{request_id}-{i}" for i in range(len(x))],
+    )
+    # Serialised here, once: FastAPI would validate and encode the model again.
+    return Response(reply.model_dump_json(exclude_none=True), media_type="application/json")
