@@ -17,14 +17,15 @@ def flags(spaced: str) -> frozenset[str]:
 COMMAND_OPTIONS: dict[str, frozenset[str]] = {
     "train": flags(
         "--address --batch-size --data --epochs --eval-data --features --gpu --hidden --home "
-        "--json --l2 --label --lr --lr-schedule --model --optimizer --patience --register "
-        "--resume --seed --storage --test-fraction --val-fraction --workers"
+        "--json --l2 --label --lr --lr-schedule --max-iter --model --optimizer --patience "
+        "--register --resume --seed --solver --storage --test-fraction --tol --val-fraction "
+        "--workers"
     ),
     "tune": flags(
         "--address --base-batch-size --batch-size --data --depth --epochs --eval-data "
         "--features --grid-points --hidden --hidden-width --home --json --l2 --label --lr "
         "--metric --model --no-refit --optimizer --refit --register --resume --scheduler "
-        "--search --seed --space --storage --test-fraction --trials --val-fraction "
+        "--search --seed --solver --space --storage --test-fraction --trials --val-fraction "
         "--workers-per-trial"
     ),
     "serve": flags(
