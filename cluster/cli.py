@@ -495,7 +495,7 @@ def tune(
     from actors.shards import looks_like_dataset_name
     from actors.sources import SourceSpec, check_source
     from cluster.runtime import registry_for
-    from cluster.sweeps import SweepRequest, load_sweep_request, tune_and_register
+    from cluster.tune_pipeline import SweepRequest, load_sweep_request, tune_and_register
     from training.config import TrainConfig
     from tuning.space import SearchSpace, default_l2_range, load_space_file
     from tuning.sweep import SweepConfig

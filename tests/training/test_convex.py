@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from actors.registry import read_verified_files
 from actors.sources import SourceSpec
 from cluster.pipeline import TrainRequest, train_and_register
-from cluster.sweeps import SweepRequest, tune_and_register
+from cluster.tune_pipeline import SweepRequest, tune_and_register
 from training.artifacts import model_from_files
 from training.config import TrainConfig
 from training.evaluate import predict_outputs, softmax

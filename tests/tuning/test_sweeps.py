@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from actors.sources import SourceSpec
-from cluster.sweeps import SweepRequest, tune_and_register
+from cluster.tune_pipeline import SweepRequest, tune_and_register
 from training.config import TrainConfig
 from tuning.space import SearchSpace
 from tuning.sweep import SweepConfig
