@@ -320,6 +320,7 @@ def worker_identity(rows: int, device: torch.device) -> list[dict[str, Any]]:
         "node_id": ray.get_runtime_context().get_node_id(),
         "rows": rows,
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),
     }
     if not (dist.is_available() and dist.is_initialized()):
         return [me]
