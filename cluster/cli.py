@@ -274,6 +274,16 @@ def train(
         str | None, typer.Option(help="Continue a stopped run by its name (other options ignored).")
     ] = None,
     gpu: Annotated[str, typer.Option(help="auto|on|off")] = "auto",
+    cpus_per_worker: Annotated[
+        int | None,
+        typer.Option(help="CPUs (and torch threads) per worker; default: its share of the free."),
+    ] = None,
+    grad_accum: Annotated[
+        int, typer.Option(help="Micro-batches per optimizer step (one DDP sync per step).")
+    ] = 1,
+    bucket_cap_mb: Annotated[
+        float | None, typer.Option(help="DDP gradient bucket size in MB; default: DDP's 25.")
+    ] = None,
     as_json: JsonOpt = False,
     address: AddressOpt = None,
     home: HomeOpt = None,
@@ -309,6 +319,9 @@ def train(
             seed=seed,
             gpu=gpu,
             patience=patience,
+            cpus_per_worker=cpus_per_worker,
+            grad_accum=grad_accum,
+            bucket_cap_mb=bucket_cap_mb,
         )
         source = SourceSpec(
             uri=data,

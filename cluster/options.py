@@ -16,7 +16,8 @@ def flags(spaced: str) -> frozenset[str]:
 
 COMMAND_OPTIONS: dict[str, frozenset[str]] = {
     "train": flags(
-        "--address --batch-size --data --epochs --eval-data --features --gpu --hidden --home "
+        "--address --batch-size --bucket-cap-mb --cpus-per-worker --data --epochs --eval-data "
+        "--features --gpu --grad-accum --hidden --home "
         "--json --l2 --label --lr --lr-schedule --max-iter --model --optimizer --patience "
         "--register --resume --seed --solver --storage --test-fraction --tol --val-fraction "
         "--workers"

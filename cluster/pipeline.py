@@ -39,6 +39,7 @@ from actors.shards import (
 )
 from actors.sources import SourceSpec
 from cluster.convex import fit_convex, lbfgs_warning
+from cluster.resources import worker_cpus
 from cluster.settings import Settings
 from training.artifacts import model_to_files
 from training.checkpoints import BEST_WEIGHTS_FILE
@@ -189,10 +190,11 @@ def fit(
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    cpus = worker_cpus(cfg)  # each worker's CPUs, and its torch threads
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
-            "train": cfg.to_dict(),
+            "train": {**cfg.to_dict(), "cpus_per_worker": cpus},
             "spec": spec,
             "shards": data.train.handles,
             "val_shards": data.val.handles if data.val else [],
@@ -200,7 +202,11 @@ def fit(
             "progress": progress,
             **(extra_loop_config or {}),
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
+        ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path(settings),
@@ -431,6 +437,7 @@ def train_and_register(
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(request.to_json())
 
+    worker_cpus(cfg)  # a --cpus-per-worker the cluster cannot give fails before any data loads
     step("loading shards")
     data = resident_data(request)
     data_hash(data)  # hashing reads the whole source once: it runs beside the fit

@@ -68,6 +68,13 @@ class TrainConfig:
     None: a tenth of the epochs, at least 5."""
     gpu: str = "auto"
     """auto: use CUDA when the cluster has GPUs; on: require them; off: CPU only."""
+    cpus_per_worker: int | None = None
+    """CPUs each Train worker reserves, and its torch threads (None: its share of the free
+    CPUs, so one worker on an idle 2-core node uses both)."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients add up (DDP syncs once per group) before one step."""
+    bucket_cap_mb: float | None = None
+    """DDP's gradient bucket size in MB (None: DDP's default, 25)."""
 
     def __post_init__(self) -> None:
         _require_choice(self.model, MODEL_KINDS, "--model")
@@ -82,6 +89,8 @@ class TrainConfig:
             ("--workers", self.workers),
             ("--epochs", 1 if self.epochs is None else self.epochs),
             ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+            ("--cpus-per-worker", 1 if self.cpus_per_worker is None else self.cpus_per_worker),
         ):
             _require(value >= 1, f'Got "{value}" for {option}. {option} must be at least 1.')
         _require(
@@ -90,6 +99,10 @@ class TrainConfig:
         _require(
             self.patience is None or self.patience >= 0,
             f'Got "{self.patience}" for --patience. Use 0 (off) or more.',
+        )
+        _require(
+            self.bucket_cap_mb is None or self.bucket_cap_mb > 0,
+            f'Got "{self.bucket_cap_mb}" for --bucket-cap-mb. It must be greater than 0.',
         )
         _require(self.penalty >= 0, f'Got "{self.l2}" for --l2. --l2 (λ) must be 0 or more.')
         _require(self.max_iter >= 1, f'Got "{self.max_iter}" for --max-iter. Use 1 or more.')

@@ -11,7 +11,8 @@ is kept) and resumed later if enough worse trials arrive behind it. Once no tria
 rung any more (every planned trial has been added and none is still below it), the rung is
 settled: its top ⌈n/η⌉ (at least one) go on, the other paused trials stop.
 
-Pausing needs a trial checkpoint to resume from: the one-worker trial reports one each epoch.
+Pausing needs a trial checkpoint to resume from: the one-worker trial attaches one to its
+report at every rung milestone (tuning/sweep.py `checkpoint_plan`).
 The scheduler's bookkeeping is not part of Tune's saved experiment state, so after
 `kiln tune --resume` the unfinished trials simply continue and are judged at their next rung.
 """

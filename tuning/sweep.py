@@ -126,6 +126,27 @@ def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
     return FIFOScheduler()
 
 
+CHECKPOINT_EVERY = 5
+"""Epochs between the checkpoints of a trial no scheduler pauses or clones: what a sweep
+whose driver was killed re-runs at most per unfinished trial."""
+
+
+def checkpoint_plan(scheduler: TrialScheduler) -> tuple[int, list[int]]:
+    """(every k epochs, and at these training iterations) a one-worker trial checkpoints.
+
+    Each checkpoint is a file write and a copy to the sweep's storage. Trials checkpoint at
+    their last epoch whatever the plan (the best trial's weights come from there), at
+    PromotingASHA's rungs (a paused trial resumes from its last report's checkpoint), and
+    every CHECKPOINT_EVERY epochs for a killed sweep's resume. PBT clones any trial at its
+    perturbation steps and HyperBand pauses at its own brackets' milestones: every epoch.
+    """
+    if isinstance(scheduler, PromotingASHA):
+        return CHECKPOINT_EVERY, list(scheduler.milestones)
+    if type(scheduler) is FIFOScheduler:
+        return CHECKPOINT_EVERY, []
+    return 1, []
+
+
 def make_search(cfg: SweepConfig) -> Any:
     if cfg.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -187,6 +208,8 @@ def run_tuner(
     # A killed driver loses at most this many seconds of sweep state (default: adaptive).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     resources, concurrent = trial_resources(cfg.workers_per_trial)
+    scheduler = make_scheduler(cfg)
+    context.checkpoint_every, context.checkpoint_at = checkpoint_plan(scheduler)
     context.use_gpu = "gpu" in resources or (
         cfg.workers_per_trial > 1 and ray.cluster_resources().get("GPU", 0) >= 1
     )
@@ -209,11 +232,15 @@ def run_tuner(
         tune_config=tune.TuneConfig(
             metric=cfg.metric,
             mode=cfg.mode,
-            scheduler=make_scheduler(cfg),
+            scheduler=scheduler,
             search_alg=make_search(cfg),
             num_samples=cfg.planned_trials,
             max_concurrent_trials=searcher_concurrency(cfg, concurrent),
-            reuse_actors=False,
+            # A trial started (or resumed after a pause) on a finished trial's process skips
+            # the new process, its imports and its shard reads (tuning/trainable.py caches
+            # them): on the digits grid of benchmarks/tune_efficiency.py that start-up cost
+            # more than the epochs ASHA saved.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=sweep_id,

@@ -6,7 +6,10 @@ store: no trial reloads the data, and trials on one node share its pages. A one-
 a plain function trainable running training/loop.py's steps (no Ray Train start-up cost); a
 trial with several workers runs a TorchTrainer over `train_func` and forwards its reports to
 Tune through TuneReportCallback. Either way each epoch reports validation metrics, so ASHA can
-stop a bad trial, and a safetensors checkpoint, so PBT and a resumed sweep can continue it.
+stop a bad trial. A one-worker trial attaches a safetensors checkpoint where something needs
+one (`TrialContext.checkpoint_every`/`checkpoint_at`, set by tuning/sweep.py: the rungs where
+PromotingASHA pauses, PBT's clone points, every few epochs for a resumed sweep, the last epoch)
+and, on a reused Tune actor, reads the shards' rows from a per-process cache.
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ class TrialContext:
     read_own_data: Any = None
     """Benchmarks only: a callable (source) -> (x, y) that makes each trial load its own copy."""
     extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int = 1
+    """A one-worker trial attaches a checkpoint to every k-th epoch's report (and its last)."""
+    checkpoint_at: list[int] = field(default_factory=list)
+    """Training iterations whose report must carry one too: the rungs where a scheduler
+    pauses trials (Tune resumes a paused trial from the checkpoint of its last report)."""
+
+    def wants_checkpoint(self, iteration: int, last: bool) -> bool:
+        return last or iteration % self.checkpoint_every == 0 or iteration in self.checkpoint_at
 
 
 def trial_train_config(base: dict[str, Any], config: dict[str, Any]) -> TrainConfig:
@@ -107,8 +118,8 @@ def run_trial_in_process(cfg: TrainConfig, spec: dict[str, Any], context: TrialC
     if context.read_own_data is not None:
         x, y = context.read_own_data(spec)
     else:
-        x, y = read_worker_shards(context.shards, 0, 1, spec, zero_copy=True)
-    val = read_worker_shards(context.val_shards, 0, 1, spec, zero_copy=True)
+        x, y = cached_shard_rows(context.shards, spec)
+    val = cached_shard_rows(context.val_shards, spec)
     loop_cfg = LoopConfig(train=cfg, spec=spec, shards=[], num_train_rows=context.num_train_rows)
 
     model = build_model(spec)
@@ -135,9 +146,32 @@ def run_trial_in_process(cfg: TrainConfig, spec: dict[str, Any], context: TrialC
         if update_early_stopping(state.loop, metrics["val_loss"], epoch):
             state.best_weights = state_tensors(model)
         metrics["best_epoch"] = state.loop.best_epoch
+        if not context.wants_checkpoint(epoch + 1, last=epoch == cfg.max_epochs - 1):
+            tune.report(metrics)  # epoch + 1 is this report's training_iteration
+            continue
         with tempfile.TemporaryDirectory() as directory:
             save_training_checkpoint(directory, state)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+_SHARD_ROWS: dict[tuple, tuple[Any, Any]] = {}
+"""Rows already read in this process, by shard actors and label encoding: a trial on a
+reused Tune actor (`reuse_actors`) finds them here instead of asking the shards again."""
+
+
+def cached_shard_rows(shards: list[Any], spec: dict[str, Any]) -> tuple[Any, Any]:
+    """`read_worker_shards(..., zero_copy=True)` of one worker, remembered per process. The
+    views keep the shards' objects mapped; a sweep's shards outlive its trial actors."""
+    key = (
+        tuple(h._actor_id.hex() for h in shards),
+        spec["task"],
+        tuple(spec.get("classes", ())),
+    )
+    if key not in _SHARD_ROWS:
+        if len(_SHARD_ROWS) >= 4:  # a sweep reads two sets (train, val); forget older sweeps'
+            _SHARD_ROWS.clear()
+        _SHARD_ROWS[key] = read_worker_shards(shards, 0, 1, spec, zero_copy=True)
+    return _SHARD_ROWS[key]
 
 
 def refit_weights(

@@ -27,3 +27,14 @@ def test_labels_that_are_class_indices_stay_views_others_are_encoded():
     )
     target = np.array([0.5, 1.5], dtype=np.float32)
     assert label_targets(target, {"task": "regression"}) is target
+
+
+def test_row_chunks_match_the_whole_array_for_sorted_gathers_of_any_spread():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 3)).astype(np.float32)
+    cuts = [0, 1, 250, 251, 700, 1000]  # a one-row chunk among them
+    xs = RowChunks([x[a:b] for a, b in zip(cuts, cuts[1:], strict=False)])
+    for size in (1, 7, 256, 1000):
+        rows = np.sort(rng.choice(1000, size, replace=False)).astype(np.int32)
+        np.testing.assert_array_equal(xs[rows], x[rows])
+    np.testing.assert_array_equal(xs[np.array([999])], x[[999]])  # the last row alone

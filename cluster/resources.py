@@ -1,0 +1,39 @@
+"""CPUs for Ray Train workers: what each one reserves, checked against what the cluster has.
+
+A worker reserves `cpus_per_worker` CPUs in its ScalingConfig and runs as many torch threads
+(training/loop.py caps them at its node's cores shared by the workers there). Left unset, a
+worker takes its share of the CPUs free when the run starts, so one worker on an idle 2-core
+node uses both cores instead of Ray Train's default of one.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from training.config import TrainConfig
+from training.errors import KilnError
+
+
+def resolve_cpus_per_worker(
+    requested: int | None, workers: int, node_cpus: list[float], free_cpus: float
+) -> int:
+    """CPUs each of `workers` reserves; a request no node or no cluster could meet is an
+    error naming the option and the fix."""
+    largest, total = int(max(node_cpus, default=0)), int(sum(node_cpus))
+    if requested is None:
+        return max(1, min(largest, int(free_cpus) // workers))
+    if requested > largest or requested * workers > total:
+        fits = max(1, min(largest, total // workers))
+        raise KilnError(
+            f'Got "{requested}" for --cpus-per-worker, but the cluster has {total} CPUs '
+            f"(at most {largest} on one node) for {workers} workers. "
+            f"Use --cpus-per-worker {fits} or fewer, or fewer --workers."
+        )
+    return requested
+
+
+def worker_cpus(cfg: TrainConfig) -> int:
+    """`cfg.cpus_per_worker` resolved against the live cluster."""
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+    free = ray.available_resources().get("CPU", 0.0)
+    return resolve_cpus_per_worker(cfg.cpus_per_worker, cfg.workers, node_cpus, free)

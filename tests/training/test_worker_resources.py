@@ -1,0 +1,37 @@
+"""Worker CPUs, torch threads, gradient accumulation and DDP buckets through a real fit()."""
+
+import os
+
+import pytest
+
+from actors.shards import load_dataset
+from actors.sources import SourceSpec
+from cluster.pipeline import fit, make_spec
+from training.config import TrainConfig
+from training.errors import KilnError
+
+
+@pytest.fixture
+def iris(ray_local):
+    data = load_dataset(SourceSpec(uri="sklearn:iris"), 2)
+    yield data
+    data.release()
+
+
+def test_workers_get_the_cpus_they_ask_for_as_torch_threads(iris, settings_session):
+    cfg = TrainConfig(
+        model="mlp", workers=2, epochs=2, cpus_per_worker=1, grad_accum=3, bucket_cap_mb=0.5
+    )
+    result, history = fit(cfg, make_spec(cfg, iris.train), iris, settings_session, "res-2w")
+    assert [w["torch_threads"] for w in history[-1]["workers"]] == [1, 1]
+    assert all(m["rows_seen"] == iris.train.num_rows for m in history)  # every row, each epoch
+    threads = min(2, os.cpu_count() or 1)
+    one = TrainConfig(model="mlp", workers=1, epochs=1, cpus_per_worker=threads)
+    _, history = fit(one, make_spec(one, iris.train), iris, settings_session, "res-1w")
+    assert history[-1]["workers"][0]["torch_threads"] == threads
+
+
+def test_more_cpus_than_the_cluster_has_is_refused_before_training(iris, settings_session):
+    cfg = TrainConfig(model="mlp", workers=2, epochs=1, cpus_per_worker=1000)
+    with pytest.raises(KilnError, match='Got "1000" for --cpus-per-worker'):
+        fit(cfg, make_spec(cfg, iris.train), iris, settings_session, "res-too-many")
