@@ -49,8 +49,8 @@ from training.data import batch_features, encode_labels  # noqa: E402
 from training.loop import RowChunks  # noqa: E402
 from tuning.report import write_reports  # noqa: E402
 from tuning.space import SearchSpace  # noqa: E402
-from tuning.sweep import SweepConfig, run_tuner, summarise  # noqa: E402
 from tuning.trainable import TrialContext  # noqa: E402
+from tuning.tuner import SweepConfig, run_tuner, summarise  # noqa: E402
 
 
 class MemorySampler:

@@ -397,7 +397,7 @@ class SweepTable:
         self.refresh()
 
     def result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
-        from tuning.sweep import trial_hyperparameters
+        from tuning.tuner import trial_hyperparameters
 
         self.rows[trial_id] = {
             "config": trial_hyperparameters(config),
@@ -511,7 +511,7 @@ def tune(
     from cluster.tune_pipeline import SweepRequest, load_sweep_request, tune_and_register
     from training.config import TrainConfig
     from tuning.space import SearchSpace, default_l2_range, load_space_file
-    from tuning.sweep import SweepConfig
+    from tuning.tuner import SweepConfig
 
     started = time.perf_counter()
     settings = load_settings(address=address, home=home, storage=storage)

@@ -35,7 +35,7 @@ from cluster.convex import (
 from cluster.pipeline import make_spec, spec_with_stats
 from training.config import TrainConfig
 from tuning.space import LogRange
-from tuning.sweep import TrialSummary
+from tuning.tuner import TrialSummary
 
 logger = logging.getLogger(__name__)
 

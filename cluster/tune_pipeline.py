@@ -49,8 +49,8 @@ from training.errors import KilnError
 from training.models import KilnModel, build_model, set_standardization
 from tuning.report import write_path_reports, write_reports
 from tuning.space import SearchSpace
-from tuning.sweep import ResultFn, SweepConfig, TrialSummary, best_trial, run_tuner, summarise
 from tuning.trainable import TrialContext, refit_weights, trial_spec, trial_train_config
+from tuning.tuner import ResultFn, SweepConfig, TrialSummary, best_trial, run_tuner, summarise
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ def _require(ok: bool, message: str) -> None:
         raise KilnError(message)
 
 
-def _require_choice(value: str, options: tuple[str, ...], option: str) -> None:
+def require_choice(value: str, options: tuple[str, ...], option: str) -> None:
+    """`Got "x" for --option. Choose one of: ...` unless value is one of options."""
     _require(value in options, f'Got "{value}" for {option}. Choose one of: {", ".join(options)}.')
 
 
@@ -77,14 +78,14 @@ class TrainConfig:
     """DDP's gradient bucket size in MB (None: DDP's default, 25)."""
 
     def __post_init__(self) -> None:
-        _require_choice(self.model, MODEL_KINDS, "--model")
-        _require_choice(self.solver, SOLVERS, "--solver")
+        require_choice(self.model, MODEL_KINDS, "--model")
+        require_choice(self.solver, SOLVERS, "--solver")
         if self.l2 is None:
             self.l2 = DEFAULT_L2.get(self.model, 0.0)
         self._check_solver()
-        _require_choice(self.optimizer, OPTIMIZERS, "--optimizer")
-        _require_choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
-        _require_choice(self.gpu, GPU_MODES, "--gpu")
+        require_choice(self.optimizer, OPTIMIZERS, "--optimizer")
+        require_choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
+        require_choice(self.gpu, GPU_MODES, "--gpu")
         for option, value in (
             ("--workers", self.workers),
             ("--epochs", 1 if self.epochs is None else self.epochs),

@@ -177,7 +177,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, fused=True)
 
 
-def make_scheduler(
+def make_lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.lr_schedule == "cosine":
@@ -369,7 +369,7 @@ def train_func(config: dict[str, Any]) -> None:
     base_model = build_model(cfg.spec)
     set_standardization(base_model, cfg.spec)
     optimizer = make_optimizer(base_model, cfg.train)
-    state = TrainingState(base_model, optimizer, make_scheduler(optimizer, cfg.train))
+    state = TrainingState(base_model, optimizer, make_lr_scheduler(optimizer, cfg.train))
     state.best_weights = state_tensors(base_model)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

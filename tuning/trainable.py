@@ -34,8 +34,8 @@ from training.checkpoints import (
 from training.config import TrainConfig
 from training.loop import (
     LoopConfig,
+    make_lr_scheduler,
     make_optimizer,
-    make_scheduler,
     read_worker_shards,
     run_epoch,
     shard_batches,
@@ -126,7 +126,7 @@ def run_trial_in_process(cfg: TrainConfig, spec: dict[str, Any], context: TrialC
     set_standardization(model, spec)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
-    state = TrainingState(model, optimizer, make_scheduler(optimizer, cfg))
+    state = TrainingState(model, optimizer, make_lr_scheduler(optimizer, cfg))
     state.best_weights = state_tensors(model)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a resumed trial, or PBT handing over a better trial's state
@@ -190,7 +190,7 @@ def refit_weights(
     set_standardization(model, spec)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
+    scheduler = make_lr_scheduler(optimizer, cfg)
     for epoch in range(cfg.max_epochs):
         batches = shard_batches(x, y, cfg.batch_size, (cfg.seed, epoch, 0), device)
         run_epoch(model, optimizer, batches, loop_cfg, device)

@@ -19,7 +19,7 @@ from training.checkpoints import (
     state_tensors,
 )
 from training.config import TrainConfig
-from training.loop import make_optimizer, make_scheduler, update_early_stopping
+from training.loop import make_lr_scheduler, make_optimizer, update_early_stopping
 from training.models import build_model
 
 SPEC = {"kind": "mlp", "task": "regression", "num_features": 4, "hidden": [8]}
@@ -44,19 +44,19 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, optimizer
     torch.manual_seed(0)
     straight = build_model(SPEC)
     opt = make_optimizer(straight, cfg)
-    steps(straight, opt, make_scheduler(opt, cfg), x, y, 6)
+    steps(straight, opt, make_lr_scheduler(opt, cfg), x, y, 6)
 
     torch.manual_seed(0)
     first = build_model(SPEC)
     opt1 = make_optimizer(first, cfg)
-    sched1 = make_scheduler(opt1, cfg)
+    sched1 = make_lr_scheduler(opt1, cfg)
     steps(first, opt1, sched1, x, y, 3)
     saved = TrainingState(first, opt1, sched1, LoopState(epoch=2), state_tensors(first))
     save_training_checkpoint(tmp_path, saved)
 
     resumed = build_model(SPEC)
     opt2 = make_optimizer(resumed, cfg)
-    state = TrainingState(resumed, opt2, make_scheduler(opt2, cfg))
+    state = TrainingState(resumed, opt2, make_lr_scheduler(opt2, cfg))
     load_training_checkpoint(tmp_path, state)
     steps(resumed, opt2, state.scheduler, x, y, 3)
 
@@ -69,7 +69,9 @@ def test_checkpoint_folder_holds_no_pickle(tmp_path):
     model = build_model(SPEC)
     cfg = TrainConfig(model="mlp")
     opt = make_optimizer(model, cfg)
-    state = TrainingState(model, opt, make_scheduler(opt, cfg), LoopState(), state_tensors(model))
+    state = TrainingState(
+        model, opt, make_lr_scheduler(opt, cfg), LoopState(), state_tensors(model)
+    )
     save_training_checkpoint(tmp_path, state)
     suffixes = sorted(p.suffix for p in tmp_path.iterdir())
     assert suffixes == [".json", ".safetensors", ".safetensors", ".safetensors"]

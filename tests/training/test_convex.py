@@ -26,7 +26,7 @@ from training.artifacts import model_from_files
 from training.config import TrainConfig
 from training.evaluate import predict_outputs, softmax
 from tuning.space import SearchSpace, default_l2_range
-from tuning.sweep import SweepConfig
+from tuning.tuner import SweepConfig
 
 # Seed 0 runs in `make test`; the other splits in `make test-slow` (each fit loads its shards
 # into fresh actors, which a loaded 2-core machine starts slowly).

@@ -4,8 +4,8 @@ from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
 
 from tuning.asha import PromotingASHA
 from tuning.space import SearchSpace
-from tuning.sweep import CHECKPOINT_EVERY, SweepConfig, checkpoint_plan, make_scheduler
 from tuning.trainable import TrialContext
+from tuning.tuner import CHECKPOINT_EVERY, SweepConfig, checkpoint_plan, make_trial_scheduler
 
 
 def context_for(scheduler) -> TrialContext:
@@ -21,7 +21,7 @@ def checkpointed(context: TrialContext, epochs: int) -> list[int]:
 
 def test_promoting_asha_checkpoints_at_every_rung_it_may_pause_and_at_the_end():
     cfg = SweepConfig(space=SearchSpace.from_dict({"lr": "1e-3:1e-1"}), max_epochs=18)
-    scheduler = make_scheduler(cfg)
+    scheduler = make_trial_scheduler(cfg)
     assert isinstance(scheduler, PromotingASHA)
     found = checkpointed(context_for(scheduler), 18)
     assert set(scheduler.milestones) <= set(found)  # a paused trial resumes from its rung

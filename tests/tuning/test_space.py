@@ -14,7 +14,7 @@ from tuning.space import (
     param_space,
     parse_log_range,
 )
-from tuning.sweep import SweepConfig
+from tuning.tuner import SweepConfig
 
 
 def test_ranges_parse_with_and_without_zero():

@@ -10,7 +10,7 @@ from actors.sources import SourceSpec
 from cluster.tune_pipeline import SweepRequest, tune_and_register
 from training.config import TrainConfig
 from tuning.space import SearchSpace
-from tuning.sweep import SweepConfig
+from tuning.tuner import SweepConfig
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from ray.tune.schedulers import (
     TrialScheduler,
 )
 
+from training.config import require_choice
 from training.errors import KilnError
 from tuning.asha import PromotingASHA
 from tuning.space import (
@@ -63,8 +64,8 @@ class SweepConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require_choice(self.scheduler, SCHEDULERS, "--scheduler")
-        _require_choice(self.search, SEARCHES, "--search")
+        require_choice(self.scheduler, SCHEDULERS, "--scheduler")
+        require_choice(self.search, SEARCHES, "--search")
         for option, value in (
             ("--trials", self.num_trials),
             ("--epochs", self.max_epochs),
@@ -95,12 +96,7 @@ class SweepConfig:
         return self.num_trials
 
 
-def _require_choice(value: str, options: tuple[str, ...], option: str) -> None:
-    if value not in options:
-        raise KilnError(f'Got "{value}" for {option}. Choose one of: {", ".join(options)}.')
-
-
-def make_scheduler(cfg: SweepConfig) -> TrialScheduler:
+def make_trial_scheduler(cfg: SweepConfig) -> TrialScheduler:
     """Epochs are Tune's time unit: one report per epoch is one training_iteration."""
     if cfg.scheduler == "asha":
         # A grace period of an eighth of the budget: early epochs rank learning rates by speed,
@@ -208,7 +204,7 @@ def run_tuner(
     # A killed driver loses at most this many seconds of sweep state (default: adaptive).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     resources, concurrent = trial_resources(cfg.workers_per_trial)
-    scheduler = make_scheduler(cfg)
+    scheduler = make_trial_scheduler(cfg)
     context.checkpoint_every, context.checkpoint_at = checkpoint_plan(scheduler)
     context.use_gpu = "gpu" in resources or (
         cfg.workers_per_trial > 1 and ray.cluster_resources().get("GPU", 0) >= 1
