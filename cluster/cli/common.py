@@ -1,0 +1,231 @@
+"""What every `kiln` command group shares: the typer apps, option types, settings, the Ray
+session, progress and output helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cluster.settings import Settings
+from training.errors import KilnError
+
+app = typer.Typer(
+    name="kiln",
+    help="Train, tune, register and serve models on one Ray cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(
+    help="The model registry: versions, aliases, lineage.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+data_app = typer.Typer(
+    help="Datasets resident in ShardStore actors on a cluster.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+keys_app = typer.Typer(help="API keys for HTTP callers and admins.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+jobs_app = typer.Typer(help="Kiln commands running as Ray Jobs on a cluster.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+console = Console(stderr=True)
+logger = logging.getLogger("kiln")
+DEBUG = {"on": False}
+
+# Options shared by every command that talks to Ray; each mirrors a setting of the same name.
+AddressOpt = Annotated[
+    str | None, typer.Option("--address", help="Ray address (RAY_ADDRESS); unset: embedded Ray.")
+]
+HomeOpt = Annotated[str | None, typer.Option("--home", help="Local state folder (KILN_HOME).")]
+StorageOpt = Annotated[
+    str | None, typer.Option("--storage", help="Artifact root URI (KILN_STORAGE).")
+]
+HostOpt = Annotated[str | None, typer.Option("--host", help="HTTP host (KILN_HTTP_HOST).")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="HTTP port (KILN_HTTP_PORT).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+JobsAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="The cluster's Jobs API (dashboard) URL; default: RAY_ADDRESS when it is an "
+        "http(s) URL, else http://127.0.0.1:8265.",
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="The cluster's auth token; default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, "
+        "~/.ray/auth_token.",
+    ),
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar="KILN_API_KEY",
+        show_envvar=False,
+        help="Act as this admin API key (KILN_API_KEY); default: the local user.",
+    ),
+]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    keys = {
+        "address": "ray_address",
+        "home": "kiln_home",
+        "storage": "kiln_storage",
+        "host": "kiln_http_host",
+        "port": "kiln_http_port",
+    }
+    try:
+        return Settings().with_overrides(**{keys[k]: v for k, v in overrides.items()})
+    except ValueError as exc:
+        raise KilnError(f"invalid setting: {first_pydantic_error(exc)}") from exc
+
+
+def first_pydantic_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and errors():
+        first = errors()[0]
+        return f'Got "{first.get("input")}" for {".".join(map(str, first["loc"]))}: {first["msg"]}'
+    return str(exc)
+
+
+@contextmanager
+def connected(settings: Settings) -> Iterator[None]:
+    from cluster.runtime import ray_session
+
+    where = settings.ray_address or "an embedded local Ray"
+    with console.status(f"starting {where}"):
+        session = ray_session(settings, debug=DEBUG["on"])
+        session.__enter__()
+    try:
+        yield
+    finally:
+        with console.status("shutting down"):
+            session.__exit__(None, None, None)
+
+
+class EpochProgress:
+    """A rich progress bar fed by the training loop's per-epoch metrics; it also times the
+    pipeline's steps (`timings_s` in `kiln train --json`)."""
+
+    def __init__(self, epochs: int | None, quiet: bool) -> None:
+        self.marks: list[tuple[str, float]] = [("starting ray", time.perf_counter())]
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[metrics]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=quiet,
+        )
+        self.task = self.progress.add_task("train", total=epochs, metrics="")
+
+    def step(self, name: str) -> None:
+        self.marks.append((name.split(" (")[0], time.perf_counter()))
+        self.progress.update(self.task, description=name)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent in each step, Ray's start included, up to now."""
+        ends = [t for _, t in self.marks[1:]] + [time.perf_counter()]
+        pairs = zip(self.marks, ends, strict=True)
+        return {name: round(end - start, 3) for (name, start), end in pairs}
+
+    def epoch(self, metrics: dict[str, Any]) -> None:
+        if "max_epochs" in metrics:
+            self.progress.update(self.task, total=metrics["max_epochs"])
+        shown = f"loss {metrics['train_loss']:.4f}"
+        if "train_accuracy" in metrics:
+            shown += f"  acc {metrics['train_accuracy']:.3f}"
+        self.progress.update(self.task, completed=metrics["epoch"] + 1, metrics=shown)
+
+
+def emit(result: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(result, default=str), flush=True)
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def parse_hidden(hidden: str) -> list[int]:
+    try:
+        return [int(w) for w in hidden.split(",") if w.strip()]
+    except ValueError as exc:
+        raise KilnError(
+            f'Got "{hidden}" for --hidden. Give widths separated by commas, e.g. 128,64.'
+        ) from exc
+
+
+def require_cluster(settings: Settings, command: str) -> Settings:
+    if settings.embedded:
+        raise KilnError(
+            f"{command} needs a running Ray cluster: set RAY_ADDRESS or pass --address "
+            "(on the embedded Ray, shards live for one command)."
+        )
+    return settings
+
+
+@contextmanager
+def open_client(
+    address: str | None = None,
+    home: str | None = None,
+    storage: str | None = None,
+    key: str | None = None,
+) -> Iterator[Any]:
+    """The Python client the registry commands run on (in-process unless --address)."""
+    from cluster.client import Kiln
+
+    settings = load_settings(address=address, storage=storage)
+    where = settings.ray_address
+    with console.status(f"connecting to {where}") if where else nullcontext():
+        client = Kiln(home=home, key=key, settings=settings, use_ray=not settings.embedded)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, default=str), flush=True)
+
+
+def short_time(iso: str | None) -> str:
+    """`2025-01-31T12:00:00+00:00` -> `2025-01-31 12:00` for tables (JSON keeps the full form)."""
+    return iso[:16].replace("T", " ") if iso else ""
+
+
+def short_metrics(metrics: dict[str, Any]) -> str:
+    shown = [
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in metrics.items()
+        if isinstance(v, int | float)
+    ]
+    return ", ".join(shown[:3])
+
+
+def default_model_name(data: str, model: str) -> str:
+    stem = data.rsplit("/", 1)[-1].split("?")[0].split(".")[0].replace(":", "-").replace("_", "-")
+    return f"{stem.lower()}-{model}"[:64]
+
+
+def require_gpu() -> None:
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise KilnError("Got --gpu on, but this Ray cluster has no GPU. Use --gpu auto or off.")

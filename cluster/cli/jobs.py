@@ -1,0 +1,129 @@
+"""`kiln submit` and `kiln jobs ...`: Kiln commands as Ray Jobs on a cluster."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cluster.cli.common import (
+    DEBUG,
+    JobsAddressOpt,
+    JsonOpt,
+    TokenOpt,
+    app,
+    console,
+    jobs_app,
+    print_json,
+    short_time,
+)
+from training.errors import KilnError
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@app.command(no_args_is_help=True)
+def submit(
+    entrypoint: Annotated[
+        list[str], typer.Argument(help="The command after --, e.g. -- kiln train --data ...")
+    ],
+    wait: Annotated[
+        bool, typer.Option(help="Follow the job's logs; exit 0 only if it succeeds.")
+    ] = False,
+    env: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE for the job (repeat), e.g. KILN_HOME=...")
+    ] = None,
+    job_id: Annotated[str | None, typer.Option(help="Submission id (default: generated).")] = None,
+    as_json: JsonOpt = False,
+    address: JobsAddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Run a command on the cluster as a Ray Job, with this checkout as its working_dir."""
+    from cluster.jobs import JobsClient, parse_env
+
+    quiet_ray_logs()
+    client = JobsClient(address, token)
+    submitted = client.submit(entrypoint, parse_env(env or []), submission_id=job_id)
+    console.print(f"submitted {submitted} to {client.address}")
+    if not wait:
+        if as_json:
+            print_json({"job_id": submitted, "status": "PENDING"})
+        else:
+            print(submitted, flush=True)
+        return
+    for chunk in client.follow(submitted):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    info = client.wait(submitted, timeout_s=60)
+    if as_json:
+        print_json(info.to_dict())
+    console.print(f"job {submitted} {info.status}{': ' + info.message if info.message else ''}")
+    if info.status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def quiet_ray_logs() -> None:
+    """Ray's client logs each file it leaves out of a job's working_dir at INFO."""
+    if not DEBUG["on"]:
+        logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    as_json: JsonOpt = False, address: JobsAddressOpt = None, token: TokenOpt = None
+) -> None:
+    """Every job of the cluster, oldest first."""
+    from cluster.client import iso_time
+    from cluster.jobs import JobsClient
+
+    jobs = JobsClient(address, token).list()
+    if as_json:
+        print_json([j.to_dict() for j in jobs])
+        return
+    table = Table("id", "status", "started (UTC)", "ended", "entrypoint")
+    for j in jobs:
+        table.add_row(
+            j.job_id,
+            j.status,
+            short_time(iso_time(j.start_time_s)),
+            short_time(iso_time(j.end_time_s)),
+            j.entrypoint[:60],
+        )
+    Console().print(table)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="The job id (kiln jobs list).")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends.")] = False,
+    address: JobsAddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """A job's output (driver stdout and stderr)."""
+    from cluster.jobs import JobsClient
+
+    client = JobsClient(address, token)
+    chunks = client.follow(job_id) if follow else iter([client.logs(job_id)])
+    for chunk in chunks:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="The job id (kiln jobs list).")],
+    address: JobsAddressOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Stop a running job (SIGTERM to its driver, then SIGKILL)."""
+    from cluster.jobs import JobsClient
+
+    client = JobsClient(address, token)
+    if not client.stop(job_id):
+        status = client.info(job_id).status
+        raise KilnError(f'Got "{job_id}": that job already ended ({status}); nothing to stop.')
+    console.print(f"stopping {job_id}")

@@ -1,0 +1,464 @@
+"""`kiln demo`, `kiln train` and `kiln tune`: fitting models."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from cluster.cli.common import (
+    AddressOpt,
+    EpochProgress,
+    HomeOpt,
+    HostOpt,
+    JsonOpt,
+    PortOpt,
+    StorageOpt,
+    app,
+    connected,
+    console,
+    default_model_name,
+    emit,
+    load_settings,
+    parse_hidden,
+    require_gpu,
+)
+from training.errors import KilnError
+
+
+@app.command()
+def demo(
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 40,
+    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
+    as_json: JsonOpt = False,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Digits -> shards -> Ray Train (2 workers) -> registry -> Ray Serve -> HTTP, locally."""
+    from cluster.demo import run_demo
+    from training.config import TrainConfig
+
+    started = time.perf_counter()
+    cfg = TrainConfig(model="mlp", workers=workers, epochs=epochs, lr=2e-3, batch_size=32, l2=1.0)
+    settings = load_settings(host=host, port=port, home=home, storage=storage)
+    if not settings.embedded:
+        console.print("[yellow]kiln demo runs on an embedded Ray; ignoring RAY_ADDRESS[/]")
+        settings = settings.model_copy(update={"ray_address": None})
+    from serving.schemas import AUTH_OFF_WARNING
+
+    console.print(f"[yellow]demo: {AUTH_OFF_WARNING}[/]")
+    bar = EpochProgress(cfg.epochs, quiet=False)
+    with bar.progress, connected(settings):
+        result = run_demo(settings, cfg, on_epoch=bar.epoch, on_step=bar.step)
+    result["elapsed_s"] = time.perf_counter() - started
+    emit(result, as_json, "kiln demo")
+
+
+@app.command()
+def train(
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Dataset URI (file/folder, sklearn:NAME, synthetic:KIND?rows=N) or a "
+            "dataset name from `kiln data load`."
+        ),
+    ] = None,
+    model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
+    label: Annotated[str | None, typer.Option(help="Label column.")] = None,
+    features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
+    workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            help="Most training epochs (minibatch solvers). Default: enough for 600 optimizer "
+            "steps, between 30 and 300."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 64,
+    solver: Annotated[
+        str,
+        typer.Option(
+            help="auto|exact|lbfgs|sgd|adam|adamw. auto: exact for linear/ridge, lbfgs for "
+            "logistic, --optimizer (Ray Train minibatches) for mlp/cnn."
+        ),
+    ] = "auto",
+    optimizer: Annotated[str, typer.Option(help="sgd|adam|adamw (minibatch solvers)")] = "adam",
+    lr: Annotated[float, typer.Option(help="Learning rate (minibatch solvers).")] = 1e-3,
+    l2: Annotated[
+        float | None,
+        typer.Option(
+            help="λ, the L2 coefficient (biases excluded). Default: 1 for ridge and logistic "
+            "(scikit-learn's defaults), else 0."
+        ),
+    ] = None,
+    max_iter: Annotated[int, typer.Option(help="Most L-BFGS iterations.")] = 1000,
+    tol: Annotated[float, typer.Option(help="L-BFGS gradient tolerance.")] = 1e-6,
+    hidden: Annotated[str, typer.Option(help="MLP hidden widths, comma-separated.")] = "128,64",
+    lr_schedule: Annotated[str, typer.Option(help="constant|step|cosine")] = "constant",
+    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option(help="Validation share of the rest (early stopping); 0: none.")
+    ] = 0.1,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop after this many epochs without a better val loss; 0: off. Default: a "
+            "tenth of the epochs, at least 5."
+        ),
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Evaluate on this dataset URI instead of a test split.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the shuffles.")] = 0,
+    register: Annotated[
+        str | None, typer.Option(help="Registry name (default: <data>-<model>).")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue a stopped run by its name (other options ignored).")
+    ] = None,
+    gpu: Annotated[str, typer.Option(help="auto|on|off")] = "auto",
+    cpus_per_worker: Annotated[
+        int | None,
+        typer.Option(help="CPUs (and torch threads) per worker; default: its share of the free."),
+    ] = None,
+    grad_accum: Annotated[
+        int, typer.Option(help="Micro-batches per optimizer step (one DDP sync per step).")
+    ] = 1,
+    bucket_cap_mb: Annotated[
+        float | None, typer.Option(help="DDP gradient bucket size in MB; default: DDP's 25.")
+    ] = None,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Train a model with Ray Train on resident shards, evaluate it and register it."""
+    from actors.shards import looks_like_dataset_name
+    from actors.sources import SourceSpec, check_source
+    from cluster.pipeline import TrainRequest, load_run_request, train_and_register
+    from cluster.runtime import registry_for
+    from training.config import TrainConfig
+
+    started = time.perf_counter()
+    settings = load_settings(address=address, home=home, storage=storage)
+    if resume:
+        request = load_run_request(settings, resume)
+    elif data is None:
+        raise KilnError("Give --data URI|NAME (or --resume RUN). See `kiln train --help`.")
+    else:
+        cfg = TrainConfig(
+            model=model,
+            workers=workers,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            l2=l2,
+            solver=solver,
+            max_iter=max_iter,
+            tol=tol,
+            hidden=parse_hidden(hidden),
+            lr_schedule=lr_schedule,
+            seed=seed,
+            gpu=gpu,
+            patience=patience,
+            cpus_per_worker=cpus_per_worker,
+            grad_accum=grad_accum,
+            bucket_cap_mb=bucket_cap_mb,
+        )
+        source = SourceSpec(
+            uri=data,
+            label=label,
+            test_fraction=0.0 if eval_data else test_fraction,
+            val_fraction=val_fraction,
+            seed=seed,
+            features=tuple(f.strip() for f in features.split(",")) if features else None,
+        )
+        request = TrainRequest(
+            data=data,
+            source=source,
+            train=cfg,
+            eval_data=eval_data,
+            name=register or default_model_name(data, model),
+        )
+    if not looks_like_dataset_name(request.data):
+        check_source(request.source)  # a typo in --data fails here, before Ray starts
+    if request.eval_data:
+        check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
+    minibatch = request.train.resolved_solver == "minibatch"
+    bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
+    with bar.progress, connected(settings):
+        if request.train.gpu == "on":
+            require_gpu()
+        outcome = train_and_register(settings, request, registry_for(settings), bar.epoch, bar.step)
+        bar.step("shutting down")
+    if outcome.warning:
+        console.print(f"kiln: warning: {outcome.warning}")
+    emit(
+        {
+            "model": outcome.record.name,
+            "version": outcome.record.version,
+            "metrics": outcome.test_metrics,
+            "solver": outcome.solver,
+            "converged": outcome.converged,
+            "final_rel_loss_change": outcome.final_rel_loss_change,
+            "epochs_run": outcome.epochs_run,
+            "iterations": outcome.iterations,
+            "num_workers": outcome.num_workers,
+            "run": outcome.run_name,
+            "elapsed_s": time.perf_counter() - started,
+            "timings_s": bar.timings(),
+        },
+        as_json,
+        f"kiln train: {outcome.record.ref}",
+    )
+
+
+class SweepTable:
+    """A live rich table of the sweep's trials, fed by Tune's per-epoch results."""
+
+    def __init__(self, metric: str, quiet: bool) -> None:
+        from rich.live import Live
+
+        self.metric = metric
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.step_name = "starting"
+        self.live = Live(self.render(), console=console, refresh_per_second=2, transient=False)
+        self.quiet = quiet
+
+    def __enter__(self) -> SweepTable:
+        if not self.quiet:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.quiet:
+            self.live.__exit__(None, None, None)
+
+    def step(self, name: str) -> None:
+        self.step_name = name
+        self.refresh()
+
+    def result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
+        from tuning.tuner import trial_hyperparameters
+
+        self.rows[trial_id] = {
+            "config": trial_hyperparameters(config),
+            "epoch": result.get("training_iteration", 0),
+            "value": result.get(self.metric),
+        }
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.quiet:
+            self.live.update(self.render())
+
+    def render(self) -> Table:
+        table = Table(title=f"kiln tune: {self.step_name}", title_justify="left")
+        for column in ("trial", "lr", "λ", "other", "epochs", self.metric):
+            table.add_column(column)
+        for trial_id, row in sorted(self.rows.items())[-20:]:
+            config = dict(row["config"])
+            lr, l2 = config.pop("lr"), config.pop("l2")
+            other = " ".join(f"{k}={v}" for k, v in config.items())
+            value = row["value"]
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            table.add_row(trial_id, f"{lr:.2e}", f"{l2:.2e}", other, str(row["epoch"]), shown)
+        return table
+
+
+@app.command()
+def tune(
+    data: Annotated[
+        str | None,
+        typer.Option(help="Dataset URI or a dataset name from `kiln data load`."),
+    ] = None,
+    model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
+    label: Annotated[str | None, typer.Option(help="Label column.")] = None,
+    features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Evaluate the best model on this dataset URI.")
+    ] = None,
+    trials: Annotated[int, typer.Option(help="Trials to sample (random, optuna).")] = 16,
+    scheduler: Annotated[str, typer.Option(help="asha|hyperband|pbt|none")] = "asha",
+    search: Annotated[str, typer.Option(help="random|grid|optuna")] = "random",
+    lr: Annotated[
+        str, typer.Option(help="Learning-rate range LOW:HIGH (log scale).")
+    ] = "1e-4:1e-1",
+    l2: Annotated[
+        str | None,
+        typer.Option(
+            help="λ range LOW:HIGH (log scale); 0,LOW:HIGH also tries λ=0. Default: "
+            "0,1e-3:1e5 for linear/ridge, 1e-4:1e4 for logistic, else 0,1e-4:10."
+        ),
+    ] = None,
+    solver: Annotated[
+        str,
+        typer.Option(
+            help="auto|exact|lbfgs|sgd|adam|adamw. auto: linear/ridge walk the exact λ path, "
+            "logistic an L-BFGS λ path; mlp/cnn run Tune trials."
+        ),
+    ] = "auto",
+    batch_size: Annotated[
+        str | None, typer.Option(help="Batch sizes to try, comma-separated.")
+    ] = None,
+    hidden_width: Annotated[
+        str | None, typer.Option(help="MLP hidden widths to try, comma-separated.")
+    ] = None,
+    depth: Annotated[str | None, typer.Option(help="MLP depths to try, comma-separated.")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="Optimisers to try, e.g. adam,sgd (default: adam).")
+    ] = None,
+    space: Annotated[
+        str | None, typer.Option(help="YAML search space (overrides the range options).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Most epochs per trial.")] = 20,
+    workers_per_trial: Annotated[
+        int, typer.Option(help="Ray Train workers per trial (1: in-process, fastest).")
+    ] = 1,
+    metric: Annotated[
+        str, typer.Option(help="Validation metric to rank trials: val_loss, val_accuracy, val_r2.")
+    ] = "val_loss",
+    grid_points: Annotated[int, typer.Option(help="Grid values per axis (lr, λ).")] = 4,
+    base_batch_size: Annotated[
+        int, typer.Option("--base-batch-size", help="Batch size when not tuned.")
+    ] = 32,
+    hidden: Annotated[str, typer.Option(help="MLP hidden widths when not tuned.")] = "128,64",
+    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option(help="Validation share of the rest (ranks the trials).")
+    ] = 0.15,
+    seed: Annotated[int, typer.Option(help="Seed of the split, shuffles and the search.")] = 0,
+    register: Annotated[
+        str | None, typer.Option(help="Registry name for the best model (default: <data>-<model>).")
+    ] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Finish a sweep whose driver died, by its id.")
+    ] = None,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            help="Train the best configuration again on train + validation rows and register "
+            "that model (--no-refit: register the best trial's own weights)."
+        ),
+    ] = True,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Sweep hyperparameters with Ray Tune on resident shards; register the best model."""
+    from actors.shards import looks_like_dataset_name
+    from actors.sources import SourceSpec, check_source
+    from cluster.runtime import registry_for
+    from cluster.tune_pipeline import SweepRequest, load_sweep_request, tune_and_register
+    from training.config import TrainConfig
+    from tuning.space import SearchSpace, default_l2_range, load_space_file
+    from tuning.tuner import SweepConfig
+
+    started = time.perf_counter()
+    settings = load_settings(address=address, home=home, storage=storage)
+    if resume:
+        request = load_sweep_request(settings, resume)
+    elif data is None:
+        raise KilnError("Give --data URI|NAME (or --resume SWEEP). See `kiln tune --help`.")
+    else:
+        base = TrainConfig(
+            model=model,
+            workers=workers_per_trial,
+            epochs=epochs,
+            batch_size=base_batch_size,
+            hidden=parse_hidden(hidden),
+            seed=seed,
+            solver=solver,
+        )
+        raw_space: dict[str, Any] = {"lr": lr, "l2": l2 or default_l2_range(base)}
+        for key, value in (
+            ("batch_size", batch_size),
+            ("hidden_width", hidden_width),
+            ("depth", depth),
+            ("optimizer", optimizer),
+        ):
+            if value:
+                raw_space[key] = value
+        search_space = (
+            SearchSpace.from_dict(load_space_file(space), where=space)
+            if space
+            else SearchSpace.from_dict(raw_space)
+        )
+        sweep_cfg = SweepConfig(
+            space=search_space,
+            scheduler=scheduler,
+            search=search,
+            num_trials=trials,
+            max_epochs=epochs,
+            workers_per_trial=workers_per_trial,
+            metric=metric,
+            grid_points=grid_points,
+            seed=seed,
+        )
+        source = SourceSpec(
+            uri=data,
+            label=label,
+            test_fraction=0.0 if eval_data else test_fraction,
+            val_fraction=val_fraction,
+            seed=seed,
+            features=tuple(f.strip() for f in features.split(",")) if features else None,
+        )
+        if val_fraction <= 0:
+            raise KilnError(
+                f'Got "{val_fraction}" for --val-fraction. A sweep ranks trials on validation '
+                "rows: use a value in (0, 1), e.g. 0.15."
+            )
+        request = SweepRequest(
+            data=data,
+            source=source,
+            train=base,
+            sweep=sweep_cfg,
+            eval_data=eval_data,
+            name=register or default_model_name(data, model),
+            refit=refit,
+        )
+    if not looks_like_dataset_name(request.data):
+        check_source(request.source)
+    if request.eval_data:
+        check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
+    table = SweepTable(request.sweep.metric, quiet=as_json)
+    with table, connected(settings):
+        outcome = tune_and_register(
+            settings,
+            request,
+            registry_for(settings),
+            resume=bool(resume),
+            on_result=table.result,
+            on_step=table.step,
+        )
+    console.print(
+        f"sweep {outcome.sweep_id}: artifacts in {outcome.artifacts['csv'].rsplit('/', 1)[0]}"
+    )
+    for note in outcome.extra.get("notes", []):
+        console.print(f"kiln: note: {note}")
+    emit(
+        tune_result(outcome, request.sweep.metric, time.perf_counter() - started),
+        as_json,
+        f"kiln tune: {outcome.record.ref}",
+    )
+
+
+def tune_result(outcome: Any, metric: str, elapsed_s: float) -> dict[str, Any]:
+    """`kiln tune --json`: exactly the keys the sweep's contract names (issue 4)."""
+    return {
+        "best_config": outcome.best.config,
+        "best_metrics": {**outcome.test_metrics, f"best_{metric}": outcome.best.best},
+        "num_trials": len(outcome.trials),
+        "trial_epochs": outcome.trial_epochs,
+        "model": outcome.record.name,
+        "version": outcome.record.version,
+        "elapsed_s": elapsed_s,
+        "artifacts": {k: outcome.artifacts[k] for k in ("csv", "heatmap", "curves")},
+        **outcome.extra,
+    }
