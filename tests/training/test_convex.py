@@ -115,18 +115,23 @@ def test_logistic_at_its_defaults_matches_sklearn(
     assert abs(kiln_loss - sklearn_loss) <= 0.01 * sklearn_loss, (kiln_loss, sklearn_loss)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_ridge_sweep_reaches_ridgecv(seed, ray_local, settings_session, registry_session, tmp_path):
-    (x_train, x_test, y_train, y_test), train, test = split_files(tmp_path, load_diabetes, seed)
-    base = TrainConfig(model="ridge", workers=1)
-    request = SweepRequest(
+def path_sweep(train: str, test: str, model: str, val_fraction: float, name: str) -> SweepRequest:
+    """`kiln tune --model MODEL` with its defaults on a train file, evaluated on a test file."""
+    base = TrainConfig(model=model, workers=1)
+    return SweepRequest(
         data=train,
-        source=SourceSpec(uri=train, label="target", test_fraction=0.0, val_fraction=0.15),
+        source=SourceSpec(uri=train, label="target", test_fraction=0.0, val_fraction=val_fraction),
         eval_data=test,
         train=base,
         sweep=SweepConfig(space=SearchSpace.from_dict({"l2": default_l2_range(base)})),
-        name=f"ridge-path-{seed}",
+        name=name,
     )
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ridge_sweep_reaches_ridgecv(seed, ray_local, settings_session, registry_session, tmp_path):
+    (x_train, x_test, y_train, y_test), train, test = split_files(tmp_path, load_diabetes, seed)
+    request = path_sweep(train, test, "ridge", 0.15, f"ridge-path-{seed}")
     outcome = tune_and_register(settings_session, request, registry_session)
     reference = RidgeCV(alphas=np.logspace(-4, 2, 50)).fit(x_train, y_train).score(x_test, y_test)
     assert abs(outcome.test_metrics["r2"] - reference) <= 0.005, (outcome.test_metrics, reference)
@@ -144,15 +149,7 @@ def test_logistic_sweep_picks_lambda_on_validation_rows(
     ray_local, settings_session, registry_session, tmp_path
 ):
     (x_train, x_test, y_train, y_test), train, test = split_files(tmp_path, load_wine, 1)
-    base = TrainConfig(model="logistic", workers=1)
-    request = SweepRequest(
-        data=train,
-        source=SourceSpec(uri=train, label="target", test_fraction=0.0, val_fraction=0.2),
-        eval_data=test,
-        train=base,
-        sweep=SweepConfig(space=SearchSpace.from_dict({"l2": default_l2_range(base)})),
-        name="wine-path",
-    )
+    request = path_sweep(train, test, "logistic", 0.2, "wine-path")
     outcome = tune_and_register(settings_session, request, registry_session)
     assert outcome.extra["solver"] == "lbfgs" and outcome.extra["converged"]
     losses = [t.best for t in outcome.trials]
