@@ -411,6 +411,13 @@ def register_outcome(
     return register_model(registry, name, model, spec, metrics, lineage)
 
 
+def release_data(data: Dataset, eval_set: ShardSet | None) -> None:
+    """Free the shards a command loaded for itself (a named dataset stays resident)."""
+    data.release()
+    if eval_set is not None:
+        eval_set.release()
+
+
 def data_hash(data: Dataset) -> Any:
     """The content hash of the training source, computed beside the fit (it reads the source)."""
     if data.content_hash is None:
@@ -477,9 +484,7 @@ def train_and_register(
             },
         )
     finally:
-        data.release()
-        if eval_set is not None:
-            eval_set.release()
+        release_data(data, eval_set)
     return TrainOutcome(
         record=record,
         test_metrics=test_metrics,

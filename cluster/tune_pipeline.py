@@ -39,6 +39,7 @@ from cluster.pipeline import (
     make_spec,
     read_saved_request,
     register_outcome,
+    release_data,
     spec_with_stats,
     unique_name,
 )
@@ -218,9 +219,7 @@ def tune_and_register(
             },
         )
     finally:
-        data.release()
-        if eval_set is not None:
-            eval_set.release()
+        release_data(data, eval_set)
     return SweepOutcome(
         sweep_id=request.sweep_id,
         record=record,
