@@ -225,30 +225,36 @@ def fit(
 
     thread = threading.Thread(target=run, name="kiln-fit", daemon=True)
     thread.start()
+    live = True
     while thread.is_alive():
         thread.join(timeout=0.2)
-        drain(progress, record)
-    drain(progress, record)
-    ray.kill(progress.actor)  # type: ignore[arg-type]
+        live = live and drain(progress, record)
+    if live and drain(progress, record):
+        ray.kill(progress.actor)  # type: ignore[arg-type]
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], history
 
 
-def drain(progress: Queue, on_epoch: ProgressFn) -> None:
-    """Hand every queued epoch report to `on_epoch`.
+def drain(progress: Queue, on_epoch: ProgressFn) -> bool:
+    """Hand every queued epoch report to `on_epoch`; False once the queue is gone for good.
 
     Progress is a side channel: the queue actor being briefly unreachable (a node dying
-    nearby, a loaded machine) must not fail the run, so that case waits for the next poll.
+    nearby, a loaded machine) must not fail the run, so that case waits for the next poll;
+    a queue whose node died (on a one-machine test cluster the driver can attach to any
+    node's raylet) ends the live progress, not the training.
     """
     while True:
         try:
             on_epoch(progress.get_nowait())
         except Empty:
-            return
+            return True
         except ray.exceptions.ActorUnavailableError:
             logger.warning("the progress queue is unreachable for now; retrying")
-            return
+            return True
+        except ray.exceptions.RayActorError:
+            logger.warning("the progress queue died with its node; training goes on without it")
+            return False
 
 
 def load_best_model(checkpoint: ray.train.Checkpoint | None, spec: dict[str, Any]) -> KilnModel:

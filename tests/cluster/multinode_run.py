@@ -77,7 +77,9 @@ def train_through_node_loss(cluster: Cluster, settings: Settings) -> dict[str, A
 
     def kill_a_worker_node(metrics: dict[str, Any]) -> None:
         if metrics["epoch"] == 1 and not killed:
-            heads = {cluster.head_node.node_id}
+            # Never the driver's own node: all nodes share 127.0.0.1 here, so the driver may be
+            # attached to a worker node's raylet, and losing it takes the driver down too.
+            heads = {cluster.head_node.node_id, ray.get_runtime_context().get_node_id()}
             victim = next(w["node_id"] for w in metrics["workers"] if w["node_id"] not in heads)
             killed.update(node_id=victim, at_s=time.monotonic())
             cluster.remove_node(worker_node(cluster, victim), allow_graceful=False)
