@@ -2,8 +2,8 @@
 
 A worker reserves `cpus_per_worker` CPUs in its ScalingConfig and runs as many torch threads
 (training/loop.py caps them at its node's cores shared by the workers there). Left unset, a
-worker takes its share of the CPUs free when the run starts, so one worker on an idle 2-core
-node uses both cores instead of Ray Train's default of one.
+worker reserves one CPU, Ray Train's default; `--cpus-per-worker 2` lets one worker on an idle
+2-core node use both cores.
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ def resolve_cpus_per_worker(
     error naming the option and the fix."""
     largest, total = int(max(node_cpus, default=0)), int(sum(node_cpus))
     if requested is None:
-        return max(1, min(largest, int(free_cpus) // workers))
+        # Ray Train's own default. The share of the free CPUs (one worker taking both cores of
+        # an idle node) was tried: under load two threads ran 8-14x slower than one, and the
+        # `ray up` acceptance job hung with it (not yet diagnosed), so it waits for an idle
+        # measurement before it becomes the default.
+        return 1
     if requested > largest or requested * workers > total:
         fits = max(1, min(largest, total // workers))
         raise KilnError(

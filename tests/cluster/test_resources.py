@@ -1,4 +1,4 @@
-"""Worker CPUs: the default share of the free CPUs, and requests the cluster cannot meet."""
+"""Worker CPUs: the default (one, as Ray Train), and requests the cluster cannot meet."""
 
 import pytest
 
@@ -6,11 +6,8 @@ from cluster.resources import resolve_cpus_per_worker
 from training.errors import KilnError
 
 
-def test_default_is_each_workers_share_of_the_free_cpus():
-    assert resolve_cpus_per_worker(None, 1, [2.0], free_cpus=2.0) == 2  # idle 2-core node
-    assert resolve_cpus_per_worker(None, 2, [2.0], free_cpus=2.0) == 1
-    assert resolve_cpus_per_worker(None, 2, [2.0, 4.0], free_cpus=6.0) == 3
-    assert resolve_cpus_per_worker(None, 1, [2.0, 4.0], free_cpus=6.0) == 4  # fits one node
+def test_default_is_ray_trains_one_cpu_per_worker():
+    assert resolve_cpus_per_worker(None, 1, [2.0], free_cpus=2.0) == 1
     assert resolve_cpus_per_worker(None, 3, [2.0], free_cpus=1.0) == 1  # waits for CPUs
 
 
