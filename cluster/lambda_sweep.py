@@ -21,8 +21,6 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
-
 from actors.shards import Dataset, reduce_loo_errors, reduce_loss_sums
 from cluster.convex import (
     fit_exact,
@@ -34,6 +32,7 @@ from cluster.convex import (
 )
 from cluster.pipeline import make_spec, spec_with_stats
 from training.config import TrainConfig
+from training.linear import raw_weights
 from tuning.space import LogRange
 from tuning.tuner import TrialSummary
 
@@ -77,12 +76,13 @@ def logistic_path_trials(
     assert data.val is not None  # checked by the caller: the path ranks λ on validation rows
     spec = make_spec(cfg, data.train)
     val_handles = handles_of([data.val])
+    scaling = scaling_of(spec)
     trials: list[TrialSummary] = []
     init = None
     for i, value in enumerate(path_values(l2, LOGISTIC_PATH_POINTS)):
         fit, found = fit_full_batch(cfg, spec, [data.train], l2=value, init=init)
         init = (found.weight, found.bias)
-        a, c = raw_model_weights(fit.model)
+        a, c = raw_weights(found.weight, found.bias, scaling)
         loss, _, _ = reduce_loss_sums(val_handles, "softmax", a, c, spec["classes"])
         val_loss = loss / data.val.num_rows
         trials.append(
@@ -97,17 +97,6 @@ def logistic_path_trials(
     full_spec = spec_with_stats(spec, data.train.stats.merge(data.val.stats))
     final, _ = fit_full_batch(with_l2(cfg, best.config["l2"]), full_spec, [data.train, data.val])
     return trials, full_spec, final
-
-
-def raw_model_weights(model: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A linear KilnModel's weights on raw features: (F, K) and (K,), from its layer and
-    standardisation buffers (what the shards' loss_sums take)."""
-    weight = model.body.weight.detach().double().numpy().T  # (F, K)
-    bias = model.body.bias.detach().double().numpy()
-    mean = model.standardize.mean.double().numpy()
-    std = model.standardize.std.double().numpy()
-    a = weight / std[:, None]
-    return a, bias - mean @ a
 
 
 def path_trial(index: int, l2: float, metrics: dict[str, Any], score: float) -> TrialSummary:
