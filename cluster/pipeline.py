@@ -187,7 +187,9 @@ def fit(
             on_epoch(metrics)
 
     # On the driver's node: losing another node must not take the progress stream with it.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # Hard affinity: a soft one put this 0-CPU actor on another node 2 times in 2 (RAY_NOTES),
+    # and the driver's node lives as long as the driver does.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cpus = worker_cpus(cfg)  # each worker's CPUs, and its torch threads

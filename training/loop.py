@@ -22,6 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.util.queue import Full
 from torch import nn
 from torch.nn import functional as F
 
@@ -421,7 +422,14 @@ def train_func(config: dict[str, Any]) -> None:
 def report(cfg: LoopConfig, rank: int, metrics: dict[str, Any], state: TrainingState) -> None:
     """Every rank reports; rank 0 attaches a checkpoint and feeds the live progress queue."""
     if rank == 0 and cfg.progress is not None:
-        cfg.progress.put_nowait(metrics)
+        try:
+            cfg.progress.put_nowait(metrics)
+        except Full:
+            pass  # 10,000 epochs the driver never drained: it is not listening, keep training
+        except ray.exceptions.RayActorError:
+            # The queue died with its node (or the driver went away): the live progress ends,
+            # the training does not (the checkpoint and final metrics still reach the driver).
+            cfg.progress = None
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:

@@ -218,7 +218,7 @@ def run_tuner(
         tuner = tune.Tuner.restore(
             path, trainable, resume_unfinished=True, resume_errored=True, param_space=params
         )
-        return tuner.fit()
+        return prune_checkpoints(tuner.fit())
     logger.info(
         "sweep %s: %d trials, %d at once, %s", sweep_id, cfg.planned_trials, concurrent, resources
     )
@@ -243,11 +243,35 @@ def run_tuner(
             storage_path=storage_path,
             verbose=0,
             callbacks=[ProgressCallback(on_result)] if on_result else [],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Every checkpoint is kept while the sweep runs: Tune deletes a superseded one
+            # before its next experiment snapshot, so a driver killed in between left a
+            # snapshot naming a deleted checkpoint and the resumed trial failed to restore
+            # (seen in CI). `prune_checkpoints` keeps only each trial's last one at the end.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=1),
         ),
     )
-    return tuner.fit()
+    return prune_checkpoints(tuner.fit())
+
+
+def prune_checkpoints(grid: tune.ResultGrid) -> tune.ResultGrid:
+    """Delete each finished trial's checkpoints except its latest (the one results point at)."""
+    from pyarrow import fs as pafs
+
+    for result in cast(Any, grid):
+        if result.checkpoint is None:
+            continue
+        keep = result.checkpoint.path.rstrip("/")
+        store = result.filesystem
+        for info in store.get_file_info(pafs.FileSelector(result.path)):
+            name = info.path.rstrip("/").rsplit("/", 1)[-1]
+            if (
+                info.type == pafs.FileType.Directory
+                and name.startswith("checkpoint_")
+                and info.path.rstrip("/") != keep
+            ):
+                store.delete_dir(info.path)
+    return grid
 
 
 class ProgressCallback(tune.Callback):

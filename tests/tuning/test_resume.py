@@ -88,3 +88,7 @@ def test_resume_after_a_killed_driver_skips_finished_trials(
     after = result_lines(storage)
     assert all(after[t] == lines_before[t] for t in finished)  # not one more epoch reported
     assert set(trial_statuses(storage).values()) == {"TERMINATED"}
+    # Checkpoints were all kept while the sweep ran (a snapshot may name any of them); once it
+    # is done each trial keeps only its last.
+    for trial_dir in storage.glob("sweeps/sweep-*/run_trial_*"):
+        assert [p.name for p in trial_dir.glob("checkpoint_*")] == ["checkpoint_000001"], trial_dir
