@@ -55,9 +55,11 @@ def test_resume_after_a_killed_driver_skips_finished_trials(
 ):
     home, storage = tmp_path / "home", tmp_path / "home" / "storage"
     env = {**os.environ, "KILN_HOME": str(home), "KILN_NUM_CPUS": "1", "OMP_NUM_THREADS": "1"}
+    # Tune snapshots its state every 2 s by default; a trial here lasts about that long, so the
+    # first snapshot could already show all 3 done. Twice a second keeps the kill between them.
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "0.5"
     env.pop("RAY_ADDRESS", None)
-    args = ["tune", "--data", "sklearn:iris", "--model", "logistic", "--trials", "3"]
-    args += ["--solver", "adam"]
+    args = ["tune", "--data", "sklearn:digits", "--model", "mlp", "--trials", "3"]
     args += ["--epochs", "10", "--scheduler", "none", "--json"]
     # One CPU: trials run one after another, so the kill lands between finished and pending ones.
     proc = subprocess.Popen(
