@@ -47,10 +47,11 @@ from cluster.pipeline import make_spec  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import batch_features, encode_labels  # noqa: E402
 from training.loop import RowChunks  # noqa: E402
+from tuning.config import SweepConfig  # noqa: E402
 from tuning.report import write_reports  # noqa: E402
 from tuning.space import SearchSpace  # noqa: E402
 from tuning.trainable import TrialContext  # noqa: E402
-from tuning.tuner import SweepConfig, run_tuner, summarise  # noqa: E402
+from tuning.tuner import run_tuner, summarise  # noqa: E402
 
 
 class MemorySampler:

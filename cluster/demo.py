@@ -16,7 +16,8 @@ import numpy as np
 
 from actors.shards import load_shards
 from actors.sources import SourceSpec
-from cluster.pipeline import ProgressFn, TrainRequest, train_and_register
+from cluster.pipeline import ProgressFn, train_and_register
+from cluster.requests import TrainRequest
 from cluster.runtime import registry_for
 from cluster.serving_control import deploy_models
 from cluster.settings import Settings

@@ -1,34 +1,35 @@
 """The long options of the `kiln` commands that the Python client runs as Ray Jobs.
 
 `Kiln.submit_train(epochs=3)` becomes `kiln train --epochs 3` on the cluster; the client
-checks each keyword against this table before submitting, so a typo fails on the caller's
-machine and not in a job. The table is written out rather than read from the typer app: the
-client must not import the CLI (it sits below it), and a test compares the table with the
-app's real options, command by command, so the two cannot drift apart unnoticed.
+checks each keyword against these sets before submitting, so a typo fails on the caller's
+machine and not in a job. `train` and `tune` options come from the signatures of
+`TrainRequest.from_options` and `SweepRequest.from_options`, which the CLI commands call with
+their options, plus the session options every command has. `serve` is written out (its flags
+are not ServeArgs' field names). The client must not import the CLI (it sits below it); a test
+compares these sets with the app's real options, command by command.
 """
 
 from __future__ import annotations
+
+from cluster.requests import SweepRequest, TrainRequest, option_names
 
 
 def flags(spaced: str) -> frozenset[str]:
     return frozenset(spaced.split())
 
 
+def request_flags(names: list[str], negatable: tuple[str, ...] = ()) -> frozenset[str]:
+    """Python option names -> their `--kebab-case` flags (and `--no-X` for a bool switch)."""
+    found = {"--" + n.replace("_", "-") for n in names}
+    return frozenset(found | {"--no-" + n.replace("_", "-") for n in negatable})
+
+
+SESSION = flags("--address --home --storage --json --resume")
+"""Options of `kiln train` and `kiln tune` that pick the cluster and the output, not the run."""
+
 COMMAND_OPTIONS: dict[str, frozenset[str]] = {
-    "train": flags(
-        "--address --batch-size --bucket-cap-mb --cpus-per-worker --data --epochs --eval-data "
-        "--features --gpu --grad-accum --hidden --home "
-        "--json --l2 --label --lr --lr-schedule --max-iter --model --optimizer --patience "
-        "--register --resume --seed --solver --storage --test-fraction --tol --val-fraction "
-        "--workers"
-    ),
-    "tune": flags(
-        "--address --base-batch-size --batch-size --data --depth --epochs --eval-data "
-        "--features --grid-points --hidden --hidden-width --home --json --l2 --label --lr "
-        "--metric --model --no-refit --optimizer --refit --register --resume --scheduler "
-        "--search --seed --solver --space --storage --test-fraction --trials --val-fraction "
-        "--workers-per-trial"
-    ),
+    "train": SESSION | request_flags(option_names(TrainRequest.from_options)),
+    "tune": SESSION | request_flags(option_names(SweepRequest.from_options), negatable=("refit",)),
     "serve": flags(
         "--access-log --address --auth --batch-wait-timeout-s --emit-config --home --host "
         "--key --max-batch-size --max-replicas --min-replicas --no-access-log --no-auth "

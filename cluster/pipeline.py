@@ -8,14 +8,13 @@ spec, metrics and lineage.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load_file
 
-from actors.catalog import VersionRecord, validate_name
+from actors.catalog import VersionRecord
 from actors.lineage import code_version, dataset_sha256
 from actors.shards import (
     Dataset,
@@ -39,6 +38,7 @@ from actors.shards import (
 )
 from actors.sources import SourceSpec
 from cluster.convex import fit_convex, lbfgs_warning
+from cluster.requests import TrainRequest
 from cluster.resources import worker_cpus
 from cluster.settings import Settings
 from training.artifacts import model_to_files
@@ -74,37 +74,6 @@ class TrainOutcome:
     """One line for the user when an iterative run stopped before converging."""
     iterations: int = 0
     """L-BFGS iterations (0 for the other solvers)."""
-
-
-@dataclass(kw_only=True)
-class TrainRequest:
-    """One `kiln train`: what to read, how to train, where to register. Saved for --resume."""
-
-    data: str
-    """A dataset URI, or the name of a dataset loaded with `kiln data load`."""
-    source: SourceSpec
-    train: TrainConfig
-    name: str
-    eval_data: str | None = None
-    run_name: str = ""
-
-    def __post_init__(self) -> None:
-        validate_name(self.name)
-        self.run_name = self.run_name or unique_name(self.name)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainRequest:
-        raw = json.loads(text)
-        source, train = SourceSpec.from_dict(raw["source"]), TrainConfig(**raw["train"])
-        return cls(**{**raw, "source": source, "train": train})
-
-
-def unique_name(prefix: str) -> str:
-    """`prefix-YYYYmmdd-HHMMSS-xxxxxx`: Ray Train and Tune resume a run that reuses a name."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def register_model(

@@ -11,19 +11,17 @@ whose driver died.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import ray
 from safetensors.torch import load as load_safetensors
 
-from actors.catalog import VersionRecord, validate_name
+from actors.catalog import VersionRecord
 from actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
-from actors.sources import SourceSpec
 from cluster.lambda_sweep import (
     NOT_SEARCHED,
     logistic_path_trials,
@@ -41,56 +39,19 @@ from cluster.pipeline import (
     register_outcome,
     release_data,
     spec_with_stats,
-    unique_name,
 )
+from cluster.requests import SweepRequest
 from cluster.settings import Settings
 from training.config import TrainConfig
 from training.convergence import minibatch_convergence
 from training.errors import KilnError
 from training.models import KilnModel, build_model, set_standardization
+from tuning.config import SweepConfig
 from tuning.report import write_path_reports, write_reports
-from tuning.space import SearchSpace
 from tuning.trainable import TrialContext, refit_weights, trial_spec, trial_train_config
-from tuning.tuner import ResultFn, SweepConfig, TrialSummary, best_trial, run_tuner, summarise
+from tuning.tuner import ResultFn, TrialSummary, best_trial, run_tuner, summarise
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class SweepRequest:
-    """One `kiln tune`: data, base training config, search, registry name. Saved for --resume."""
-
-    data: str
-    source: SourceSpec
-    train: TrainConfig
-    sweep: SweepConfig
-    name: str
-    eval_data: str | None = None
-    sweep_id: str = ""
-    refit: bool = True
-    """Train the best configuration again on train + validation rows and register that."""
-
-    def __post_init__(self) -> None:
-        validate_name(self.name)
-        self.sweep_id = self.sweep_id or unique_name(f"sweep-{self.name}")
-
-    def to_json(self) -> str:
-        raw = asdict(self)
-        raw["sweep"]["space"] = self.sweep.space.to_dict()
-        return json.dumps(raw)
-
-    @classmethod
-    def from_json(cls, text: str) -> SweepRequest:
-        raw = json.loads(text)
-        sweep = {**raw["sweep"], "space": SearchSpace.from_dict(raw["sweep"]["space"])}
-        return cls(
-            **{
-                **raw,
-                "source": SourceSpec.from_dict(raw["source"]),
-                "train": TrainConfig(**raw["train"]),
-                "sweep": SweepConfig(**sweep),
-            }
-        )
 
 
 @dataclass

@@ -98,7 +98,8 @@ def registry_session(ray_local, settings_session):
 def trained_digits(ray_local, settings_session, registry_session):
     """An MLP trained on digits by 2 Ray Train workers and registered (shared by many tests)."""
     from actors.sources import SourceSpec
-    from cluster.pipeline import TrainRequest, train_and_register
+    from cluster.pipeline import train_and_register
+    from cluster.requests import TrainRequest
     from training.config import TrainConfig
 
     cfg = TrainConfig(model="mlp", workers=2, epochs=8, batch_size=32, lr=2e-3)

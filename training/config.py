@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from training.errors import KilnError
-from training.models import MODEL_KINDS
+
+MODEL_KINDS = ("linear", "ridge", "logistic", "mlp", "cnn")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SOLVERS = ("auto", "exact", "lbfgs", *OPTIMIZERS)

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.config import MODEL_KINDS
 from training.errors import KilnError
 
-MODEL_KINDS = ("linear", "ridge", "logistic", "mlp", "cnn")
 REGRESSION_KINDS = ("linear", "ridge")
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ray import tune
 
 from training.config import OPTIMIZERS, TrainConfig
 from training.errors import KilnError
@@ -206,6 +205,8 @@ def load_space_file(path: str) -> dict[str, Any]:
 def param_space(space: SearchSpace, search: str, grid_points: int) -> dict[str, Any]:
     """Ray Tune's param_space: the grid's values as choices for `grid` (the points themselves
     come from `grid_configs`, in a shuffled order), sampling domains otherwise."""
+    from ray import tune  # Tune itself only when a sweep is built
+
     if search == "grid":
         axes = grid_axes(space, grid_points)
         return {k: tune.choice(v) if len(v) > 1 else v[0] for k, v in axes.items()}
@@ -225,11 +226,15 @@ def param_space(space: SearchSpace, search: str, grid_points: int) -> dict[str, 
 
 
 def _log_domain(rng: LogRange) -> Any:
+    from ray import tune  # Tune itself only when a sweep is built
+
     return rng.low if rng.fixed else tune.loguniform(rng.low, rng.high)
 
 
 def pbt_mutations(space: SearchSpace) -> dict[str, Any]:
     """What PBT may perturb: the continuous dimensions (choices stay with their trial)."""
+    from ray import tune  # Tune itself only when a sweep is built
+
     mutations: dict[str, Any] = {}
     if not space.lr.fixed:
         mutations["lr"] = tune.loguniform(space.lr.low, space.lr.high)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Annotated, Any
 
@@ -153,23 +153,53 @@ class EpochProgress:
         self.progress.update(self.task, completed=metrics["epoch"] + 1, metrics=shown)
 
 
-def emit(result: dict[str, Any], as_json: bool, title: str) -> None:
+def output(value: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
+    """Print a command's result: one JSON line with --json, else `render(value)`.
+
+    `render` returns a rich renderable (a table), a str printed as plain lines (never wrapped,
+    so an id or a secret can be copied whole), or None when the text form is a status line the
+    command prints to stderr anyway. With --json nothing else reaches stdout.
+    """
     if as_json:
-        print(json.dumps(result, default=str), flush=True)
+        print(json.dumps(value, default=str), flush=True)
         return
-    table = Table(title=title, show_header=False)
-    for key, value in result.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    shown = render(value)
+    if shown is None:
+        return
+    if isinstance(shown, str):
+        print(shown, flush=True)
+    else:
+        Console().print(shown)
 
 
-def parse_hidden(hidden: str) -> list[int]:
-    try:
-        return [int(w) for w in hidden.split(",") if w.strip()]
-    except ValueError as exc:
-        raise KilnError(
-            f'Got "{hidden}" for --hidden. Give widths separated by commas, e.g. 128,64.'
-        ) from exc
+def key_values(title: str) -> Callable[[dict[str, Any]], Table]:
+    """A two-column table of a result's keys and values (floats to 4 places)."""
+
+    def table(result: dict[str, Any]) -> Table:
+        shown = Table(title=title, show_header=False)
+        for key, value in result.items():
+            shown.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        return shown
+
+    return table
+
+
+def options_for(build: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The command's option values that a request's `from_options` takes (by name)."""
+    from cluster.requests import option_names
+
+    return {name: values[name] for name in option_names(build)}
+
+
+def check_sources(request: Any) -> None:
+    """A typo in --data or --eval-data fails here, before Ray starts."""
+    from actors.shards import looks_like_dataset_name
+    from actors.sources import SourceSpec, check_source
+
+    if not looks_like_dataset_name(request.data):
+        check_source(request.source)
+    if request.eval_data:
+        check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
 
 
 def require_cluster(settings: Settings, command: str) -> Settings:
@@ -201,10 +231,6 @@ def open_client(
         client.close()
 
 
-def print_json(value: Any) -> None:
-    print(json.dumps(value, default=str), flush=True)
-
-
 def short_time(iso: str | None) -> str:
     """`2025-01-31T12:00:00+00:00` -> `2025-01-31 12:00` for tables (JSON keeps the full form)."""
     return iso[:16].replace("T", " ") if iso else ""
@@ -217,11 +243,6 @@ def short_metrics(metrics: dict[str, Any]) -> str:
         if isinstance(v, int | float)
     ]
     return ", ".join(shown[:3])
-
-
-def default_model_name(data: str, model: str) -> str:
-    stem = data.rsplit("/", 1)[-1].split("?")[0].split(".")[0].replace(":", "-").replace("_", "-")
-    return f"{stem.lower()}-{model}"[:64]
 
 
 def require_gpu() -> None:

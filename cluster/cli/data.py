@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cluster.cli.common import (
@@ -15,8 +13,9 @@ from cluster.cli.common import (
     connected,
     console,
     data_app,
-    emit,
+    key_values,
     load_settings,
+    output,
     require_cluster,
 )
 from training.errors import KilnError
@@ -41,6 +40,7 @@ def data_load(
     from actors.catalog import NAME_PATTERN
     from actors.shards import load_dataset
     from actors.sources import SourceSpec, check_source
+    from cluster.requests import parse_features
 
     if not NAME_PATTERN.match(name):
         raise KilnError(
@@ -54,7 +54,7 @@ def data_load(
         test_fraction=test_fraction,
         val_fraction=val_fraction,
         seed=seed,
-        features=tuple(f.strip() for f in features.split(",")) if features else None,
+        features=parse_features(features),
     )
     check_source(source)
     settings = require_cluster(load_settings(address=address), "kiln data load")
@@ -66,7 +66,7 @@ def data_load(
             "shards": shards,
             "rows": {s.split: s.num_rows for s in dataset.splits},
         }
-    emit(result, as_json, f"kiln data load: {name}")
+    output(result, as_json, key_values(f"kiln data load: {name}"))
 
 
 @data_app.command("ls")
@@ -77,14 +77,15 @@ def data_ls(as_json: JsonOpt = False, address: AddressOpt = None) -> None:
     settings = require_cluster(load_settings(address=address), "kiln data ls")
     with connected(settings):
         datasets = list_datasets()
-    if as_json:
-        print(json.dumps(datasets))
-        return
+    output(datasets, as_json, datasets_table)
+
+
+def datasets_table(datasets: list[dict[str, Any]]) -> Table:
     table = Table("name", "uri", "shards", "rows", "MiB")
     for d in datasets:
         rows = ", ".join(f"{k} {v}" for k, v in d["rows"].items())
         table.add_row(d["name"], str(d["uri"]), str(d["shards"]), rows, f"{d['bytes'] / 2**20:.1f}")
-    Console().print(table)
+    return table
 
 
 @data_app.command("drop")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cluster.cli.common import (
@@ -18,7 +17,7 @@ from cluster.cli.common import (
     app,
     console,
     jobs_app,
-    print_json,
+    output,
     short_time,
 )
 from training.errors import KilnError
@@ -50,17 +49,13 @@ def submit(
     submitted = client.submit(entrypoint, parse_env(env or []), submission_id=job_id)
     console.print(f"submitted {submitted} to {client.address}")
     if not wait:
-        if as_json:
-            print_json({"job_id": submitted, "status": "PENDING"})
-        else:
-            print(submitted, flush=True)
+        output({"job_id": submitted, "status": "PENDING"}, as_json, lambda job: job["job_id"])
         return
     for chunk in client.follow(submitted):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     info = client.wait(submitted, timeout_s=60)
-    if as_json:
-        print_json(info.to_dict())
+    output(info.to_dict(), as_json, lambda _: None)
     console.print(f"job {submitted} {info.status}{': ' + info.message if info.message else ''}")
     if info.status != "SUCCEEDED":
         raise typer.Exit(1)
@@ -77,23 +72,25 @@ def jobs_list(
     as_json: JsonOpt = False, address: JobsAddressOpt = None, token: TokenOpt = None
 ) -> None:
     """Every job of the cluster, oldest first."""
-    from cluster.client import iso_time
     from cluster.jobs import JobsClient
 
     jobs = JobsClient(address, token).list()
-    if as_json:
-        print_json([j.to_dict() for j in jobs])
-        return
+    output([j.to_dict() for j in jobs], as_json, jobs_table)
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    from cluster.client import iso_time
+
     table = Table("id", "status", "started (UTC)", "ended", "entrypoint")
     for j in jobs:
         table.add_row(
-            j.job_id,
-            j.status,
-            short_time(iso_time(j.start_time_s)),
-            short_time(iso_time(j.end_time_s)),
-            j.entrypoint[:60],
+            j["job_id"],
+            j["status"],
+            short_time(iso_time(j["start_time_s"])),
+            short_time(iso_time(j["end_time_s"])),
+            j["entrypoint"][:60],
         )
-    Console().print(table)
+    return table
 
 
 @jobs_app.command("logs")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.json import JSON
 from rich.table import Table
 
 from cluster.cli.common import (
@@ -20,7 +20,7 @@ from cluster.cli.common import (
     keys_app,
     models_app,
     open_client,
-    print_json,
+    output,
     short_metrics,
     short_time,
 )
@@ -40,34 +40,37 @@ def models_list(
     """Registered models with their latest version and aliases (or one model's versions)."""
     with open_client(address, home, storage) as client:
         rows = client.models() if name is None else client.versions(name)
-    if as_json:
-        print_json(rows)
-        return
-    if name is None:
-        table = Table("name", "versions", "archived", "latest", "aliases")
-        for m in rows:
-            aliases = ", ".join(f"{a}->{v}" for a, v in m["aliases"].items())
-            table.add_row(
-                m["name"],
-                str(m["num_versions"]),
-                str(m["num_archived"]),
-                str(m["latest_version"]),
-                aliases,
-            )
-    else:
-        from cluster.client import iso_time
+    output(rows, as_json, models_table if name is None else versions_table)
 
-        table = Table("version", "status", "aliases", "created", "creator", "metrics")
-        for v in rows:
-            table.add_row(
-                str(v["version"]),
-                v["status"],
-                ", ".join(v["aliases"]),
-                short_time(iso_time(v["created_at"])),
-                f"{v['creator']} ({v['creator_key']})",
-                short_metrics(v["metrics"]),
-            )
-    Console().print(table)
+
+def models_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("name", "versions", "archived", "latest", "aliases")
+    for m in rows:
+        aliases = ", ".join(f"{a}->{v}" for a, v in m["aliases"].items())
+        table.add_row(
+            m["name"],
+            str(m["num_versions"]),
+            str(m["num_archived"]),
+            str(m["latest_version"]),
+            aliases,
+        )
+    return table
+
+
+def versions_table(rows: list[dict[str, Any]]) -> Table:
+    from cluster.client import iso_time
+
+    table = Table("version", "status", "aliases", "created", "creator", "metrics")
+    for v in rows:
+        table.add_row(
+            str(v["version"]),
+            v["status"],
+            ", ".join(v["aliases"]),
+            short_time(iso_time(v["created_at"])),
+            f"{v['creator']} ({v['creator_key']})",
+            short_metrics(v["metrics"]),
+        )
+    return table
 
 
 @models_app.command("show")
@@ -84,10 +87,11 @@ def models_show(
             result = client.show(ref)
         except LookupError as exc:
             raise KilnError(f'Got "{ref}": {exc}. See `kiln models list`.') from exc
-    if as_json:
-        print_json(result)
-        return
-    Console().print_json(json.dumps({k: v for k, v in result.items() if k != "spec"}))
+    output(
+        result,
+        as_json,
+        lambda shown: JSON.from_data({k: v for k, v in shown.items() if k != "spec"}, default=str),
+    )
 
 
 @models_app.command("alias")
@@ -104,11 +108,8 @@ def models_alias(
     """Point NAME@ALIAS at VERSION, atomically (creating or moving the alias)."""
     with open_client(address, home, storage, key) as client:
         result = client.alias(name, version, alias)
-    if as_json:
-        print_json(result)
-        return
     was = f" (was {result['previous']})" if result["previous"] is not None else ""
-    Console().print(f"{name}@{alias} -> {version}{was}")
+    output(result, as_json, lambda _: f"{name}@{alias} -> {version}{was}")
 
 
 @models_app.command("unalias")
@@ -124,10 +125,7 @@ def models_unalias(
     """Remove an alias (the version stays)."""
     with open_client(address, home, storage, key) as client:
         result = client.unalias(name, alias)
-    if as_json:
-        print_json(result)
-        return
-    Console().print(f"removed {name}@{alias} (pointed at {result['version']})")
+    output(result, as_json, lambda done: f"removed {name}@{alias} (pointed at {done['version']})")
 
 
 @models_app.command("delete")
@@ -143,11 +141,12 @@ def models_delete(
     """Delete a version and its artifacts; its number is never reused."""
     with open_client(address, home, storage, key) as client:
         result = client.delete(ref, force=force)
-    if as_json:
-        print_json(result)
-        return
     dropped = f" (aliases removed: {', '.join(result['aliases_removed'])})"
-    Console().print(f"deleted {result['ref']}{dropped if result['aliases_removed'] else ''}")
+    output(
+        result,
+        as_json,
+        lambda done: f"deleted {done['ref']}{dropped if done['aliases_removed'] else ''}",
+    )
 
 
 @models_app.command("archive")
@@ -163,10 +162,7 @@ def models_archive(
     """Archive a version: a bare NAME no longer resolves to it; NAME@VERSION still does."""
     with open_client(address, home, storage, key) as client:
         result = client.archive(ref, force=force)
-    if as_json:
-        print_json(result)
-        return
-    Console().print(f"archived {result['ref']}")
+    output(result, as_json, lambda done: f"archived {done['ref']}")
 
 
 @models_app.command("unarchive")
@@ -181,10 +177,7 @@ def models_unarchive(
     """Make an archived version active again."""
     with open_client(address, home, storage, key) as client:
         result = client.unarchive(ref)
-    if as_json:
-        print_json(result)
-        return
-    Console().print(f"unarchived {result['ref']}")
+    output(result, as_json, lambda done: f"unarchived {done['ref']}")
 
 
 @keys_app.command("create")
@@ -205,15 +198,20 @@ def keys_create(
     """Create an API key. Its secret is printed once; only a salted hash is stored."""
     with open_client(address, home, storage, key) as client:
         made = client.create_key(scope, expires=expires)
-    if as_json:
-        print_json(made)
-        return
+    output(made, as_json, new_key_lines)
+
+
+def new_key_lines(made: dict[str, Any]) -> str:
+    """Plain lines, never a table: a wrapped secret could not be copied whole."""
     console.print("[yellow]Store this secret now: Kiln keeps only a hash and cannot show it again.")
-    # Plain lines, never a table: a wrapped secret could not be copied whole.
-    print(f"id       {made['id']}")
-    print(f"scopes   {', '.join(made['scopes'])}")
-    print(f"expires  {made['expires'] or 'never'}")
-    print(f"secret   {made['secret']}", flush=True)
+    return "\n".join(
+        (
+            f"id       {made['id']}",
+            f"scopes   {', '.join(made['scopes'])}",
+            f"expires  {made['expires'] or 'never'}",
+            f"secret   {made['secret']}",
+        )
+    )
 
 
 @keys_app.command("list")
@@ -227,9 +225,10 @@ def keys_list(
     """Every API key with its scopes and status (never a secret)."""
     with open_client(address, home, storage, key) as client:
         rows = client.keys()
-    if as_json:
-        print_json(rows)
-        return
+    output(rows, as_json, keys_table)
+
+
+def keys_table(rows: list[dict[str, Any]]) -> Table:
     table = Table()
     table.add_column("id", no_wrap=True)  # whole, so it can be pasted into `keys revoke`
     for column in ("status", "scopes", "created", "by", "expires (UTC)", "revoked"):
@@ -244,7 +243,7 @@ def keys_list(
             short_time(k["expires"]) or "never",
             short_time(k["revoked"]),
         )
-    Console().print(table)
+    return table
 
 
 @keys_app.command("revoke")
@@ -262,10 +261,7 @@ def keys_revoke(
             row = client.revoke_key(key_id)
         except LookupError as exc:
             raise KilnError(f'Got "{key_id}" for ID: {exc}. See `kiln keys list`.') from exc
-    if as_json:
-        print_json(row)
-        return
-    Console().print(f"revoked {row['id']} at {row['revoked']}")
+    output(row, as_json, lambda done: f"revoked {done['id']} at {done['revoked']}")
 
 
 @app.command("audit")
@@ -284,11 +280,12 @@ def audit_log(
     """Admin actions: who (key id or "local"), what, on which target, when."""
     with open_client(address, home, storage, key) as client:
         entries = client.audit(limit=limit, action=action)
-    if as_json:
-        print_json(entries)
-        return
+    output(entries, as_json, audit_table)
+
+
+def audit_table(entries: list[dict[str, Any]]) -> Table:
     table = Table("at (UTC)", "key", "action", "target", "detail")
     for e in entries:
         detail = json.dumps(e["detail"]) if e["detail"] else ""
         table.add_row(short_time(e["at"]), e["key_id"], e["action"], e["target"], detail)
-    Console().print(table)
+    return table

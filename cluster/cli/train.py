@@ -17,12 +17,13 @@ from cluster.cli.common import (
     PortOpt,
     StorageOpt,
     app,
+    check_sources,
     connected,
     console,
-    default_model_name,
-    emit,
+    key_values,
     load_settings,
-    parse_hidden,
+    options_for,
+    output,
     require_gpu,
 )
 from training.errors import KilnError
@@ -55,7 +56,7 @@ def demo(
     with bar.progress, connected(settings):
         result = run_demo(settings, cfg, on_epoch=bar.epoch, on_step=bar.step)
     result["elapsed_s"] = time.perf_counter() - started
-    emit(result, as_json, "kiln demo")
+    output(result, as_json, key_values("kiln demo"))
 
 
 @app.command()
@@ -137,11 +138,9 @@ def train(
     storage: StorageOpt = None,
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
-    from actors.shards import looks_like_dataset_name
-    from actors.sources import SourceSpec, check_source
-    from cluster.pipeline import TrainRequest, load_run_request, train_and_register
+    from cluster.pipeline import load_run_request, train_and_register
+    from cluster.requests import TrainRequest
     from cluster.runtime import registry_for
-    from training.config import TrainConfig
 
     started = time.perf_counter()
     settings = load_settings(address=address, home=home, storage=storage)
@@ -150,45 +149,8 @@ def train(
     elif data is None:
         raise KilnError("Give --data URI|NAME (or --resume RUN). See `kiln train --help`.")
     else:
-        cfg = TrainConfig(
-            model=model,
-            workers=workers,
-            epochs=epochs,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            lr=lr,
-            l2=l2,
-            solver=solver,
-            max_iter=max_iter,
-            tol=tol,
-            hidden=parse_hidden(hidden),
-            lr_schedule=lr_schedule,
-            seed=seed,
-            gpu=gpu,
-            patience=patience,
-            cpus_per_worker=cpus_per_worker,
-            grad_accum=grad_accum,
-            bucket_cap_mb=bucket_cap_mb,
-        )
-        source = SourceSpec(
-            uri=data,
-            label=label,
-            test_fraction=0.0 if eval_data else test_fraction,
-            val_fraction=val_fraction,
-            seed=seed,
-            features=tuple(f.strip() for f in features.split(",")) if features else None,
-        )
-        request = TrainRequest(
-            data=data,
-            source=source,
-            train=cfg,
-            eval_data=eval_data,
-            name=register or default_model_name(data, model),
-        )
-    if not looks_like_dataset_name(request.data):
-        check_source(request.source)  # a typo in --data fails here, before Ray starts
-    if request.eval_data:
-        check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
+        request = TrainRequest.from_options(**options_for(TrainRequest.from_options, locals()))
+    check_sources(request)
     minibatch = request.train.resolved_solver == "minibatch"
     bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
     with bar.progress, connected(settings):
@@ -198,7 +160,7 @@ def train(
         bar.step("shutting down")
     if outcome.warning:
         console.print(f"kiln: warning: {outcome.warning}")
-    emit(
+    output(
         {
             "model": outcome.record.name,
             "version": outcome.record.version,
@@ -214,7 +176,7 @@ def train(
             "timings_s": bar.timings(),
         },
         as_json,
-        f"kiln train: {outcome.record.ref}",
+        key_values(f"kiln train: {outcome.record.ref}"),
     )
 
 
@@ -352,13 +314,9 @@ def tune(
     storage: StorageOpt = None,
 ) -> None:
     """Sweep hyperparameters with Ray Tune on resident shards; register the best model."""
-    from actors.shards import looks_like_dataset_name
-    from actors.sources import SourceSpec, check_source
+    from cluster.requests import SweepRequest
     from cluster.runtime import registry_for
-    from cluster.tune_pipeline import SweepRequest, load_sweep_request, tune_and_register
-    from training.config import TrainConfig
-    from tuning.space import SearchSpace, default_l2_range, load_space_file
-    from tuning.tuner import SweepConfig
+    from cluster.tune_pipeline import load_sweep_request, tune_and_register
 
     started = time.perf_counter()
     settings = load_settings(address=address, home=home, storage=storage)
@@ -367,66 +325,8 @@ def tune(
     elif data is None:
         raise KilnError("Give --data URI|NAME (or --resume SWEEP). See `kiln tune --help`.")
     else:
-        base = TrainConfig(
-            model=model,
-            workers=workers_per_trial,
-            epochs=epochs,
-            batch_size=base_batch_size,
-            hidden=parse_hidden(hidden),
-            seed=seed,
-            solver=solver,
-        )
-        raw_space: dict[str, Any] = {"lr": lr, "l2": l2 or default_l2_range(base)}
-        for key, value in (
-            ("batch_size", batch_size),
-            ("hidden_width", hidden_width),
-            ("depth", depth),
-            ("optimizer", optimizer),
-        ):
-            if value:
-                raw_space[key] = value
-        search_space = (
-            SearchSpace.from_dict(load_space_file(space), where=space)
-            if space
-            else SearchSpace.from_dict(raw_space)
-        )
-        sweep_cfg = SweepConfig(
-            space=search_space,
-            scheduler=scheduler,
-            search=search,
-            num_trials=trials,
-            max_epochs=epochs,
-            workers_per_trial=workers_per_trial,
-            metric=metric,
-            grid_points=grid_points,
-            seed=seed,
-        )
-        source = SourceSpec(
-            uri=data,
-            label=label,
-            test_fraction=0.0 if eval_data else test_fraction,
-            val_fraction=val_fraction,
-            seed=seed,
-            features=tuple(f.strip() for f in features.split(",")) if features else None,
-        )
-        if val_fraction <= 0:
-            raise KilnError(
-                f'Got "{val_fraction}" for --val-fraction. A sweep ranks trials on validation '
-                "rows: use a value in (0, 1), e.g. 0.15."
-            )
-        request = SweepRequest(
-            data=data,
-            source=source,
-            train=base,
-            sweep=sweep_cfg,
-            eval_data=eval_data,
-            name=register or default_model_name(data, model),
-            refit=refit,
-        )
-    if not looks_like_dataset_name(request.data):
-        check_source(request.source)
-    if request.eval_data:
-        check_source(SourceSpec(uri=request.eval_data, label=request.source.label))
+        request = SweepRequest.from_options(**options_for(SweepRequest.from_options, locals()))
+    check_sources(request)
     table = SweepTable(request.sweep.metric, quiet=as_json)
     with table, connected(settings):
         outcome = tune_and_register(
@@ -442,10 +342,10 @@ def tune(
     )
     for note in outcome.extra.get("notes", []):
         console.print(f"kiln: note: {note}")
-    emit(
+    output(
         tune_result(outcome, request.sweep.metric, time.perf_counter() - started),
         as_json,
-        f"kiln tune: {outcome.record.ref}",
+        key_values(f"kiln tune: {outcome.record.ref}"),
     )
 
 

@@ -36,7 +36,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from actors.registry import NAMESPACE  # noqa: E402
 from actors.shards import load_dataset  # noqa: E402
 from actors.sources import SourceSpec  # noqa: E402
-from cluster.pipeline import TrainRequest, train_and_register  # noqa: E402
+from cluster.pipeline import train_and_register  # noqa: E402
+from cluster.requests import TrainRequest  # noqa: E402
 from cluster.runtime import registry_for  # noqa: E402
 from cluster.serving_control import APP_NAME, deploy_models  # noqa: E402
 from cluster.settings import Settings  # noqa: E402

@@ -20,13 +20,14 @@ from sklearn.preprocessing import StandardScaler
 
 from actors.registry import read_verified_files
 from actors.sources import SourceSpec
-from cluster.pipeline import TrainRequest, train_and_register
-from cluster.tune_pipeline import SweepRequest, tune_and_register
+from cluster.pipeline import train_and_register
+from cluster.requests import SweepRequest, TrainRequest
+from cluster.tune_pipeline import tune_and_register
 from training.artifacts import model_from_files
 from training.config import TrainConfig
 from training.evaluate import predict_outputs, softmax
+from tuning.config import SweepConfig
 from tuning.space import SearchSpace, default_l2_range
-from tuning.tuner import SweepConfig
 
 # Seed 0 runs in `make test`; the other splits in `make test-slow` (each fit loads its shards
 # into fresh actors, which a loaded 2-core machine starts slowly).

@@ -7,7 +7,8 @@ import pytest
 
 from actors.shards import attach_dataset, drop_dataset, load_dataset
 from actors.sources import SourceSpec
-from cluster.pipeline import TrainRequest, train_and_register
+from cluster.pipeline import train_and_register
+from cluster.requests import TrainRequest
 from training.config import TrainConfig
 
 pytestmark = pytest.mark.slow

@@ -3,9 +3,10 @@
 from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
 
 from tuning.asha import PromotingASHA
+from tuning.config import SweepConfig
 from tuning.space import SearchSpace
 from tuning.trainable import TrialContext
-from tuning.tuner import CHECKPOINT_EVERY, SweepConfig, checkpoint_plan, make_trial_scheduler
+from tuning.tuner import CHECKPOINT_EVERY, checkpoint_plan, make_trial_scheduler
 
 
 def context_for(scheduler) -> TrialContext:

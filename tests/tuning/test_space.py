@@ -5,6 +5,7 @@ import math
 import pytest
 
 from training.errors import KilnError
+from tuning.config import SweepConfig
 from tuning.space import (
     L2_LOG10_KEY,
     SearchSpace,
@@ -14,7 +15,6 @@ from tuning.space import (
     param_space,
     parse_log_range,
 )
-from tuning.tuner import SweepConfig
 
 
 def test_ranges_parse_with_and_without_zero():

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from actors.sources import SourceSpec
-from cluster.tune_pipeline import SweepRequest, tune_and_register
+from cluster.requests import SweepRequest
+from cluster.tune_pipeline import tune_and_register
 from training.config import TrainConfig
+from tuning.config import SweepConfig
 from tuning.space import SearchSpace
-from tuning.tuner import SweepConfig
 
 
 def png_size(path: Path) -> tuple[int, int]:
