@@ -48,3 +48,37 @@ def test_the_client_imports_nothing_from_the_cli():
         ).stdout
     )
     assert not [m for m in loaded if m == "cluster.cli" or m.startswith(("cluster.cli.", "typer"))]
+
+
+def tune_options(**changes):
+    from cluster.requests import SweepRequest, option_names
+
+    base = dict.fromkeys(option_names(SweepRequest.from_options))
+    base.update(
+        data="sklearn:iris", model="mlp", trials=4, scheduler="asha", search="random",
+        lr="1e-4:1e-1", solver="auto", epochs=5, workers_per_trial=1, metric="val_loss",
+        grid_points=4, base_batch_size=32, hidden="128,64", test_fraction=0.2,
+        val_fraction=0.15, seed=0, refit=True,
+    )  # fmt: skip
+    base.update(changes)
+    return base
+
+
+def test_tune_checks_val_fraction_before_it_reads_anything_else():
+    from cluster.requests import SweepRequest
+
+    bad = tune_options(val_fraction=0.0, space="/no/such/space.yaml", scheduler="nope")
+    with pytest.raises(KilnError, match='Got "0.0" for --val-fraction.*e.g. 0.15'):
+        SweepRequest.from_options(**bad)
+    made = SweepRequest.from_options(**tune_options(features="a, b"))
+    assert made.source.features == ("a", "b") and made.name == "sklearn-iris-mlp"
+    assert made.sweep.space.lr.low == 1e-4 and made.source.val_fraction == 0.15
+
+
+def test_output_prints_one_json_line_or_the_rendered_text(capsys):
+    from cluster.cli.common import output
+
+    output({"a": 1.5}, True, lambda _: "never")
+    assert json.loads(capsys.readouterr().out) == {"a": 1.5}
+    output({"a": 1.5}, False, lambda shown: f"a is {shown['a']}")
+    assert capsys.readouterr().out == "a is 1.5\n"
