@@ -287,6 +287,17 @@ def load_shards(
     detached: bool = False,
 ) -> ShardSet:
     """Start `num_shards` ShardStore actors spread over the nodes and wait until loaded."""
+    return gather_shard_set(source, split, start_shards(source, split, num_shards, name, detached))
+
+
+def start_shards(
+    source: SourceSpec,
+    split: str,
+    num_shards: int,
+    name: str | None = None,
+    detached: bool = False,
+) -> list[Any]:
+    """Start `num_shards` ShardStore actors spread over the nodes; they load in the background."""
     check_source(source)
     store: Any = ShardStore  # @ray.remote adds .options, which type checkers cannot see
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
@@ -302,7 +313,7 @@ def load_shards(
         if detached:
             options["lifetime"] = "detached"
         handles.append(store.options(**options).remote(source, split, i, num_shards))
-    return gather_shard_set(source, split, handles)
+    return handles
 
 
 def gather_shard_set(source: SourceSpec, split: str, handles: list[Any]) -> ShardSet:
@@ -322,16 +333,26 @@ def load_dataset(
         raise KilnError(
             f'A dataset named "{name}" is already loaded. Drop it first: kiln data drop {name}'
         )
-    train = load_shards(source, "train", num_shards, name, detached)
+    # Every split's actors start at once (each is a process that reads the source): loading
+    # them one split after another cost three process start-ups in a row.
+    started = {"train": start_shards(source, "train", num_shards, name, detached)}
+    if source.val_fraction > 0:
+        started["val"] = start_shards(source, "val", num_shards, name, detached)
+    started["test"] = start_shards(source, "test", 1, name, detached)
+    try:
+        sets = {split: gather_shard_set(source, split, h) for split, h in started.items()}
+    except BaseException:
+        for handles in started.values():
+            for handle in handles:
+                ray.kill(handle)
+        raise
+    train, test, val = sets["train"], sets["test"], sets.get("val")
     if train.num_rows == 0:
-        train.release()
+        for shard_set in sets.values():
+            shard_set.release()
         raise KilnError(
             f"{source.uri} gave no training rows. Lower --test-fraction/--val-fraction."
         )
-    val = (
-        load_shards(source, "val", num_shards, name, detached) if source.val_fraction > 0 else None
-    )
-    test = load_shards(source, "test", 1, name, detached)
     return Dataset(name, train, test, val, owned=not detached)
 
 

@@ -6,6 +6,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from actors import sources
 from actors.sources import SourceSpec, check_source, read_shard, shard_bounds, split_indices
 from training.data import batches_to_arrays
 from training.errors import KilnError
@@ -126,3 +127,36 @@ def test_train_val_test_partition_every_row_exactly_once(uri):
     assert sorted(union.tolist()) == sorted(flat["all"].tolist())
     assert len(set(union.tolist())) == len(union)
     assert len(flat["val"]) == pytest.approx(0.25 * (len(flat["train"]) + len(flat["val"])), abs=1)
+
+
+def test_a_builtin_set_is_cached_once_and_read_back_equal(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    fresh = sources.build_sklearn_table("wine")
+    first = sources.load_sklearn("wine")  # builds and writes the cache
+    cached = sources.sklearn_cache_path("wine")
+    assert cached is not None and cached.is_file() and str(tmp_path) in str(cached)
+    assert first.equals(fresh) and sources.load_sklearn("wine").equals(fresh)
+
+    marker = pa.table({"marker": [1]})
+    sources.write_table_atomically(marker, cached)
+    assert sources.load_sklearn("wine").equals(marker)  # read from the cache, not rebuilt
+
+    cached.write_bytes(b"not an arrow file")  # a damaged cache is rebuilt, not trusted
+    assert sources.load_sklearn("wine").equals(fresh)
+    assert sources.load_sklearn("wine").equals(fresh)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_sizes_are_exact_and_every_class_within_one_row_of_its_share(seed):
+    rng = np.random.default_rng(100 + seed)
+    y = rng.integers(0, 1 + seed, size=int(rng.integers(5, 400)))
+    fraction = float(rng.uniform(0.05, 0.6))
+    for stratify in (True, False):
+        train, test = split_indices(y, fraction, seed, stratify)
+        assert len(test) == int(np.ceil(fraction * len(y))) and len(train) + len(test) == len(y)
+        assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(y)))
+        if stratify:
+            counts, taken = np.bincount(y), np.bincount(y[test], minlength=y.max() + 1)
+            assert np.all(np.abs(taken - counts * len(test) / len(y)) < 1.0)
+    other = split_indices(y, fraction, seed + 1, True)[1]
+    assert len(y) < 10 or not np.array_equal(other, split_indices(y, fraction, seed, True)[1])
