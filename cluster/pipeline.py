@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +251,12 @@ def resident_data(request: TrainRequest) -> Dataset:
                 f"{shards} shards. Use --workers {shards} or fewer, or reload it with more shards."
             )
         return attached
-    return load_dataset(request.source, request.train.workers)
+    source = request.source
+    if request.train.resolved_solver != "minibatch":
+        # The convex solvers fit every non-test row and stop on their own criterion: a
+        # validation split would be two more shard processes holding rows merged back anyway.
+        source = replace(source, val_fraction=0.0)
+    return load_dataset(source, request.train.workers)
 
 
 def evaluate_on(model: KilnModel, spec: dict[str, Any], test: ShardSet) -> dict[str, Any]:
@@ -422,6 +427,7 @@ def train_and_register(
     record_path.write_text(request.to_json())
 
     worker_cpus(cfg)  # a --cpus-per-worker the cluster cannot give fails before any data loads
+    registry.prepare_checks.remote()  # the registry's torch import, beside the data load
     step("loading shards")
     data = resident_data(request)
     data_hash(data)  # hashing reads the whole source once: it runs beside the fit

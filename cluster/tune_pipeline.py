@@ -131,6 +131,7 @@ def tune_and_register(
     if not resume:
         record_path.write_text(request.to_json())
 
+    registry.prepare_checks.remote()  # the registry's torch import, beside the data load
     step("loading shards")
     data = sweep_data(request)
     data_hash(data)  # hashing reads the whole source once: it runs beside the sweep

@@ -24,6 +24,7 @@ from cluster.cli.common import (
     load_settings,
     options_for,
     output,
+    preload,
     require_gpu,
 )
 from training.errors import KilnError
@@ -138,13 +139,15 @@ def train(
     storage: StorageOpt = None,
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
-    from cluster.pipeline import load_run_request, train_and_register
     from cluster.requests import TrainRequest
     from cluster.runtime import registry_for
 
     started = time.perf_counter()
+    preload("cluster.pipeline")
     settings = load_settings(address=address, home=home, storage=storage)
     if resume:
+        from cluster.pipeline import load_run_request
+
         request = load_run_request(settings, resume)
     elif data is None:
         raise KilnError("Give --data URI|NAME (or --resume RUN). See `kiln train --help`.")
@@ -154,6 +157,8 @@ def train(
     minibatch = request.train.resolved_solver == "minibatch"
     bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
     with bar.progress, connected(settings):
+        from cluster.pipeline import train_and_register  # preloaded while Ray started
+
         if request.train.gpu == "on":
             require_gpu()
         outcome = train_and_register(settings, request, registry_for(settings), bar.epoch, bar.step)
@@ -316,11 +321,13 @@ def tune(
     """Sweep hyperparameters with Ray Tune on resident shards; register the best model."""
     from cluster.requests import SweepRequest
     from cluster.runtime import registry_for
-    from cluster.tune_pipeline import load_sweep_request, tune_and_register
 
     started = time.perf_counter()
+    preload("cluster.tune_pipeline")
     settings = load_settings(address=address, home=home, storage=storage)
     if resume:
+        from cluster.tune_pipeline import load_sweep_request
+
         request = load_sweep_request(settings, resume)
     elif data is None:
         raise KilnError("Give --data URI|NAME (or --resume SWEEP). See `kiln tune --help`.")
@@ -329,6 +336,8 @@ def tune(
     check_sources(request)
     table = SweepTable(request.sweep.metric, quiet=as_json)
     with table, connected(settings):
+        from cluster.tune_pipeline import tune_and_register  # preloaded while Ray started
+
         outcome = tune_and_register(
             settings,
             request,
