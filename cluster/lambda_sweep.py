@@ -7,7 +7,7 @@ criterion: each shard adds up its rows' leave-one-out errors for every λ from t
 eigenbasis (one more pass over the resident rows, an L-vector back per shard), and the model at
 the chosen λ is fitted on all the rows. Generalised cross-validation (GCV, from the statistics
 alone) is reported beside it; on diabetes it chose a λ 0.005 R² worse than RidgeCV's on one
-split of ten, where leave-one-out stays within 0.001 (README).
+split of ten, where leave-one-out stays within 0.001 (docs/commands.md).
 
 Logistic regression: L-BFGS fits along the path from the largest λ down, each warm-started
 from the previous one, on the training rows; each is scored by its log-loss on the validation

@@ -19,7 +19,7 @@ MIN_EPOCHS = 30
 MAX_EPOCHS = 300
 DEFAULT_L2 = {"ridge": 1.0, "logistic": 1.0}
 """λ when the user gives none: scikit-learn's defaults (Ridge alpha=1; LogisticRegression C=1
-for several classes, C=2 for two: see README's mapping). Other kinds: 0."""
+for several classes, C=2 for two: see docs/commands.md, λ and scikit-learn). Other kinds: 0."""
 LR_SCHEDULES = ("constant", "step", "cosine")
 GPU_MODES = ("auto", "on", "off")
 

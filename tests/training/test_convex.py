@@ -78,7 +78,7 @@ def test_exact_ridge_equals_sklearn_at_every_lambda(
         lineage = outcome.record.lineage
         assert lineage["solver"] == "exact" and lineage["train_rows"] == len(y_train)
         assert outcome.epochs_run == 0  # no Ray Train run
-    for l2 in (0.01, 0.05):  # λ on standardised features vs alpha on raw ones (README)
+    for l2 in (0.01, 0.05):  # λ on standardised features vs alpha on raw ones (docs/commands.md)
         request = train_request(train, test, f"ridge-{seed}", model="ridge", l2=l2)
         outcome = train_and_register(settings_session, request, registry_session)
         raw_r2 = Ridge(alpha=l2).fit(x_train, y_train).score(x_test, y_test)
@@ -100,7 +100,7 @@ def test_logistic_at_its_defaults_matches_sklearn(
     )
     assert outcome.solver == "lbfgs" and outcome.converged and outcome.warning is None
     # λ = 1 by default; Kiln's softmax has a weight row per class, so λ ↔ C = 1/λ with three
-    # or more classes and C = 2/λ with two (README: "λ and scikit-learn").
+    # or more classes and C = 2/λ with two (docs/commands.md: "λ and scikit-learn").
     classes = len(np.unique(y_train))
     scaler = StandardScaler().fit(x_train)
     reference = LogisticRegression(C=2.0 if classes == 2 else 1.0, tol=1e-10, max_iter=10_000)
