@@ -48,6 +48,26 @@ def parse_features(features: str | None) -> tuple[str, ...] | None:
     return names
 
 
+def source_from_options(
+    data: str,
+    label: str | None,
+    features: str | None,
+    eval_data: str | None,
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+) -> SourceSpec:
+    """The data options as a SourceSpec (no test split when --eval-data is the test set)."""
+    return SourceSpec(
+        uri=data,
+        label=label,
+        test_fraction=0.0 if eval_data else test_fraction,
+        val_fraction=val_fraction,
+        seed=seed,
+        features=parse_features(features),
+    )
+
+
 def default_model_name(data: str, model: str) -> str:
     stem = data.rsplit("/", 1)[-1].split("?")[0].split(".")[0].replace(":", "-").replace("_", "-")
     return f"{stem.lower()}-{model}"[:64]
@@ -106,13 +126,8 @@ class TrainRequest:
         bucket_cap_mb: float | None,
     ) -> TrainRequest:
         """`kiln train`'s options (by their Python names), checked, as a request."""
-        source = SourceSpec(
-            uri=data,
-            label=label,
-            test_fraction=0.0 if eval_data else test_fraction,
-            val_fraction=val_fraction,
-            seed=seed,
-            features=parse_features(features),
+        source = source_from_options(
+            data, label, features, eval_data, test_fraction, val_fraction, seed
         )
         cfg = TrainConfig(
             model=model,
@@ -208,13 +223,8 @@ class SweepRequest:
                 f'Got "{val_fraction}" for --val-fraction. A sweep ranks trials on validation '
                 "rows: use a value in (0, 1), e.g. 0.15."
             )
-        source = SourceSpec(
-            uri=data,
-            label=label,
-            test_fraction=0.0 if eval_data else test_fraction,
-            val_fraction=val_fraction,
-            seed=seed,
-            features=parse_features(features),
+        source = source_from_options(
+            data, label, features, eval_data, test_fraction, val_fraction, seed
         )
         base = TrainConfig(
             model=model,

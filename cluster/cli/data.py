@@ -39,8 +39,8 @@ def data_load(
     """Load a dataset into named, detached ShardStore actors on a cluster."""
     from actors.catalog import NAME_PATTERN
     from actors.shards import load_dataset
-    from actors.sources import SourceSpec, check_source
-    from cluster.requests import parse_features
+    from actors.sources import check_source
+    from cluster.requests import source_from_options
 
     if not NAME_PATTERN.match(name):
         raise KilnError(
@@ -48,14 +48,7 @@ def data_load(
         )
     if shards < 1:
         raise KilnError(f'Got "{shards}" for --shards. --shards must be at least 1.')
-    source = SourceSpec(
-        uri=uri,
-        label=label,
-        test_fraction=test_fraction,
-        val_fraction=val_fraction,
-        seed=seed,
-        features=parse_features(features),
-    )
+    source = source_from_options(uri, label, features, None, test_fraction, val_fraction, seed)
     check_source(source)
     settings = require_cluster(load_settings(address=address), "kiln data load")
     with connected(settings):

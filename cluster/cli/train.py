@@ -17,17 +17,15 @@ from cluster.cli.common import (
     PortOpt,
     StorageOpt,
     app,
-    check_sources,
+    command_request,
     connected,
     console,
     key_values,
     load_settings,
-    options_for,
     output,
     preload,
     require_gpu,
 )
-from training.errors import KilnError
 
 
 @app.command()
@@ -139,21 +137,12 @@ def train(
     storage: StorageOpt = None,
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
-    from cluster.requests import TrainRequest
     from cluster.runtime import registry_for
 
     started = time.perf_counter()
     preload("cluster.pipeline")
     settings = load_settings(address=address, home=home, storage=storage)
-    if resume:
-        from cluster.pipeline import load_run_request
-
-        request = load_run_request(settings, resume)
-    elif data is None:
-        raise KilnError("Give --data URI|NAME (or --resume RUN). See `kiln train --help`.")
-    else:
-        request = TrainRequest.from_options(**options_for(TrainRequest.from_options, locals()))
-    check_sources(request)
+    request = command_request("train", settings, locals())
     minibatch = request.train.resolved_solver == "minibatch"
     bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
     with bar.progress, connected(settings):
@@ -319,21 +308,12 @@ def tune(
     storage: StorageOpt = None,
 ) -> None:
     """Sweep hyperparameters with Ray Tune on resident shards; register the best model."""
-    from cluster.requests import SweepRequest
     from cluster.runtime import registry_for
 
     started = time.perf_counter()
     preload("cluster.tune_pipeline")
     settings = load_settings(address=address, home=home, storage=storage)
-    if resume:
-        from cluster.tune_pipeline import load_sweep_request
-
-        request = load_sweep_request(settings, resume)
-    elif data is None:
-        raise KilnError("Give --data URI|NAME (or --resume SWEEP). See `kiln tune --help`.")
-    else:
-        request = SweepRequest.from_options(**options_for(SweepRequest.from_options, locals()))
-    check_sources(request)
+    request = command_request("tune", settings, locals())
     table = SweepTable(request.sweep.metric, quiet=as_json)
     with table, connected(settings):
         from cluster.tune_pipeline import tune_and_register  # preloaded while Ray started
