@@ -1,4 +1,4 @@
-"""Sweep -> evaluate -> register: the path behind `kiln tune` and `Kiln.tune`.
+"""Sweep -> evaluate -> register: the path behind `kiln tune` (`Kiln.submit_tune` runs it as a job).
 
 Reads as its steps: make the dataset resident once (load it, or attach to a named one), build
 the model spec from its statistics, run the Tune sweep with every trial reading those same
