@@ -123,7 +123,7 @@ def train(
     gpu: Annotated[str, typer.Option(help="auto|on|off")] = "auto",
     cpus_per_worker: Annotated[
         int | None,
-        typer.Option(help="CPUs (and torch threads) per worker; default: its share of the free."),
+        typer.Option(help="CPUs (and torch threads) per worker; default 1, Ray Train's."),
     ] = None,
     grad_accum: Annotated[
         int, typer.Option(help="Micro-batches per optimizer step (one DDP sync per step).")
