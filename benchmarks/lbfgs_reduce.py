@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,12 @@ def ddp_lbfgs(config: dict[str, Any]) -> None:
     optimizer.step(closure)
     solve_s = time.perf_counter() - started
     objective = float(closure())
-    ray.train.report({"solve_s": solve_s, "evaluations": evaluations[0], "objective": objective})
+    found = {"solve_s": solve_s, "evaluations": evaluations[0], "objective": objective}
+    # Ray Train keeps the metrics of the last report that carried a checkpoint (RAY_NOTES).
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "found.json").write_text(json.dumps(found))
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
+        ray.train.report(found, checkpoint=checkpoint)
 
 
 def run_ddp(data: Any, spec: dict[str, Any], l2: float, storage: str) -> dict[str, Any]:
