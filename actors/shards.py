@@ -333,14 +333,24 @@ def load_dataset(
         raise KilnError(
             f'A dataset named "{name}" is already loaded. Drop it first: kiln data drop {name}'
         )
-    # Every split's actors start at once (each is a process that reads the source): loading
-    # them one split after another cost three process start-ups in a row.
-    started = {"train": start_shards(source, "train", num_shards, name, detached)}
-    if source.val_fraction > 0:
-        started["val"] = start_shards(source, "val", num_shards, name, detached)
-    started["test"] = start_shards(source, "test", 1, name, detached)
+    splits = {"train": num_shards, **({"val": num_shards} if source.val_fraction > 0 else {})}
+    splits["test"] = 1
+    # On one node every split's actors start at once (each is a process that reads the source;
+    # one split after another cost three start-ups in a row). On several nodes a split's actors
+    # are placed before the next split starts: started all together, the round-robin's soft
+    # node affinities were overridden while the raylets were busy starting workers, and a
+    # 3-node test found all three train shards on one node.
+    together = len([n for n in ray.nodes() if n["Alive"]]) == 1
+    started: dict[str, list[Any]] = {}
+    sets: dict[str, ShardSet] = {}
     try:
-        sets = {split: gather_shard_set(source, split, h) for split, h in started.items()}
+        for split, count in splits.items():
+            started[split] = start_shards(source, split, count, name, detached)
+            if not together:
+                sets[split] = gather_shard_set(source, split, started[split])
+        for split, handles in started.items():
+            if split not in sets:
+                sets[split] = gather_shard_set(source, split, handles)
     except BaseException:
         for handles in started.values():
             for handle in handles:
