@@ -104,7 +104,7 @@ def first_pydantic_error(exc: ValueError) -> str:
     return str(exc)
 
 
-def preload(module: str) -> threading.Thread:
+def preload(module: str) -> None:
     """Import `module` on a thread while the main one starts Ray (mostly waiting on processes).
 
     `kiln train` imports torch and Ray Train (about 4.6 s) beside `ray.init` (about 5 s) this
@@ -117,9 +117,7 @@ def preload(module: str) -> threading.Thread:
         except Exception:  # the main thread's own import raises it again, with its traceback
             logger.debug("preloading %s failed", module, exc_info=True)
 
-    thread = threading.Thread(target=load, name=f"preload-{module}", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=load, name=f"preload-{module}", daemon=True).start()
 
 
 @contextmanager
