@@ -38,7 +38,7 @@ from actors.shards import (
 )
 from actors.sources import SourceSpec
 from cluster.convex import fit_convex, lbfgs_warning
-from cluster.requests import TrainRequest
+from cluster.requests import TrainRequest, run_record_path
 from cluster.resources import worker_cpus
 from cluster.settings import Settings
 from training.artifacts import model_to_files
@@ -84,25 +84,6 @@ def register_model(
     return ray.get(
         registry.register.remote(name, files, spec, metrics, lineage, request_id=uuid.uuid4().hex)
     )
-
-
-def run_record_path(settings: Settings, run_name: str) -> Path:
-    return settings.kiln_home.expanduser() / "runs" / f"{run_name}.json"
-
-
-def read_saved_request(path: Path, kind: str) -> str:
-    """The JSON of a request saved under KILN_HOME (a run or a sweep), for --resume."""
-    if not path.exists():
-        known = sorted(p.stem for p in path.parent.glob("*.json"))[-5:]
-        raise KilnError(
-            f'Got "{path.stem}" for --resume, which is not a {kind} of this KILN_HOME. '
-            f"Recent {kind}s: {', '.join(known) or 'none'}."
-        )
-    return path.read_text()
-
-
-def load_run_request(settings: Settings, run_name: str) -> TrainRequest:
-    return TrainRequest.from_json(read_saved_request(run_record_path(settings, run_name), "run"))
 
 
 def make_spec(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:

@@ -14,10 +14,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from actors.catalog import validate_name
 from actors.sources import SourceSpec
+from cluster.settings import Settings
 from training.config import TrainConfig
 from training.errors import KilnError
 from tuning.config import SweepConfig
@@ -285,3 +287,34 @@ class SweepRequest:
                 "sweep": SweepConfig(**sweep),
             }
         )
+
+
+# ------------------------------------------------------------- saved for --resume
+
+
+def run_record_path(settings: Settings, run_name: str) -> Path:
+    return settings.kiln_home.expanduser() / "runs" / f"{run_name}.json"
+
+
+def read_saved_request(path: Path, kind: str) -> str:
+    """The JSON of a request saved under KILN_HOME (a run or a sweep), for --resume."""
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.json"))[-5:]
+        raise KilnError(
+            f'Got "{path.stem}" for --resume, which is not a {kind} of this KILN_HOME. '
+            f"Recent {kind}s: {', '.join(known) or 'none'}."
+        )
+    return path.read_text()
+
+
+def load_run_request(settings: Settings, run_name: str) -> TrainRequest:
+    return TrainRequest.from_json(read_saved_request(run_record_path(settings, run_name), "run"))
+
+
+def sweeps_folder(settings: Settings) -> Path:
+    return settings.kiln_home.expanduser() / "sweeps"
+
+
+def load_sweep_request(settings: Settings, sweep_id: str) -> SweepRequest:
+    path = sweeps_folder(settings) / f"{sweep_id}.json"
+    return SweepRequest.from_json(read_saved_request(path, "sweep"))

@@ -35,12 +35,11 @@ from cluster.pipeline import (
     load_best_model,
     load_eval_set,
     make_spec,
-    read_saved_request,
     register_outcome,
     release_data,
     spec_with_stats,
 )
-from cluster.requests import SweepRequest
+from cluster.requests import SweepRequest, sweeps_folder
 from cluster.settings import Settings
 from training.config import TrainConfig
 from training.convergence import minibatch_convergence
@@ -70,17 +69,8 @@ class SweepOutcome:
         return sum(t.epochs for t in self.trials)
 
 
-def sweeps_folder(settings: Settings) -> Path:
-    return settings.kiln_home.expanduser() / "sweeps"
-
-
 def sweep_storage_path(settings: Settings) -> str:
     return f"{settings.storage_uri.rstrip('/')}/sweeps"
-
-
-def load_sweep_request(settings: Settings, sweep_id: str) -> SweepRequest:
-    path = sweeps_folder(settings) / f"{sweep_id}.json"
-    return SweepRequest.from_json(read_saved_request(path, "sweep"))
 
 
 def sweep_data(request: SweepRequest) -> Dataset:

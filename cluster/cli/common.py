@@ -202,31 +202,29 @@ def key_values(title: str) -> Callable[[dict[str, Any]], Table]:
     return table
 
 
-REQUESTS = {
-    # command: (its pipeline module, the loader of a saved request, the request class, --resume's)
-    "train": ("cluster.pipeline", "load_run_request", "TrainRequest", "RUN"),
-    "tune": ("cluster.tune_pipeline", "load_sweep_request", "SweepRequest", "SWEEP"),
-}
-
-
-def command_request(command: str, settings: Settings, values: dict[str, Any]) -> Any:
+def command_request(
+    command: str,
+    settings: Settings,
+    values: dict[str, Any],
+    build: Callable[..., Any],
+    load_saved: Callable[[Settings, str], Any],
+) -> Any:
     """`kiln train`/`tune`'s request: the saved one for --resume, else built from its options.
 
-    `values` are the command's parameters (its `locals()`); `from_options` takes the ones it
-    names. The sources are checked here, so a typo in --data fails before Ray starts.
+    `values` are the command's parameters (its `locals()`); `build` (a request's
+    `from_options`) takes the ones it names. The sources are checked here, so a typo in --data
+    fails before Ray starts.
     """
     from cluster.requests import option_names
 
-    pipeline, loader, request_class, resumed = REQUESTS[command]
     if values["resume"]:
-        load = getattr(importlib.import_module(pipeline), loader)
-        request = load(settings, values["resume"])
+        request = load_saved(settings, values["resume"])
     elif values["data"] is None:
+        resumed = "RUN" if command == "train" else "SWEEP"
         raise KilnError(
             f"Give --data URI|NAME (or --resume {resumed}). See `kiln {command} --help`."
         )
     else:
-        build = getattr(importlib.import_module("cluster.requests"), request_class).from_options
         request = build(**{name: values[name] for name in option_names(build)})
     check_sources(request)
     return request

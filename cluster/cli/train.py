@@ -137,12 +137,15 @@ def train(
     storage: StorageOpt = None,
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
+    from cluster.requests import TrainRequest, load_run_request
     from cluster.runtime import registry_for
 
     started = time.perf_counter()
     preload("cluster.pipeline")
     settings = load_settings(address=address, home=home, storage=storage)
-    request = command_request("train", settings, locals())
+    request = command_request(
+        "train", settings, locals(), TrainRequest.from_options, load_run_request
+    )
     minibatch = request.train.resolved_solver == "minibatch"
     bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
     with bar.progress, connected(settings):
@@ -308,12 +311,15 @@ def tune(
     storage: StorageOpt = None,
 ) -> None:
     """Sweep hyperparameters with Ray Tune on resident shards; register the best model."""
+    from cluster.requests import SweepRequest, load_sweep_request
     from cluster.runtime import registry_for
 
     started = time.perf_counter()
     preload("cluster.tune_pipeline")
     settings = load_settings(address=address, home=home, storage=storage)
-    request = command_request("tune", settings, locals())
+    request = command_request(
+        "tune", settings, locals(), SweepRequest.from_options, load_sweep_request
+    )
     table = SweepTable(request.sweep.metric, quiet=as_json)
     with table, connected(settings):
         from cluster.tune_pipeline import tune_and_register  # preloaded while Ray started

@@ -9,14 +9,13 @@ import pytest
 from actors.shards import load_dataset
 from actors.sources import SourceSpec
 from cluster.pipeline import (
-    TrainRequest,
     evaluate_on,
     fit,
     load_best_model,
-    load_run_request,
     make_spec,
     train_and_register,
 )
+from cluster.requests import TrainRequest, load_run_request
 from training.config import TrainConfig
 
 
