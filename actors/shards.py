@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -20,11 +20,20 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.registry import NAMESPACE
-from actors.sources import SourceSpec, check_source, iter_shard, task_of_labels
-from training.data import batch_features, batches_to_arrays, encode_labels, fetch_shard_batches
+from actors.sources import ColumnPlan, SourceSpec, check_source, open_shard, task_of_labels
+from training.data import (
+    batch_categories,
+    batch_features,
+    batch_inputs,
+    batch_labels,
+    batches_to_arrays,
+    encode_labels,
+    fetch_shard_batches,
+)
 from training.errors import KilnError
 from training.linear import CrossMoments, LooBasis, softmax_sums, squared_sums
 from training.preprocess import feature_moments
+from training.tabular import CATEGORICAL, CategoryCounts, Encoding, InputColumn
 
 logger = logging.getLogger(__name__)
 
@@ -34,33 +43,65 @@ DATASET_PREFIX = "kiln-data"
 
 @dataclass
 class FeatureStats:
-    """Per-feature count, mean and M2 (sum of squared deviations) of one or more shards."""
+    """Per-column moments of the numeric inputs, category counts and label facts of one or
+    more shards, merged exactly whatever the split of rows (Chan's update, per column)."""
 
     count: int
+    """Rows."""
     mean: np.ndarray
+    """Mean of each numeric input over its present values."""
     m2: np.ndarray
+    """Sum of squared deviations of each numeric input's present values."""
     labels: list[Any] = field(default_factory=list)
     task: str = "classification"
     label_mean: float = 0.0
     label_m2: float = 0.0
     """Moments of a regression target (count is the same as the features')."""
+    present: np.ndarray | None = None
+    """Rows where each numeric input is present (None: all `count` of them)."""
+    categories: list[CategoryCounts] = field(default_factory=list)
+    """Per categorical input, in plan order."""
+    plan: ColumnPlan | None = None
+    dropped_rows: int = 0
+    """Rows of the source dropped for a missing label (the source's count, not summed)."""
+
+    @property
+    def present_counts(self) -> np.ndarray:
+        return self.present if self.present is not None else np.full(len(self.mean), self.count)
 
     def merge(self, other: FeatureStats) -> FeatureStats:
         """Chan's parallel update: exact and stable whatever the order of shards."""
+        dropped = max(self.dropped_rows, other.dropped_rows)
         if other.count == 0:
-            return self
+            return replace(self, plan=self.plan or other.plan, dropped_rows=dropped)
         if self.count == 0:
-            return other
+            return replace(other, plan=other.plan or self.plan, dropped_rows=dropped)
         count = self.count + other.count
-        weight = self.count * other.count / count
+        n_a, n_b = self.present_counts, other.present_counts
+        n = n_a + n_b
+        share = np.divide(n_b, n, out=np.zeros(len(n)), where=n > 0)
+        weight = np.divide(n_a * n_b, n, out=np.zeros(len(n)), where=n > 0)
         delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / count)
+        mean = self.mean + delta * share
         m2 = self.m2 + other.m2 + delta**2 * weight
         label_delta = other.label_mean - self.label_mean
         label_mean = self.label_mean + label_delta * (other.count / count)
-        label_m2 = self.label_m2 + other.label_m2 + label_delta**2 * weight
-        labels = sorted(set(self.labels) | set(other.labels))
-        return FeatureStats(count, mean, m2, labels, self.task, label_mean, label_m2)
+        label_m2 = (
+            self.label_m2 + other.label_m2 + label_delta**2 * (self.count * other.count / count)
+        )
+        return FeatureStats(
+            count=count,
+            mean=mean,
+            m2=m2,
+            labels=sorted(set(self.labels) | set(other.labels)),
+            task=self.task,
+            label_mean=label_mean,
+            label_m2=label_m2,
+            present=n,
+            categories=[a.merge(b) for a, b in zip(self.categories, other.categories, strict=True)],
+            plan=self.plan or other.plan,
+            dropped_rows=dropped,
+        )
 
     @property
     def label_std(self) -> float:
@@ -69,8 +110,102 @@ class FeatureStats:
 
     @property
     def std(self) -> np.ndarray:
+        """Std of each numeric input over all rows, missing ones imputed with the mean."""
         std = np.sqrt(self.m2 / max(self.count, 1))
         return np.where(std < MIN_STD, 1.0, std)
+
+    @property
+    def missing(self) -> np.ndarray:
+        """Rows where each numeric input is missing."""
+        return self.count - self.present_counts
+
+    def encoding(self, min_category_count: int = 1) -> Encoding:
+        """The model inputs these rows give: numeric ones imputed with their mean (and a
+        missing-indicator where any was missing), categorical ones with the categories of at
+        least `min_category_count` rows."""
+        assert self.plan is not None, "statistics of a loaded shard carry its column plan"
+        numeric = iter(zip(self.mean.tolist(), self.missing.tolist(), strict=True))
+        categories = iter(self.categories)
+        inputs = []
+        for name, kind, dtype in self.plan.inputs:
+            if kind == CATEGORICAL:
+                counts = next(categories)
+                kept, kept_counts, other = counts.kept(min_category_count)
+                inputs.append(
+                    InputColumn(
+                        name,
+                        kind,
+                        dtype,
+                        categories=kept,
+                        counts=kept_counts,
+                        other_count=other,
+                        missing_count=counts.missing,
+                    )
+                )
+            else:
+                mean, missing = next(numeric)
+                inputs.append(
+                    InputColumn(
+                        name,
+                        kind,
+                        dtype,
+                        impute=float(mean),
+                        indicator=missing > 0,
+                        missing_count=int(missing),
+                    )
+                )
+        return Encoding(tuple(inputs))
+
+    def column_summary(self) -> dict[str, Any]:
+        """What loading made of the table's columns, for the CLI and the lineage."""
+        if self.plan is None:
+            return {}
+        return {
+            "label": self.plan.label,
+            "inputs": {name: kind for name, kind, _ in self.plan.inputs},
+            "ignored": dict(self.plan.ignored),
+            "dropped_rows": self.dropped_rows,
+        }
+
+    def numeric_m2(self) -> dict[str, float]:
+        """Each numeric input's sum of squared deviations, by name."""
+        assert self.plan is not None
+        return dict(zip(self.plan.numeric, self.m2.tolist(), strict=True))
+
+
+def numeric_moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+    """count, per-column mean and M2 over present values, and present counts (None: no NaN)."""
+    count, mean, m2 = feature_moments(x)
+    if not np.isnan(mean).any():  # a NaN anywhere in a column makes its mean NaN: one check
+        return count, mean, m2, None
+    present = (~np.isnan(x)).sum(axis=0)
+    sums = np.nansum(x, axis=0, dtype=np.float64)
+    mean = np.divide(sums, present, out=np.zeros(len(present)), where=present > 0)
+    m2 = np.nansum((np.asarray(x, dtype=np.float64) - mean) ** 2, axis=0)
+    return count, mean, m2, present
+
+
+def batch_stats(batch: pa.RecordBatch, plan: ColumnPlan) -> FeatureStats:
+    """One batch's moments and counts; merged batch by batch, so no float64 copy of the
+    shard."""
+    count, mean, m2, present = numeric_moments(batch_features(batch))
+    y = batch_labels(batch)
+    stats = FeatureStats(
+        count,
+        mean,
+        m2,
+        task=task_of_labels(y),
+        present=present,
+        categories=[category_counts(batch, name) for name in plan.categorical],
+        plan=plan,
+    )
+    if stats.task == "classification":
+        stats.labels = sorted(np.unique(y).tolist())
+    else:
+        y64 = y.astype(np.float64)
+        stats.label_mean = float(y64.mean())
+        stats.label_m2 = float(((y64 - stats.label_mean) ** 2).sum())
+    return stats
 
 
 def release_freed_memory() -> None:
@@ -95,38 +230,47 @@ class ShardStore:
         self._refs: list[ray.ObjectRef] = []
         self._num_rows = self._num_bytes = 0
         self._stats = FeatureStats(0, np.zeros(0), np.zeros(0))
-        self._moments: CrossMoments | None = None
+        self._moments: dict[Encoding | None, CrossMoments] = {}
+        self._error: KilnError | None = None
+        try:
+            self._load(source, split, index, num_shards)
+        except KilnError as exc:
+            # Kept for `ready` to raise: an error in the constructor would kill the actor
+            # and reach the driver as an ActorDiedError with the message buried in it.
+            self._error = exc
+        except pa.ArrowException as exc:
+            self._error = KilnError(f"{source.uri} could not be read: {exc}")
+        logger.info("shard %s/%d of %s: %d rows", split, index, source.uri, self._num_rows)
+
+    def _load(self, source: SourceSpec, split: str, index: int, num_shards: int) -> None:
+        opened = open_shard(source, split, index, num_shards)
+        self._stats = FeatureStats(
+            0,
+            np.zeros(len(opened.plan.numeric)),
+            np.zeros(len(opened.plan.numeric)),
+            categories=[CategoryCounts() for _ in opened.plan.categorical],
+            plan=opened.plan,
+            dropped_rows=opened.dropped_rows,
+        )
         # One batch at a time into the object store, the actor owning each object (they live
         # exactly as long as the shard does): while loading, the actor holds one batch, not a
         # second copy of the shard (measured at 2M x 32: the load peaked at twice the shard).
-        for batch in iter_shard(source, split, index, num_shards):
+        for batch in opened.batches:
             self._num_rows += batch.num_rows
             self._num_bytes += batch.nbytes
-            self._stats = self._stats.merge(self._batch_stats(batch))
+            self._stats = self._stats.merge(batch_stats(batch, opened.plan))
             self._refs.append(ray.put(batch))
             del batch
         # Hand the freed build buffers back to the OS (pyarrow's pool and glibc keep them).
         release_freed_memory()
-        logger.info("shard %s/%d of %s: %d rows", split, index, source.uri, self._num_rows)
-
-    @staticmethod
-    def _batch_stats(batch: pa.RecordBatch) -> FeatureStats:
-        """One batch's moments; merged batch by batch, so no float64 copy of the shard."""
-        count, mean, m2 = feature_moments(batch_features(batch))
-        y = batch.column("label").to_numpy()
-        stats = FeatureStats(count, mean, m2, task=task_of_labels(y))
-        if stats.task == "classification":
-            stats.labels = sorted(np.unique(y).tolist())
-        else:
-            y64 = y.astype(np.float64)
-            stats.label_mean = float(y64.mean())
-            stats.label_m2 = float(((y64 - stats.label_mean) ** 2).sum())
-        return stats
 
     def source_spec(self) -> SourceSpec:
         return self.source
 
     def ready(self) -> int:
+        """Rows of this shard; raises the KilnError that stopped its loading."""
+        if self._error is not None:
+            raise self._error
         return self._num_rows
 
     def num_bytes(self) -> int:
@@ -138,33 +282,46 @@ class ShardStore:
     def feature_stats(self) -> FeatureStats:
         return self._stats
 
-    def linear_moments(self) -> CrossMoments:
-        """Count, means and centred co-moments of (features, label), for the exact solvers:
-        F x F numbers leave the actor, never rows. Computed once, batch by batch."""
-        if self._moments is None:
-            moments = CrossMoments.empty(len(self._stats.mean))
-            for batch in ray.get(self._refs):
-                y = batch.column("label").to_numpy()
-                moments = moments.merge(CrossMoments.from_arrays(batch_features(batch), y))
-            self._moments = moments
-        return self._moments
+    def _features(self, batch: pa.RecordBatch, encoding: Encoding | None) -> np.ndarray:
+        """A batch's encoded features (the stored numbers themselves for a plain table)."""
+        raw = batch_inputs(batch, encoding)
+        return raw if encoding is None else encoding.expand(raw)
 
-    def loo_squared_errors(self, basis: LooBasis) -> np.ndarray:
+    def linear_moments(self, encoding: Encoding | None = None) -> CrossMoments:
+        """Count, means and centred co-moments of (features, label), for the exact solvers:
+        F x F numbers leave the actor, never rows. Computed once per encoding, batch by batch."""
+        if encoding not in self._moments:
+            moments = CrossMoments.empty(
+                encoding.num_features if encoding else len(self._stats.mean)
+            )
+            for batch in ray.get(self._refs):
+                x = self._features(batch, encoding)
+                moments = moments.merge(CrossMoments.from_arrays(x, batch_labels(batch)))
+            self._moments[encoding] = moments
+        return self._moments[encoding]
+
+    def loo_squared_errors(self, basis: LooBasis, encoding: Encoding | None = None) -> np.ndarray:
         """Σ of the ridge path's leave-one-out errors² over this shard's rows, one per λ."""
         total = np.zeros(len(basis.intercepts))
         for batch in ray.get(self._refs):
-            total += basis.squared_errors(batch_features(batch), batch.column("label").to_numpy())
+            x = self._features(batch, encoding)
+            total += basis.squared_errors(x, batch_labels(batch))
         return total
 
     def loss_sums(
-        self, loss: str, a: np.ndarray, c: np.ndarray, classes: list[Any] | None = None
+        self,
+        loss: str,
+        a: np.ndarray,
+        c: np.ndarray,
+        classes: list[Any] | None = None,
+        encoding: Encoding | None = None,
     ) -> tuple[float, np.ndarray, np.ndarray]:
         """Σ loss and its gradient over this shard's rows for raw weights (a, c): one step of
         a full-batch solver (`softmax`: cross-entropy on `classes`; `squared`: ½·Σ residual²)."""
         total, grad_a, grad_c = 0.0, np.zeros_like(a, dtype=np.float64), np.zeros(len(c))
         for batch in ray.get(self._refs):
-            y = batch.column("label").to_numpy()
-            x = batch_features(batch)
+            y = batch_labels(batch)
+            x = self._features(batch, encoding)
             if loss == "softmax":
                 part = softmax_sums(x, encode_labels(y, classes or []), a, c)
             else:
@@ -208,37 +365,57 @@ class ShardSet:
     def num_rows(self) -> int:
         return sum(self.rows_per_shard)
 
-    def read_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """row_ids, features and labels of every shard (for evaluation on small splits)."""
+    def read_arrays(
+        self, encoding: Encoding | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """row_ids, model inputs and labels of every shard (for evaluation on small splits)."""
         batches = [b for h in self.handles for b in fetch_shard_batches(h)]
-        return batches_to_arrays(batches)
+        return batches_to_arrays(batches, encoding)
 
     def release(self) -> None:
         for handle in self.handles:
             ray.kill(handle)
 
 
-def reduce_linear_moments(handles: list[Any]) -> CrossMoments:
+def category_counts(batch: pa.RecordBatch, name: str) -> CategoryCounts:
+    """Rows per category of one categorical input of a batch, from its dictionary."""
+    dictionary, indices = batch_categories(batch, name)
+    counts = np.bincount(indices[indices >= 0], minlength=len(dictionary))
+    return CategoryCounts(
+        {str(key): int(n) for key, n in zip(dictionary, counts.tolist(), strict=True) if n},
+        int((indices < 0).sum()),
+    )
+
+
+def reduce_linear_moments(handles: list[Any], encoding: Encoding | None = None) -> CrossMoments:
     """The moments of every row of these shards: one F x F reduce over the actors."""
-    parts = ray.get([h.linear_moments.remote() for h in handles])
+    parts = ray.get([h.linear_moments.remote(encoding) for h in handles])
     moments = parts[0]
     for part in parts[1:]:
         moments = moments.merge(part)
     return moments
 
 
-def reduce_loo_errors(handles: list[Any], basis: LooBasis) -> np.ndarray:
+def reduce_loo_errors(
+    handles: list[Any], basis: LooBasis, encoding: Encoding | None = None
+) -> np.ndarray:
     """Leave-one-out errors² of a ridge path summed over every row of these shards."""
     basis_ref = ray.put(basis)
-    return np.sum(ray.get([h.loo_squared_errors.remote(basis_ref) for h in handles]), axis=0)
+    parts = [h.loo_squared_errors.remote(basis_ref, encoding) for h in handles]
+    return np.sum(ray.get(parts), axis=0)
 
 
 def reduce_loss_sums(
-    handles: list[Any], loss: str, a: np.ndarray, c: np.ndarray, classes: list[Any] | None
+    handles: list[Any],
+    loss: str,
+    a: np.ndarray,
+    c: np.ndarray,
+    classes: list[Any] | None,
+    encoding: Encoding | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Σ loss and gradient over every row of these shards, each actor summing its own."""
     a_ref, c_ref = ray.put(a), ray.put(c)
-    parts = ray.get([h.loss_sums.remote(loss, a_ref, c_ref, classes) for h in handles])
+    parts = ray.get([h.loss_sums.remote(loss, a_ref, c_ref, classes, encoding) for h in handles])
     return (
         sum(p[0] for p in parts),
         np.sum([p[1] for p in parts], axis=0),
@@ -345,7 +522,12 @@ def reach_nodes(node_ids: list[str], timeout_s: float = 60.0) -> None:
 
 def gather_shard_set(source: SourceSpec, split: str, handles: list[Any]) -> ShardSet:
     """Wait for the actors and reduce their statistics into one ShardSet."""
-    rows = ray.get([h.ready.remote() for h in handles])
+    try:
+        rows = ray.get([h.ready.remote() for h in handles])
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, KilnError):  # a bad table, said once, without Ray's wrapping
+            raise KilnError(str(exc.cause)) from None
+        raise
     stats = FeatureStats(0, np.zeros(0), np.zeros(0))
     for part in ray.get([h.feature_stats.remote() for h in handles]):
         stats = stats.merge(part)

@@ -15,15 +15,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from training.data import make_batch
 from training.errors import KilnError
+from training.tabular import CATEGORICAL, NUMERIC, canonical
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pads
@@ -38,6 +40,7 @@ FILE_FORMATS = {
     ".feather": "ipc",
     ".ipc": "ipc",
 }
+MISSING_MODES = ("impute", "error")
 SYNTHETIC_BLOCK_ROWS = 65_536
 BATCH_ROWS = 65_536
 
@@ -52,7 +55,14 @@ class SourceSpec:
     label: str | None = None
     """Label column; default `label`, `target`, or the last column."""
     features: tuple[str, ...] | None = None
-    """Feature columns; default every numeric column but the label."""
+    """Feature columns; default every usable column but the label (`plan_columns`)."""
+    categorical: tuple[str, ...] | None = None
+    """Columns read as categories whatever their type (low-cardinality integers)."""
+    missing: str = "impute"
+    """impute: missing feature values are imputed and rows without a label dropped;
+    error: refuse a table with any missing value."""
+    min_category_count: int = 1
+    """Categories with fewer training rows than this share the "other" slot."""
     test_fraction: float = 0.2
     """Share of rows held out as the test split."""
     val_fraction: float = 0.0
@@ -62,8 +72,11 @@ class SourceSpec:
     @classmethod
     def from_dict(cls, raw: dict) -> SourceSpec:
         """From its JSON form (where `features` became a list)."""
-        features = raw.get("features")
-        return cls(**{**raw, "features": tuple(features) if features is not None else None})
+
+        def names(key: str) -> tuple[str, ...] | None:
+            return tuple(raw[key]) if raw.get(key) is not None else None
+
+        return cls(**{**raw, "features": names("features"), "categorical": names("categorical")})
 
     def __post_init__(self) -> None:
         for option, value in (
@@ -72,6 +85,14 @@ class SourceSpec:
         ):
             if not 0.0 <= value < 1.0:
                 raise KilnError(f'Got "{value}" for {option}. Use a value in [0, 1).')
+        if self.missing not in MISSING_MODES:
+            raise KilnError(
+                f'Got "{self.missing}" for --missing. Choose one of: {", ".join(MISSING_MODES)}.'
+            )
+        if self.min_category_count < 1:
+            raise KilnError(
+                f'Got "{self.min_category_count}" for --min-category-count. Use 1 or more.'
+            )
 
 
 @dataclass(frozen=True)
@@ -224,8 +245,14 @@ def open_file_dataset(uri: str) -> pads.Dataset:
         raise KilnError(
             f'Got "{uri}" for --data, whose format is unknown. Use .parquet, .csv or .arrow files.'
         )
+    file_format: Any = fmt
+    if fmt == "csv":  # an empty cell is a missing value in every column, strings included
+        import pyarrow.csv as pacsv
+
+        convert = pacsv.ConvertOptions(strings_can_be_null=True)
+        file_format = pads.CsvFileFormat(convert_options=convert)
     try:
-        return pads.dataset(path, filesystem=filesystem, format=fmt)
+        return pads.dataset(path, filesystem=filesystem, format=file_format)
     except (pa.ArrowInvalid, OSError) as exc:
         raise KilnError(f'Got "{uri}" for --data, which is not valid {fmt}: {exc}.') from exc
 
@@ -240,57 +267,256 @@ def load_file_table(uri: str) -> pa.Table:
     return table
 
 
-def choose_columns(table: pa.Table, spec: SourceSpec) -> tuple[list[str], str]:
-    names = table.column_names
+@dataclass(frozen=True)
+class ColumnPlan:
+    """What each column of a table is for, decided once when the dataset loads.
+
+    `inputs` are (name, kind, type) in table order, kind numeric or categorical; `ignored` are
+    (name, reason) for the columns left out, which the CLI lists in one line.
+    """
+
+    label: str
+    label_type: str
+    inputs: tuple[tuple[str, str, str], ...]
+    ignored: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.inputs]
+
+    @property
+    def numeric(self) -> list[str]:
+        return [name for name, kind, _ in self.inputs if kind == NUMERIC]
+
+    @property
+    def categorical(self) -> list[str]:
+        return [name for name, kind, _ in self.inputs if kind == CATEGORICAL]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": {"name": self.label, "type": self.label_type},
+            "inputs": [{"name": n, "kind": k, "type": t} for n, k, t in self.inputs],
+            "ignored": [{"name": n, "reason": r} for n, r in self.ignored],
+        }
+
+
+def ignored_line(ignored: list[tuple[str, str]]) -> str | None:
+    """`ignored: id (unique per row); say --features to include`, or None."""
+    if not ignored:
+        return None
+    listed = ", ".join(f"{name} ({reason})" for name, reason in ignored)
+    return f"ignored: {listed}; say --features to include"
+
+
+def _type_name(dtype: pa.DataType) -> str:
+    if pa.types.is_dictionary(dtype):
+        return _type_name(dtype.value_type)
+    if pa.types.is_large_string(dtype):
+        return "string"
+    return str(dtype)
+
+
+def _is_numeric(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_decimal(dtype)
+
+
+def _is_categorical(dtype: pa.DataType) -> bool:
+    if pa.types.is_dictionary(dtype):
+        return _is_categorical(dtype.value_type) or _is_numeric(dtype.value_type)
+    return (
+        pa.types.is_boolean(dtype) or pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+    )
+
+
+def choose_label(names: list[str], spec: SourceSpec) -> str:
     label = spec.label or next((n for n in ("label", "target") if n in names), names[-1])
     if label not in names:
         raise KilnError(
             f'Got "{label}" for --label, which is not a column of {spec.uri}. '
             f"Columns: {', '.join(names)}."
         )
-    if spec.features:
-        missing = [f for f in spec.features if f not in names]
+    return label
+
+
+def plan_columns(schema: pa.Schema, spec: SourceSpec, table: pa.Table | None = None) -> ColumnPlan:
+    """Classify every column: the label, numeric and categorical inputs, and the rest ignored.
+
+    By type: integers, floats and decimals are numeric; strings, booleans and dictionary-encoded
+    columns categorical; `--categorical` makes any named column categorical (low-cardinality
+    integers). With the whole `table`, columns the user did not name are also left out when
+    they cannot help: every value missing, or one value per row (an id: every string distinct,
+    or integers all distinct that count up or are named like an id).
+    """
+    names = schema.names
+    label = choose_label(names, spec)
+    named = list(spec.features) if spec.features else None
+    categorical = set(spec.categorical or ())
+    for option, given in (("--features", named or []), ("--categorical", sorted(categorical))):
+        missing = [f for f in given if f not in names]
         if missing:
             raise KilnError(
-                f'Got "{missing[0]}" in --features, which is not a column of {spec.uri}. '
+                f'Got "{missing[0]}" in {option}, which is not a column of {spec.uri}. '
                 f"Columns: {', '.join(names)}."
             )
-        features = list(spec.features)
-        bad = [f for f in features if not _is_numeric(table.schema.field(f).type)]
-        if bad:
+    if named and label in named:
+        raise KilnError(f'Got "{label}" in --features, but it is the label. Leave it out.')
+    if named and categorical - set(named):
+        extra = sorted(categorical - set(named))[0]
+        raise KilnError(
+            f'Got "{extra}" in --categorical, which is not in --features. Add it to --features.'
+        )
+    if label in categorical:
+        raise KilnError(
+            f'Got "{label}" in --categorical, but it is the label; integer and string labels '
+            "are classes already."
+        )
+    inputs: list[tuple[str, str, str]] = []
+    ignored: list[tuple[str, str]] = []
+    for name in named or [n for n in names if n != label]:
+        dtype = schema.field(name).type
+        kind = (
+            CATEGORICAL
+            if name in categorical or _is_categorical(dtype)
+            else NUMERIC
+            if _is_numeric(dtype)
+            else None
+        )
+        reason = unusable_reason(table, name, kind, dtype) if named is None else None
+        if kind is None and named is not None:
             raise KilnError(
-                f'Feature column "{bad[0]}" of {spec.uri} is {table.schema.field(bad[0]).type}, '
-                "not numeric. Choose numeric columns with --features."
+                f'Column "{name}" of {spec.uri} is {dtype}, which Kiln cannot read as a feature. '
+                "Choose numeric, string or boolean columns with --features."
             )
-    else:
-        features = [n for n in names if n != label and _is_numeric(table.schema.field(n).type)]
-        if not features:
-            raise KilnError(
-                f"{spec.uri} has no numeric feature columns besides the label {label!r}. "
-                "Choose them with --features."
-            )
-    return features, label
+        if kind is None or reason is not None:
+            ignored.append((name, reason or f"type {dtype}"))
+            continue
+        inputs.append((name, kind, _type_name(dtype)))
+    if not inputs:
+        raise KilnError(
+            f"{spec.uri} has no usable feature columns besides the label {label!r}"
+            + (f" ({ignored_line(ignored)})" if ignored else "")
+            + ". Choose them with --features."
+        )
+    return ColumnPlan(label, _type_name(schema.field(label).type), tuple(inputs), tuple(ignored))
 
 
-def _is_numeric(dtype: pa.DataType) -> bool:
-    return pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+ID_MIN_ROWS = 20
+"""Below this many rows a column of distinct values may just be a small table: kept."""
 
 
-def table_arrays(table: pa.Table, spec: SourceSpec) -> tuple[np.ndarray, np.ndarray]:
-    features, label = choose_columns(table, spec)
-    x = np.column_stack(
-        [table.column(f).to_numpy(zero_copy_only=False).astype(np.float32) for f in features]
+def unusable_reason(
+    table: pa.Table | None, name: str, kind: str | None, dtype: pa.DataType
+) -> str | None:
+    """Why a column the user did not name is left out, from its values; None keeps it."""
+    if table is None or kind is None:
+        return None
+    column = table.column(name)
+    if column.null_count == len(column):
+        return "all missing"
+    is_string = pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+    if (
+        len(column) < ID_MIN_ROWS
+        or column.null_count
+        or not (is_string or pa.types.is_integer(dtype))
+    ):
+        return None
+    distinct = pc.count_distinct(column).as_py()
+    if distinct < len(column):
+        return None
+    if is_string:
+        return "unique per row"
+    if pa.types.is_integer(dtype):
+        low, high = pc.min_max(column).values()
+        counts_up = high.as_py() - low.as_py() + 1 == distinct
+        if counts_up or looks_like_id(name):
+            return "unique per row"
+    return None
+
+
+def looks_like_id(name: str) -> bool:
+    """`id`, `customer_id`, `order-id`, `customerId`, `userID`."""
+    return (
+        name.lower() == "id"
+        or name.lower().endswith(("_id", "-id", " id"))
+        or name.endswith(("Id", "ID"))
     )
-    if np.isnan(x).any():
-        raise KilnError(
-            f"{spec.uri} has missing or NaN feature values. Clean or impute them first."
-        )
-    y = table.column(label).to_numpy(zero_copy_only=False)
-    if y.dtype.kind == "f" and np.isnan(y).any():
-        raise KilnError(
-            f"{spec.uri} has missing labels in column {label!r}. Drop those rows first."
-        )
-    return x, y
+
+
+@dataclass
+class TableColumns:
+    """A table's rows as shards store them: labelled rows only."""
+
+    plan: ColumnPlan
+    row_ids: np.ndarray
+    """Each kept row's position in the table."""
+    numeric: np.ndarray
+    """(N, numeric inputs) float32, NaN where missing."""
+    categorical: list[pa.Array]
+    """One canonical-string array per categorical input, null where missing."""
+    labels: np.ndarray
+    dropped_rows: int
+    """Rows left out because their label was missing."""
+
+
+def table_columns(table: pa.Table, spec: SourceSpec) -> TableColumns:
+    """The plan's columns of a whole table; rows without a label are dropped (and counted)."""
+    plan = plan_columns(table.schema, spec, table)
+    label = table.column(plan.label)
+    if _is_numeric(label.type):
+        missing_label = label.is_null(nan_is_null=True)
+    elif pa.types.is_string(label.type) or pa.types.is_large_string(label.type):
+        missing_label = pc.or_kleene(label.is_null(), pc.equal(label, "")).fill_null(True)
+    else:
+        missing_label = label.is_null()
+    dropped = pc.sum(missing_label).as_py() or 0
+    if dropped and spec.missing == "error":
+        raise missing_error(spec, plan.label, dropped)
+    row_ids = np.arange(table.num_rows)
+    if dropped:
+        row_ids = row_ids[~missing_label.to_numpy(zero_copy_only=False)]
+        table = table.filter(pc.invert(missing_label))
+    numeric = np.empty((table.num_rows, len(plan.numeric)), dtype=np.float32)
+    for j, name in enumerate(plan.numeric):
+        values = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+        numeric[:, j] = values
+        if spec.missing == "error" and np.isnan(numeric[:, j]).any():
+            raise missing_error(spec, name, int(np.isnan(numeric[:, j]).sum()))
+    categorical = [canonical_strings(table.column(name)) for name in plan.categorical]
+    if spec.missing == "error":
+        for name, values in zip(plan.categorical, categorical, strict=True):
+            if values.null_count:
+                raise missing_error(spec, name, values.null_count)
+    labels = label_values(table.column(plan.label))
+    return TableColumns(plan, row_ids, numeric, categorical, labels, dropped)
+
+
+def missing_error(spec: SourceSpec, column: str, count: int) -> KilnError:
+    return KilnError(
+        f'Column "{column}" of {spec.uri} has {count} missing values and --missing is error. '
+        "Use --missing impute (the default) or fill them in."
+    )
+
+
+def canonical_strings(column: pa.ChunkedArray) -> pa.Array:
+    """A column as canonical category strings (training.tabular.canonical), null where missing."""
+    values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    if pa.types.is_boolean(values.type):
+        return pc.if_else(values, "true", "false").cast(pa.string())
+    if pa.types.is_integer(values.type) or pa.types.is_string(values.type):
+        values = values.cast(pa.string())
+        return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+    return pa.array([canonical(v) for v in values.to_pylist()], pa.string())
+
+
+def label_values(column: pa.ChunkedArray) -> np.ndarray:
+    """Labels as numpy: numbers as they are, strings as an object array of str."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if pa.types.is_large_string(column.type):
+        column = column.cast(pa.string())
+    return column.to_numpy(zero_copy_only=False)
 
 
 def task_of_labels(y: np.ndarray) -> str:
@@ -383,26 +609,57 @@ def iter_shard(
     spec: SourceSpec, split: str, index: int, num_shards: int
 ) -> Iterator[pa.RecordBatch]:
     """The same batches one at a time, so a reader can store each before the next is made."""
+    return open_shard(spec, split, index, num_shards).batches
+
+
+@dataclass
+class ShardSource:
+    """One shard of one split: the source's column plan and the shard's batches, made lazily."""
+
+    plan: ColumnPlan
+    dropped_rows: int
+    """Rows of the whole source dropped for a missing label."""
+    batches: Iterator[pa.RecordBatch]
+
+
+def synthetic_plan(synthetic: SyntheticSpec) -> ColumnPlan:
+    label_type = "int64" if synthetic.kind == "classification" else "float"
+    inputs = tuple((f"x{i}", NUMERIC, "float") for i in range(synthetic.features))
+    return ColumnPlan("label", label_type, inputs)
+
+
+def open_shard(spec: SourceSpec, split: str, index: int, num_shards: int) -> ShardSource:
+    """Plan the columns, split the labelled rows and slice out shard `index` of `split`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     if spec.uri.startswith("synthetic:"):
         synthetic = parse_synthetic(spec.uri)
         lo, hi = synthetic_split_range(spec, synthetic.rows, split)
         start, stop = shard_bounds(hi - lo, num_shards, index)
-        for s in range(start, stop, BATCH_ROWS):
-            yield synthetic_rows(synthetic, lo + s, lo + min(s + BATCH_ROWS, stop))
-        return
+        made = (
+            synthetic_rows(synthetic, lo + s, lo + min(s + BATCH_ROWS, stop))
+            for s in range(start, stop, BATCH_ROWS)
+        )
+        return ShardSource(synthetic_plan(synthetic), 0, made)
     if spec.uri.startswith("sklearn:"):
         table = load_sklearn(spec.uri.split(":", 1)[1])
     else:
         table = load_file_table(spec.uri)
-    x, y = table_arrays(table, spec)
-    rows = split_rows(y, spec, split)
+    columns = table_columns(table, spec)
+    del table
+    rows = split_rows(columns.labels, spec, split)
     start, stop = shard_bounds(len(rows), num_shards, index)
-    mine = rows[start:stop]
+    return ShardSource(columns.plan, columns.dropped_rows, shard_batches(columns, rows[start:stop]))
+
+
+def shard_batches(columns: TableColumns, mine: np.ndarray) -> Iterator[pa.RecordBatch]:
+    names = columns.plan.categorical
     for s in range(0, len(mine), BATCH_ROWS):
         part = mine[s : s + BATCH_ROWS]
-        yield make_batch(part, x[part], y[part])
+        categorical = {n: c.take(part) for n, c in zip(names, columns.categorical, strict=True)}
+        yield make_batch(
+            columns.row_ids[part], columns.numeric[part], columns.labels[part], categorical
+        )
 
 
 def check_source(spec: SourceSpec) -> None:
@@ -420,4 +677,4 @@ def check_source(spec: SourceSpec) -> None:
             raise KilnError(
                 f'Got "{spec.uri}" for --data, which holds no rows. Give a non-empty dataset.'
             )
-        choose_columns(head, spec)
+        plan_columns(head.schema, spec)

@@ -36,6 +36,7 @@ from training.linear import (
     standard_system,
 )
 from training.models import KilnModel, linear_model, num_outputs
+from training.tabular import Encoding
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def handles_of(shard_sets: list[ShardSet]) -> list[Any]:
 
 def fit_exact(cfg: TrainConfig, spec: dict[str, Any], shard_sets: list[ShardSet]) -> ConvexFit:
     """Ridge (λ ≥ 0) from the statistics of every row of `shard_sets`."""
-    moments = reduce_linear_moments(handles_of(shard_sets))
+    moments = reduce_linear_moments(handles_of(shard_sets), Encoding.from_spec(spec))
     system = standard_system(moments, scaling_of(spec))
     w, b = solve_ridge(system, cfg.penalty)
     return ConvexFit(
@@ -93,9 +94,10 @@ def fit_full_batch(
     classify = spec["task"] == "classification"
     classes = spec.get("classes") if classify else None
     loss = "softmax" if classify else "squared"
+    encoding = Encoding.from_spec(spec)
 
     def loss_sums(a: np.ndarray, c: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        return reduce_loss_sums(handles, loss, a, c, classes)
+        return reduce_loss_sums(handles, loss, a, c, classes, encoding)
 
     rows = sum(s.num_rows for s in shard_sets)
     found = fit_lbfgs(
@@ -137,8 +139,8 @@ def lbfgs_warning(fit: ConvexFit, cfg: TrainConfig) -> str | None:
     )
 
 
-def path_moments(shard_sets: list[ShardSet]) -> CrossMoments:
-    return reduce_linear_moments(handles_of(shard_sets))
+def path_moments(shard_sets: list[ShardSet], spec: dict[str, Any]) -> CrossMoments:
+    return reduce_linear_moments(handles_of(shard_sets), Encoding.from_spec(spec))
 
 
 def ridge_path_of(moments: CrossMoments, spec: dict[str, Any]) -> RidgePath:

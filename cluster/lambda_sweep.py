@@ -33,6 +33,7 @@ from cluster.convex import (
 from cluster.pipeline import make_spec, spec_with_stats
 from training.config import TrainConfig
 from training.linear import raw_weights
+from training.tabular import Encoding
 from tuning.space import LogRange
 from tuning.tuner import TrialSummary
 
@@ -55,10 +56,11 @@ def ridge_path_trials(
     """Every λ scored by GCV on train + validation rows; returns (rows, spec, best model fit)."""
     sets = [s for s in (data.train, data.val) if s is not None]
     stats = data.train.stats.merge(data.val.stats) if data.val is not None else data.train.stats
-    spec = spec_with_stats(make_spec(cfg, data.train), stats)
-    path = ridge_path_of(path_moments(sets), spec)
+    spec = make_spec(cfg, data.train, stats)
+    path = ridge_path_of(path_moments(sets, spec), spec)
     values = path_values(l2, RIDGE_PATH_POINTS)
-    loo = reduce_loo_errors(handles_of(sets), path.loo_basis(scaling_of(spec), values))
+    basis = path.loo_basis(scaling_of(spec), values)
+    loo = reduce_loo_errors(handles_of(sets), basis, Encoding.from_spec(spec))
     rows = path.system.count
     trials = []
     for i, value in enumerate(values):
@@ -83,7 +85,9 @@ def logistic_path_trials(
         fit, found = fit_full_batch(cfg, spec, [data.train], l2=value, init=init)
         init = (found.weight, found.bias)
         a, c = raw_weights(found.weight, found.bias, scaling)
-        loss, _, _ = reduce_loss_sums(val_handles, "softmax", a, c, spec["classes"])
+        loss, _, _ = reduce_loss_sums(
+            val_handles, "softmax", a, c, spec["classes"], Encoding.from_spec(spec)
+        )
         val_loss = loss / data.val.num_rows
         trials.append(
             path_trial(

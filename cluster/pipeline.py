@@ -36,7 +36,6 @@ from actors.shards import (
     load_shards,
     looks_like_dataset_name,
 )
-from actors.sources import SourceSpec
 from cluster.convex import fit_convex, lbfgs_warning
 from cluster.requests import TrainRequest, run_record_path
 from cluster.resources import worker_cpus
@@ -50,6 +49,7 @@ from training.errors import KilnError
 from training.evaluate import evaluate_model
 from training.loop import train_func
 from training.models import KilnModel, build_model, set_standardization, validate_spec
+from training.tabular import Encoding, feature_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class TrainOutcome:
     """One line for the user when an iterative run stopped before converging."""
     iterations: int = 0
     """L-BFGS iterations (0 for the other solvers)."""
+    columns: dict[str, Any] = field(default_factory=dict)
+    """What loading made of the table's columns (`FeatureStats.column_summary`)."""
 
 
 def register_model(
@@ -86,14 +88,23 @@ def register_model(
     )
 
 
-def make_spec(cfg: TrainConfig, shards: ShardSet) -> dict[str, Any]:
-    stats = shards.stats
+def make_spec(
+    cfg: TrainConfig, shards: ShardSet, stats: FeatureStats | None = None
+) -> dict[str, Any]:
+    """The model's spec from the reduce over its training shards (`stats`, default the
+    shards' own): inputs and their encoding, standardisation, classes or target scale."""
+    stats = stats or shards.stats
+    assert stats.plan is not None
+    encoding = stats.encoding(shards.source.min_category_count)
+    mean, std = feature_scaling(encoding, stats.count, stats.numeric_m2())
     spec: dict[str, Any] = {
         "kind": cfg.model,
         "task": stats.task,
-        "num_features": int(stats.mean.shape[0]),
-        "mean": stats.mean.astype(float).tolist(),
-        "std": stats.std.astype(float).tolist(),
+        "num_features": encoding.num_features,
+        "inputs": encoding.to_list(),
+        "label": {"name": stats.plan.label, "type": stats.plan.label_type},
+        "mean": mean.tolist(),
+        "std": std.tolist(),
     }
     if cfg.model == "mlp":
         spec["hidden"] = list(cfg.hidden)
@@ -241,7 +252,7 @@ def resident_data(request: TrainRequest) -> Dataset:
 
 
 def evaluate_on(model: KilnModel, spec: dict[str, Any], test: ShardSet) -> dict[str, Any]:
-    _, x_test, y_test = test.read_arrays()
+    _, x_test, y_test = test.read_arrays(Encoding.from_spec(spec))
     if len(x_test) == 0:
         raise KilnError("the test split is empty; use a --test-fraction above 0 or --eval-data")
     classify = spec["task"] == "classification"
@@ -255,11 +266,21 @@ def evaluate_on(model: KilnModel, spec: dict[str, Any], test: ShardSet) -> dict[
     return evaluate_model(model, spec, x_test, labels)
 
 
-def load_eval_set(eval_data: str | None, source: SourceSpec) -> ShardSet | None:
-    """All of `--eval-data`, read with the training data's label and feature columns."""
+def load_eval_set(eval_data: str | None, train: ShardSet) -> ShardSet | None:
+    """All of `--eval-data`, read with the training data's label and input columns."""
     if not eval_data:
         return None
-    eval_source = SourceSpec(uri=eval_data, label=source.label, features=source.features)
+    plan = train.stats.plan
+    assert plan is not None
+    eval_source = replace(
+        train.source,
+        uri=eval_data,
+        label=plan.label,
+        features=tuple(plan.names),
+        categorical=tuple(plan.categorical),
+        test_fraction=0.0,
+        val_fraction=0.0,
+    )
     return load_shards(eval_source, "all", 1)
 
 
@@ -316,7 +337,7 @@ def solve_convex(cfg: TrainConfig, data: Dataset) -> Trained:
     """Exact or L-BFGS on every non-test row (no early stopping needs validation rows)."""
     sets = [s for s in (data.train, data.val) if s is not None]
     stats = data.train.stats.merge(data.val.stats) if data.val is not None else data.train.stats
-    spec = spec_with_stats(make_spec(cfg, data.train), stats)
+    spec = make_spec(cfg, data.train, stats)
     fit = fit_convex(cfg, spec, sets)
     return Trained(
         model=fit.model,
@@ -332,12 +353,19 @@ def solve_convex(cfg: TrainConfig, data: Dataset) -> Trained:
 
 
 def spec_with_stats(spec: dict[str, Any], stats: FeatureStats) -> dict[str, Any]:
-    """The spec with standardisation statistics from `stats` (as make_spec computes them)."""
-    found = {
-        **spec,
-        "mean": stats.mean.astype(float).tolist(),
-        "std": stats.std.astype(float).tolist(),
-    }
+    """The spec with imputation and standardisation from `stats` (as make_spec computes them)
+    and the same inputs: the categories, and so the model's shape, stay those of the spec."""
+    encoding = Encoding.from_spec(spec)
+    assert encoding is not None, "specs made by make_spec record their inputs"
+    means = dict(zip(stats.plan.numeric if stats.plan else [], stats.mean.tolist(), strict=True))
+    encoding = Encoding(
+        tuple(
+            replace(column, impute=means[column.name]) if column.name in means else column
+            for column in encoding.inputs
+        )
+    )
+    mean, std = feature_scaling(encoding, stats.count, stats.numeric_m2())
+    found = {**spec, "inputs": encoding.to_list(), "mean": mean.tolist(), "std": std.tolist()}
     if spec["task"] == "regression":
         found.update(target_mean=stats.label_mean, target_std=stats.label_std)
     return found
@@ -359,7 +387,11 @@ def register_outcome(
     solver, the run or sweep, the rows it trained on (train, or train + validation).
     """
     source = data.train.source
+    plan = data.train.stats.plan
     lineage = {
+        "schema": {**plan.to_dict(), "dropped_rows": data.train.stats.dropped_rows}
+        if plan
+        else None,
         "dataset_uri": source.uri,
         "dataset_sha256": ray.get(data_hash(data)),
         "code_version": code_version(),
@@ -412,7 +444,7 @@ def train_and_register(
     step("loading shards")
     data = resident_data(request)
     data_hash(data)  # hashing reads the whole source once: it runs beside the fit
-    eval_set = load_eval_set(request.eval_data, request.source)
+    eval_set = load_eval_set(request.eval_data, data.train)
     try:
         if cfg.resolved_solver == "minibatch":
             cfg = cfg.planned(math.ceil(data.train.num_rows / cfg.workers))
@@ -463,6 +495,7 @@ def train_and_register(
         final_rel_loss_change=trained.final_rel_loss_change,
         warning=trained.warning,
         iterations=trained.iterations,
+        columns=data.train.stats.column_summary(),
     )
 
 

@@ -40,13 +40,13 @@ def parse_hidden(hidden: str) -> list[int]:
         ) from exc
 
 
-def parse_features(features: str | None) -> tuple[str, ...] | None:
-    """`--features a,b` -> ("a", "b"); None keeps every numeric column but the label."""
+def parse_features(features: str | None, option: str = "--features") -> tuple[str, ...] | None:
+    """`--features a,b` -> ("a", "b"); None keeps every usable column but the label."""
     if features is None:
         return None
     names = tuple(f.strip() for f in features.split(",") if f.strip())
     if not names:
-        raise KilnError(f'Got "{features}" for --features. Give column names, e.g. age,bmi.')
+        raise KilnError(f'Got "{features}" for {option}. Give column names, e.g. age,city.')
     return names
 
 
@@ -58,6 +58,9 @@ def source_from_options(
     test_fraction: float,
     val_fraction: float,
     seed: int,
+    categorical: str | None = None,
+    missing: str = "impute",
+    min_category_count: int = 1,
 ) -> SourceSpec:
     """The data options as a SourceSpec (no test split when --eval-data is the test set)."""
     return SourceSpec(
@@ -67,6 +70,9 @@ def source_from_options(
         val_fraction=val_fraction,
         seed=seed,
         features=parse_features(features),
+        categorical=parse_features(categorical, "--categorical"),
+        missing=missing,
+        min_category_count=min_category_count,
     )
 
 
@@ -105,6 +111,9 @@ class TrainRequest:
         model: str,
         label: str | None,
         features: str | None,
+        categorical: str | None,
+        missing: str,
+        min_category_count: int,
         workers: int,
         epochs: int | None,
         batch_size: int,
@@ -129,7 +138,16 @@ class TrainRequest:
     ) -> TrainRequest:
         """`kiln train`'s options (by their Python names), checked, as a request."""
         source = source_from_options(
-            data, label, features, eval_data, test_fraction, val_fraction, seed
+            data,
+            label,
+            features,
+            eval_data,
+            test_fraction,
+            val_fraction,
+            seed,
+            categorical,
+            missing,
+            min_category_count,
         )
         cfg = TrainConfig(
             model=model,
@@ -195,6 +213,9 @@ class SweepRequest:
         model: str,
         label: str | None,
         features: str | None,
+        categorical: str | None,
+        missing: str,
+        min_category_count: int,
         eval_data: str | None,
         trials: int,
         scheduler: str,
@@ -226,7 +247,16 @@ class SweepRequest:
                 "rows: use a value in (0, 1), e.g. 0.15."
             )
         source = source_from_options(
-            data, label, features, eval_data, test_fraction, val_fraction, seed
+            data,
+            label,
+            features,
+            eval_data,
+            test_fraction,
+            val_fraction,
+            seed,
+            categorical,
+            missing,
+            min_category_count,
         )
         base = TrainConfig(
             model=model,

@@ -125,7 +125,7 @@ def tune_and_register(
     step("loading shards")
     data = sweep_data(request)
     data_hash(data)  # hashing reads the whole source once: it runs beside the sweep
-    eval_set = load_eval_set(request.eval_data, request.source)
+    eval_set = load_eval_set(request.eval_data, data.train)
     try:
         if request.train.resolved_solver == "minibatch":
             found = run_trials(settings, request, data, resume, on_result, step)

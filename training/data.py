@@ -1,8 +1,11 @@
 """The in-memory layout of a shard and its conversion to numpy.
 
-A shard is a list of Arrow record batches with three columns: `row_id` (int64, the row's
-position in the source, for coverage checks), `features` (fixed_size_list<float32>[F], so a
-batch's features are one contiguous buffer) and `label`. Reading features back is zero-copy.
+A shard is a list of Arrow record batches: `row_id` (int64, the row's position in the source,
+for coverage checks), `features` (fixed_size_list<float32>[F] of the numeric inputs, NaN where
+missing, so a batch's numbers are one contiguous buffer), one `cat:<name>` column per
+categorical input (dictionary-encoded canonical strings, null where missing) and `label`.
+Reading the numbers back is zero-copy; a table with categorical inputs builds each batch's
+model inputs (`batch_inputs`) once per reader.
 
 No torch here: the ShardStore actors import this module, and every megabyte a shard's process
 imports is paid once per shard for as long as the dataset stays resident.
@@ -14,21 +17,69 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
+
+from training.tabular import NUMERIC, Encoding
 
 ROW_ID = "row_id"
 FEATURES = "features"
 LABEL = "label"
+CATEGORY_PREFIX = "cat:"
 
 
-def make_batch(row_ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> pa.RecordBatch:
-    """Pack rows into the shard layout; x is (N, F) float32."""
+def make_batch(
+    row_ids: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    categorical: dict[str, pa.Array] | None = None,
+) -> pa.RecordBatch:
+    """Pack rows into the shard layout; x is (N, F) float32 (the numeric inputs), and each
+    categorical input a canonical-string array (stored dictionary-encoded)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     num_features = x.shape[1]
     features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), num_features)
-    return pa.RecordBatch.from_arrays(
-        [pa.array(row_ids, pa.int64()), features, pa.array(y)], names=[ROW_ID, FEATURES, LABEL]
-    )
+    arrays = [pa.array(row_ids, pa.int64()), features]
+    names = [ROW_ID, FEATURES]
+    for name, values in (categorical or {}).items():
+        arrays.append(pc.dictionary_encode(values))
+        names.append(CATEGORY_PREFIX + name)
+    arrays.append(pa.array(y))
+    names.append(LABEL)
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def batch_labels(batch: pa.RecordBatch) -> np.ndarray:
+    """A batch's labels: numbers without a copy, strings as an object array."""
+    return batch.column(LABEL).to_numpy(zero_copy_only=False)
+
+
+def batch_categories(batch: pa.RecordBatch, name: str) -> tuple[list[str | None], np.ndarray]:
+    """(dictionary, indices) of a categorical input; index -1 where the value is missing."""
+    column = batch.column(CATEGORY_PREFIX + name)
+    indices = column.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return column.dictionary.to_pylist(), indices
+
+
+def batch_inputs(batch: pa.RecordBatch, encoding: Encoding | None) -> np.ndarray:
+    """A batch's raw model inputs (N, num_inputs): the numeric features as they are stored
+    (a zero-copy view) when every input is numeric, else numbers and category slots in the
+    encoding's (table) order."""
+    numbers = batch_features(batch)
+    if encoding is None or encoding.all_numeric:
+        return numbers
+    out = np.empty((batch.num_rows, encoding.num_inputs), dtype=np.float32)
+    numeric_at = 0
+    for position, column in enumerate(encoding.inputs):
+        if column.kind == NUMERIC:
+            out[:, position] = numbers[:, numeric_at]
+            numeric_at += 1
+            continue
+        dictionary, indices = batch_categories(batch, column.name)
+        # One slot per dictionary entry, then a gather; the last entry is the missing slot.
+        slots = np.append(encoding.dictionary_slots(position, dictionary), column.missing_slot)
+        out[:, position] = slots[indices]
+    return out
 
 
 def batch_features(batch: pa.RecordBatch) -> np.ndarray:
@@ -39,15 +90,19 @@ def batch_features(batch: pa.RecordBatch) -> np.ndarray:
     return flat.reshape(-1, num_features)
 
 
-def batches_to_arrays(batches: list[pa.RecordBatch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """row_ids (N,), features (N, F) and labels (N,) of a list of shard batches."""
+def batches_to_arrays(
+    batches: list[pa.RecordBatch], encoding: Encoding | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """row_ids (N,), model inputs (N, R) and labels (N,) of a list of shard batches
+    (R: the numeric features without an encoding)."""
     if not batches:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0)
+        width = encoding.num_inputs if encoding is not None else 0
+        return np.zeros(0, np.int64), np.zeros((0, width), np.float32), np.zeros(0)
     row_ids = np.concatenate([b.column(ROW_ID).to_numpy() for b in batches])
-    labels = np.concatenate([b.column(LABEL).to_numpy() for b in batches])
+    labels = np.concatenate([batch_labels(b) for b in batches])
     if len(batches) == 1:
-        return row_ids, batch_features(batches[0]), labels
-    return row_ids, np.concatenate([batch_features(b) for b in batches]), labels
+        return row_ids, batch_inputs(batches[0], encoding), labels
+    return row_ids, np.concatenate([batch_inputs(b, encoding) for b in batches]), labels
 
 
 def encode_labels(labels: np.ndarray, classes: list) -> np.ndarray:

@@ -35,14 +35,16 @@ from training.checkpoints import (
 )
 from training.config import TrainConfig
 from training.data import (
-    batch_features,
+    batch_inputs,
+    batch_labels,
     batches_to_arrays,
     encode_labels,
     fetch_shard_batches,
 )
 from training.losses import objective
 from training.metrics import metrics_from_confusion, regression_metrics_from_sums
-from training.models import build_model, set_standardization
+from training.models import build_model, num_inputs, set_standardization
+from training.tabular import Encoding
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -113,20 +115,23 @@ def read_worker_shards(
     `zero_copy` keeps features and labels as RowChunks views over the shared batches instead
     of private arrays (one copy per reader): what concurrent Tune trials on one node want.
     Labels that are already class indices 0..K-1 stay views too; others are encoded per batch.
+    Inputs of a table with categorical columns are built per batch (numbers and slots), so
+    each reader holds its own copy of those.
     """
+    encoding = Encoding.from_spec(spec)
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     for handle in shards[rank::world_size]:
         batches = fetch_shard_batches(handle)
         if zero_copy:
-            xs.extend(batch_features(b) for b in batches)
-            ys.extend(b.column("label").to_numpy() for b in batches)
+            xs.extend(batch_inputs(b, encoding) for b in batches)
+            ys.extend(batch_labels(b) for b in batches)
             continue
-        _, x_part, y_part = batches_to_arrays(batches)
+        _, x_part, y_part = batches_to_arrays(batches, encoding)
         xs.append(x_part)
         ys.append(y_part)
     if not xs:
-        return np.zeros((0, spec["num_features"]), np.float32), np.zeros(0)
+        return np.zeros((0, num_inputs(spec)), np.float32), np.zeros(0)
     if zero_copy:
         return RowChunks(xs), RowChunks([label_targets(y, spec) for y in ys])
     x = np.concatenate(xs) if len(xs) > 1 else xs[0]

@@ -14,6 +14,7 @@ from torch import nn
 
 from training.config import MODEL_KINDS
 from training.errors import KilnError
+from training.tabular import Encoding
 
 REGRESSION_KINDS = ("linear", "ridge")
 
@@ -31,6 +32,56 @@ class Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, F)
         return (x - self.mean) / self.std
+
+
+class Encode(nn.Module):
+    """Raw inputs (numeric values with NaN for missing, categorical slots) -> features: the
+    torch twin of `training.tabular.Encoding.expand`, placed by the same index arrays.
+
+    Its buffers are not saved with the weights: they come from the spec (`inputs`), which is
+    checksummed with them. Without inputs (a model trained before they were recorded) it is
+    the identity.
+    """
+
+    numeric_raw: torch.Tensor
+    numeric_dest: torch.Tensor
+    indicator_raw: torch.Tensor
+    indicator_dest: torch.Tensor
+    categorical_raw: torch.Tensor
+    categorical_offset: torch.Tensor
+    impute: torch.Tensor
+
+    def __init__(self, encoding: Encoding | None) -> None:
+        super().__init__()
+        self.identity = encoding is None
+        self.numeric_only = encoding is None or encoding.is_identity
+        if encoding is None:
+            return
+        layout = encoding.layout
+        self.num_features = layout.num_features
+        for name in (
+            "numeric_raw",
+            "numeric_dest",
+            "indicator_raw",
+            "indicator_dest",
+            "categorical_raw",
+            "categorical_offset",
+        ):
+            self.register_buffer(name, torch.from_numpy(getattr(layout, name)), persistent=False)
+        self.register_buffer("impute", torch.from_numpy(layout.impute), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, R) -> (B, F)
+        if self.identity:
+            return x
+        if self.numeric_only:
+            # Training rows of such a model hold no NaN (it would have an indicator): skip.
+            return x if self.training else torch.where(torch.isnan(x), self.impute, x)
+        out = x.new_zeros((x.shape[0], self.num_features))
+        numeric = x[:, self.numeric_raw]
+        out[:, self.numeric_dest] = torch.where(torch.isnan(numeric), self.impute, numeric)
+        out[:, self.indicator_dest] = torch.isnan(x[:, self.indicator_raw]).to(x.dtype)
+        slots = x[:, self.categorical_raw].long() + self.categorical_offset  # (B, C)
+        return out.scatter(1, slots, 1.0)
 
 
 class SmallCNN(nn.Module):
@@ -61,19 +112,23 @@ class KilnModel(nn.Module):
     optimisation well conditioned whatever the target's units.
     """
 
+    encode: Encode
     standardize: Standardize
     target_mean: torch.Tensor
     target_std: torch.Tensor
 
-    def __init__(self, num_features: int, body: nn.Module) -> None:
+    def __init__(
+        self, num_features: int, body: nn.Module, encoding: Encoding | None = None
+    ) -> None:
         super().__init__()
+        self.encode = Encode(encoding)
         self.standardize = Standardize(num_features)
         self.body = body
         self.register_buffer("target_mean", torch.zeros(1))
         self.register_buffer("target_std", torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.standardize(x)) * self.target_std + self.target_mean
+        return self.body(self.standardize(self.encode(x))) * self.target_std + self.target_mean
 
 
 def validate_spec(spec: dict[str, Any]) -> None:
@@ -88,6 +143,17 @@ def validate_spec(spec: dict[str, Any]) -> None:
     if spec.get("task") == "regression" and kind in ("logistic", "cnn"):
         raise KilnError(
             f'Got "{kind}" for --model on a regression dataset. Use linear, ridge or mlp.'
+        )
+    encoding = Encoding.from_spec(spec)
+    if kind == "cnn" and encoding is not None and not encoding.all_numeric:
+        raise KilnError(
+            "--model cnn reads square images of numeric pixels; this table has categorical "
+            "columns. Use mlp or logistic, or choose numeric columns with --features."
+        )
+    if encoding is not None and encoding.num_features != spec["num_features"]:
+        raise KilnError(
+            f"the spec's inputs encode to {encoding.num_features} features, not "
+            f"{spec['num_features']}"
         )
     if kind == "cnn" and math.isqrt(spec["num_features"]) ** 2 != spec["num_features"]:
         raise KilnError(
@@ -120,7 +186,13 @@ def build_body(spec: dict[str, Any]) -> nn.Module:
 def build_model(spec: dict[str, Any]) -> KilnModel:
     """Build an untrained model from its spec (weights come from safetensors)."""
     validate_spec(spec)
-    return KilnModel(spec["num_features"], build_body(spec))
+    return KilnModel(spec["num_features"], build_body(spec), Encoding.from_spec(spec))
+
+
+def num_inputs(spec: dict[str, Any]) -> int:
+    """Raw values per row the model takes (its features, for a model without inputs)."""
+    inputs = spec.get("inputs")
+    return len(inputs) if inputs else int(spec["num_features"])
 
 
 def set_standardization(model: KilnModel, spec: dict[str, Any]) -> None:

@@ -45,6 +45,7 @@ from training.loop import (
     validation_sums,
 )
 from training.models import build_model, set_standardization
+from training.tabular import Encoding
 from tuning.space import decode_l2
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def cached_shard_rows(shards: list[Any], spec: dict[str, Any]) -> tuple[Any, Any
         tuple(h._actor_id.hex() for h in shards),
         spec["task"],
         tuple(spec.get("classes", ())),
+        Encoding.from_spec(spec),  # category slots depend on the model's categories
     )
     if key not in _SHARD_ROWS:
         if len(_SHARD_ROWS) >= 4:  # a sweep reads two sets (train, val); forget older sweeps'

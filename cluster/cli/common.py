@@ -55,6 +55,27 @@ StorageOpt = Annotated[
 HostOpt = Annotated[str | None, typer.Option("--host", help="HTTP host (KILN_HTTP_HOST).")]
 PortOpt = Annotated[int | None, typer.Option("--port", help="HTTP port (KILN_HTTP_PORT).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+LabelOpt = Annotated[
+    str | None, typer.Option(help="Label column (default: label, target or the last).")
+]
+FeaturesOpt = Annotated[
+    str | None,
+    typer.Option(help="Feature columns, comma-separated (default: every usable column)."),
+]
+CategoricalOpt = Annotated[
+    str | None,
+    typer.Option(help="Columns to read as categories, e.g. integer codes; comma-separated."),
+]
+MissingOpt = Annotated[
+    str,
+    typer.Option(
+        help="impute: missing feature values get the training mean (numeric, plus an "
+        "indicator) or their own category, rows without a label are dropped; error: refuse."
+    ),
+]
+MinCategoryCountOpt = Annotated[
+    int, typer.Option(help="Categories with fewer training rows share the 'other' slot.")
+]
 JobsAddressOpt = Annotated[
     str | None,
     typer.Option(
@@ -188,6 +209,20 @@ def output(value: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
         print(shown, flush=True)
     else:
         Console().print(shown)
+
+
+def print_column_notes(summary: dict[str, Any]) -> None:
+    """The lines a user must not miss: columns left out, rows dropped."""
+    from actors.sources import ignored_line
+
+    line = ignored_line(list((summary.get("ignored") or {}).items()))
+    if line:
+        console.print(line, markup=False)
+    if summary.get("dropped_rows"):
+        console.print(
+            f"dropped {summary['dropped_rows']} rows with no {summary['label']} (missing label)",
+            markup=False,
+        )
 
 
 def key_values(title: str) -> Callable[[dict[str, Any]], Table]:

@@ -9,13 +9,18 @@ from rich.table import Table
 
 from cluster.cli.common import (
     AddressOpt,
+    CategoricalOpt,
+    FeaturesOpt,
     JsonOpt,
+    LabelOpt,
+    MissingOpt,
     connected,
     console,
     data_app,
     key_values,
     load_settings,
     output,
+    print_column_notes,
     require_cluster,
 )
 from training.errors import KilnError
@@ -28,8 +33,10 @@ def data_load(
     ],
     name: Annotated[str, typer.Option(help="Name to train from later: kiln train --data NAME.")],
     shards: Annotated[int, typer.Option(help="ShardStore actors (spread over the nodes).")] = 2,
-    label: Annotated[str | None, typer.Option(help="Label column.")] = None,
-    features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
+    label: LabelOpt = None,
+    features: FeaturesOpt = None,
+    categorical: CategoricalOpt = None,
+    missing: MissingOpt = "impute",
     test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
     val_fraction: Annotated[float, typer.Option(help="Validation share of the rest.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
@@ -48,7 +55,9 @@ def data_load(
         )
     if shards < 1:
         raise KilnError(f'Got "{shards}" for --shards. --shards must be at least 1.')
-    source = source_from_options(uri, label, features, None, test_fraction, val_fraction, seed)
+    source = source_from_options(
+        uri, label, features, None, test_fraction, val_fraction, seed, categorical, missing
+    )
     check_source(source)
     settings = require_cluster(load_settings(address=address), "kiln data load")
     with connected(settings):
@@ -58,7 +67,10 @@ def data_load(
             "uri": uri,
             "shards": shards,
             "rows": {s.split: s.num_rows for s in dataset.splits},
+            **dataset.train.stats.column_summary(),
         }
+    if not as_json:
+        print_column_notes(result)
     output(result, as_json, key_values(f"kiln data load: {name}"))
 
 

@@ -10,10 +10,15 @@ from rich.table import Table
 
 from cluster.cli.common import (
     AddressOpt,
+    CategoricalOpt,
     EpochProgress,
+    FeaturesOpt,
     HomeOpt,
     HostOpt,
     JsonOpt,
+    LabelOpt,
+    MinCategoryCountOpt,
+    MissingOpt,
     PortOpt,
     StorageOpt,
     app,
@@ -24,6 +29,7 @@ from cluster.cli.common import (
     load_settings,
     output,
     preload,
+    print_column_notes,
     require_gpu,
 )
 
@@ -68,8 +74,11 @@ def train(
         ),
     ] = None,
     model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
-    label: Annotated[str | None, typer.Option(help="Label column.")] = None,
-    features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
+    label: LabelOpt = None,
+    features: FeaturesOpt = None,
+    categorical: CategoricalOpt = None,
+    missing: MissingOpt = "impute",
+    min_category_count: MinCategoryCountOpt = 1,
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
     epochs: Annotated[
         int | None,
@@ -157,6 +166,8 @@ def train(
         bar.step("shutting down")
     if outcome.warning:
         console.print(f"kiln: warning: {outcome.warning}")
+    if not as_json:
+        print_column_notes(outcome.columns)
     output(
         {
             "model": outcome.record.name,
@@ -169,6 +180,7 @@ def train(
             "iterations": outcome.iterations,
             "num_workers": outcome.num_workers,
             "run": outcome.run_name,
+            "columns": outcome.columns,
             "elapsed_s": time.perf_counter() - started,
             "timings_s": bar.timings(),
         },
@@ -237,8 +249,11 @@ def tune(
         typer.Option(help="Dataset URI or a dataset name from `kiln data load`."),
     ] = None,
     model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
-    label: Annotated[str | None, typer.Option(help="Label column.")] = None,
-    features: Annotated[str | None, typer.Option(help="Feature columns, comma-separated.")] = None,
+    label: LabelOpt = None,
+    features: FeaturesOpt = None,
+    categorical: CategoricalOpt = None,
+    missing: MissingOpt = "impute",
+    min_category_count: MinCategoryCountOpt = 1,
     eval_data: Annotated[
         str | None, typer.Option(help="Evaluate the best model on this dataset URI.")
     ] = None,

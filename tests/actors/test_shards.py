@@ -119,3 +119,53 @@ def test_a_shard_process_imports_neither_torch_nor_scipy_nor_sklearn():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert found == "[]"
+
+
+def test_categorical_columns_survive_a_killed_shard_with_every_row_once(ray_local, tmp_path):
+    from actors.sources import load_file_table
+    from tests.tables import customers, write_csv
+    from training.data import batch_categories, fetch_shard_batches
+
+    path = write_csv(customers(3000, seed=7, missing=0.1), tmp_path / "holes.csv")
+    source = SourceSpec(uri=str(path), test_fraction=0.0)
+    shards = load_shards(source, "train", 3)
+    try:
+        before = shards.stats
+        victim = shards.handles[2]
+        stale = {r.hex() for r in ray.get(victim.batch_refs.remote())}
+        ray.kill(victim, no_restart=False)
+
+        def reloaded() -> bool:
+            try:
+                refs = ray.get(victim.batch_refs.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return False
+            return {r.hex() for r in refs}.isdisjoint(stale)
+
+        assert wait_for(reloaded, timeout_s=180)
+        batches = [b for h in shards.handles for b in fetch_shard_batches(h)]
+        row_ids = np.concatenate([b.column("row_id").to_numpy() for b in batches])
+        table = load_file_table(str(path))
+        labelled = np.flatnonzero(table.column("churn").is_valid().to_numpy(zero_copy_only=False))
+        assert np.array_equal(np.sort(row_ids), labelled)  # every labelled row exactly once
+        cities = table.column("city").to_pylist()
+        for batch in batches:
+            dictionary, indices = batch_categories(batch, "city")
+            stored = [dictionary[i] if i >= 0 else None for i in indices.tolist()]
+            expected = [cities[i] for i in batch.column("row_id").to_pylist()]
+            assert stored == expected
+        again = load_shards(source, "train", 3)  # the reduce after a reload is the same
+        assert again.stats.categories == before.categories
+        np.testing.assert_allclose(again.stats.mean, before.mean)
+        again.release()
+    finally:
+        shards.release()
+
+
+def test_a_bad_table_fails_with_its_own_message_not_an_actor_death(ray_local, tmp_path):
+    from tests.tables import customers, write_csv
+    from training.errors import KilnError
+
+    path = write_csv(customers(300, seed=8, missing=0.1), tmp_path / "holes.csv")
+    with pytest.raises(KilnError, match=r'^Column "churn" of .* missing values and --missing'):
+        load_shards(SourceSpec(uri=str(path), missing="error"), "train", 2)

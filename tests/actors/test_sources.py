@@ -73,7 +73,7 @@ def test_parquet_and_csv_files_with_chosen_columns(tmp_path):
     for path in ("d.parquet", "d.csv"):
         spec = SourceSpec(uri=str(tmp_path / path), label="y", test_fraction=0.0)
         ids, x, y = batches_to_arrays(read_shard(spec, "train", 0, 1))
-        assert x.shape == (5, 2)  # "name" is not numeric, so it is not a default feature
+        assert x.shape == (5, 2)  # the numeric inputs; "name" is stored as a category column
         np.testing.assert_array_equal(x[:, 0], [1, 2, 3, 4, 5])
         np.testing.assert_array_equal(y, [0, 1, 0, 1, 0])
 
@@ -84,13 +84,15 @@ def test_parquet_and_csv_files_with_chosen_columns(tmp_path):
         ("missing.parquet", {}, "does not exist"),
         ("d.parquet", {"label": "nope"}, 'Got "nope" for --label'),
         ("d.parquet", {"features": ("a", "zz")}, 'Got "zz" in --features'),
-        ("d.parquet", {"features": ("a", "name")}, "not numeric"),
+        ("d.parquet", {"features": ("a", "when")}, "cannot read as a feature"),
         ("empty.parquet", {}, "holds no rows"),
         ("d.txt", {}, "format is unknown"),
     ],
 )
 def test_bad_file_sources_give_one_clear_error(tmp_path, uri_name, kwargs, message):
-    table = pa.table({"a": [1.0, 2.0], "name": ["p", "q"], "y": [0, 1]})
+    table = pa.table(
+        {"a": [1.0, 2.0], "name": ["p", "q"], "when": pa.array([0, 1], pa.date32()), "y": [0, 1]}
+    )
     pq.write_table(table, tmp_path / "d.parquet")
     pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
     (tmp_path / "d.txt").write_text("hello")
