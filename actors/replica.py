@@ -18,6 +18,8 @@ from actors.catalog import VersionRecord
 from actors.registry import read_verified_files
 from training.artifacts import model_from_files
 from training.evaluate import outputs_to_predictions, predict_outputs, softmax
+from training.models import num_inputs
+from training.tabular import Encoding
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +39,25 @@ class ModelReplica:
     def __init__(self, record: VersionRecord, storage_uri: str, gpu: str = "auto") -> None:
         files = read_verified_files(storage_uri, record)
         model, self.spec = model_from_files(files)
+        self.encoding = Encoding.from_spec(self.spec)
+        """How the model's table columns become its features; None for a model trained before
+        inputs were recorded (it takes rows of num_features numbers)."""
+        self.num_inputs = num_inputs(self.spec)
+        """Raw values per row the model takes: one per input column (NaN for a missing value,
+        a categorical column's slot), or its num_features for a model without inputs."""
         self.device = pick_device(gpu)
         self.model = model.to(self.device)
         self.record = record
         self.small_forward_s = 0.0
         """Moving average of the seconds a forward pass of a few rows takes (serving uses it
         to run cheap passes inline and costly ones on a worker thread)."""
-        self.forward(np.zeros((1, self.num_features), dtype=np.float32))  # warm-up, first time
+        # Warm-up, the first pass is slow. Zeros are valid raw inputs: slot 0 of a categorical.
+        self.forward(np.zeros((1, self.num_inputs), dtype=np.float32))
         logger.info("loaded %s on %s", record.ref, self.device)
 
     @property
     def num_features(self) -> int:
+        """Encoded features the network sees (num_inputs for a model without inputs)."""
         return int(self.spec["num_features"])
 
     @property
@@ -55,7 +65,7 @@ class ModelReplica:
         return self.spec["task"] == "classification"
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Raw outputs (N, K) for x of shape (N, num_features)."""
+        """Raw outputs (N, K) for raw inputs x of shape (N, num_inputs) (see `encoding`)."""
         started = time.perf_counter()
         out = predict_outputs(self.model, x, self.device)
         if len(x) <= SMALL_ROWS:
@@ -66,7 +76,7 @@ class ModelReplica:
         return out
 
     def predict(self, x: np.ndarray, probabilities: bool = False) -> dict[str, Any]:
-        """x is (N, num_features) float32; returns predictions (class labels or values)."""
+        """x is (N, num_inputs) float32; returns predictions (class labels or values)."""
         return self.format(self.forward(x), probabilities)
 
     def format(self, outputs: np.ndarray, probabilities: bool = False) -> dict[str, Any]:

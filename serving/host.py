@@ -18,15 +18,18 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
 from actors.catalog import VersionRecord
 from actors.keys import KeyCheck
 from actors.replica import SMALL_ROWS, ModelReplica
+from serving.inputs import rows_to_inputs
 from serving.ratelimit import RateLimiter
 from serving.routing import Router
-from serving.schemas import ModelInfo, PredictRequest, RequestError, ServeArgs
+from serving.schemas import InputInfo, ModelInfo, PredictRequest, RequestError, ServeArgs
 from training.errors import KilnError
+from training.tabular import CATEGORICAL
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class BatchItem:
     """One request's rows on their way through the batch queue."""
 
     model_key: str
-    x: np.ndarray  # (N, F) float32
+    x: np.ndarray  # (N, num_inputs) float32
 
 
 def runs_inline(replica: ModelReplica, rows: int) -> bool:
@@ -57,26 +60,76 @@ def runs_inline(replica: ModelReplica, rows: int) -> bool:
 
 
 def parse_rows(body: PredictRequest, replica: ModelReplica, max_instances: int) -> np.ndarray:
-    """The instances as an (N, F) float32 array, or a 422 that names the expected shape."""
-    num_features = replica.num_features
-    if not body.instances:
-        raise RequestError(422, f"instances is empty; send shape [N, {num_features}] with N >= 1")
-    if len(body.instances) > max_instances:
+    """The instances as raw inputs (N, num_inputs) float32, or a 422 that says what to send.
+
+    A model trained on a table (`replica.encoding`) takes objects of values by input name or
+    rows of values in input order; a model without inputs takes rows of num_features numbers.
+    """
+    instances = body.instances
+    width = replica.num_inputs
+    if not instances and replica.encoding is not None:
         raise RequestError(
-            422, f"got {len(body.instances)} instances; at most {max_instances} per request"
+            422,
+            "instances is empty; send one or more objects of values by input name (the "
+            f"model's metadata lists its inputs) or rows of {width} values",
         )
-    for i, row in enumerate(body.instances):
-        if len(row) != num_features:
-            raise RequestError(
-                422,
-                f"instances must have shape [N, {num_features}]; "
-                f"instance {i} has {len(row)} values",
-            )
-    x = np.asarray(body.instances, dtype=np.float32)
+    if not instances:
+        raise RequestError(422, f"instances is empty; send shape [N, {width}] with N >= 1")
+    if len(instances) > max_instances:
+        raise RequestError(
+            422, f"got {len(instances)} instances; at most {max_instances} per request"
+        )
+    if replica.encoding is not None:
+        return rows_to_inputs(replica.encoding, instances)
+    return numeric_rows(instances, width)
+
+
+_NUMBER_ROWS = TypeAdapter(list[list[float]])
+"""How V1 read the rows of a model without inputs before instances could be objects."""
+
+
+def numeric_rows(instances: list[Any], num_features: int) -> np.ndarray:
+    """Rows of num_features finite numbers (a model without inputs) as (N, F) float32."""
+    x = _number_array(instances, num_features)
+    if x is None:
+        for i, row in enumerate(instances):
+            if not isinstance(row, list):
+                raise RequestError(
+                    422,
+                    f"instance {i} is not a list; this model takes rows of {num_features} "
+                    f"numbers (instances of shape [N, {num_features}])",
+                )
+        try:
+            rows = _NUMBER_ROWS.validate_python(instances)
+        except ValidationError as exc:  # as the list[list[float]] schema answered
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in ("instances", *first["loc"]))
+            raise RequestError(422, f"{where}: {first['msg']}") from exc
+        for i, row in enumerate(rows):
+            if len(row) != num_features:
+                raise RequestError(
+                    422,
+                    f"instances must have shape [N, {num_features}]; "
+                    f"instance {i} has {len(row)} values",
+                )
+        x = np.asarray(rows, dtype=np.float32)
     if not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x))[0][0])
         raise RequestError(422, f"instance {bad} holds NaN or Inf; send finite numbers only")
     return x
+
+
+def _number_array(instances: list[Any], num_features: int) -> np.ndarray | None:
+    """Rows of plain numbers of the right length in one numpy conversion (the common case);
+    None for anything else, which `numeric_rows` reads value by value to say what is wrong.
+    (Converting to float32 at once is faster still, but reads strings and None as numbers.)"""
+    try:
+        array = np.asarray(instances)
+    except (ValueError, TypeError, OverflowError):  # ragged rows, say
+        return None
+    if array.dtype.kind not in "fi" or array.shape != (len(instances), num_features):
+        return None
+    return array.astype(np.float32)
 
 
 def resolve_served(registry: Any, args: ServeArgs, loaded: dict[str, ModelReplica]) -> Served:
@@ -105,6 +158,21 @@ def resolve_served(registry: Any, args: ServeArgs, loaded: dict[str, ModelReplic
         router.add(record.ref, "canary", default=False)
         router.split(name, record.ref, canary.weight)
     return Served(replicas, router)
+
+
+def input_infos(replica: ModelReplica) -> list[InputInfo] | None:
+    """What V1 metadata says about a model's inputs (None for a model without inputs)."""
+    if replica.encoding is None:
+        return None
+    return [
+        InputInfo(
+            name=c.name,
+            kind=c.kind,  # type: ignore[arg-type]
+            type=c.type,
+            categories=list(c.categories) if c.kind == CATEGORICAL else None,
+        )
+        for c in replica.encoding.inputs
+    ]
 
 
 class ModelHost:
@@ -137,7 +205,7 @@ class ModelHost:
     def check_health(self) -> None:
         """Raises unless every loaded model can run a forward pass."""
         for replica in self.served.replicas.values():
-            replica.forward(np.zeros((1, replica.num_features), dtype=np.float32))
+            replica.forward(np.zeros((1, replica.num_inputs), dtype=np.float32))
 
     async def verify_key(self, secret: str) -> KeyCheck:
         """The registry's verdict on an API key; 503 while the registry cannot answer."""
@@ -168,6 +236,8 @@ class ModelHost:
             kind=spec["kind"],
             num_features=spec["num_features"],
             classes=spec.get("classes"),
+            inputs=input_infos(replica),
+            label=spec.get("label"),
             metrics={k: v for k, v in record.metrics.items() if k != "history"},
             aliases=self.served.router.aliases_of(key),
         )

@@ -4,15 +4,37 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, WithJsonSchema
+
+INSTANCES_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "items": {
+        "anyOf": [
+            {
+                "type": "array",
+                "items": {"type": ["number", "string", "boolean", "null"]},
+                "description": "A row: one value per model input, in the model's order.",
+            },
+            {
+                "type": "object",
+                "additionalProperties": {"type": ["number", "string", "boolean", "null"]},
+                "description": "Values by input name; a name left out is a missing value.",
+            },
+        ]
+    },
+    "description": "Rows of input values, or objects of them by input name (a model trained "
+    "on a table: see its `inputs`). A model without `inputs` takes rows of num_features numbers.",
+}
 
 
 class PredictRequest(BaseModel):
-    """TF-Serving / KServe V1 row format."""
+    """TF-Serving / KServe V1 row format: rows of values, or objects of values by input name."""
 
-    instances: list[list[float]] = Field(
-        description="Rows of features, each a list of num_features numbers."
-    )
+    # Checked against the model's inputs by serving.host.parse_rows (its errors name the input
+    # and the fix); typing the values here would cost more than the conversion that follows
+    # (validating 64 rows of 64 floats: 80 us as list[list[float]], 150 us as the union the
+    # schema documents, 3 us as list[Any]).
+    instances: Annotated[list[Any], WithJsonSchema(INSTANCES_SCHEMA)]
     return_: Literal["predictions", "probabilities"] = Field(
         "predictions", alias="return", description="Ask a classifier for class probabilities too."
     )
@@ -26,6 +48,20 @@ class PredictResponse(BaseModel):
     ids: list[str] = Field(description="One id per prediction, to attach feedback later.")
 
 
+class InputInfo(BaseModel):
+    """One input column of a model trained on a table."""
+
+    name: str
+    kind: Literal["numeric", "categorical"]
+    type: str = Field(description="The column's type in the training table (int64, string, ...).")
+    categories: list[str] | None = Field(
+        None,
+        description="Categorical: the categories kept in training, sorted, as strings (true/"
+        "false for booleans); any other value counts as other, null or an empty string as "
+        "missing.",
+    )
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int
@@ -33,6 +69,12 @@ class ModelInfo(BaseModel):
     kind: str
     num_features: int
     classes: list[Any] | None = None
+    inputs: list[InputInfo] | None = Field(
+        None,
+        description="The model's inputs in order (null for a model that takes num_features "
+        "numbers per row).",
+    )
+    label: dict[str, Any] | None = Field(None, description="The label column: name and type.")
     metrics: dict[str, Any]
     aliases: list[str]
 
@@ -69,7 +111,7 @@ class V2Ready(BaseModel):
 
 class V2TensorMetadata(BaseModel):
     name: str
-    datatype: Literal["FP32", "FP64", "INT64", "BYTES"]
+    datatype: Literal["FP32", "FP64", "INT64", "BYTES", "BOOL"]
     shape: list[int] = Field(description="-1 for a dimension of any size.")
 
 
@@ -88,9 +130,13 @@ class V2ModelReady(BaseModel):
 
 class V2InferInput(BaseModel):
     name: str = Field(description="The model's input name (see its metadata).")
-    shape: list[int] = Field(description="[N, F]: N rows of the model's F features.")
-    datatype: Literal["FP32", "FP64", "INT64", "INT32", "FP16"] = Field(
-        description="Any of these is read and converted to FP32 (serving/v2.py DTYPES)."
+    shape: list[int] = Field(
+        description="[N, F] for `features`, N rows of the model's F inputs; [N] or [N, 1] for "
+        "one input by name (a model trained on a table, see its metadata)."
+    )
+    datatype: Literal["FP32", "FP64", "INT64", "INT32", "FP16", "BYTES", "BOOL"] = Field(
+        description="Numbers are read and converted to FP32 (serving/v2.py DTYPES); BYTES "
+        "(UTF-8 strings) and BOOL are for a categorical input of that type."
     )
     data: list[Any] | None = Field(
         None, description="Row-major values, flat or nested; absent with binary_data_size."
@@ -111,7 +157,10 @@ class V2InferRequest(BaseModel):
 
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[V2InferInput] = Field(min_length=1, max_length=1)
+    inputs: list[V2InferInput] = Field(
+        min_length=1,
+        description="`features` alone, or the model's inputs by name, each at most once.",
+    )
     outputs: list[V2RequestedOutput] | None = None
 
 

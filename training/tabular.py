@@ -21,6 +21,7 @@ arrays (`Encoding.layout`).
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 OTHER, MISSING = "(other)", "(missing)"
 
 
@@ -127,17 +129,35 @@ class InputColumn:
 
     def raw_value(self, value: Any, where: str) -> float:
         """A request value as this input's raw number; BadInput names the column and the fix."""
+        if self.kind == CATEGORICAL and type(value) is str:  # the common case: one lookup
+            return self._string_slots.get(value, float(self.other_slot))
         if self.kind == NUMERIC:
             if value is None:
                 return math.nan
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise BadInput(f'{where}: "{self.name}" takes a number; got {value!r}')
-            if math.isinf(value):
-                raise BadInput(f'{where}: "{self.name}" is infinite; send a finite number or null')
-            return float(value)
+                raise BadInput(f'{where}: "{self.name}" takes a number; got {reprlib.repr(value)}')
+            try:
+                number = float(value)
+            except OverflowError:  # an integer past float64 (10**400)
+                number = math.inf
+            if math.isinf(number) or abs(number) > FLOAT32_MAX:
+                raise BadInput(
+                    f'{where}: "{self.name}" is infinite or too large for a 32-bit float; send '
+                    "a finite number within ±3.4e38 (null when missing)"
+                )
+            return number
         if value is not None and not self._accepts(value):
-            raise BadInput(f'{where}: "{self.name}" takes a {self.type_word}; got {value!r}')
+            word = self.type_word
+            raise BadInput(
+                f'{where}: "{self.name}" takes {"an" if word[0] in "aeiou" else "a"} {word}; '
+                f"got {reprlib.repr(value)}"
+            )
         return float(self.slot(canonical(value)))
+
+    @cached_property
+    def _string_slots(self) -> dict[str, float]:
+        slots = {c: float(i) for i, c in enumerate(self.categories)}
+        return {**slots, "": float(self.missing_slot)}
 
     def _accepts(self, value: Any) -> bool:
         if isinstance(value, str):
@@ -231,6 +251,13 @@ class Encoding:
     def feature_names(self) -> list[str]:
         return [n for c in self.inputs for n in c.feature_names()]
 
+    def names_preview(self, most: int = 8) -> str:
+        """The input names for a message: all of them, or the first few and the last."""
+        names = self.names
+        if len(names) <= most:
+            return ", ".join(names)
+        return ", ".join(names[: most - 2]) + f", ..., {names[-1]}"
+
     @cached_property
     def layout(self) -> Layout:
         numeric_raw, numeric_dest, impute, indicator_raw, indicator_dest = [], [], [], [], []
@@ -294,15 +321,15 @@ class Encoding:
                 unknown = [k for k in instance if k not in self.position]
                 if unknown:
                     raise BadInput(
-                        f'{where} has unknown feature "{unknown[0]}"; this model takes: '
-                        + ", ".join(self.names)
+                        f'{where} has unknown input "{reprlib.repr(unknown[0])[1:-1]}"; this '
+                        f"model takes: {', '.join(self.names)}"
                     )
                 values = [instance.get(c.name) for c in self.inputs]
             elif isinstance(instance, list):
                 if len(instance) != self.num_inputs:
                     raise BadInput(
                         f"{where} has {len(instance)} values; this model takes "
-                        f"{self.num_inputs} ({', '.join(self.names)})"
+                        f"{self.num_inputs} ({self.names_preview()})"
                     )
                 values = instance
             else:
@@ -320,11 +347,17 @@ class Encoding:
         except ValueError:  # ragged rows: the slow path names the short one
             return None
         if array.dtype.kind not in "fi" or array.shape != (len(instances), self.num_inputs):
+            return None  # bools, strings, nulls, objects: value by value, which names them
+        if any(type(v) is bool for row in instances for v in row):
             return None
-        if np.isinf(array).any():
-            bad = int(np.argwhere(np.isinf(array))[0][0])
-            raise BadInput(f"instance {bad} holds Inf; send finite numbers (null when missing)")
-        return array.astype(np.float32)
+        out = array.astype(np.float32)
+        if np.isinf(out).any():
+            bad = int(np.argwhere(np.isinf(out))[0][0])
+            raise BadInput(
+                f"instance {bad} holds a number that is infinite or too large for a 32-bit "
+                "float; send finite numbers within ±3.4e38 (null when missing)"
+            )
+        return out
 
     def column_inputs(self, columns: dict[str, Sequence[Any]], num_rows: int) -> np.ndarray:
         """Raw inputs of V2's per-feature tensors (already decoded to Python values); an
@@ -335,7 +368,7 @@ class Encoding:
             if values is None:
                 out[:, j] = math.nan if column.kind == NUMERIC else column.missing_slot
                 continue
-            out[:, j] = [column.raw_value(v, f"input {column.name!r}") for v in values]
+            out[:, j] = [column.raw_value(v, f"row {i}") for i, v in enumerate(values)]
         return out
 
     def dictionary_slots(self, position: int, dictionary: Sequence[str | None]) -> np.ndarray:

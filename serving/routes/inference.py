@@ -114,7 +114,9 @@ async def v2_infer(
         )
     # A malformed request raises v2.V2Error, which answers with its 4xx (serving/errors.py).
     body, tail = v2.split_body(raw, request.headers.get(v2.HEADER_LENGTH))
-    x = v2.parse_infer_request(body, tail, replica.num_features, host.args.max_instances)
+    x = v2.parse_infer_request(
+        body, tail, replica.num_inputs, host.args.max_instances, replica.encoding
+    )
     wanted = v2.requested_outputs(body, replica.spec)
     outputs = await host.forward(key, x)
     result = replica.format(outputs, probabilities=True)

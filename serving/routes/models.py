@@ -29,7 +29,7 @@ async def read_json_body(request: Request, max_body_bytes: int) -> Any:
         raise HTTPException(413, f"request body is {len(raw)} bytes; the limit is {max_body_bytes}")
     try:
         return json.loads(raw, parse_constant=lambda c: math.nan)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # too deeply nested
         raise HTTPException(400, f"request body is not valid JSON: {exc}") from exc
 
 

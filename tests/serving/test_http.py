@@ -71,10 +71,10 @@ def test_version_and_model_listing(served_digits, trained_digits):
     "content,status,fragment",
     [
         (b"{not json", 400, "not valid JSON"),
-        (b'{"instances": [[1, 2, 3]]}', 422, "shape [N, 64]"),
-        (b'{"instances": [[' + b",".join([b"1"] * 63) + b", NaN]]}", 422, "NaN or Inf"),
-        (b'{"instances": [[' + b",".join([b"1"] * 63) + b", 1e999]]}", 422, "NaN or Inf"),
-        (b'{"instances": [[' + b",".join([b"1"] * 63) + b', "x"]]}', 422, "valid number"),
+        (b'{"instances": [[1, 2, 3]]}', 422, "has 3 values; this model takes 64 (f0, f1"),
+        (b'{"instances": [[' + b",".join([b"1"] * 63) + b", 1e999]]}", 422, "infinite"),
+        (b'{"instances": [[' + b",".join([b"1"] * 63) + b', "x"]]}', 422, '"f63" takes a number'),
+        (b'{"instances": [{"f0": 1, "colour": 2}]}', 422, 'unknown input "colour"'),
         (b'{"instances": []}', 422, "empty"),
         (b'{"rows": []}', 422, "instances"),
         (b"[1, 2]", 422, "dictionary"),
@@ -84,6 +84,26 @@ def test_bad_bodies_get_a_4xx_with_an_error(served_digits, content, status, frag
     response = predict(served_digits, content=content, headers={"content-type": "application/json"})
     assert response.status_code == status
     assert fragment in response.json()["error"]
+
+
+def test_null_and_nan_are_missing_values_imputed_with_the_training_mean(
+    served_digits, trained_digits
+):
+    """A model trained with its inputs recorded imputes a missing value (null, NaN, or a key
+    left out of an object) with the training mean, as it would a missing cell in training."""
+    means = trained_digits.record.spec["mean"]
+    row = [1.0] * 64
+    expected = predict(served_digits, {"instances": [row[:10] + [means[10]] + row[11:]]})
+    holes = b'{"instances": [[' + b",".join([b"1"] * 10 + [b"null"] + [b"1"] * 53) + b"]]}"
+    nan = b'{"instances": [[' + b",".join([b"1"] * 10 + [b"NaN"] + [b"1"] * 53) + b"]]}"
+    named = {"instances": [{f"f{i}": 1.0 for i in range(64) if i != 10}]}
+    for reply in (
+        predict(served_digits, content=holes, headers={"content-type": "application/json"}),
+        predict(served_digits, content=nan, headers={"content-type": "application/json"}),
+        predict(served_digits, named),
+    ):
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["predictions"] == expected.json()["predictions"]
 
 
 def test_unknown_model_is_404(served_digits):

@@ -28,7 +28,7 @@ def test_v2_infer_documents_json_and_binary_bodies_without_dangling_refs():
     tensor = request["properties"]["inputs"]["items"]
     assert {"name", "shape", "datatype", "data", "parameters"} <= set(tensor["properties"])
     # The documented input datatypes are exactly the ones the V2 parser accepts.
-    assert set(tensor["properties"]["datatype"]["enum"]) == set(v2.DTYPES)
+    assert set(tensor["properties"]["datatype"]["enum"]) == set(v2.INPUT_DATATYPES)
     assert "application/octet-stream" in body
     response = operation["responses"]["200"]["content"]["application/json"]["schema"]
     assert response["$ref"].endswith("/V2InferResponse")

@@ -144,10 +144,15 @@ def test_binary_outputs_follow_the_json_header():
     np.testing.assert_array_equal(np.frombuffer(tail, dtype="<f4").reshape(1, 3), probabilities)
 
 
-def test_string_labels_are_never_binary():
-    arrays = {"predictions": np.array(["b", "a"])}
+def test_string_labels_go_binary_length_prefixed_when_asked():
+    arrays = {"predictions": np.array(["b", "ab"])}
     content, header_length = v2.build_response(
         "m", 1, "r", arrays, [("predictions", True)], LABELLED
     )
-    assert header_length is None
-    assert json.loads(content)["outputs"][0]["data"] == ["b", "a"]
+    header, tail = v2.split_body(content, header_length)
+    output = header["outputs"][0]
+    assert output["datatype"] == "BYTES" and "data" not in output
+    assert tail == b"\x01\x00\x00\x00b\x02\x00\x00\x00ab"
+    assert output["parameters"]["binary_data_size"] == len(tail)
+    as_json, no_length = v2.build_response("m", 1, "r", arrays, [("predictions", False)], LABELLED)
+    assert no_length is None and json.loads(as_json)["outputs"][0]["data"] == ["b", "ab"]
