@@ -273,6 +273,10 @@ class ShardStore:
             raise self._error
         return self._num_rows
 
+    def loaded(self) -> tuple[int, str | None]:
+        """Rows of this shard, and why its loading stopped (None when it did not)."""
+        return self._num_rows, None if self._error is None else str(self._error)
+
     def num_bytes(self) -> int:
         return self._num_bytes
 
@@ -522,12 +526,11 @@ def reach_nodes(node_ids: list[str], timeout_s: float = 60.0) -> None:
 
 def gather_shard_set(source: SourceSpec, split: str, handles: list[Any]) -> ShardSet:
     """Wait for the actors and reduce their statistics into one ShardSet."""
-    try:
-        rows = ray.get([h.ready.remote() for h in handles])
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, KilnError):  # a bad table, said once, without Ray's wrapping
-            raise KilnError(str(exc.cause)) from None
-        raise
+    found = ray.get([h.loaded.remote() for h in handles])
+    errors = [error for _, error in found if error is not None]
+    if errors:  # a bad table: said once, as the shard found it
+        raise KilnError(errors[0])
+    rows = [count for count, _ in found]
     stats = FeatureStats(0, np.zeros(0), np.zeros(0))
     for part in ray.get([h.feature_stats.remote() for h in handles]):
         stats = stats.merge(part)

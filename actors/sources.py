@@ -668,8 +668,8 @@ def check_source(spec: SourceSpec) -> None:
         parse_synthetic(spec.uri)
     elif spec.uri.startswith("sklearn:"):
         name = spec.uri.split(":", 1)[1]
-        if name not in SKLEARN_SETS:
-            load_sklearn(name)
+        if name not in SKLEARN_SETS or spec.label or spec.features or spec.categorical:
+            plan_columns(load_sklearn(name).schema, spec)  # the name, then the columns
     else:
         dataset = open_file_dataset(spec.uri)
         head = dataset.head(1)

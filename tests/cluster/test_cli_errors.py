@@ -41,6 +41,14 @@ CASES = [
     (["train", "--data", "sklearn:iris", "--val-fraction", "1.5"], 'Got "1.5" for --val-fraction'),
     (["train", "--data", "sklearn:iris", "--patience", "-1"], 'Got "-1" for --patience'),
     (["train", "--data", "sklearn:iris", "--eval-data", "/nope.csv"], "does not exist"),
+    (["train", "--data", "sklearn:iris", "--missing", "drop"], 'Got "drop" for --missing'),
+    (
+        ["train", "--data", "sklearn:iris", "--min-category-count", "0"],
+        'Got "0" for --min-category-count. Use 1 or more.',
+    ),
+    (["train", "--data", "sklearn:iris", "--categorical", "zip"], 'Got "zip" in --categorical'),
+    (["train", "--data", "sklearn:iris", "--label", "nope"], 'Got "nope" for --label'),
+    (["tune", "--data", "sklearn:iris", "--missing", "drop"], 'Got "drop" for --missing'),
     (["data", "ls"], "needs a running Ray cluster"),
     (["data", "load", "sklearn:iris", "--name", "Bad Name"], 'Got "Bad Name" for --name'),
 ]

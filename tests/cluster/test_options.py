@@ -58,7 +58,7 @@ def tune_options(**changes):
         data="sklearn:iris", model="mlp", trials=4, scheduler="asha", search="random",
         lr="1e-4:1e-1", solver="auto", epochs=5, workers_per_trial=1, metric="val_loss",
         grid_points=4, base_batch_size=32, hidden="128,64", test_fraction=0.2,
-        val_fraction=0.15, seed=0, refit=True,
+        val_fraction=0.15, seed=0, refit=True, missing="impute", min_category_count=1,
     )  # fmt: skip
     base.update(changes)
     return base

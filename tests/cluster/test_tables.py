@@ -37,18 +37,19 @@ def kiln_train(settings, registry, data: Path, **options: Any) -> TrainOutcome:
     return train_and_register(settings, request, registry)
 
 
-def sklearn_accuracy(path: Path, seed: int) -> float:
-    """LogisticRegression() on the same split, with the same columns one-hot encoded,
-    mean-imputed (with indicators) and standardised: what a scikit-learn user would write."""
-    from sklearn.compose import ColumnTransformer
+def sklearn_score(path: Path, seed: int, label: str = "churn", estimator: Any = None) -> float:
+    """`estimator` (default LogisticRegression()) on the same split, with the same columns
+    one-hot encoded, mean-imputed (with indicators) and standardised, as a scikit-learn user
+    would write it: accuracy for a classifier, R² for a regressor."""
+    from sklearn.compose import ColumnTransformer, make_column_selector
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
     frame = open_file_dataset(str(path)).to_table().to_pandas()
-    frame = frame[frame["churn"].notna()].reset_index(drop=True)
-    y = frame["churn"].to_numpy(dtype=object)
+    frame = frame[frame[label].notna()].reset_index(drop=True)
+    y = frame[label].to_numpy()
     spec = SourceSpec(uri=str(path), seed=seed)
     train, test = split_rows(y, spec, "train"), split_rows(y, spec, "test")
     numeric = make_pipeline(SimpleImputer(add_indicator=True), StandardScaler())
@@ -57,10 +58,14 @@ def sklearn_accuracy(path: Path, seed: int) -> float:
         OneHotEncoder(handle_unknown="ignore"),
     )
     encode = ColumnTransformer(
-        [("num", numeric, ["age", "income"]), ("cat", categorical, ["city", "plan"])]
+        [
+            ("num", numeric, make_column_selector(dtype_include="number")),
+            ("cat", categorical, make_column_selector(dtype_include=object)),
+        ]
     )
-    model = make_pipeline(encode, LogisticRegression()).fit(frame.loc[train, FEATURES], y[train])
-    return float((model.predict(frame.loc[test, FEATURES]) == y[test]).mean())
+    x = frame.drop(columns=[label])
+    model = make_pipeline(encode, estimator or LogisticRegression()).fit(x.loc[train], y[train])
+    return float(model.score(x.loc[test], y[test]))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def test_logistic_at_its_defaults_matches_scikit_learn_on_the_same_split(
         seed=seed,
         register=f"{table}-logistic-{seed}",
     )
-    reference = sklearn_accuracy(tables[table], seed)
+    reference = sklearn_score(tables[table], seed)
     assert abs(outcome.test_metrics["accuracy"] - reference) <= 0.01, (
         outcome.test_metrics,
         reference,
@@ -108,6 +113,25 @@ def test_logistic_at_its_defaults_matches_scikit_learn_on_the_same_split(
         assert spec["inputs"][2]["missing_count"] > 0  # empty city cells: their own category
 
 
+@pytest.mark.parametrize("model", ["ridge", "linear"])
+def test_exact_solvers_fit_one_hot_columns_as_scikit_learn_does(
+    ray_local, settings_session, registry_session, tables, model
+):
+    """Regression on a table with categorical inputs: ridge (λ = 1) and linear (λ = 0, the
+    complete one-hot blocks are collinear with the intercept: the minimum-norm solution)."""
+    from sklearn.linear_model import LinearRegression, Ridge
+
+    outcome = kiln_train(
+        settings_session, registry_session, tables["holes"], model=model, label="income",
+        register=f"income-{model}",
+    )  # fmt: skip
+    assert outcome.solver == "exact"
+    estimator = Ridge(alpha=1.0) if model == "ridge" else LinearRegression()
+    reference = sklearn_score(tables["holes"], 0, label="income", estimator=estimator)
+    assert outcome.test_metrics["r2"] == pytest.approx(reference, abs=1e-3)
+    assert "churn" in outcome.columns["inputs"]  # the string column is a categorical input
+
+
 @pytest.fixture(scope="module")
 def trained_people(ray_local, settings_session, registry_session, tables) -> TrainOutcome:
     """`kiln train --data people.csv`, no other flag: an MLP (Ray Train, 2 workers)."""
@@ -118,7 +142,7 @@ def test_no_flags_trains_an_mlp_that_uses_every_column(trained_people, tables):
     spec = trained_people.record.spec
     assert spec["kind"] == "mlp" and [c["name"] for c in spec["inputs"]] == FEATURES
     # Within 2 points of the logistic reference: the target is a logistic model of the four.
-    assert trained_people.test_metrics["accuracy"] >= sklearn_accuracy(tables["people"], 0) - 0.02
+    assert trained_people.test_metrics["accuracy"] >= sklearn_score(tables["people"], 0) - 0.02
 
 
 @pytest.fixture(scope="module")
