@@ -55,3 +55,10 @@ def customers(rows: int = 2000, seed: int = 0, missing: float = 0.0) -> pa.Table
 def write_csv(table: pa.Table, path: Path) -> Path:
     pacsv.write_csv(table, str(path))
     return path
+
+
+def example_csv(path: str, rows: int = 2000, seed: int = 0) -> Path:
+    """The README's table: the customers with 10% gaps and a `customer_id` in front."""
+    table = customers(rows, seed=seed, missing=0.1)
+    table = table.add_column(0, "customer_id", pa.array(np.arange(1, rows + 1)))
+    return write_csv(table, Path(path))
