@@ -252,16 +252,49 @@ def open_file_dataset(uri: str) -> pads.Dataset:
         convert = pacsv.ConvertOptions(strings_can_be_null=True)
         file_format = pads.CsvFileFormat(convert_options=convert)
     try:
-        return pads.dataset(path, filesystem=filesystem, format=file_format)
+        dataset = pads.dataset(path, filesystem=filesystem, format=file_format)
     except (pa.ArrowInvalid, OSError) as exc:
         raise KilnError(f'Got "{uri}" for --data, which is not valid {fmt}: {exc}.') from exc
+    check_declared_rows(dataset, uri)
+    return dataset
+
+
+MAX_FILE_ROWS = 2**31
+"""Rows one Parquet file may declare: past this, its footer is taken as damaged or hostile
+(reading it would ask for memory no machine has) and the file is refused before any read."""
+
+
+def unreadable(uri: str, exc: BaseException) -> KilnError:
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return KilnError(f'Got "{uri}" for --data, which could not be read: {reason}.')
+
+
+def check_declared_rows(dataset: pads.Dataset, uri: str) -> None:
+    """Refuse a Parquet file whose footer declares more rows than MAX_FILE_ROWS."""
+    import pyarrow.dataset as pads
+
+    if not isinstance(dataset, pads.FileSystemDataset) or not isinstance(
+        dataset.format, pads.ParquetFileFormat
+    ):
+        return
+    for fragment in dataset.get_fragments():
+        try:
+            declared = fragment.metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise unreadable(uri, exc) from exc
+        if declared > MAX_FILE_ROWS:
+            raise KilnError(
+                f'Got "{uri}" for --data: {fragment.path} declares {declared:,} rows, more than '
+                f"the {MAX_FILE_ROWS:,} Kiln reads from one file; its footer is damaged, or "
+                "split it into several files of a folder."
+            )
 
 
 def load_file_table(uri: str) -> pa.Table:
     try:
         table = open_file_dataset(uri).to_table()
-    except pa.ArrowInvalid as exc:
-        raise KilnError(f'Got "{uri}" for --data, which could not be read: {exc}.') from exc
+    except (pa.ArrowException, MemoryError) as exc:
+        raise unreadable(uri, exc) from exc
     if table.num_rows == 0:
         raise KilnError(f'Got "{uri}" for --data, which holds no rows. Give a non-empty dataset.')
     return table
@@ -672,7 +705,10 @@ def check_source(spec: SourceSpec) -> None:
             plan_columns(load_sklearn(name).schema, spec)  # the name, then the columns
     else:
         dataset = open_file_dataset(spec.uri)
-        head = dataset.head(1)
+        try:
+            head = dataset.head(1)
+        except (pa.ArrowException, MemoryError) as exc:
+            raise unreadable(spec.uri, exc) from exc
         if head.num_rows == 0:
             raise KilnError(
                 f'Got "{spec.uri}" for --data, which holds no rows. Give a non-empty dataset.'

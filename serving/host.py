@@ -25,6 +25,7 @@ from actors.catalog import VersionRecord
 from actors.keys import KeyCheck
 from actors.replica import SMALL_ROWS, ModelReplica
 from serving.inputs import rows_to_inputs
+from serving.jsonbody import shown
 from serving.ratelimit import RateLimiter
 from serving.routing import Router
 from serving.schemas import InputInfo, ModelInfo, PredictRequest, RequestError, ServeArgs
@@ -59,11 +60,15 @@ def runs_inline(replica: ModelReplica, rows: int) -> bool:
     return rows <= SMALL_ROWS and replica.small_forward_s < INLINE_FORWARD_S
 
 
-def parse_rows(body: PredictRequest, replica: ModelReplica, max_instances: int) -> np.ndarray:
+def parse_rows(
+    body: PredictRequest, replica: ModelReplica, max_instances: int, booleans: bool = True
+) -> np.ndarray:
     """The instances as raw inputs (N, num_inputs) float32, or a 422 that says what to send.
 
     A model trained on a table (`replica.encoding`) takes objects of values by input name or
     rows of values in input order; a model without inputs takes rows of num_features numbers.
+    JSON booleans are not numbers; `booleans` False (the body holds no `true`/`false`) lets
+    the number paths skip looking for them.
     """
     instances = body.instances
     width = replica.num_inputs
@@ -80,16 +85,22 @@ def parse_rows(body: PredictRequest, replica: ModelReplica, max_instances: int) 
             422, f"got {len(instances)} instances; at most {max_instances} per request"
         )
     if replica.encoding is not None:
-        return rows_to_inputs(replica.encoding, instances)
-    return numeric_rows(instances, width)
+        return rows_to_inputs(replica.encoding, instances, booleans)
+    return numeric_rows(instances, width, booleans)
 
 
 _NUMBER_ROWS = TypeAdapter(list[list[float]])
 """How V1 read the rows of a model without inputs before instances could be objects."""
 
 
-def numeric_rows(instances: list[Any], num_features: int) -> np.ndarray:
+def numeric_rows(instances: list[Any], num_features: int, booleans: bool = True) -> np.ndarray:
     """Rows of num_features finite numbers (a model without inputs) as (N, F) float32."""
+    if booleans:
+        for i, row in enumerate(instances):
+            if isinstance(row, list) and any(type(v) is bool for v in row):
+                raise RequestError(
+                    422, f"instance {i} holds a boolean; send numbers (JSON true is not 1)"
+                )
     x = _number_array(instances, num_features)
     if x is None:
         for i, row in enumerate(instances):
@@ -222,7 +233,8 @@ class ModelHost:
         if key is None:
             raise RequestError(
                 404,
-                f"model {name!r} is not served here; served: {', '.join(served.router.served())}",
+                f"model {shown(name)} is not served here; served: "
+                f"{', '.join(served.router.served())}",
             )
         return key, served.replicas[key]
 

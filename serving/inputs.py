@@ -12,11 +12,13 @@ from serving.schemas import RequestError
 from training.tabular import BadInput, Encoding
 
 
-def rows_to_inputs(encoding: Encoding, instances: Sequence[Any]) -> np.ndarray:
+def rows_to_inputs(
+    encoding: Encoding, instances: Sequence[Any], booleans: bool = True
+) -> np.ndarray:
     """V1 instances (objects by input name, or rows in input order) as raw inputs; a 422 that
     names the input and the fix otherwise."""
     try:
-        return encoding.rows_to_inputs(instances)
+        return encoding.rows_to_inputs(instances, booleans)
     except BadInput as exc:
         raise RequestError(422, str(exc)) from exc
 

@@ -15,8 +15,6 @@ Predictions of string classes are BYTES, of boolean ones BOOL.
 from __future__ import annotations
 
 import json
-import math
-import reprlib
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from serving.inputs import columns_to_inputs
+from serving.jsonbody import parse_json, shown
 from serving.schemas import RequestError
 from training.tabular import NUMERIC, Encoding, InputColumn
 
@@ -53,13 +52,11 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[dict[str, Any], b
     else:
         if not header_length.isdigit() or int(header_length) > len(raw):
             raise V2Error(
-                400, f"Inference-Header-Content-Length {header_length!r} does not fit the body"
+                400,
+                f"Inference-Header-Content-Length {shown(header_length)} does not fit the body",
             )
         json_part, tail = raw[: int(header_length)], raw[int(header_length) :]
-    try:
-        parsed = json.loads(json_part, parse_constant=lambda c: math.nan)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise V2Error(400, f"request body is not valid JSON: {exc}") from exc
+    parsed = parse_json(json_part, V2Error)
     if not isinstance(parsed, dict):
         raise V2Error(422, "the request must be a JSON object with an 'inputs' list")
     return parsed, tail
@@ -71,6 +68,7 @@ def parse_infer_request(
     num_features: int,
     max_rows: int,
     encoding: Encoding | None = None,
+    booleans: bool = True,
 ) -> np.ndarray:
     """The request's raw inputs as (N, num_features) float32, validated.
 
@@ -81,7 +79,7 @@ def parse_infer_request(
     a missing value.
     """
     if encoding is None:
-        return parse_features(body, tail, num_features, max_rows, missing_ok=False)
+        return parse_features(body, tail, num_features, max_rows, False, booleans)
     inputs = body.get("inputs")
     if (
         takes_features(encoding)
@@ -90,7 +88,7 @@ def parse_infer_request(
         and isinstance(inputs[0], dict)
         and inputs[0].get("name") == INPUT_NAME
     ):
-        return parse_features(body, tail, encoding.num_inputs, max_rows, missing_ok=True)
+        return parse_features(body, tail, encoding.num_inputs, max_rows, True, booleans)
     return parse_columns(inputs, tail, encoding, max_rows)
 
 
@@ -100,7 +98,12 @@ def takes_features(encoding: Encoding | None) -> bool:
 
 
 def parse_features(
-    body: dict[str, Any], tail: bytes, num_features: int, max_rows: int, missing_ok: bool
+    body: dict[str, Any],
+    tail: bytes,
+    num_features: int,
+    max_rows: int,
+    missing_ok: bool,
+    booleans: bool = True,
 ) -> np.ndarray:
     """The single `features` tensor as (N, num_features) float32; NaN (a missing value) is
     refused unless `missing_ok`, Inf always."""
@@ -111,11 +114,13 @@ def parse_features(
         )
     tensor = inputs[0]
     if tensor.get("name") != INPUT_NAME:
-        raise V2Error(422, f"unknown input {tensor.get('name')!r}; this model takes {INPUT_NAME!r}")
+        raise V2Error(
+            422, f"unknown input {shown(tensor.get('name'))}; this model takes {INPUT_NAME!r}"
+        )
     datatype = tensor.get("datatype")
     if datatype not in DTYPES:
         raise V2Error(
-            422, f"datatype {datatype!r} is not supported; use one of {', '.join(DTYPES)}"
+            422, f"datatype {shown(datatype)} is not supported; use one of {', '.join(DTYPES)}"
         )
     shape = tensor.get("shape")
     if not (
@@ -123,12 +128,12 @@ def parse_features(
         and len(shape) == 2
         and all(isinstance(d, int) and d >= 0 for d in shape)
     ):
-        raise V2Error(422, f"shape must be [N, {num_features}]; got {shape!r}")
+        raise V2Error(422, f"shape must be [N, {num_features}]; got {shown(shape)}")
     if shape[1] != num_features:
         raise V2Error(422, f"shape must be [N, {num_features}]; got {shape}")
     if not 1 <= shape[0] <= max_rows:
         raise V2Error(422, f"N must be between 1 and {max_rows}; got shape {shape}")
-    values = tensor_values(tensor, tail, DTYPES[datatype], shape[0] * shape[1])
+    values = tensor_values(tensor, tail, datatype, shape[0] * shape[1], booleans)
     x = values.reshape(shape).astype(np.float32)
     if missing_ok:
         if np.isinf(x).any():
@@ -147,11 +152,14 @@ def binary_size_of(tensor: dict[str, Any]) -> int | None:
         raise V2Error(422, "an input's 'parameters' must be an object")
     size = parameters.get("binary_data_size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise V2Error(422, f"binary_data_size must be a byte count; got {short(size)}")
+        raise V2Error(422, f"binary_data_size must be a byte count; got {shown(size)}")
     return size
 
 
-def tensor_values(tensor: dict[str, Any], tail: bytes, dtype: type, count: int) -> np.ndarray:
+def tensor_values(
+    tensor: dict[str, Any], tail: bytes, datatype: str, count: int, booleans: bool = True
+) -> np.ndarray:
+    dtype = DTYPES[datatype]
     binary_size = binary_size_of(tensor)
     if binary_size is not None:
         if binary_size != count * np.dtype(dtype).itemsize:
@@ -163,12 +171,51 @@ def tensor_values(tensor: dict[str, Any], tail: bytes, dtype: type, count: int) 
     if data is None:
         raise V2Error(422, "the input has neither 'data' nor a binary_data_size")
     try:
-        flat = np.asarray(data, dtype=np.float64).reshape(-1)  # nested or flat, row-major
+        array = np.asarray(data)  # nested or flat, row-major
     except (ValueError, TypeError) as exc:
-        raise V2Error(422, f"input data must be numbers: {exc}") from exc
+        raise V2Error(422, f"input data must be numbers, flat or nested by row: {exc}") from exc
+    check_json_numbers(data, array.reshape(-1), datatype, booleans)
+    flat = array.astype(np.float64).reshape(-1)
     if flat.size != count:
         raise V2Error(422, f"input data has {flat.size} values; shape needs {count}")
     return flat
+
+
+INT_RANGES = {"INT64": (-(2**63), 2**63 - 1), "INT32": (-(2**31), 2**31 - 1)}
+
+
+def check_json_numbers(data: Any, values: np.ndarray, datatype: str, booleans: bool) -> None:
+    """JSON data of a numeric tensor holds numbers, not booleans (numpy reads true as 1), and
+    an integer datatype's data integers within its range; a 422 naming the first that is not.
+    `booleans` False (the body has no `true`/`false`) skips the search for them."""
+    if values.dtype.kind == "b" or (booleans and holds_boolean(data)):
+        raise V2Error(422, f"{datatype} data must be numbers; JSON true and false are not")
+    if values.dtype.kind not in "fiu":  # strings, nulls, or integers past int64 (objects)
+        bad = next((v for v in values.tolist() if not is_number(v)), None)
+        if bad is not None:
+            raise V2Error(422, f"{datatype} data must be numbers; got {shown(bad)}")
+    if datatype not in INT_RANGES or len(values) == 0:
+        return
+    low, high = INT_RANGES[datatype]
+    if values.dtype.kind == "f" and not np.all(np.mod(values, 1) == 0):
+        bad = values[np.flatnonzero(np.mod(values, 1) != 0)[0]]
+        raise V2Error(422, f"{datatype} data must be integers; got {shown(float(bad))}")
+    smallest, largest = min(values.tolist()), max(values.tolist())
+    if smallest < low or largest > high:
+        bad = smallest if smallest < low else largest
+        raise V2Error(422, f"{datatype} data must be within [{low}, {high}]; got {shown(bad)}")
+
+
+def holds_boolean(data: Any) -> bool:
+    """Whether nested lists hold a boolean anywhere (depth is bounded by parse_json)."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if type(item) is bool:
+            return True
+        if isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 # ------------------------------------------------------------ inputs by name (tables)
@@ -212,7 +259,7 @@ def parse_columns(inputs: Any, tail: bytes, encoding: Encoding, max_rows: int) -
         name = tensor.get("name")
         if not isinstance(name, str) or name not in encoding.position:
             raise V2Error(
-                422, f"unknown input {short(name)}; this model takes: {describe_inputs(encoding)}"
+                422, f"unknown input {shown(name)}; this model takes: {describe_inputs(encoding)}"
             )
         if name in columns:
             raise V2Error(422, f"input {name!r} is sent twice")
@@ -223,7 +270,7 @@ def parse_columns(inputs: Any, tail: bytes, encoding: Encoding, max_rows: int) -
             raise V2Error(
                 422,
                 f"input {name!r} ({column.kind}, {column.type}) takes datatype "
-                f"{' or '.join(allowed)}; got {short(datatype)}",
+                f"{' or '.join(allowed)}; got {shown(datatype)}",
             )
         shape = tensor.get("shape")
         if not (
@@ -232,7 +279,7 @@ def parse_columns(inputs: Any, tail: bytes, encoding: Encoding, max_rows: int) -
             and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
             and shape[1:] in ([], [1])
         ):
-            raise V2Error(422, f"input {name!r} must have shape [N] or [N, 1]; got {short(shape)}")
+            raise V2Error(422, f"input {name!r} must have shape [N] or [N, 1]; got {shown(shape)}")
         count = shape[0]
         if not 1 <= count <= max_rows:
             raise V2Error(422, f"N must be between 1 and {max_rows}; input {name!r} has {count}")
@@ -289,25 +336,34 @@ def column_values(
         raise V2Error(422, f"input {name!r} has {len(flat)} values; its shape needs {count}")
     fits = JSON_VALUE_CHECKS.get(datatype, is_number)
     bad = next((v for v in flat if v is not None and not fits(v)), None)
+    if bad is None and datatype in INT_RANGES:
+        low, high = INT_RANGES[datatype]
+        bad = next((v for v in flat if v is not None and not low <= v <= high), None)
+        if bad is not None:
+            raise V2Error(
+                422,
+                f"input {name!r} is {datatype}: integers within [{low}, {high}]; got {shown(bad)}",
+            )
     if bad is not None:
         raise V2Error(
-            422, f"input {name!r} is {datatype}; got {short(bad)} (send null for a missing value)"
+            422, f"input {name!r} is {datatype}; got {shown(bad)} (send null for a missing value)"
         )
     return flat, 0
-
-
-def short(value: Any) -> str:
-    """A client's value for an error message: its repr, cut short."""
-    return reprlib.repr(value)
 
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 JSON_VALUE_CHECKS = {
     "BYTES": lambda v: isinstance(v, str),
     "BOOL": lambda v: isinstance(v, bool),
+    "INT64": is_integer,
+    "INT32": is_integer,
 }
 
 
@@ -418,7 +474,8 @@ def requested_outputs(body: dict[str, Any], spec: dict[str, Any]) -> list[tuple[
     for output in asked:
         if output.get("name") not in known:
             raise V2Error(
-                422, f"unknown output {output.get('name')!r}; this model has {', '.join(known)}"
+                422,
+                f"unknown output {shown(output.get('name'))}; this model has {', '.join(known)}",
             )
         parameters = output.get("parameters") or {}
         if not isinstance(parameters, dict):

@@ -308,10 +308,11 @@ class Encoding:
 
     # ---------------------------------------------------------------- serving's requests
 
-    def rows_to_inputs(self, instances: Sequence[Any]) -> np.ndarray:
+    def rows_to_inputs(self, instances: Sequence[Any], booleans: bool = True) -> np.ndarray:
         """Raw inputs (N, num_inputs) of V1 instances: objects by column name, or rows of
-        values in input order. A missing key is a missing value; BadInput otherwise."""
-        fast = self._numeric_rows(instances)
+        values in input order. A missing key is a missing value; BadInput otherwise.
+        `booleans` False says the request holds none (its JSON has no `true`/`false`)."""
+        fast = self._numeric_rows(instances, booleans)
         if fast is not None:
             return fast
         out = np.empty((len(instances), self.num_inputs), dtype=np.float32)
@@ -337,7 +338,7 @@ class Encoding:
             out[i] = [c.raw_value(v, where) for c, v in zip(self.inputs, values, strict=True)]
         return out
 
-    def _numeric_rows(self, instances: Sequence[Any]) -> np.ndarray | None:
+    def _numeric_rows(self, instances: Sequence[Any], booleans: bool) -> np.ndarray | None:
         """Rows of plain numbers for an all-numeric model in one numpy conversion (the common
         case, value by value would cost a microsecond per value); None to go value by value."""
         if not self.all_numeric or not all(isinstance(row, list) for row in instances):
@@ -348,8 +349,8 @@ class Encoding:
             return None
         if array.dtype.kind not in "fi" or array.shape != (len(instances), self.num_inputs):
             return None  # bools, strings, nulls, objects: value by value, which names them
-        if any(type(v) is bool for row in instances for v in row):
-            return None
+        if booleans and any(type(v) is bool for row in instances for v in row):
+            return None  # numpy reads True as 1: value by value refuses it
         out = array.astype(np.float32)
         if np.isinf(out).any():
             bad = int(np.argwhere(np.isinf(out))[0][0])

@@ -183,6 +183,34 @@ class SearchSpace:
         return {k: v for k, v in found.items() if v}
 
 
+MAX_SPACE_FILE_BYTES = 64 * 1024
+MAX_YAML_DEPTH = 16
+
+
+def check_plain_yaml(text: str, path: str) -> None:
+    """Refuse YAML a search space never needs and an attacker would send: aliases (a few
+    lines of them expand to billions of nodes: "billion laughs") and deep nesting (the
+    composer recurses per level). Read from the parser's event stream, before composing."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise KilnError(
+                f'Got "{path}" for --space, which uses YAML anchors or aliases (&, *). '
+                "Write each value out."
+            )
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise KilnError(
+                    f'Got "{path}" for --space, nested deeper than {MAX_YAML_DEPTH} levels. '
+                    'A search space is a flat mapping, e.g. "lr: 1e-4:1e-1".'
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def load_space_file(path: str) -> dict[str, Any]:
     """The mapping in a YAML search-space file (keys as in SPACE_KEYS)."""
     import yaml
@@ -190,9 +218,16 @@ def load_space_file(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise KilnError(f'Got "{path}" for --space, which does not exist. Give a YAML file.')
+    if file.stat().st_size > MAX_SPACE_FILE_BYTES:
+        raise KilnError(
+            f'Got "{path}" for --space, which is {file.stat().st_size} bytes; a search space '
+            f"is a few lines (at most {MAX_SPACE_FILE_BYTES // 1024} KiB)."
+        )
     try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
+        text = file.read_text()
+        check_plain_yaml(text, path)
+        raw = yaml.safe_load(text)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise KilnError(f'Got "{path}" for --space, which is not valid YAML: {exc}') from exc
     if not isinstance(raw, dict):
         raise KilnError(f'Got "{path}" for --space. It must hold a mapping, e.g. "lr: 1e-4:1e-1".')

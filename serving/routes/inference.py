@@ -15,6 +15,7 @@ from serving import v2
 from serving.dependencies import Authorized, HostDep
 from serving.errors import ERROR_RESPONSES, inline_refs
 from serving.host import ModelHost
+from serving.jsonbody import may_hold_booleans, shown
 from serving.schemas import (
     V2InferRequest,
     V2InferResponse,
@@ -54,7 +55,7 @@ def v2_replica(
     host: ModelHost, name: str, version: str | None, sticky_key: str | None = None
 ) -> tuple[str, ModelReplica]:
     if version is not None and not version.isdigit():
-        raise HTTPException(404, f"version {version!r} is not a number")
+        raise HTTPException(404, f"version {shown(version)} is not a number")
     return host.replica_for(f"{name}@{version}" if version else name, sticky_key)
 
 
@@ -115,7 +116,12 @@ async def v2_infer(
     # A malformed request raises v2.V2Error, which answers with its 4xx (serving/errors.py).
     body, tail = v2.split_body(raw, request.headers.get(v2.HEADER_LENGTH))
     x = v2.parse_infer_request(
-        body, tail, replica.num_inputs, host.args.max_instances, replica.encoding
+        body,
+        tail,
+        replica.num_inputs,
+        host.args.max_instances,
+        replica.encoding,
+        booleans=may_hold_booleans(raw),
     )
     wanted = v2.requested_outputs(body, replica.spec)
     outputs = await host.forward(key, x)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import uuid
 from typing import Any
 
@@ -14,23 +12,22 @@ from fastapi.responses import Response
 from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
 from serving.errors import ERROR_RESPONSES
 from serving.host import parse_rows
+from serving.jsonbody import may_hold_booleans, parse_json
 from serving.schemas import ModelInfo, ModelList, PredictRequest, PredictResponse
 
 router = APIRouter()
 
 
-async def read_json_body(request: Request, max_body_bytes: int) -> Any:
-    """The parsed body; 413 past the size limit, 400 for malformed JSON."""
+async def read_json_body(request: Request, max_body_bytes: int) -> tuple[Any, bool]:
+    """The parsed body and whether it may hold booleans; 413 past the size limit, 400 for
+    malformed JSON or JSON nested too deep (serving/jsonbody.py)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_body_bytes:
         raise HTTPException(413, f"request body is {declared} bytes; the limit is {max_body_bytes}")
     raw = await request.body()
     if len(raw) > max_body_bytes:
         raise HTTPException(413, f"request body is {len(raw)} bytes; the limit is {max_body_bytes}")
-    try:
-        return json.loads(raw, parse_constant=lambda c: math.nan)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # too deeply nested
-        raise HTTPException(400, f"request body is not valid JSON: {exc}") from exc
+    return parse_json(raw), may_hold_booleans(raw)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
@@ -66,12 +63,12 @@ async def predict(name: str, request: Request, host: HostDep, _: Authorized) -> 
     # Auth first (the Authorized dependency): a caller without a key learns nothing, not even
     # which models exist.
     key, replica = host.replica_for(name, request.headers.get(host.args.sticky_header))
-    payload = await read_json_body(request, host.args.max_body_bytes)
+    payload, booleans = await read_json_body(request, host.args.max_body_bytes)
     try:
         body = PredictRequest.model_validate(payload)
     except ValueError as exc:
         raise RequestValidationError(exc.errors()) from exc  # type: ignore[attr-defined]
-    x = parse_rows(body, replica, host.args.max_instances)
+    x = parse_rows(body, replica, host.args.max_instances, booleans)
     outputs = await host.forward(key, x)
     result = replica.format(outputs, probabilities=body.return_ == "probabilities")
     request_id = uuid.uuid4().hex[:16]

@@ -162,3 +162,40 @@ def test_split_sizes_are_exact_and_every_class_within_one_row_of_its_share(seed)
             assert np.all(np.abs(taken - counts * len(test) / len(y)) < 1.0)
     other = split_indices(y, fraction, seed + 1, True)[1]
     assert len(y) < 10 or not np.array_equal(other, split_indices(y, fraction, seed, True)[1])
+
+
+def declaring_rows(path, rows: int) -> None:
+    """Rewrite a 10-row Parquet file's footer so that it declares `rows` rows (the Thrift
+    compact encoding of num_rows = 10 is the bytes 0x16 0x14; its row group's too)."""
+    import struct
+
+    table = pa.table({"a": pa.array(range(10), pa.int64()), "y": pa.array([0, 1] * 5)})
+    pq.write_table(table, path, compression="none", write_statistics=False)
+    raw = path.read_bytes()
+    length = struct.unpack("<I", raw[-8:-4])[0]
+    footer = raw[-8 - length : -8]
+    value, varint = rows << 1, b""  # zigzag, then 7 bits a byte
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        varint += bytes([byte | (0x80 if value else 0)])
+        if not value:
+            break
+    patched = footer.replace(b"\x16\x14", b"\x16" + varint)
+    path.write_bytes(raw[: -8 - length] + patched + struct.pack("<I", len(patched)) + b"PAR1")
+    assert pq.ParquetFile(path).metadata.num_rows == rows
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "rows,fragment",
+    [(10**15, "declares 1,000,000,000,000,000 rows"), (2**40, "declares 1,099,511,627,776")],
+)
+def test_a_parquet_file_declaring_absurd_rows_gets_one_clear_error(tmp_path, rows, fragment):
+    from actors.sources import load_file_table
+
+    path = tmp_path / "hostile.parquet"
+    declaring_rows(path, rows)
+    with pytest.raises(KilnError, match=fragment):  # on the driver, before any actor starts
+        check_source(SourceSpec(uri=str(path), label="y"))
+    with pytest.raises(KilnError, match=fragment):  # and in a shard that reads it
+        load_file_table(str(path))

@@ -129,3 +129,24 @@ def test_the_cli_prints_a_kiln_error_defined_anywhere_as_one_line(monkeypatch, c
         main(["anything"])
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip() == 'kiln: Got "x" for --thing. Use y.'
+
+
+def test_hostile_files_get_one_line_too(tmp_path, monkeypatch, capsys):
+    """A search space of YAML aliases and a Parquet footer declaring 10**15 rows: one line,
+    exit 2, no traceback, no hang (tests/tuning/test_space.py, tests/actors/test_sources.py)."""
+    from tests.actors.test_sources import declaring_rows
+    from tests.tuning.test_space import LAUGHS
+
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "laughs.yaml").write_text(LAUGHS)
+    declaring_rows(tmp_path / "huge.parquet", 10**15)
+    for args, fragment in (
+        (["tune", "--data", "sklearn:iris", "--space", str(tmp_path / "laughs.yaml")], "aliases"),
+        (["train", "--data", str(tmp_path / "huge.parquet"), "--label", "y"], "declares"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and fragment in lines[0] and lines[0].startswith("kiln: "), lines

@@ -77,3 +77,28 @@ def test_sweep_config_rejects_unknown_scheduler_and_pbt_with_optuna():
         SweepConfig(space=SearchSpace(), scheduler="median")
     with pytest.raises(KilnError, match="PBT picks its own"):
         SweepConfig(space=SearchSpace(), scheduler="pbt", search="optuna")
+
+
+LAUGHS = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+) + "lr: *i\n"  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        (LAUGHS, "uses YAML anchors or aliases"),  # 9**9 nodes once expanded
+        ("lr: " + "[" * 20000 + "]" * 20000 + "\n", "nested deeper than 16 levels"),
+        ("lr: 1e-4:1e-1\n" + "# padding\n" * 10000, "a search space is a few lines"),
+        ("lr: [1, 2\n", "not valid YAML"),
+        ("lr: &x 1e-4:1e-1\n", "anchors or aliases"),
+    ],
+)
+def test_a_hostile_space_file_gets_one_clear_error_and_no_hang(tmp_path, text, fragment):
+    from tuning.space import load_space_file
+
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(KilnError, match=fragment):
+        load_space_file(str(path))
