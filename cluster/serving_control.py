@@ -29,6 +29,7 @@ def deploy_models(
     admin scope before anything changes. `auth=False` in `serve_args` turns key checks off.
     """
     registry = registry_for(settings)
+    resolve_all(registry, refs)  # a missing model is one line now, not a failed deployment
     auth = bool(serve_args.get("auth", True))
     ray.get(registry.record_event.remote("deploy", ",".join(refs), {"auth": auth}, key))
     if not auth:
@@ -41,6 +42,16 @@ def deploy_models(
     # serve.run returns once replicas are healthy; check the proxy routes to them too.
     httpx.get(f"{base_url}/docs", timeout=30).raise_for_status()
     return base_url
+
+
+def resolve_all(registry: Any, refs: list[str]) -> None:
+    """Resolve every reference through the Registry actor; its KilnError, unwrapped."""
+    try:
+        ray.get([registry.resolve.remote(ref) for ref in refs])
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, KilnError):
+            raise exc.cause from None
+        raise
 
 
 def current_args() -> dict[str, Any]:

@@ -95,6 +95,8 @@ def serve(
             f"wrote {emit_config}: serve deploy {emit_config}, or a RayService's serveConfigV2"
         )
         return
+    if settings.embedded:
+        check_refs(settings, models)  # from the SQLite catalog, before Ray or Serve starts
     with connected(settings):
         from cluster.serving_control import deploy_models
 
@@ -119,6 +121,17 @@ def serve(
                 time.sleep(3600)
         except KeyboardInterrupt:
             console.print("stopping")
+
+
+def check_refs(settings: Any, refs: list[str]) -> None:
+    """Every reference resolves in this KILN_HOME's catalog (read directly: the embedded Ray
+    is not started for a model that does not exist). On a cluster, `deploy_models` asks the
+    Registry actor the same before it deploys."""
+    from cluster.client import Kiln
+
+    with Kiln(settings=settings, use_ray=False) as kiln:
+        for ref in refs:
+            kiln.resolve(ref)
 
 
 def validated_serve_args(**values: Any) -> dict[str, Any]:

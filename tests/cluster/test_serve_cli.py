@@ -75,6 +75,9 @@ def test_emitted_config_is_a_valid_serve_deploy_config(tmp_path, monkeypatch, ca
         (["deploy", "m", "--version", "2"], "kiln deploy needs a running Ray cluster"),
         (["promote", "m"], "kiln promote needs a running Ray cluster"),
         (["rollback", "m"], "kiln rollback needs a running Ray cluster"),
+        (["serve", "nosuch"], "no model named nosuch is registered"),  # before Ray starts
+        (["serve", "nosuch@9", "--no-auth"], "no model named nosuch is registered"),
+        (["serve", "Bad/Name"], 'Got "Bad/Name" for a model name'),
     ],
 )
 def test_bad_serving_input_is_one_line(args, fragment, tmp_path, monkeypatch, capsys):
@@ -82,3 +85,14 @@ def test_bad_serving_input_is_one_line(args, fragment, tmp_path, monkeypatch, ca
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, lines
     assert fragment in lines[0]
+
+
+def test_deploying_a_missing_version_fails_from_the_registry_before_serve(
+    ray_local, settings_session, registry_session, trained_digits
+):
+    """On a cluster (or from Python) the Registry actor answers first: no failed deployment."""
+    from cluster.serving_control import deploy_models
+    from training.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="model digits-mlp has no version 999"):
+        deploy_models(settings_session, ["digits-mlp", "digits-mlp@999"], auth=False)
