@@ -304,6 +304,15 @@ class ShardStore:
             self._moments[encoding] = moments
         return self._moments[encoding]
 
+    def feature_moments(self, encoding: Encoding | None = None) -> CrossMoments:
+        """Count, means and centred co-moments of the features alone (PCA): F x F numbers."""
+        width = encoding.num_features if encoding else len(self._stats.mean)
+        moments = CrossMoments.empty(width)
+        for batch in ray.get(self._refs):
+            x = self._features(batch, encoding)
+            moments = moments.merge(CrossMoments.from_arrays(x, np.zeros(len(x))))
+        return moments
+
     def loo_squared_errors(self, basis: LooBasis, encoding: Encoding | None = None) -> np.ndarray:
         """Σ of the ridge path's leave-one-out errors² over this shard's rows, one per λ."""
         total = np.zeros(len(basis.intercepts))
@@ -394,6 +403,15 @@ def category_counts(batch: pa.RecordBatch, name: str) -> CategoryCounts:
 def reduce_linear_moments(handles: list[Any], encoding: Encoding | None = None) -> CrossMoments:
     """The moments of every row of these shards: one F x F reduce over the actors."""
     parts = ray.get([h.linear_moments.remote(encoding) for h in handles])
+    moments = parts[0]
+    for part in parts[1:]:
+        moments = moments.merge(part)
+    return moments
+
+
+def reduce_feature_moments(handles: list[Any], encoding: Encoding | None = None) -> CrossMoments:
+    """The features' co-moments over every row of these shards: one F x F reduce."""
+    parts = ray.get([h.feature_moments.remote(encoding) for h in handles])
     moments = parts[0]
     for part in parts[1:]:
         moments = moments.merge(part)

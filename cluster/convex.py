@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from actors.shards import ShardSet, reduce_linear_moments, reduce_loss_sums
+from actors.shards import (
+    ShardSet,
+    reduce_feature_moments,
+    reduce_linear_moments,
+    reduce_loss_sums,
+)
 from training.config import TrainConfig
 from training.linear import (
     CrossMoments,
@@ -32,6 +37,8 @@ from training.linear import (
     RidgePath,
     Scaling,
     fit_lbfgs,
+    principal_components,
+    project_system,
     solve_ridge,
     standard_system,
 )
@@ -63,6 +70,28 @@ def scaling_of(spec: dict[str, Any]) -> Scaling:
     )
 
 
+def projection_of(spec: dict[str, Any]) -> np.ndarray | None:
+    """The PCA components (K, F) a spec keeps, or None."""
+    pca = spec.get("pca")
+    return None if pca is None else np.asarray(pca["components"], dtype=np.float64)
+
+
+def with_pca(spec: dict[str, Any], keep: float, shard_sets: list[ShardSet]) -> dict[str, Any]:
+    """The spec with the principal components of its standardised features over every row of
+    `shard_sets` (one reduce of F x F co-moments over the actors; no rows leave them)."""
+    moments = reduce_feature_moments(handles_of(shard_sets), Encoding.from_spec(spec))
+    found = principal_components(moments, scaling_of(spec), keep)
+    return {
+        **spec,
+        "pca": {
+            "requested": keep,
+            "components": found.components.tolist(),
+            "variance_ratio": found.variance_ratio.tolist(),
+            "variance_kept": found.variance_kept,
+        },
+    }
+
+
 def handles_of(shard_sets: list[ShardSet]) -> list[Any]:
     return [h for s in shard_sets for h in s.handles]
 
@@ -71,6 +100,9 @@ def fit_exact(cfg: TrainConfig, spec: dict[str, Any], shard_sets: list[ShardSet]
     """Ridge (λ ≥ 0) from the statistics of every row of `shard_sets`."""
     moments = reduce_linear_moments(handles_of(shard_sets), Encoding.from_spec(spec))
     system = standard_system(moments, scaling_of(spec))
+    components = projection_of(spec)
+    if components is not None:  # ridge on the principal components p = P·z
+        system = project_system(system, components)
     w, b = solve_ridge(system, cfg.penalty)
     return ConvexFit(
         model=linear_model(spec, w[None, :], [b]),
@@ -109,6 +141,7 @@ def fit_full_batch(
         max_iter=cfg.max_iter,
         tol=cfg.tol,
         init=init,
+        projection=projection_of(spec),
     )
     if not found.converged:
         logger.warning("L-BFGS stopped before converging: %s", found.message)

@@ -36,7 +36,7 @@ from actors.shards import (
     load_shards,
     looks_like_dataset_name,
 )
-from cluster.convex import fit_convex, lbfgs_warning
+from cluster.convex import fit_convex, lbfgs_warning, with_pca
 from cluster.requests import TrainRequest, run_record_path
 from cluster.resources import worker_cpus
 from cluster.settings import Settings
@@ -338,6 +338,8 @@ def solve_convex(cfg: TrainConfig, data: Dataset) -> Trained:
     sets = [s for s in (data.train, data.val) if s is not None]
     stats = data.train.stats.merge(data.val.stats) if data.val is not None else data.train.stats
     spec = make_spec(cfg, data.train, stats)
+    if cfg.pca is not None:
+        spec = with_pca(spec, cfg.pca, sets)
     fit = fit_convex(cfg, spec, sets)
     return Trained(
         model=fit.model,
@@ -450,6 +452,8 @@ def train_and_register(
             cfg = cfg.planned(math.ceil(data.train.num_rows / cfg.workers))
             step(f"training ({cfg.max_epochs} epochs)")
             spec = make_spec(cfg, data.train)
+            if cfg.pca is not None:  # the components of the rows the statistics came from
+                spec = with_pca(spec, cfg.pca, [data.train])
             trained = train_minibatch(cfg, spec, data, settings, request.run_name, on_epoch)
         else:
             step(f"solving ({cfg.resolved_solver})")
@@ -477,6 +481,7 @@ def train_and_register(
                 "converged": trained.converged,
                 "run_name": request.run_name,
                 "best_epoch": trained.best_epoch,
+                "pca": pca_lineage(trained.spec),
             },
         )
     finally:
@@ -497,6 +502,20 @@ def train_and_register(
         iterations=trained.iterations,
         columns=data.train.stats.column_summary(),
     )
+
+
+def pca_lineage(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """What the lineage says of a model's PCA: components kept and the variance they explain
+    (the components themselves are in the spec)."""
+    pca = spec.get("pca")
+    if pca is None:
+        return None
+    return {
+        "requested": pca["requested"],
+        "components": len(pca["components"]),
+        "of_features": spec["num_features"],
+        "variance_kept": pca["variance_kept"],
+    }
 
 
 def strip(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

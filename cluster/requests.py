@@ -135,6 +135,7 @@ class TrainRequest:
         cpus_per_worker: int | None,
         grad_accum: int,
         bucket_cap_mb: float | None,
+        pca: float | None,
     ) -> TrainRequest:
         """`kiln train`'s options (by their Python names), checked, as a request."""
         source = source_from_options(
@@ -168,6 +169,7 @@ class TrainRequest:
             cpus_per_worker=cpus_per_worker,
             grad_accum=grad_accum,
             bucket_cap_mb=bucket_cap_mb,
+            pca=pca,
         )
         return cls(
             data=data,

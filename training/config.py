@@ -77,6 +77,9 @@ class TrainConfig:
     """Micro-batches whose gradients add up (DDP syncs once per group) before one step."""
     bucket_cap_mb: float | None = None
     """DDP's gradient bucket size in MB (None: DDP's default, 25)."""
+    pca: float | None = None
+    """PCA on the standardised features, a fixed layer of the model: a share of the variance
+    to keep (0 < pca < 1) or a number of components (a whole number ≥ 1). None: no PCA."""
 
     def __post_init__(self) -> None:
         require_choice(self.model, MODEL_KINDS, "--model")
@@ -108,6 +111,18 @@ class TrainConfig:
         )
         _require(self.penalty >= 0, f'Got "{self.l2}" for --l2. --l2 (λ) must be 0 or more.')
         _require(self.max_iter >= 1, f'Got "{self.max_iter}" for --max-iter. Use 1 or more.')
+        _require(
+            self.pca is None
+            or (0 < self.pca < 1)
+            or (self.pca >= 1 and float(self.pca).is_integer()),
+            f'Got "{self.pca}" for --pca. Give a share of the variance in (0, 1), e.g. 0.95, '
+            "or a whole number of components, e.g. 20.",
+        )
+        _require(
+            self.pca is None or self.model != "cnn",
+            "Got --pca with --model cnn, which reads the pixels as an image. Use mlp or "
+            "logistic with --pca.",
+        )
         _require(0 < self.tol < 1, f'Got "{self.tol}" for --tol. Use a value in (0, 1), e.g. 1e-6.')
         _require(
             len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden),

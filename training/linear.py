@@ -320,26 +320,32 @@ def fit_lbfgs(
     max_iter: int = 1000,
     tol: float = 1e-6,
     init: tuple[np.ndarray, np.ndarray] | None = None,
+    projection: np.ndarray | None = None,
 ) -> LbfgsResult:
     """Minimise J = (1/m)·Σ loss + (λ/2m)·|W|² (biases unpenalised) with L-BFGS.
 
     `loss_sums` sees weights on raw features (the shards standardise nothing); the chain rule
-    brings its sums back to the model's space. Stops when the largest gradient component is
-    below `tol` (converged) or after `max_iter` iterations (not converged).
+    brings its sums back to the model's space. With a `projection` P (K, F) the model's
+    weights act on p = P·z (PCA), so the standardised weights are Pᵀ·W and W's gradient is P
+    times theirs. Stops when the largest gradient component is below `tol` (converged) or
+    after `max_iter` iterations (not converged).
     """
     from scipy import optimize  # driver side only: the shard processes never load scipy
 
-    f, k, m = len(scaling.mean), num_outputs, float(count)
+    f = len(scaling.mean) if projection is None else len(projection)
+    k, m = num_outputs, float(count)
     inv_std = 1.0 / scaling.std
     sigma = scaling.target_std
     trace: list[float] = []
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = theta[: f * k].reshape(f, k), theta[f * k :]
-        a, c = raw_weights(w, b, scaling)
+        a, c = raw_weights(w if projection is None else projection.T @ w, b, scaling)
         loss, grad_a, grad_c = loss_sums(a, c)
         # d/dw of loss(a(w), c(w)): a = w·σ/s, c = b·σ + t_mean - mean·a.
         grad_w = (grad_a - np.outer(scaling.mean, grad_c)) * (inv_std * sigma)[:, None]
+        if projection is not None:
+            grad_w = projection @ grad_w
         grad_b = grad_c * sigma
         value = loss / (m * sigma**2) + (l2 / (2 * m)) * float(np.sum(w * w))
         grad = np.concatenate(
@@ -373,4 +379,57 @@ def fit_lbfgs(
         if np.isfinite(before)
         else 0.0,
         message=str(found.message),
+    )
+
+
+# ----------------------------------------------------------------------------- PCA
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Principal components of the standardised features, kept as a fixed layer of the model."""
+
+    components: np.ndarray
+    """(K, F): rows are unit directions in the standardised feature space, largest first."""
+    variance_ratio: np.ndarray
+    """(K,): each component's share of the total variance."""
+
+    @property
+    def variance_kept(self) -> float:
+        return float(self.variance_ratio.sum())
+
+
+def principal_components(moments: CrossMoments, scaling: Scaling, keep: float) -> Projection:
+    """PCA of the standardised rows summarised by `moments` (their centred co-moments, from a
+    reduce over the shards: no rows needed). `keep` < 1 is a share of the variance, and K is
+    the fewest components whose cumulative share exceeds it, as scikit-learn's
+    `PCA(n_components=keep)` chooses; `keep` ≥ 1 is K itself. Each component's sign is fixed
+    so that its largest entry is positive (scikit-learn's `svd_flip` convention)."""
+    inv = 1.0 / scaling.std
+    covariance = moments.cxx * np.outer(inv, inv)  # Σ(z - z̄)(z - z̄)ᵀ, z standardised
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues = np.clip(eigenvalues[order], 0.0, None)
+    eigenvectors = eigenvectors[:, order]
+    ratio = eigenvalues / max(float(eigenvalues.sum()), 1e-300)
+    if keep < 1:
+        count = int(np.searchsorted(np.cumsum(ratio), keep, side="right")) + 1
+    else:
+        count = int(keep)
+    count = min(count, len(ratio))
+    components = eigenvectors[:, :count].T.copy()  # (K, F)
+    biggest = np.argmax(np.abs(components), axis=1)
+    components *= np.sign(components[np.arange(count), biggest])[:, None]
+    return Projection(components, ratio[:count])
+
+
+def project_system(system: StandardSystem, components: np.ndarray) -> StandardSystem:
+    """The ridge normal equations of the projected rows p = P·z (a linear map of z)."""
+    return StandardSystem(
+        gram=components @ system.gram @ components.T,
+        rhs=components @ system.rhs,
+        tt=system.tt,
+        count=system.count,
+        z_mean=components @ system.z_mean,
+        t_mean=system.t_mean,
     )

@@ -84,6 +84,24 @@ class Encode(nn.Module):
         return out.scatter(1, slots, 1.0)
 
 
+class Project(nn.Module):
+    """PCA: standardised features onto the principal components kept (a fixed layer; its
+    matrix comes from the spec, as the encoding's buffers do). Identity without PCA."""
+
+    components: torch.Tensor
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        pca = spec.get("pca")
+        self.identity = pca is None
+        if pca is not None:
+            matrix = torch.tensor(pca["components"], dtype=torch.float32)  # (K, F)
+            self.register_buffer("components", matrix, persistent=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, K)
+        return z if self.identity else z @ self.components.T
+
+
 class SmallCNN(nn.Module):
     """Two conv blocks for square single-channel images (digits is 8x8)."""
 
@@ -105,7 +123,8 @@ class SmallCNN(nn.Module):
 
 
 class KilnModel(nn.Module):
-    """Standardisation, the network body, and (for regression) the target's scale restored.
+    """Encoding (table inputs), standardisation, PCA when asked, the network body, and (for
+    regression) the target's scale restored.
 
     A regressor's body predicts the standardised target; scaling the target leaves the
     ridge optimum unchanged for the same λ (both terms of J scale by σ²) and keeps the
@@ -114,21 +133,28 @@ class KilnModel(nn.Module):
 
     encode: Encode
     standardize: Standardize
+    project: Project
     target_mean: torch.Tensor
     target_std: torch.Tensor
 
     def __init__(
-        self, num_features: int, body: nn.Module, encoding: Encoding | None = None
+        self,
+        num_features: int,
+        body: nn.Module,
+        encoding: Encoding | None = None,
+        project: Project | None = None,
     ) -> None:
         super().__init__()
         self.encode = Encode(encoding)
         self.standardize = Standardize(num_features)
+        self.project = project if project is not None else Project({})
         self.body = body
         self.register_buffer("target_mean", torch.zeros(1))
         self.register_buffer("target_std", torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.standardize(self.encode(x))) * self.target_std + self.target_mean
+        z = self.project(self.standardize(self.encode(x)))
+        return self.body(z) * self.target_std + self.target_mean
 
 
 def validate_spec(spec: dict[str, Any]) -> None:
@@ -167,7 +193,7 @@ def num_outputs(spec: dict[str, Any]) -> int:
 
 
 def build_body(spec: dict[str, Any]) -> nn.Module:
-    kind, n_in, n_out = spec["kind"], spec["num_features"], num_outputs(spec)
+    kind, n_in, n_out = spec["kind"], body_inputs(spec), num_outputs(spec)
     if kind in ("linear", "ridge", "logistic"):
         return nn.Linear(n_in, n_out)
     if kind == "cnn":
@@ -186,7 +212,15 @@ def build_body(spec: dict[str, Any]) -> nn.Module:
 def build_model(spec: dict[str, Any]) -> KilnModel:
     """Build an untrained model from its spec (weights come from safetensors)."""
     validate_spec(spec)
-    return KilnModel(spec["num_features"], build_body(spec), Encoding.from_spec(spec))
+    return KilnModel(
+        spec["num_features"], build_body(spec), Encoding.from_spec(spec), Project(spec)
+    )
+
+
+def body_inputs(spec: dict[str, Any]) -> int:
+    """Inputs of the network body: the principal components kept, else every feature."""
+    pca = spec.get("pca")
+    return len(pca["components"]) if pca else int(spec["num_features"])
 
 
 def num_inputs(spec: dict[str, Any]) -> int:

@@ -140,6 +140,13 @@ def train(
     bucket_cap_mb: Annotated[
         float | None, typer.Option(help="DDP gradient bucket size in MB; default: DDP's 25.")
     ] = None,
+    pca: Annotated[
+        float | None,
+        typer.Option(
+            help="PCA on the standardised features, a fixed layer of the model: a variance "
+            "share (0.95) or a number of components (20)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     address: AddressOpt = None,
     home: HomeOpt = None,

@@ -32,7 +32,7 @@ def cli_defaults() -> dict[str, Any]:
     }
 
 
-def kiln_train(settings, registry, data: Path, **options: Any) -> TrainOutcome:
+def kiln_train(settings, registry, data: Path | str, **options: Any) -> TrainOutcome:
     request = TrainRequest.from_options(**{**cli_defaults(), "data": str(data), **options})
     return train_and_register(settings, request, registry)
 
