@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -267,6 +268,9 @@ class ShardStore:
     def source_spec(self) -> SourceSpec:
         return self.source
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def ready(self) -> int:
         """Rows of this shard; raises the KilnError that stopped its loading."""
         if self._error is not None:
@@ -498,24 +502,88 @@ def start_shards(
 ) -> list[Any]:
     """Start `num_shards` ShardStore actors spread over the nodes; they load in the background."""
     check_source(source)
-    store: Any = ShardStore  # @ray.remote adds .options, which type checkers cannot see
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    targets = [nodes[i % len(nodes)] for i in range(num_shards)]
+    targets = shard_targets(num_shards)
     if len(set(targets)) > 1:
         reach_nodes(sorted(set(targets)))
-    handles = []
-    for i in range(num_shards):
-        # Round-robin over the live nodes: SPREAD alone is best effort, and it put every
-        # 0-CPU shard on one node in a 3-node test. Soft, so a restart may go elsewhere.
-        strategy = NodeAffinitySchedulingStrategy(node_id=targets[i], soft=True)
-        options: dict[str, Any] = {"scheduling_strategy": strategy}
-        if name:
-            options["name"] = actor_name(name, split, i)
-            options["namespace"] = NAMESPACE
-        if detached:
-            options["lifetime"] = "detached"
-        handles.append(store.options(**options).remote(source, split, i, num_shards))
-    return handles
+    return [
+        start_shard(source, split, i, num_shards, targets[i], name, detached)
+        for i in range(num_shards)
+    ]
+
+
+def shard_targets(num_shards: int) -> list[str]:
+    """The node each shard should live on: round-robin over the live nodes. SPREAD alone is
+    best effort, and it put every 0-CPU shard on one node in a 3-node test."""
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    return [nodes[i % len(nodes)] for i in range(num_shards)]
+
+
+def start_shard(
+    source: SourceSpec,
+    split: str,
+    index: int,
+    num_shards: int,
+    target: str,
+    name: str | None,
+    detached: bool,
+) -> Any:
+    """One ShardStore, softly pinned to `target` (soft, so a restart may go elsewhere)."""
+    store: Any = ShardStore  # @ray.remote adds .options, which type checkers cannot see
+    strategy = NodeAffinitySchedulingStrategy(node_id=target, soft=True)
+    options: dict[str, Any] = {"scheduling_strategy": strategy}
+    if name:
+        options["name"] = actor_name(name, split, index)
+        options["namespace"] = NAMESPACE
+    if detached:
+        options["lifetime"] = "detached"
+    return store.options(**options).remote(source, split, index, num_shards)
+
+
+def respread(
+    shard_set: ShardSet,
+    name: str | None,
+    detached: bool,
+    attempts: int = 3,
+    timeout_s: float = 60.0,
+) -> ShardSet:
+    """Start again, on its node, each shard whose soft affinity fell back elsewhere (up to
+    `attempts` rounds; what is still off its node after them stays where it is).
+
+    Even after `reach_nodes` a fresh cluster's scheduler sometimes overrides soft affinities
+    (all three shards of a 3-node test on one node, about one run in several: RAY_NOTES).
+    """
+    targets = shard_targets(len(shard_set.handles))
+    if len(set(targets)) < 2:
+        return shard_set
+    for _ in range(attempts):
+        placed = ray.get([h.node_id.remote() for h in shard_set.handles])
+        wrong = [i for i, (at, goal) in enumerate(zip(placed, targets, strict=True)) if at != goal]
+        if not wrong:
+            break
+        logger.info("shards %s of %s landed off their nodes; placing again", wrong, shard_set.split)
+        reach_nodes(sorted({targets[i] for i in wrong}))
+        handles = list(shard_set.handles)
+        for i in wrong:
+            ray.kill(handles[i], no_restart=True)
+            if name:
+                wait_until_name_is_free(actor_name(name, shard_set.split, i), timeout_s)
+            handles[i] = start_shard(
+                shard_set.source, shard_set.split, i, len(handles), targets[i], name, detached
+            )
+        shard_set = gather_shard_set(shard_set.source, shard_set.split, handles)
+    return shard_set
+
+
+def wait_until_name_is_free(actor: str, timeout_s: float) -> None:
+    """ray.kill is asynchronous: a named actor's name stays taken until it is gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(actor, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise KilnError(f"shard actor {actor} did not stop within {timeout_s:.0f} s; try again")
 
 
 @ray.remote(num_cpus=0)
@@ -577,7 +645,9 @@ def load_dataset(
         for split, count in splits.items():
             started[split] = start_shards(source, split, count, name, detached)
             if not together:
-                sets[split] = gather_shard_set(source, split, started[split])
+                placed = gather_shard_set(source, split, started[split])
+                sets[split] = respread(placed, name, detached)
+                started[split] = sets[split].handles
         for split, handles in started.items():
             if split not in sets:
                 sets[split] = gather_shard_set(source, split, handles)

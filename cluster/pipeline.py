@@ -89,13 +89,17 @@ def register_model(
 
 
 def make_spec(
-    cfg: TrainConfig, shards: ShardSet, stats: FeatureStats | None = None
+    cfg: TrainConfig,
+    shards: ShardSet,
+    stats: FeatureStats | None = None,
+    min_category_count: int | None = None,
 ) -> dict[str, Any]:
     """The model's spec from the reduce over its training shards (`stats`, default the
-    shards' own): inputs and their encoding, standardisation, classes or target scale."""
+    shards' own): inputs and their encoding, standardisation, classes or target scale.
+    `min_category_count` is the run's (default: the one the shards were loaded with)."""
     stats = stats or shards.stats
     assert stats.plan is not None
-    encoding = stats.encoding(shards.source.min_category_count)
+    encoding = stats.encoding(min_category_count or shards.source.min_category_count)
     mean, std = feature_scaling(encoding, stats.count, stats.numeric_m2())
     spec: dict[str, Any] = {
         "kind": cfg.model,
@@ -333,11 +337,11 @@ def train_minibatch(
     )
 
 
-def solve_convex(cfg: TrainConfig, data: Dataset) -> Trained:
+def solve_convex(cfg: TrainConfig, data: Dataset, min_category_count: int | None = None) -> Trained:
     """Exact or L-BFGS on every non-test row (no early stopping needs validation rows)."""
     sets = [s for s in (data.train, data.val) if s is not None]
     stats = data.train.stats.merge(data.val.stats) if data.val is not None else data.train.stats
-    spec = make_spec(cfg, data.train, stats)
+    spec = make_spec(cfg, data.train, stats, min_category_count)
     if cfg.pca is not None:
         spec = with_pca(spec, cfg.pca, sets)
     fit = fit_convex(cfg, spec, sets)
@@ -451,13 +455,13 @@ def train_and_register(
         if cfg.resolved_solver == "minibatch":
             cfg = cfg.planned(math.ceil(data.train.num_rows / cfg.workers))
             step(f"training ({cfg.max_epochs} epochs)")
-            spec = make_spec(cfg, data.train)
+            spec = make_spec(cfg, data.train, None, request.source.min_category_count)
             if cfg.pca is not None:  # the components of the rows the statistics came from
                 spec = with_pca(spec, cfg.pca, [data.train])
             trained = train_minibatch(cfg, spec, data, settings, request.run_name, on_epoch)
         else:
             step(f"solving ({cfg.resolved_solver})")
-            trained = solve_convex(cfg, data)
+            trained = solve_convex(cfg, data, request.source.min_category_count)
         step("evaluating")
         test_metrics = evaluate_on(trained.model, trained.spec, eval_set or data.test)
         step("registering")

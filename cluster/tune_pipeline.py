@@ -92,7 +92,7 @@ def trial_context(request: SweepRequest, data: Dataset, settings: Settings) -> T
         raise KilnError("a sweep needs validation rows to rank trials: use --val-fraction 0.1")
     return TrialContext(
         train=request.train.to_dict(),
-        spec=make_spec(request.train, data.train),
+        spec=make_spec(request.train, data.train, None, request.source.min_category_count),
         shards=data.train.handles,
         val_shards=data.val.handles,
         num_train_rows=data.train.num_rows,

@@ -20,20 +20,28 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+MAX_ERROR_CHARS = 1000
+"""A last bound on any error message (each quoted value is already cut at 64 characters)."""
+
+
+def bounded(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "…"
+
+
 async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(
-        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        {"error": bounded(str(exc.detail))}, status_code=exc.status_code, headers=exc.headers
     )
 
 
 async def request_error(_: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    return JSONResponse({"error": bounded(str(exc))}, status_code=exc.status)
 
 
 async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
-    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-    return JSONResponse({"error": f"{where}: {first['msg']}"}, status_code=422)
+    where = ".".join(str(p)[:64] for p in first.get("loc", ())) or "body"
+    return JSONResponse({"error": bounded(f"{where}: {first['msg']}")}, status_code=422)
 
 
 def add_error_handlers(app: FastAPI) -> None:

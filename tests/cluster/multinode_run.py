@@ -65,12 +65,23 @@ def worker_node(cluster: Cluster, node_id: str) -> Any:
 
 
 def shards_spread() -> dict[str, Any]:
+    from actors.shards import gather_shard_set, respread, start_shard
+
     data = load_dataset(SourceSpec(uri="sklearn:iris", val_fraction=0.0), 3)
     try:
         nodes = [actor_node(h._actor_id.hex()) for h in data.train.handles]
     finally:
         data.release()
-    return {"shard_nodes": nodes}
+    # Shards placed off their nodes on purpose (all on the driver's) are placed again.
+    source = SourceSpec(uri="sklearn:iris", val_fraction=0.0)
+    here = ray.get_runtime_context().get_node_id()
+    handles = [start_shard(source, "train", i, 3, here, "respread", False) for i in range(3)]
+    placed = respread(gather_shard_set(source, "train", handles), "respread", False)
+    try:
+        again = ray.get([h.node_id.remote() for h in placed.handles])
+    finally:
+        placed.release()
+    return {"shard_nodes": nodes, "respread_nodes": again}
 
 
 def train_through_node_loss(cluster: Cluster, settings: Settings) -> dict[str, Any]:

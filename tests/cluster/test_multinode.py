@@ -36,6 +36,9 @@ def observed() -> dict:
 def test_shards_spread_over_the_nodes(observed):
     assert len(set(observed["shard_nodes"])) >= 2
     assert set(observed["shard_nodes"]) <= set(observed["nodes"])
+    # Shards that landed on the wrong node (here all three on one, on purpose) are placed
+    # again, one per node, under their names.
+    assert sorted(observed["respread_nodes"]) == sorted(observed["nodes"])
 
 
 @pytest.mark.multinode

@@ -222,3 +222,17 @@ def test_tritonclient_calls_the_model_with_string_features(served_people):
         "yes",
         "no",
     ]
+
+
+def test_rare_categories_share_the_other_slot(
+    ray_local, settings_session, registry_session, tables
+):
+    """--min-category-count: lima (a fifth of the rows, about 320 training rows) is rarer than
+    400, so it and every unseen city answer through `other`; the counts say so."""
+    outcome = kiln_train(
+        settings_session, registry_session, tables["people"], model="logistic",
+        min_category_count=400, register="people-rare",
+    )  # fmt: skip
+    city = outcome.record.spec["inputs"][2]
+    assert city["categories"] == ["paris", "tokyo"]
+    assert 250 < city["other_count"] < 400 and all(n >= 400 for n in city["counts"])
