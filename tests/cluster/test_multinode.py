@@ -37,8 +37,10 @@ def test_shards_spread_over_the_nodes(observed):
     assert len(set(observed["shard_nodes"])) >= 2
     assert set(observed["shard_nodes"]) <= set(observed["nodes"])
     # Shards that landed on the wrong node (here all three on one, on purpose) are placed
-    # again, one per node, under their names.
-    assert sorted(observed["respread_nodes"]) == sorted(observed["nodes"])
+    # again under their names. Not always one per node: a soft affinity to one worker node
+    # fell back again in 1 run of 4, even over 3 rounds (RAY_NOTES), so the check is the
+    # spread the shards need, as above.
+    assert len(set(observed["respread_nodes"])) >= 2
 
 
 @pytest.mark.multinode
