@@ -405,17 +405,16 @@ def category_counts(batch: pa.RecordBatch, name: str) -> CategoryCounts:
 
 
 def reduce_linear_moments(handles: list[Any], encoding: Encoding | None = None) -> CrossMoments:
-    """The moments of every row of these shards: one F x F reduce over the actors."""
-    parts = ray.get([h.linear_moments.remote(encoding) for h in handles])
-    moments = parts[0]
-    for part in parts[1:]:
-        moments = moments.merge(part)
-    return moments
+    """The moments of (features, label) over every row of these shards: one F x F reduce."""
+    return merge_moments(ray.get([h.linear_moments.remote(encoding) for h in handles]))
 
 
 def reduce_feature_moments(handles: list[Any], encoding: Encoding | None = None) -> CrossMoments:
-    """The features' co-moments over every row of these shards: one F x F reduce."""
-    parts = ray.get([h.feature_moments.remote(encoding) for h in handles])
+    """The features' co-moments over every row of these shards (PCA): one F x F reduce."""
+    return merge_moments(ray.get([h.feature_moments.remote(encoding) for h in handles]))
+
+
+def merge_moments(parts: list[CrossMoments]) -> CrossMoments:
     moments = parts[0]
     for part in parts[1:]:
         moments = moments.merge(part)

@@ -50,6 +50,23 @@ def test_batches_are_object_refs_owned_by_the_actor(ray_local):
         shards.release()
 
 
+def kill_and_wait_for_reload(victim) -> None:
+    """Kill a ShardStore (it restarts and reloads from the source) and wait until it hands
+    out new refs: its old objects died with it."""
+    stale = {r.hex() for r in ray.get(victim.batch_refs.remote())}
+    ray.kill(victim, no_restart=False)
+
+    def reloaded() -> bool:
+        # ray.kill is asynchronous: calls made just after it may still reach the old actor.
+        try:
+            refs = ray.get(victim.batch_refs.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+        return {r.hex() for r in refs}.isdisjoint(stale)
+
+    assert wait_for(reloaded, timeout_s=180)
+
+
 def test_a_killed_shard_actor_reloads_and_every_row_is_read_exactly_once(ray_local):
     from actors.sources import synthetic_split_range
     from training.data import fetch_shard_batches
@@ -58,19 +75,7 @@ def test_a_killed_shard_actor_reloads_and_every_row_is_read_exactly_once(ray_loc
     shards = load_shards(source, "train", 3)
     try:
         victim = shards.handles[1]
-        stale_refs = ray.get(victim.batch_refs.remote())
-        stale = {r.hex() for r in stale_refs}
-        ray.kill(victim, no_restart=False)  # the actor restarts and reloads from the source
-
-        def reloaded() -> bool:
-            # ray.kill is asynchronous: calls made just after it may still reach the old actor.
-            try:
-                refs = ray.get(victim.batch_refs.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                return False
-            return {r.hex() for r in refs}.isdisjoint(stale)
-
-        assert wait_for(reloaded, timeout_s=180)
+        kill_and_wait_for_reload(victim)
         assert ray.get(victim.ready.remote(), timeout=180) == shards.rows_per_shard[1]
         row_ids = np.concatenate(
             [b.column("row_id").to_numpy() for h in shards.handles for b in fetch_shard_batches(h)]
@@ -131,18 +136,7 @@ def test_categorical_columns_survive_a_killed_shard_with_every_row_once(ray_loca
     shards = load_shards(source, "train", 3)
     try:
         before = shards.stats
-        victim = shards.handles[2]
-        stale = {r.hex() for r in ray.get(victim.batch_refs.remote())}
-        ray.kill(victim, no_restart=False)
-
-        def reloaded() -> bool:
-            try:
-                refs = ray.get(victim.batch_refs.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                return False
-            return {r.hex() for r in refs}.isdisjoint(stale)
-
-        assert wait_for(reloaded, timeout_s=180)
+        kill_and_wait_for_reload(shards.handles[2])
         batches = [b for h in shards.handles for b in fetch_shard_batches(h)]
         row_ids = np.concatenate([b.column("row_id").to_numpy() for b in batches])
         table = load_file_table(str(path))
@@ -155,9 +149,11 @@ def test_categorical_columns_survive_a_killed_shard_with_every_row_once(ray_loca
             expected = [cities[i] for i in batch.column("row_id").to_pylist()]
             assert stored == expected
         again = load_shards(source, "train", 3)  # the reduce after a reload is the same
-        assert again.stats.categories == before.categories
-        np.testing.assert_allclose(again.stats.mean, before.mean)
-        again.release()
+        try:
+            assert again.stats.categories == before.categories
+            np.testing.assert_allclose(again.stats.mean, before.mean)
+        finally:
+            again.release()
     finally:
         shards.release()
 
