@@ -1,9 +1,13 @@
-"""The SQLite catalog behind the Registry: models, versions, aliases, API keys, audit. No Ray.
+"""The SQLite catalog behind the Registry: models, versions, aliases, latency profiles, API keys,
+audit. No Ray.
 
 The Registry actor is its writer; SQLite's own locking (`BEGIN IMMEDIATE`) keeps a second
 process on the same file (the local CLI) from interleaving with it. Versions increase
 monotonically per model and are never reused once committed, even after a delete. Every change
-and its audit row commit in one transaction, so a crash leaves both or neither.
+and its audit row commit in one transaction, so a crash leaves both or neither. A latency
+profile is a measurement, not a change: it is stored (one row per version and backend, a new
+measurement replacing the old) without an audit row, and goes when its version is deleted.
+A catalog made before a table existed gains it on open (`CREATE TABLE IF NOT EXISTS`).
 """
 
 from __future__ import annotations
@@ -62,6 +66,15 @@ CREATE TABLE IF NOT EXISTS keys (
     created_by TEXT NOT NULL,
     expires_at REAL,
     revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS profiles (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    backend TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    measured_at REAL NOT NULL,
+    PRIMARY KEY (name, version, backend),
+    FOREIGN KEY (name, version) REFERENCES versions(name, version) ON DELETE CASCADE
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -371,6 +384,13 @@ class Catalog:
             self.add_audit(actor, action, f"{name}@{version}", {"aliases": aliases})
         return aliases
 
+    def set_artifacts(self, name: str, version: int, artifacts: dict[str, str]) -> None:
+        """Inside a transaction: a version's file -> sha256 map, as `add_artifact` extends it."""
+        self._db.execute(
+            "UPDATE versions SET artifacts = ? WHERE name = ? AND version = ?",
+            (json.dumps(artifacts), name, version),
+        )
+
     def _aliases_blocking(self, name: str, version: int, verb: str, force: bool) -> list[str]:
         aliases = self.aliases_of(name, version)
         if aliases and not force:
@@ -478,6 +498,38 @@ class Catalog:
             }
             for n, count, archived, latest in rows
             if count > 0
+        ]
+
+    # ------------------------------------------------------------------ latency profiles
+
+    def put_profile(self, name: str, version: int, backend: str, profile: dict[str, Any]) -> None:
+        """Store a version's latency profile for one backend, replacing an earlier one."""
+        with self.transaction():
+            self.get_version(name, version)
+            self._db.execute(
+                "INSERT INTO profiles VALUES (?, ?, ?, ?, ?) ON CONFLICT(name, version, backend) "
+                "DO UPDATE SET profile = excluded.profile, measured_at = excluded.measured_at",
+                (
+                    name,
+                    version,
+                    backend,
+                    json.dumps(profile),
+                    float(profile.get("measured_at") or time.time()),
+                ),
+            )
+
+    def list_profiles(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
+        """`{"name", "version", "backend", "profile", "measured_at"}` rows of a model (or of one
+        of its versions), by version then backend. A deleted version's went with it (cascade)."""
+        where, args = ("AND version = ?", [version]) if version is not None else ("", [])
+        rows = self._db.execute(
+            "SELECT name, version, backend, profile, measured_at FROM profiles "
+            f"WHERE name = ? {where} ORDER BY version, backend",
+            (name, *args),
+        ).fetchall()
+        return [
+            {"name": n, "version": v, "backend": b, "profile": json.loads(p), "measured_at": at}
+            for n, v, b, p, at in rows
         ]
 
     # ------------------------------------------------------------------ keys

@@ -15,6 +15,7 @@ N is handed out again, and on every start of the actor.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import hashlib
 import json
@@ -68,18 +69,31 @@ def check_artifacts(files: dict[str, bytes], spec: dict[str, Any]) -> None:
     # Imported here: torch is heavy, and catalog-only commands (kiln models list) skip it.
     from training.artifacts import SPEC_FILE, WEIGHTS_FILE, model_from_files
 
-    for filename in files:
-        if not FILENAME_PATTERN.match(filename):
-            raise KilnError(
-                f'Got "{filename}" for an artifact file name. Use letters, digits, ".", "_" '
-                'and "-", starting with a letter or digit.'
-            )
+    for filename, data in files.items():
+        check_added_file(filename, data)
     missing = [f for f in (SPEC_FILE, WEIGHTS_FILE) if f not in files]
     if missing:
         raise KilnError(f"a model version needs {SPEC_FILE} and {WEIGHTS_FILE}; missing {missing}")
     _, stored_spec = model_from_files(files)  # parses JSON and safetensors, never unpickles
     if stored_spec != json.loads(json.dumps(spec)):
         raise KilnError(f"the spec given to register differs from the {SPEC_FILE} artifact")
+
+
+def check_added_file(filename: str, data: bytes) -> None:
+    """A file name Kiln can store, and for an ONNX file, bytes that parse as an ONNX model
+    (protobuf: parsing runs no code)."""
+    if not FILENAME_PATTERN.match(filename):
+        raise KilnError(
+            f'Got "{filename}" for an artifact file name. Use letters, digits, ".", "_" '
+            'and "-", starting with a letter or digit.'
+        )
+    if filename.endswith(".onnx"):
+        import onnx
+
+        try:
+            onnx.checker.check_model(onnx.load_model_from_string(data))
+        except Exception as exc:  # protobuf's DecodeError, onnx's ValidationError
+            raise KilnError(f"{filename} is not a valid ONNX model: {exc}") from exc
 
 
 class RegistryService:
@@ -169,6 +183,46 @@ class RegistryService:
         logger.info("registered %s", record.ref)
         return record
 
+    def add_artifact(
+        self,
+        name: str,
+        version: int,
+        filename: str,
+        data: bytes,
+        detail: dict[str, Any] | None = None,
+        key: str | None = None,
+    ) -> VersionRecord:
+        """Add a new file (an export) to an existing version; audited as "export".
+
+        A version's existing files never change, so a name it already has is refused. The
+        bytes are written while the catalog's write transaction is open and the version's
+        checksums are updated in that transaction: a writer killed midway leaves the version
+        as it was, plus at most a file no checksum names, which is never read and which a retry
+        writes over.
+        """
+        actor = self._admin(key)
+        validate_name(name)
+        check_added_file(filename, data)
+        with self._catalog.transaction():
+            record = self._catalog.get_version(name, int(version))
+            if filename in record.artifacts:
+                raise KilnError(
+                    f"{record.ref} already has {filename} (sha256 "
+                    f"{record.artifacts[filename]}); a version's existing files never change"
+                )
+            digest = hashlib.sha256(data).hexdigest()
+            self._store.write(artifact_path(name, record.version, filename), data)
+            artifacts = {**record.artifacts, filename: digest}
+            self._catalog.set_artifacts(name, record.version, artifacts)
+            self._catalog.add_audit(
+                actor,
+                "export",
+                record.ref,
+                {**(detail or {}), "file": filename, "sha256": digest, "bytes": len(data)},
+            )
+        logger.info("added %s to %s", filename, record.ref)
+        return dataclasses.replace(record, artifacts=artifacts)
+
     def _resolve_parent(self, lineage: dict[str, Any]) -> dict[str, Any]:
         """A parent given as name, name@alias or name@N is stored as the exact name@N."""
         if lineage.get("parent"):
@@ -216,6 +270,25 @@ class RegistryService:
     def unarchive_version(self, name: str, version: int, key: str | None = None) -> dict[str, Any]:
         self._catalog.set_status(name, version, ACTIVE, actor=self._admin(key))
         return {"ref": f"{name}@{version}", "status": ACTIVE, "aliases_removed": []}
+
+    def record_profile(
+        self,
+        name: str,
+        version: int,
+        backend: str,
+        profile: dict[str, Any],
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """Store a version's latency profile for `backend` (replacing an earlier one)."""
+        self._admin(key)
+        self._catalog.put_profile(name, int(version), backend, profile)
+        return {"ref": f"{name}@{version}", "backend": backend, "profile": profile}
+
+    def profiles(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
+        """The latency profiles of a model's versions (or of one version), one per backend."""
+        validate_name(name)
+        self._catalog.require_model(name)
+        return self._catalog.list_profiles(name, version)
 
     def remove_orphans(self) -> list[str]:
         """Delete version folders that no catalog row points at; returns their paths.

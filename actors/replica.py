@@ -3,10 +3,17 @@
 It is a plain object, so it runs inside a Serve replica (which is itself a Ray actor) and in
 tests without Ray. Its `predict` uses the same forward pass as evaluation, so a served model
 answers exactly as the evaluated one did.
+
+Two backends run the forward pass: torch (the model rebuilt from spec.json and safetensors)
+and ONNX Runtime (the version's model.onnx, from `kiln export`; an ONNX Runtime session with
+one intra-op thread per CPU of the replica). Both take the same raw inputs and give the same
+(N, K) float32 outputs, so everything above `forward` (V1, V2, batching, health) is shared.
+`auto` picks ONNX Runtime when the version has model.onnx (training.export.serving_backend).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -16,8 +23,9 @@ import torch
 
 from actors.catalog import VersionRecord
 from actors.registry import read_verified_files
-from training.artifacts import model_from_files
+from training.artifacts import SPEC_FILE, model_from_files
 from training.evaluate import outputs_to_predictions, predict_outputs, softmax
+from training.export import ONNX_FILE, ONNXRUNTIME, PLATFORMS, TORCH, OnnxModel, serving_backend
 from training.models import num_inputs
 from training.tabular import Encoding
 
@@ -36,29 +44,50 @@ def pick_device(gpu: str = "auto") -> torch.device:
 class ModelReplica:
     """A verified, loaded model version with a batched `predict`."""
 
-    def __init__(self, record: VersionRecord, storage_uri: str, gpu: str = "auto") -> None:
-        files = read_verified_files(storage_uri, record)
-        model, self.spec = model_from_files(files)
+    def __init__(
+        self,
+        record: VersionRecord,
+        storage_uri: str,
+        gpu: str = "auto",
+        backend: str = TORCH,
+        num_cpus: float = 1.0,
+    ) -> None:
+        self.backend = serving_backend(record.spec, record.artifacts, backend, record.ref)
+        """torch or onnxruntime: the backend asked for, `auto` resolved."""
+        files = read_verified_files(storage_uri, record)  # every file, model.onnx included
+        self.device = pick_device(gpu)
+        self.model: Any = None
+        self.onnx: OnnxModel | None = None
+        if self.backend == ONNXRUNTIME:
+            self.spec = json.loads(files[SPEC_FILE])
+            self.onnx = OnnxModel(files[ONNX_FILE], num_threads=int(num_cpus), gpu=gpu)
+        else:
+            model, self.spec = model_from_files(files)
+            self.model = model.to(self.device)
         self.encoding = Encoding.from_spec(self.spec)
         """How the model's table columns become its features; None for a model trained before
         inputs were recorded (it takes rows of num_features numbers)."""
         self.num_inputs = num_inputs(self.spec)
         """Raw values per row the model takes: one per input column (NaN for a missing value,
         a categorical column's slot), or its num_features for a model without inputs."""
-        self.device = pick_device(gpu)
-        self.model = model.to(self.device)
         self.record = record
         self.small_forward_s = 0.0
         """Moving average of the seconds a forward pass of a few rows takes (serving uses it
         to run cheap passes inline and costly ones on a worker thread)."""
         # Warm-up, the first pass is slow. Zeros are valid raw inputs: slot 0 of a categorical.
         self.forward(np.zeros((1, self.num_inputs), dtype=np.float32))
-        logger.info("loaded %s on %s", record.ref, self.device)
+        where = ",".join(self.onnx.providers) if self.onnx else self.device
+        logger.info("loaded %s with %s on %s", record.ref, self.backend, where)
 
     @property
     def num_features(self) -> int:
         """Encoded features the network sees (num_inputs for a model without inputs)."""
         return int(self.spec["num_features"])
+
+    @property
+    def platform(self) -> str:
+        """What V2 metadata calls the backend (kiln-pytorch, onnxruntime_onnx)."""
+        return PLATFORMS[self.backend]
 
     @property
     def is_classifier(self) -> bool:
@@ -67,7 +96,7 @@ class ModelReplica:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs (N, K) for raw inputs x of shape (N, num_inputs) (see `encoding`)."""
         started = time.perf_counter()
-        out = predict_outputs(self.model, x, self.device)
+        out = self.onnx.forward(x) if self.onnx else predict_outputs(self.model, x, self.device)
         if len(x) <= SMALL_ROWS:
             took = time.perf_counter() - started
             self.small_forward_s = (

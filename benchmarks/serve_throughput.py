@@ -87,9 +87,10 @@ def ensure_wrk() -> str:
     return shutil.which("wrk") or "wrk"
 
 
-def run_wrk(url: str, connections: int, duration_s: int) -> dict[str, float]:
+def run_wrk(url: str, connections: int, duration_s: int, lua: str = LUA) -> dict[str, float]:
+    """wrk POSTing `lua`'s body (default: one row of 64 features) for `duration_s`."""
     script = Path(tempfile.mkdtemp()) / "post.lua"
-    script.write_text(LUA)
+    script.write_text(lua)
     threads = min(2, connections)
     out = subprocess.run(
         [

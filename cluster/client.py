@@ -184,6 +184,44 @@ class Kiln:
             "aliases": sorted(a for a, v in aliases.items() if v == record.version),
         }
 
+    def compare(self, name: str) -> list[dict[str, Any]]:
+        """`kiln models compare NAME`: every active version's score, parameters, bytes, latency
+        per backend, lineage and Pareto flag (cluster/compare.py)."""
+        from cluster.compare import compare_rows
+
+        versions = self.versions(name)
+        profiles = self._call("profiles", name)
+        return compare_rows(versions, profiles, self._call("get_storage_uri"))
+
+    def profiles(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
+        """The recorded latency profiles of a model (or one version), one per backend."""
+        return self._call("profiles", validate_name(name), version)
+
+    def profile(self, ref: str, backend: str = "torch", num_cpus: float = 1.0) -> dict[str, Any]:
+        """Measure a version's latency profile and record it (replacing the backend's last).
+
+        With Ray it runs in a Ray task holding `num_cpus` CPUs, as at registration; an
+        embedded client without Ray measures in this process with as many torch threads.
+        """
+        from cluster.profiling import measure_version, profile_version
+
+        record = self.resolve(ref)
+        storage_uri = self._call("get_storage_uri")
+        if self._registry is not None:
+            found = profile_version(
+                storage_uri, record, backend, num_cpus, registry=self._registry, key=self.key
+            )
+        else:
+            found = measure_version(record, storage_uri, backend, num_cpus)
+            self._call(
+                "record_profile", record.name, record.version, found["backend"], found, key=self.key
+            )
+        return {"ref": record.ref, "backend": found["backend"], "profile": found}
+
+    def record_event(self, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
+        """An audited decision made outside the catalog (e.g. the SLO choice of kiln serve)."""
+        self._call("record_event", action, target, detail, key=self.key)
+
     def register(
         self,
         name: str,
@@ -205,6 +243,30 @@ class Kiln:
             key=self.key,
             request_id=request_id,
         )
+
+    def export(
+        self,
+        ref: str,
+        format: str = "onnx",
+        quantize: str | None = None,
+        data: str | None = None,
+    ) -> dict[str, Any]:
+        """`kiln export REF`: the version as ONNX, checked against torch on its test rows;
+        fp32 joins the version, `quantize="int8"` registers a new version. Returns the
+        `kiln export --json` summary. It loads the version's dataset into ShardStore actors,
+        so an embedded client starts a local Ray for the call."""
+        from cluster.exporting import ExportRequest, export_version
+        from cluster.runtime import ray_session, registry_for
+
+        with flags_as_keywords():
+            request = ExportRequest(
+                ref=ref, format=format, quantize=quantize, data=data, key=self.key
+            )
+            request.check_against(self.resolve(ref))
+            if self._registry is not None:
+                return export_version(self.settings, request, self._registry).to_dict()
+            with ray_session(self.settings):
+                return export_version(self.settings, request, registry_for(self.settings)).to_dict()
 
     def alias(self, name: str, version: int, alias: str) -> dict[str, Any]:
         return self._call("set_alias", validate_name(name), alias, int(version), key=self.key)
@@ -291,6 +353,14 @@ class Kiln:
     def submit_tune(self, env_vars: dict[str, str] | None = None, **options: Any) -> str:
         """`kiln tune --json` on the cluster (a sweep), options as keywords."""
         return self.submit(["kiln", "tune", *command_args("tune", options), "--json"], env_vars)
+
+    def submit_compress(
+        self, ref: str, env_vars: dict[str, str] | None = None, **options: Any
+    ) -> str:
+        """`kiln compress REF --json` on the cluster: quantize="int8", prune=0.5, distill=True,
+        student="mlp:64", ... as keywords; its result names the variant registered."""
+        args = ["kiln", "compress", ref, *command_args("compress", options), "--json"]
+        return self.submit(args, env_vars)
 
     def deploy(
         self, models: list[str], env_vars: dict[str, str] | None = None, **serve_options: Any

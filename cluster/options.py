@@ -31,10 +31,16 @@ COMMAND_OPTIONS: dict[str, frozenset[str]] = {
     "train": SESSION | request_flags(option_names(TrainRequest.from_options)),
     "tune": SESSION | request_flags(option_names(SweepRequest.from_options), negatable=("refit",)),
     "serve": flags(
-        "--access-log --address --auth --batch-wait-timeout-s --emit-config --home --host "
-        "--key --max-batch-size --max-replicas --min-replicas --no-access-log --no-auth "
+        "--access-log --address --auth --backend --batch-wait-timeout-s --emit-config --home "
+        "--host --key --max-batch-size --max-replicas --min-replicas --no-access-log --no-auth "
         "--num-cpus --num-gpus --num-replicas --port --rate-burst --rate-limit --storage "
         "--target-ongoing-requests"
+        # the SLO choice
+        " --slo-p99-ms --min-accuracy --target-rps --http-overhead-ms --dry-run --no-dry-run"
+    ),
+    "compress": flags(
+        "--address --home --storage --json --quantize --prune --finetune-epochs --distill "
+        "--no-distill --student --temperature --alpha --epochs --data --workers --register-as"
     ),
 }
 """`kiln COMMAND` -> its long options, `--no-X` forms included (tests/cluster/test_options.py)."""

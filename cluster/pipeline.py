@@ -37,6 +37,7 @@ from actors.shards import (
     looks_like_dataset_name,
 )
 from cluster.convex import fit_convex, lbfgs_warning, with_pca
+from cluster.profiling import profile_at_registration
 from cluster.requests import TrainRequest, run_record_path
 from cluster.resources import worker_cpus
 from cluster.settings import Settings
@@ -79,13 +80,26 @@ class TrainOutcome:
 
 
 def register_model(
-    registry: Any, name: str, model: KilnModel, spec: dict, metrics: dict, lineage: dict
+    registry: Any,
+    name: str,
+    model: KilnModel,
+    spec: dict,
+    metrics: dict,
+    lineage: dict,
+    extra_files: dict[str, bytes] | None = None,
 ) -> VersionRecord:
-    """Register through the Registry actor; the request id makes a retried call register once."""
-    files = model_to_files(model, spec)
-    return ray.get(
+    """Register through the Registry actor; the request id makes a retried call register once.
+    `extra_files` join the model's own (an ONNX int8 variant's model.onnx).
+
+    Then the version's latency profile is measured (a Ray task with one replica's CPUs, about
+    1 s; cluster/profiling.py); a failed measurement only warns: the version stays registered.
+    """
+    files = {**model_to_files(model, spec), **(extra_files or {})}
+    record: VersionRecord = ray.get(
         registry.register.remote(name, files, spec, metrics, lineage, request_id=uuid.uuid4().hex)
     )
+    profile_at_registration(registry, record)
+    return record
 
 
 def make_spec(
@@ -138,8 +152,10 @@ def fit(
     on_epoch: ProgressFn | None = None,
     extra_loop_config: dict[str, Any] | None = None,
     datasets: dict[str, Any] | None = None,
+    loop: Callable[[dict[str, Any]], None] = train_func,
 ) -> tuple[ray.train.Result, list[dict[str, Any]]]:
-    """Run the TorchTrainer; returns its result and the per-epoch metrics of rank 0.
+    """Run the TorchTrainer (each worker runs `loop`, default `train_func`); returns its result
+    and the per-epoch metrics of rank 0.
 
     Epochs stream through a Ray queue to `on_epoch` while fit() blocks in a thread. A run name
     that exists under the storage path resumes that run (Ray Train V2's restore-by-name).
@@ -159,7 +175,7 @@ def fit(
     use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cpus = worker_cpus(cfg)  # each worker's CPUs, and its torch threads
     trainer = TorchTrainer(
-        train_func,
+        loop,
         train_loop_config={
             "train": {**cfg.to_dict(), "cpus_per_worker": cpus},
             "spec": spec,

@@ -9,11 +9,13 @@ import httpx
 import ray
 from ray import serve
 
+from actors.catalog import VersionRecord
 from cluster.runtime import registry_for
 from cluster.settings import Settings
 from serving.app import build_app
 from serving.schemas import AUTH_OFF_WARNING, ServeArgs, is_canary_weight
 from training.errors import KilnError
+from training.export import serving_backend
 
 APP_NAME = "kiln"
 
@@ -29,7 +31,8 @@ def deploy_models(
     admin scope before anything changes. `auth=False` in `serve_args` turns key checks off.
     """
     registry = registry_for(settings)
-    resolve_all(registry, refs)  # a missing model is one line now, not a failed deployment
+    # A missing model, or one its backend cannot run, is one line now, not a failed deployment.
+    resolve_all(registry, refs, str(serve_args.get("backend", "auto")))
     auth = bool(serve_args.get("auth", True))
     ray.get(registry.record_event.remote("deploy", ",".join(refs), {"auth": auth}, key))
     if not auth:
@@ -44,14 +47,18 @@ def deploy_models(
     return base_url
 
 
-def resolve_all(registry: Any, refs: list[str]) -> None:
-    """Resolve every reference through the Registry actor; its KilnError, unwrapped."""
+def resolve_all(registry: Any, refs: list[str], backend: str = "auto") -> list[VersionRecord]:
+    """Resolve every reference through the Registry actor (its KilnError, unwrapped) and check
+    that `backend` can serve each version (training.export.serving_backend)."""
     try:
-        ray.get([registry.resolve.remote(ref) for ref in refs])
+        records: list[VersionRecord] = ray.get([registry.resolve.remote(ref) for ref in refs])
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, KilnError):
             raise exc.cause from None
         raise
+    for ref, record in zip(refs, records, strict=True):
+        serving_backend(record.spec, record.artifacts, backend, ref)
+    return records
 
 
 def current_args() -> dict[str, Any]:
@@ -82,7 +89,8 @@ def deploy_canary(
     if not any(ref.partition("@")[0] == name for ref in args["models"]):
         raise KilnError(f"{name} is not served; serve it first (kiln serve {name})")
     registry = registry_for(settings)
-    ray.get(registry.resolve.remote(f"{name}@{version}"))  # refuses an unknown version
+    # Refuses an unknown version, or one the served backend cannot run.
+    resolve_all(registry, [f"{name}@{version}"], str(args.get("backend", "auto")))
     ray.get(registry.set_alias.remote(name, "canary", version, key))
     args["canary"] = {
         **args.get("canary", {}),

@@ -150,7 +150,9 @@ def resolve_served(registry: Any, args: ServeArgs, loaded: dict[str, ModelReplic
     storage_uri = str(ray.get(registry.get_storage_uri.remote()))
     replicas: dict[str, ModelReplica] = {}
     for record in records:
-        replicas[record.ref] = loaded.get(record.ref) or ModelReplica(record, storage_uri, args.gpu)
+        replicas[record.ref] = loaded.get(record.ref) or ModelReplica(
+            record, storage_uri, args.gpu, args.backend, args.num_cpus
+        )
     router = Router()
     names = sorted({r.name for r in records})
     alias_maps = dict(zip(names, ray.get([registry.aliases.remote(n) for n in names]), strict=True))
@@ -196,7 +198,8 @@ class ModelHost:
         self.limiter = RateLimiter(args.rate_limit_per_s, args.rate_limit_burst)
         self.served = Served({}, Router())
         # The replica computes with the cores it reserves (Kiln's workers default to one
-        # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads.
+        # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads (an
+        # ONNX Runtime session gets as many intra-op threads: ModelReplica).
         torch.set_num_threads(max(1, int(args.num_cpus)))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -252,6 +255,7 @@ class ModelHost:
             label=spec.get("label"),
             metrics={k: v for k, v in record.metrics.items() if k != "history"},
             aliases=self.served.router.aliases_of(key),
+            backend=replica.backend,  # type: ignore[arg-type]
         )
 
     async def forward(self, key: str, x: np.ndarray) -> np.ndarray:

@@ -77,6 +77,9 @@ class ModelInfo(BaseModel):
     label: dict[str, Any] | None = Field(None, description="The label column: name and type.")
     metrics: dict[str, Any]
     aliases: list[str]
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="What runs the model: torch, or ONNX Runtime on its model.onnx."
+    )
 
 
 class ModelList(BaseModel):
@@ -241,6 +244,11 @@ class ServeArgs(BaseModel):
     rate_limit_per_s: float = Field(0.0, ge=0, description="Per key and replica; 0: no limit.")
     rate_limit_burst: float = Field(20.0, ge=1)
     gpu: Literal["auto", "on", "off"] = "auto"
+    backend: Literal["torch", "onnxruntime", "auto"] = Field(
+        "auto",
+        description="What runs each model: torch, onnxruntime (its model.onnx from kiln export), "
+        "or auto: onnxruntime for a version that has model.onnx, torch otherwise.",
+    )
     num_replicas: int = Field(1, ge=1, description="Fixed replica count (without autoscaling).")
     min_replicas: int | None = Field(None, ge=0, description="Autoscaling floor (0 allowed).")
     max_replicas: int | None = Field(None, ge=1, description="Autoscaling ceiling.")

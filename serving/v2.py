@@ -432,11 +432,14 @@ def model_outputs(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return outputs
 
 
-def model_metadata(name: str, version: int, spec: dict[str, Any]) -> dict[str, Any]:
+def model_metadata(
+    name: str, version: int, spec: dict[str, Any], platform: str = "kiln-pytorch"
+) -> dict[str, Any]:
+    """`platform`: kiln-pytorch (the torch backend) or onnxruntime_onnx (ONNX Runtime)."""
     return {
         "name": name,
         "versions": [str(version)],
-        "platform": "kiln-pytorch",
+        "platform": platform,
         "inputs": model_inputs(spec),
         "outputs": model_outputs(spec),
     }

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from training.compress import is_quantized, load_quantized, quantized_state
 from training.errors import CorruptArtifactError
 from training.models import KilnModel, build_model
 
@@ -26,7 +27,10 @@ def sha256_hex(data: bytes) -> str:
 
 
 def model_to_files(model: KilnModel, spec: dict[str, Any]) -> dict[str, bytes]:
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    if is_quantized(spec):  # int8 layers as int8 tensors and their scales
+        state = quantized_state(model)
+    else:
+        state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     return {
         WEIGHTS_FILE: save_safetensors(state),
         SPEC_FILE: json.dumps(spec, sort_keys=True, indent=2).encode(),
@@ -39,10 +43,13 @@ def model_from_files(files: dict[str, bytes]) -> tuple[KilnModel, dict[str, Any]
         spec = json.loads(files[SPEC_FILE])
     except (KeyError, ValueError) as exc:
         raise CorruptArtifactError(f"{SPEC_FILE} is missing or not valid JSON: {exc}") from exc
-    model = build_model(spec)
     try:
         state = load_safetensors(files[WEIGHTS_FILE])
-        model.load_state_dict(state)
+        if is_quantized(spec):
+            model = load_quantized(spec, state)
+        else:
+            model = build_model(spec)
+            model.load_state_dict(state)
     except (KeyError, SafetensorError, RuntimeError) as exc:
         raise CorruptArtifactError(f"{WEIGHTS_FILE} could not be loaded: {exc}") from exc
     model.eval()

@@ -23,6 +23,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.util.queue import Full
+from safetensors.torch import load as load_safetensors
 from torch import nn
 from torch.nn import functional as F
 
@@ -33,6 +34,7 @@ from training.checkpoints import (
     save_training_checkpoint,
     state_tensors,
 )
+from training.compress import distillation_loss
 from training.config import TrainConfig
 from training.data import (
     batch_inputs,
@@ -41,7 +43,7 @@ from training.data import (
     encode_labels,
     fetch_shard_batches,
 )
-from training.losses import objective
+from training.losses import l2_penalty, objective
 from training.metrics import metrics_from_confusion, regression_metrics_from_sums
 from training.models import build_model, num_inputs, set_standardization
 from training.tabular import Encoding
@@ -63,6 +65,12 @@ class LoopConfig:
     """Optional queue (ray.util.queue.Queue) that rank 0 feeds one metrics dict per epoch."""
     feed: str = "shards"
     """shards: ShardStore actors; raydata: Ray Data's iter_torch_batches (for comparisons)."""
+    init_weights: bytes | None = None
+    """Safetensors bytes of the weights to start from (fine-tuning a pruned model)."""
+    distill: dict[str, float] | None = None
+    """{"temperature": T, "alpha": A}: train against a teacher's softened outputs as well."""
+    teacher: nn.Module | None = field(default=None, repr=False)
+    """The teacher of a distillation, loaded on this worker (`train_func`'s argument)."""
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> LoopConfig:
@@ -256,21 +264,33 @@ def accumulated_step(
         with contextlib.nullcontext() if last or not ddp else cast(Any, model).no_sync():
             with autocast(device):
                 outputs = model(xb)
-                loss = objective(
-                    model,
-                    outputs.float(),
-                    yb,
-                    task,
-                    cfg.train.penalty,
-                    cfg.num_train_rows,
-                    cfg.spec.get("target_std", 1.0),
-                )
+                loss = step_loss(model, outputs.float(), xb, yb, cfg)
             (loss * (len(yb) / rows)).backward()
         loss_sum += float(loss.detach()) * len(yb)
         if task == "classification":
             correct += float((outputs.argmax(1) == yb).sum())
     optimizer.step()
     return loss_sum, correct, float(rows)
+
+
+def step_loss(
+    model: nn.Module, outputs: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, cfg: LoopConfig
+) -> torch.Tensor:
+    """J of the batch, or (distilling) the distillation loss plus the same L2 penalty."""
+    target_std = cfg.spec.get("target_std", 1.0)
+    task = cfg.spec["task"]
+    if cfg.teacher is None or cfg.distill is None:
+        return objective(
+            model, outputs, yb, task, cfg.train.penalty, cfg.num_train_rows, target_std
+        )
+    with torch.no_grad():
+        taught = cfg.teacher(xb).float()
+    loss = distillation_loss(
+        outputs, taught, yb, task, cfg.distill["temperature"], cfg.distill["alpha"], target_std
+    )
+    if cfg.train.penalty > 0:
+        loss = loss + l2_penalty(model, cfg.train.penalty, cfg.num_train_rows)
+    return loss
 
 
 @torch.inference_mode()
@@ -359,9 +379,11 @@ def worker_threads(cfg: TrainConfig, local_workers: int) -> int:
     return max(1, min(int(reserved), cores))
 
 
-def train_func(config: dict[str, Any]) -> None:
-    """Entry point of every Train worker."""
+def train_func(config: dict[str, Any], teacher: nn.Module | None = None) -> None:
+    """Entry point of every Train worker. `teacher`: the model a distillation learns from,
+    loaded on this worker by the caller (cluster/variants.py)."""
     cfg = LoopConfig.from_dict(config)
+    cfg.teacher = teacher.eval() if teacher is not None else None
     context = ray.train.get_context()
     torch.set_num_threads(worker_threads(cfg.train, context.get_local_world_size()))
     torch.manual_seed(cfg.train.seed)
@@ -374,6 +396,8 @@ def train_func(config: dict[str, Any]) -> None:
     # 1. Model, optimizer, scheduler; then the latest checkpoint if Ray Train resumed us.
     base_model = build_model(cfg.spec)
     set_standardization(base_model, cfg.spec)
+    if cfg.init_weights is not None:
+        base_model.load_state_dict(load_safetensors(cfg.init_weights))
     optimizer = make_optimizer(base_model, cfg.train)
     state = TrainingState(base_model, optimizer, make_lr_scheduler(optimizer, cfg.train))
     state.best_weights = state_tensors(base_model)

@@ -17,6 +17,8 @@ from training.errors import KilnError
 from training.tabular import Encoding
 
 REGRESSION_KINDS = ("linear", "ridge")
+CNN_CHANNELS = (32, 64)
+"""Widths of the CNN's two conv blocks unless the spec says otherwise (`channels`)."""
 
 
 class Standardize(nn.Module):
@@ -103,19 +105,22 @@ class Project(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks for square single-channel images (digits is 8x8)."""
+    """Two conv blocks for square single-channel images (digits is 8x8). `channels` are the
+    two blocks' widths (a pruned model's are smaller)."""
 
-    def __init__(self, side: int, num_outputs: int, channels: int = 32) -> None:
+    def __init__(self, side: int, num_outputs: int, channels: tuple[int, int] = (32, 64)) -> None:
         super().__init__()
         self.side = side
+        first, second = channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
+            nn.Conv2d(1, first, 3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(channels, channels * 2, 3, padding=1),
+            nn.Conv2d(first, second, 3, padding=1),
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
         )
-        self.head = nn.Linear(channels * 2 * 4, num_outputs)
+        # The pooled (C, 2, 2) flattened: channel c feeds the head's columns 4c..4c+3.
+        self.head = nn.Linear(second * 4, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, side*side) -> (B, out)
         x = x.view(-1, 1, self.side, self.side)
@@ -197,7 +202,8 @@ def build_body(spec: dict[str, Any]) -> nn.Module:
     if kind in ("linear", "ridge", "logistic"):
         return nn.Linear(n_in, n_out)
     if kind == "cnn":
-        return SmallCNN(math.isqrt(n_in), n_out)
+        first, second = spec.get("channels", CNN_CHANNELS)
+        return SmallCNN(math.isqrt(n_in), n_out, (first, second))
     layers: list[nn.Module] = []
     width_in = n_in
     for width in spec.get("hidden", [128, 64]):

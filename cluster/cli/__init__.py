@@ -20,6 +20,8 @@ from cluster.cli import train  # noqa: E402,F401
 from cluster.cli import serve  # noqa: E402,F401
 from cluster.cli import data  # noqa: E402,F401
 from cluster.cli import registry  # noqa: E402,F401
+from cluster.cli import compress  # noqa: E402,F401
+from cluster.cli import export  # noqa: E402,F401
 from cluster.cli import jobs  # noqa: E402,F401
 
 # isort: on

@@ -16,8 +16,10 @@ from cluster.cli.common import (
     KeyOpt,
     StorageOpt,
     app,
+    connected,
     console,
     keys_app,
+    load_settings,
     models_app,
     open_client,
     output,
@@ -91,6 +93,121 @@ def models_show(
         result,
         as_json,
         lambda shown: JSON.from_data({k: v for k, v in shown.items() if k != "spec"}, default=str),
+    )
+
+
+@models_app.command("compare")
+def models_compare(
+    name: Annotated[str, typer.Argument(help="Model name: compare its active versions.")],
+    plot: Annotated[
+        str | None,
+        typer.Option(help="Also write a PNG of accuracy against batch-1 latency to this file."),
+    ] = None,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Versions side by side: accuracy, parameters, bytes, latency, lineage, Pareto front."""
+    if plot is not None and not plot.lower().endswith(".png"):
+        raise KilnError(f'Got "{plot}" for --plot. Give a file name ending in .png.')
+    with open_client(address, home, storage) as client:
+        rows = client.compare(name)
+    if plot:
+        from cluster.compare import write_plot
+
+        try:
+            write_plot(rows, plot, name)
+        except OSError as exc:
+            raise KilnError(f'Got "{plot}" for --plot, which cannot be written: {exc}') from exc
+        console.print(f"wrote {plot}")
+    output(rows, as_json, compare_table)
+    if not as_json:
+        for row in rows:
+            if not row["profiles"]:
+                console.print(
+                    f"{row['ref']} is not profiled: kiln models profile {row['ref']}",
+                    markup=False,
+                )
+
+
+def compare_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(
+        "version",
+        "aliases",
+        rows[0]["metric"] if rows else "accuracy",
+        "params",
+        "bytes",
+        "backend",
+        "b1 p50/p99 ms",
+        "b64 p50/p99 ms",
+        "parent",
+        "compression",
+        "pareto",
+        caption="latency: one replica's CPUs, as measured at registration (kiln models profile)",
+    )
+    for row in rows:
+        profiles = row["profiles"]
+        table.add_row(
+            f"@{row['version']}",
+            ", ".join(row["aliases"]),
+            "" if row["score"] is None else f"{row['score']:.4f}",
+            "" if row["parameters"] is None else f"{row['parameters']:,}",
+            "" if row["artifact_bytes"] is None else f"{row['artifact_bytes']:,}",
+            "\n".join(profiles) or "not profiled",
+            "\n".join(f"{p['b1_p50_ms']:.3f}/{p['b1_p99_ms']:.3f}" for p in profiles.values()),
+            "\n".join(f"{p['b64_p50_ms']:.3f}/{p['b64_p99_ms']:.3f}" for p in profiles.values()),
+            row["parent"] or "",
+            row["compression"] or "",
+            {True: "yes", False: "", None: "-"}[row["pareto"]],
+        )
+    return table
+
+
+@models_app.command("profile")
+def models_profile(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS")],
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Serving backend to measure: torch, onnxruntime (needs model.onnx: kiln "
+            "export), or auto (onnxruntime where the version has model.onnx)."
+        ),
+    ] = "torch",
+    num_cpus: Annotated[
+        float, typer.Option(help="CPUs (and threads) of the replica measured.")
+    ] = 1.0,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Measure a version's latency profile in a Ray task and record it (replacing the last)."""
+    from cluster.client import Kiln
+
+    if num_cpus <= 0:
+        raise KilnError(f'Got "{num_cpus}" for --num-cpus. Use a positive number.')
+    settings = load_settings(address=address, home=home, storage=storage)
+    if settings.embedded:  # a missing version is one line from the catalog, before Ray starts
+        from training.export import serving_backend
+
+        with Kiln(settings=settings, use_ray=False) as local:
+            record = local.resolve(ref)
+        serving_backend(record.spec, record.artifacts, backend, record.ref)
+    with connected(settings):
+        with Kiln(settings=settings, key=key, use_ray=True) as client:
+            found = client.profile(ref, backend=backend, num_cpus=num_cpus)
+    output(found, as_json, profile_lines)
+
+
+def profile_lines(found: dict[str, Any]) -> str:
+    p = found["profile"]
+    return (
+        f"{found['ref']} ({found['backend']}, {p['threads']} thread(s), {p['cpu_model']}): "
+        f"batch 1 p50 {p['b1_p50_ms']:.3f} ms, p99 {p['b1_p99_ms']:.3f} ms; batch 64 p50 "
+        f"{p['b64_p50_ms']:.3f} ms, p99 {p['b64_p99_ms']:.3f} ms; "
+        f"{p['rows_per_s_b64']:,.0f} rows/s"
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from cluster.cli.common import (
     AddressOpt,
@@ -22,6 +24,10 @@ from cluster.cli.common import (
     require_cluster,
 )
 from training.errors import KilnError
+
+if TYPE_CHECKING:
+    from cluster.settings import Settings
+    from serving.slo import SLO, Choice, Verdict
 
 
 @app.command()
@@ -45,6 +51,13 @@ def serve(
     num_gpus: Annotated[
         float | None, typer.Option(help="GPU share per replica (default 0.25 with GPUs).")
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="torch, onnxruntime (the version's model.onnx: kiln export), or auto: "
+            "onnxruntime where a version has model.onnx."
+        ),
+    ] = "auto",
     rate_limit: Annotated[
         float, typer.Option(help="Requests/s per key and replica; 0: no limit.")
     ] = 0.0,
@@ -59,6 +72,25 @@ def serve(
         str | None,
         typer.Option(help="Write a Serve config YAML (serve deploy / KubeRay) and exit."),
     ] = None,
+    slo_p99_ms: Annotated[
+        float | None,
+        typer.Option(help="SLO: pick the cheapest version of NAME whose predicted p99 fits (ms)."),
+    ] = None,
+    min_accuracy: Annotated[
+        float | None,
+        typer.Option(help="SLO: the least test accuracy (R² for a regressor) it may have."),
+    ] = None,
+    target_rps: Annotated[
+        float | None,
+        typer.Option(help="SLO: requests/s to carry (sets the replicas); default: light load."),
+    ] = None,
+    http_overhead_ms: Annotated[
+        float | None,
+        typer.Option(help="SLO: p99 ms Kiln's HTTP path adds (default: measured, see docs)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="SLO: print the candidates and the choice, deploy nothing.")
+    ] = False,
     host: HostOpt = None,
     port: PortOpt = None,
     address: AddressOpt = None,
@@ -81,12 +113,29 @@ def serve(
         target_ongoing_requests=target_ongoing_requests,
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        backend=backend,
         rate_limit_per_s=rate_limit,
         rate_limit_burst=rate_burst,
         auth=auth,
         access_log=access_log,
     )
     settings = load_settings(address=address, home=home, storage=storage, host=host, port=port)
+    slo = slo_request(
+        models,
+        serve_args,
+        slo_p99_ms=slo_p99_ms,
+        min_accuracy=min_accuracy,
+        target_rps=target_rps,
+        http_overhead_ms=http_overhead_ms,
+        dry_run=dry_run,
+    )
+    if slo is not None:
+        chosen = choose_for_slo(settings, models[0], slo, key, dry_run, backend)
+        if dry_run:
+            return
+        models = serve_args["models"] = [chosen.candidate.ref]
+        serve_args["num_replicas"] = chosen.prediction.replicas
+        backend = serve_args["backend"] = chosen.candidate.backend  # the one its profile timed
     if emit_config:
         from cluster.serving_control import write_serve_config
 
@@ -96,7 +145,7 @@ def serve(
         )
         return
     if settings.embedded:
-        check_refs(settings, models)  # from the SQLite catalog, before Ray or Serve starts
+        check_refs(settings, models, backend)  # the SQLite catalog, before Ray or Serve start
     with connected(settings):
         from cluster.serving_control import deploy_models
 
@@ -123,15 +172,133 @@ def serve(
             console.print("stopping")
 
 
-def check_refs(settings: Any, refs: list[str]) -> None:
-    """Every reference resolves in this KILN_HOME's catalog (read directly: the embedded Ray
-    is not started for a model that does not exist). On a cluster, `deploy_models` asks the
-    Registry actor the same before it deploys."""
+def slo_request(models: list[str], serve_args: dict[str, Any], **options: Any) -> SLO | None:
+    """The SLO of `kiln serve NAME --slo-p99-ms X --min-accuracy Y ...`, checked; None without
+    one. One bare NAME; the SLO sets the replicas, so autoscaling options do not combine."""
+    from serving.slo import SLO
+
+    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v not in (None, False)]
+    if not given:
+        return None
+    if options["slo_p99_ms"] is None or options["min_accuracy"] is None:
+        raise KilnError(
+            f"{', '.join(given)} {'works' if len(given) == 1 else 'work'} only with both "
+            f"--slo-p99-ms and --min-accuracy, e.g. kiln serve {models[0].partition('@')[0]} "
+            "--slo-p99-ms 20 --min-accuracy 0.95"
+        )
+    if len(models) != 1 or "@" in models[0]:
+        name = models[0].partition("@")[0]
+        raise KilnError(
+            f'Got "{" ".join(models)}" with --slo-p99-ms. Give one model NAME without @ '
+            f"(e.g. kiln serve {name} --slo-p99-ms ...): the SLO choice picks its version."
+        )
+    if serve_args["min_replicas"] is not None or serve_args["max_replicas"] is not None:
+        raise KilnError(
+            "--slo-p99-ms chooses a fixed replica count; leave --min-replicas and --max-replicas "
+            "unset"
+        )
+    if serve_args["num_replicas"] != 1:
+        raise KilnError("--slo-p99-ms chooses --num-replicas itself; leave --num-replicas unset")
+    extra = {"http_overhead_ms": options["http_overhead_ms"]}
+    try:
+        return SLO(
+            p99_ms=options["slo_p99_ms"],
+            min_accuracy=options["min_accuracy"],
+            target_rps=options["target_rps"],
+            num_cpus=serve_args["num_cpus"] or 1.0,
+            **{k: v for k, v in extra.items() if v is not None},
+        )
+    except ValueError as exc:
+        raise KilnError(str(exc)) from exc
+
+
+def choose_for_slo(
+    settings: Settings, name: str, slo: SLO, key: str | None, dry_run: bool, backend: str = "auto"
+) -> Verdict:
+    """Judge every profiled version of `name` against `slo` (each backend it was profiled on,
+    or only `backend` unless auto), print the candidates, audit the decision and return the
+    chosen verdict (KilnError, exit 2, when none qualifies).
+
+    On an embedded home it reads the SQLite catalog directly: no Ray is started for it."""
     from cluster.client import Kiln
+    from cluster.compare import slo_candidates
+    from serving.slo import choose
+
+    with Kiln(settings=settings, key=key, use_ray=not settings.embedded) as kiln:
+        rows = kiln.compare(name)
+        candidates = slo_candidates(rows, kiln.profiles(name))
+        candidates = [c for c in candidates if backend in ("auto", c.backend)]
+        choice = choose(name, candidates, slo)
+        chosen = choice.chosen
+        kiln.record_event(
+            "slo-choice",
+            name,
+            {
+                "slo": {
+                    "p99_ms": slo.p99_ms,
+                    "min_accuracy": slo.min_accuracy,
+                    "target_rps": slo.target_rps,
+                    "http_overhead_ms": slo.http_overhead_ms,
+                    "num_cpus": slo.num_cpus,
+                },
+                "candidates": [v.to_dict() for v in choice.verdicts],
+                "chosen": chosen.candidate.ref if chosen else None,
+                "backend": chosen.candidate.backend if chosen else None,
+                "replicas": chosen.prediction.replicas if chosen else None,
+                "dry_run": dry_run,
+            },
+        )
+    unprofiled = [r["ref"] for r in rows if not r["profiles"]]
+    if choice.verdicts or unprofiled:
+        Console().print(slo_table(choice, slo, unprofiled))
+    if chosen is None:
+        raise KilnError(choice.message)
+    console.print(f"chose {choice.message}{' (dry run: nothing deployed)' if dry_run else ''}")
+    return chosen
+
+
+def slo_table(choice: Choice, slo: SLO, unprofiled: list[str]) -> Table:
+    """Every candidate with its prediction and verdict; versions without a profile last."""
+    metric = choice.verdicts[0].candidate.metric if choice.verdicts else "accuracy"
+    table = Table(
+        "version",
+        "backend",
+        metric,
+        f"p99 ms at {slo.load}",
+        "CPU-s / 1k",
+        "replicas",
+        "verdict",
+        caption=f"SLO: p99 <= {slo.p99_ms:g} ms, {metric} >= {slo.min_accuracy:g}; "
+        f"HTTP overhead {slo.http_overhead_ms:g} ms (p99)",
+    )
+    for verdict in choice.verdicts:  # by version, then backend
+        p, c = verdict.prediction, verdict.candidate
+        picked = choice.chosen is verdict
+        table.add_row(
+            c.ref,
+            c.backend,
+            "" if c.score is None else f"{c.score:.4f}",
+            f"{p.p99_ms:.1f}",
+            f"{p.cost:.4g}",
+            str(p.replicas),
+            "chosen" if picked else ("fits" if verdict.ok else "; ".join(verdict.reasons)),
+        )
+    for ref in unprofiled:
+        table.add_row(ref, "", "", "", "", "", f"not profiled: kiln models profile {ref}")
+    return table
+
+
+def check_refs(settings: Any, refs: list[str], backend: str = "auto") -> None:
+    """Every reference resolves in this KILN_HOME's catalog and can run on `backend` (read
+    directly: the embedded Ray is not started for a model that does not exist). On a cluster,
+    `deploy_models` asks the Registry actor the same before it deploys."""
+    from cluster.client import Kiln
+    from training.export import serving_backend
 
     with Kiln(settings=settings, use_ray=False) as kiln:
         for ref in refs:
-            kiln.resolve(ref)
+            record = kiln.resolve(ref)
+            serving_backend(record.spec, record.artifacts, backend, ref)
 
 
 def validated_serve_args(**values: Any) -> dict[str, Any]:

@@ -92,7 +92,9 @@ async def v2_metadata(
     name: str, host: HostDep, _: Authorized, version: str | None = None
 ) -> dict[str, Any]:
     _key, replica = v2_replica(host, name, version)
-    return v2.model_metadata(replica.record.name, replica.record.version, replica.spec)
+    return v2.model_metadata(
+        replica.record.name, replica.record.version, replica.spec, replica.platform
+    )
 
 
 @model_route("GET", "/ready", response_model=V2ModelReady, responses=ERROR_RESPONSES)

@@ -1,0 +1,96 @@
+"""`kiln export`: a registered version as ONNX (fp32, or int8 as a new version), checked against
+the torch model on the version's test rows before anything is stored."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+
+from cluster.cli.common import (
+    AddressOpt,
+    HomeOpt,
+    JsonOpt,
+    KeyOpt,
+    StorageOpt,
+    app,
+    connected,
+    console,
+    load_settings,
+    output,
+    preload,
+)
+
+
+@app.command()
+def export(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS to export.")],
+    format: Annotated[str, typer.Option(help="onnx (the one format Kiln exports).")] = "onnx",
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8: ONNX Runtime's dynamic int8 quantisation, registered as a new version."
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Rows to check the export on (default: the version's test split)."),
+    ] = None,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Export a registered version to ONNX, checked against torch on its test rows."""
+    from cluster.exporting import ExportRequest
+
+    started = time.perf_counter()
+    request = ExportRequest(ref=ref, format=format, quantize=quantize, data=data, key=key)
+    settings = load_settings(address=address, home=home, storage=storage)
+    if settings.embedded:
+        check_request(settings, request)  # from the SQLite catalog, before Ray starts
+    preload("onnxscript")  # the exporter's import (seconds), beside Ray's start
+    with connected(settings):
+        from cluster.exporting import export_version
+        from cluster.runtime import registry_for
+
+        with console.status("exporting") as status:
+            done = export_version(
+                settings, request, registry_for(settings), lambda step: status.update(step)
+            )
+    result = done.to_dict() | {"elapsed_s": round(time.perf_counter() - started, 3)}
+    output(result, as_json, render_result)
+
+
+def check_request(settings: Any, request: Any) -> None:
+    """The reference resolves in this KILN_HOME's catalog and the version allows the export."""
+    from cluster.client import Kiln
+
+    with Kiln(settings=settings, use_ray=False) as kiln:
+        request.check_against(kiln.resolve(request.ref))
+
+
+def render_result(result: dict[str, Any]) -> str:
+    check = result["check"]
+    rows = f"{check['rows']} test rows"
+    if result["quantize"] is None:
+        return (
+            f"{result['ref']}: {result['file']} (sha256 {result['sha256'][:12]}...) matches torch "
+            f"on {rows} (max abs diff {check['max_abs_diff']:.2g}); "
+            f"serve it with kiln serve {result['ref']} --backend onnxruntime (or auto)"
+        )
+    headline = "accuracy" if "accuracy" in result["metrics"] else "r2"
+    parent_value = result["parent_metrics"].get(headline)
+    was = f" ({result['exported']}: {parent_value:.4f})" if parent_value is not None else ""
+    agrees = (
+        f"same class as torch on {check['agreement']:.2%} of {rows}"
+        if headline == "accuracy"
+        else f"1 - SSE/SST against torch {check['agreement']:.4f} on {rows}"
+    )
+    return (
+        f"registered {result['ref']}: ONNX int8 of {result['exported']}, {headline} "
+        f"{result['metrics'][headline]:.4f}{was}; {agrees}; "
+        f"serve it with kiln serve {result['ref']} (ONNX Runtime)"
+    )
