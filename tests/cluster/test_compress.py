@@ -37,9 +37,7 @@ def parent(trained_digits, settings_session, registry_session):
     )
 
 
-def test_int8_variant_is_a_new_version_with_its_parent(
-    parent, settings_session, registry_session
-):
+def test_int8_variant_is_a_new_version_with_its_parent(parent, settings_session, registry_session):
     done = compress(settings_session, registry_session, parent.ref, quantize="int8")
     record = done.record
     assert record.name == parent.name and record.version > parent.version
