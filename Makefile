@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve_throughput.py
 	$(BIN)/python benchmarks/tune_efficiency.py
+	$(BIN)/python benchmarks/compression.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -340,16 +340,18 @@ def verdicts(out: dict[str, Any]) -> dict[str, bool]:
 
 
 def plot(reports: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per model: accuracy against batch-1 latency, and each variant's speedup at batch 1 and
+    64 over fp32 eager torch (the dashed line: no speedup)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, (model, report) in zip(axes, reports.items(), strict=True):
-        for variant, row in report.items():
-            if "b1_ms" not in row:
-                continue
+    fig, axes = plt.subplots(2, len(reports), figsize=(6.5 * len(reports), 8.5))
+    for column, (model, report) in enumerate(reports.items()):
+        rows = {v: r for v, r in report.items() if "b1_ms" in r}
+        ax = axes[0][column]
+        for i, (variant, row) in enumerate(rows.items()):
             ax.scatter(row["b1_ms"], row["accuracy"], s=40)
             low, high = row["b1_spread_ms"]
             ax.plot([low, high], [row["accuracy"]] * 2, color="grey", lw=1)
@@ -357,13 +359,30 @@ def plot(reports: dict[str, dict[str, Any]], path: Path) -> None:
                 variant,
                 (row["b1_ms"], row["accuracy"]),
                 textcoords="offset points",
-                xytext=(4, 4),
+                xytext=(5, 6 if i % 2 else -11),
                 fontsize=8,
             )
+        ax.set_xscale("log")
         ax.set_title(f"{model}: test accuracy against batch-1 latency (1 thread)")
-        ax.set_xlabel("batch-1 forward, ms (median of rounds; bar: min–max)")
+        ax.set_xlabel("batch-1 forward, ms (log; median of rounds, bar: min-max)")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
+        ax = axes[1][column]
+        names = list(rows)
+        positions = np.arange(len(names))
+        for offset, batch in ((-0.2, "b1"), (0.2, "b64")):
+            ax.bar(
+                positions + offset,
+                [rows[n][f"speedup_{batch}"] for n in names],
+                0.4,
+                label=f"batch {batch[1:]}",
+            )
+        ax.axhline(1.0, color="black", ls="--", lw=1)
+        ax.set_xticks(positions, names)
+        ax.set_ylabel("speedup over fp32 eager torch")
+        ax.set_title(f"{model}: speedup at batch 1 and 64 (1 thread)")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
