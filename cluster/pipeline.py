@@ -37,7 +37,7 @@ from actors.shards import (
     looks_like_dataset_name,
 )
 from cluster.convex import fit_convex, lbfgs_warning, with_pca
-from cluster.profiling import profile_at_registration
+from cluster.profiling import profile_at_registration, warm_profiler
 from cluster.requests import TrainRequest, run_record_path
 from cluster.resources import worker_cpus
 from cluster.settings import Settings
@@ -463,6 +463,7 @@ def train_and_register(
 
     worker_cpus(cfg)  # a --cpus-per-worker the cluster cannot give fails before any data loads
     registry.prepare_checks.remote()  # the registry's torch import, beside the data load
+    warm_profiler()  # and the latency profile's
     step("loading shards")
     data = resident_data(request)
     data_hash(data)  # hashing reads the whole source once: it runs beside the fit
