@@ -29,6 +29,7 @@ import numpy as np
 import ray
 
 from actors.catalog import VersionRecord
+from cluster.runtime import unwrapped_errors
 from cluster.settings import Settings
 from training.data import encode_labels
 from training.errors import KilnError
@@ -128,12 +129,8 @@ class Exported:
 
 def resolve_version(registry: Any, ref: str) -> VersionRecord:
     """The version `ref` names, through the Registry actor (its KilnError, unwrapped)."""
-    try:
+    with unwrapped_errors():
         return ray.get(registry.resolve.remote(ref))
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, KilnError):
-            raise exc.cause from None
-        raise
 
 
 def read_test_rows(data: Any, spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -203,16 +200,12 @@ def store_fp32(
         "library": f"torch.onnx (dynamo), checked with onnxruntime {onnxruntime_version()}",
         "check": check,
     }
-    try:
+    with unwrapped_errors():
         return ray.get(
             registry.add_artifact.remote(
                 record.name, record.version, ONNX_FILE, data, detail, key=key
             )
         )
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, KilnError):
-            raise exc.cause from None
-        raise
 
 
 def register_int8(

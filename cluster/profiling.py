@@ -13,13 +13,12 @@ says how to measure it later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import ray
 
 from actors.catalog import VersionRecord
+from cluster.runtime import unwrapped_errors
 from cluster.settings import Settings
 from training.errors import KilnError
 from training.export import serving_backend
@@ -134,17 +133,6 @@ def run_measurement(
         raise KilnError(
             f"profiling {record.ref} did not finish within {timeout_s:g} s (no free CPU?)"
         ) from exc
-
-
-@contextmanager
-def unwrapped_errors() -> Iterator[None]:
-    """A KilnError raised in a task or actor, without Ray's wrapper (its remote traceback)."""
-    try:
-        yield
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, KilnError):
-            raise exc.cause from None
-        raise
 
 
 def registry_handle(target: Settings | str) -> Any:

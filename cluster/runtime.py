@@ -13,6 +13,7 @@ import ray
 
 from actors.registry import NAMESPACE, start_registry
 from cluster.settings import Settings
+from training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +132,14 @@ def registry_for(settings: Settings):  # noqa: ANN201 (a Ray actor handle)
     return start_registry(
         str(settings.registry_db), settings.storage_uri, detached=not settings.embedded
     )
+
+
+@contextmanager
+def unwrapped_errors() -> Iterator[None]:
+    """A KilnError raised in a task or actor, without Ray's wrapper (its remote traceback)."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, KilnError):
+            raise exc.cause from None
+        raise

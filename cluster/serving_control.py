@@ -10,7 +10,7 @@ import ray
 from ray import serve
 
 from actors.catalog import VersionRecord
-from cluster.runtime import registry_for
+from cluster.runtime import registry_for, unwrapped_errors
 from cluster.settings import Settings
 from serving.app import build_app
 from serving.schemas import AUTH_OFF_WARNING, ServeArgs, is_canary_weight
@@ -50,12 +50,8 @@ def deploy_models(
 def resolve_all(registry: Any, refs: list[str], backend: str = "auto") -> list[VersionRecord]:
     """Resolve every reference through the Registry actor (its KilnError, unwrapped) and check
     that `backend` can serve each version (training.export.serving_backend)."""
-    try:
+    with unwrapped_errors():
         records: list[VersionRecord] = ray.get([registry.resolve.remote(ref) for ref in refs])
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, KilnError):
-            raise exc.cause from None
-        raise
     for ref, record in zip(refs, records, strict=True):
         serving_backend(record.spec, record.artifacts, backend, ref)
     return records

@@ -125,8 +125,9 @@ class CompressRequest:
         """Whether a step runs Ray Train (and so needs the training shards)."""
         return self.distill or (self.prune is not None and self.finetune_epochs > 0)
 
-    def check_against(self, spec: dict[str, Any]) -> None:
+    def check_against(self, record: VersionRecord) -> None:
         """What the version's spec rules out, said before any data loads."""
+        spec = record.spec
         if self.quantize and is_quantized(spec):
             raise KilnError(
                 "this version is already quantised (int8): quantising it twice would only lose "
@@ -330,7 +331,7 @@ def compress_and_register(
     started = time.perf_counter()
     step_to = on_step or (lambda _: None)
     parent: VersionRecord = ray.get(registry.resolve.remote(request.ref))
-    request.check_against(parent.spec)
+    request.check_against(parent)
     model, spec = model_from_files(read_verified_files(settings.storage_uri, parent))
     parent_parameters = count_parameters(model)
     step_to("loading shards")

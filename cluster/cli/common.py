@@ -265,6 +265,16 @@ def command_request(
     return request
 
 
+def check_in_catalog(settings: Settings, request: Any) -> None:
+    """A request on one version (`kiln compress`, `kiln export`): its `ref` resolves in this
+    KILN_HOME's SQLite catalog and `request.check_against(record)` accepts the version, before
+    the embedded Ray starts."""
+    from cluster.client import Kiln
+
+    with Kiln(settings=settings, use_ray=False) as kiln:
+        request.check_against(kiln.resolve(request.ref))
+
+
 def check_sources(request: Any) -> None:
     """A typo in --data or --eval-data fails here, before Ray starts."""
     from actors.shards import looks_like_dataset_name

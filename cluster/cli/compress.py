@@ -16,6 +16,7 @@ from cluster.cli.common import (
     JsonOpt,
     StorageOpt,
     app,
+    check_in_catalog,
     connected,
     load_settings,
     output,
@@ -84,7 +85,7 @@ def compress(
     )
     settings = load_settings(address=address, home=home, storage=storage)
     if settings.embedded:
-        check_request(settings, request)  # from the SQLite catalog, before Ray starts
+        check_in_catalog(settings, request)  # from the SQLite catalog, before Ray starts
     preload("cluster.variants")
     bar = EpochProgress(None if request.trains else 0, quiet=as_json)
     with bar.progress, connected(settings):
@@ -108,14 +109,6 @@ def compress(
         as_json,
         render_result,
     )
-
-
-def check_request(settings: Any, request: Any) -> None:
-    """The reference resolves in this KILN_HOME's catalog and its spec allows the request."""
-    from cluster.client import Kiln
-
-    with Kiln(settings=settings, use_ray=False) as kiln:
-        request.check_against(kiln.resolve(request.ref).spec)
 
 
 def render_result(result: dict[str, Any]) -> Table:

@@ -15,6 +15,7 @@ from cluster.cli.common import (
     KeyOpt,
     StorageOpt,
     app,
+    check_in_catalog,
     connected,
     console,
     load_settings,
@@ -50,7 +51,7 @@ def export(
     request = ExportRequest(ref=ref, format=format, quantize=quantize, data=data, key=key)
     settings = load_settings(address=address, home=home, storage=storage)
     if settings.embedded:
-        check_request(settings, request)  # from the SQLite catalog, before Ray starts
+        check_in_catalog(settings, request)  # from the SQLite catalog, before Ray starts
     preload("onnxscript")  # the exporter's import (seconds), beside Ray's start
     with connected(settings):
         from cluster.exporting import export_version
@@ -62,14 +63,6 @@ def export(
             )
     result = done.to_dict() | {"elapsed_s": round(time.perf_counter() - started, 3)}
     output(result, as_json, render_result)
-
-
-def check_request(settings: Any, request: Any) -> None:
-    """The reference resolves in this KILN_HOME's catalog and the version allows the export."""
-    from cluster.client import Kiln
-
-    with Kiln(settings=settings, use_ray=False) as kiln:
-        request.check_against(kiln.resolve(request.ref))
 
 
 def render_result(result: dict[str, Any]) -> str:
