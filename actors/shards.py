@@ -31,6 +31,7 @@ from training.data import (
     encode_labels,
     fetch_shard_batches,
 )
+from training.drift import bin_counts, quantile_edges
 from training.errors import KilnError
 from training.linear import CrossMoments, LooBasis, softmax_sums, squared_sums
 from training.preprocess import feature_moments
@@ -317,6 +318,27 @@ class ShardStore:
             moments = moments.merge(CrossMoments.from_arrays(x, np.zeros(len(x))))
         return moments
 
+    def drift_sample(self, count: int, seed: int, encoding: Encoding | None = None) -> np.ndarray:
+        """`count` of this shard's rows as raw model inputs, drawn uniformly (drift reference)."""
+        rng = np.random.default_rng([seed, self.index])
+        chosen = np.sort(rng.choice(self._num_rows, size=min(count, self._num_rows), replace=False))
+        parts, offset = [], 0
+        for batch in ray.get(self._refs):
+            inside = chosen[(chosen >= offset) & (chosen < offset + batch.num_rows)] - offset
+            if len(inside):
+                parts.append(batch_inputs(batch.take(pa.array(inside)), encoding))
+            offset += batch.num_rows
+        width = encoding.num_inputs if encoding else len(self._stats.mean)
+        return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
+
+    def drift_counts(self, edges: np.ndarray, encoding: Encoding | None = None) -> np.ndarray:
+        """Every row of this shard counted into the reference bins (summed over shards)."""
+        total = None
+        for batch in ray.get(self._refs):
+            counts = bin_counts(batch_inputs(batch, encoding), edges)
+            total = counts if total is None else total + counts
+        return total if total is not None else np.zeros((len(edges), edges.shape[1] + 2), np.int64)
+
     def loo_squared_errors(self, basis: LooBasis, encoding: Encoding | None = None) -> np.ndarray:
         """Σ of the ridge path's leave-one-out errors² over this shard's rows, one per λ."""
         total = np.zeros(len(basis.intercepts))
@@ -419,6 +441,27 @@ def merge_moments(parts: list[CrossMoments]) -> CrossMoments:
     for part in parts[1:]:
         moments = moments.merge(part)
     return moments
+
+
+def reduce_drift_reference(
+    shards: ShardSet, encoding: Encoding | None, sample_rows: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample, inner edges, counts) of the training inputs: a sample from each shard in
+    proportion to its rows gives the quantile edges, then every row is counted (two reduces;
+    only the sample leaves the actors)."""
+    total = max(shards.num_rows, 1)
+    quotas = [int(np.ceil(sample_rows * rows / total)) for rows in shards.rows_per_shard]
+    sample = np.concatenate(
+        ray.get(
+            [
+                h.drift_sample.remote(quota, seed, encoding)
+                for h, quota in zip(shards.handles, quotas, strict=True)
+            ]
+        )
+    )[:sample_rows]
+    edges = quantile_edges(sample)
+    counts = sum(ray.get([h.drift_counts.remote(edges, encoding) for h in shards.handles]))
+    return sample, edges, np.asarray(counts)
 
 
 def reduce_loo_errors(

@@ -43,6 +43,19 @@ class ArtifactStore:
         with self._fs.open_output_stream(path) as out:
             out.write(data)
 
+    def publish(self, relpath: str, data: bytes) -> None:
+        """Write a file that readers see whole or not at all: on a local disk it is written
+        under a temporary name and renamed (atomic); an object store's upload becomes visible
+        only when it completes."""
+        if not isinstance(self._fs, pafs.LocalFileSystem):
+            self.write(relpath, data)
+            return
+        self.write(relpath + ".partial", data)
+        self._fs.move(self._path(relpath + ".partial"), self._path(relpath))
+
+    def delete_file(self, relpath: str) -> None:
+        self._fs.delete_file(self._path(relpath))
+
     def read(self, relpath: str) -> bytes:
         path = self._path(relpath)
         try:

@@ -38,6 +38,7 @@ from actors.shards import (
 )
 from cluster.convex import fit_convex, lbfgs_warning, with_pca
 from cluster.profiling import profile_at_registration, warm_profiler
+from cluster.references import reference_files
 from cluster.requests import TrainRequest, run_record_path
 from cluster.resources import worker_cpus
 from cluster.settings import Settings
@@ -425,7 +426,8 @@ def register_outcome(
         "test_rows": evaluated_on.num_rows,
         **lineage_extra,
     }
-    return register_model(registry, name, model, spec, metrics, lineage)
+    extra = reference_files(data.train, model, spec)  # for drift monitoring (training/drift.py)
+    return register_model(registry, name, model, spec, metrics, lineage, extra)
 
 
 def release_data(data: Dataset, eval_set: ShardSet | None) -> None:

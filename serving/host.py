@@ -12,6 +12,10 @@ pass per model per batch.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +26,17 @@ from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
 from actors.catalog import VersionRecord
+from actors.feedback import feedback_stores
 from actors.keys import KeyCheck
 from actors.replica import SMALL_ROWS, ModelReplica
 from serving.inputs import rows_to_inputs
 from serving.jsonbody import shown
+from serving.predlog import Logged, PredictionLog
 from serving.ratelimit import RateLimiter
 from serving.routing import Router
 from serving.schemas import InputInfo, ModelInfo, PredictRequest, RequestError, ServeArgs
 from training.errors import KilnError
+from training.evaluate import outputs_to_predictions
 from training.tabular import CATEGORICAL
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,39 @@ class BatchItem:
 
     model_key: str
     x: np.ndarray  # (N, num_inputs) float32
+    batch_rows: int = 0
+    """Rows of the forward pass that carried this request (set by the batcher)."""
+
+
+forward_rows: ContextVar[int] = ContextVar("forward_rows", default=0)
+"""Rows of the forward pass that answered the current request (the prediction log's batch
+size): set by `ModelHost.forward` in the request's own task."""
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status a route's exception answers with (serving/errors.py)."""
+    for attribute in ("status", "status_code"):
+        value = getattr(exc, attribute, None)
+        if isinstance(value, int):
+            return value
+    return 422 if type(exc).__name__ == "RequestValidationError" else 500
+
+
+@contextmanager
+def logged_failures(host: ModelHost, key: str, request_id: str, started: float) -> Iterator[None]:
+    """Log a request that fails inside the block with the status it answers with."""
+    try:
+        yield
+    except Exception as exc:
+        host.log_request(key, request_id, started, status=status_of(exc))
+        raise
+
+
+def assigned_gpus() -> float:
+    """The GPU share Ray gave this process (0 outside Ray)."""
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
 
 
 def runs_inline(replica: ModelReplica, rows: int) -> bool:
@@ -197,6 +237,16 @@ class ModelHost:
         self.registry = registry
         self.limiter = RateLimiter(args.rate_limit_per_s, args.rate_limit_burst)
         self.served = Served({}, Router())
+        self.log: PredictionLog | None = None
+        """The prediction log (none without a registry: route tests; or with --log-sample 0)."""
+        if registry is not None and args.log_sample > 0:
+            self.log = PredictionLog(
+                self._feedback_stores,
+                sample=args.log_sample,
+                retention_days=args.log_retention_days,
+                num_cpus=args.num_cpus,
+                num_gpus=float(assigned_gpus()),
+            )
         # The replica computes with the cores it reserves (Kiln's workers default to one
         # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads (an
         # ONNX Runtime session gets as many intra-op threads: ModelReplica).
@@ -215,6 +265,41 @@ class ModelHost:
         batched.set_max_batch_size(self.args.max_batch_size)
         batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         logger.info("serving %s", ", ".join(self.served.router.served()))
+
+    def _feedback_stores(self) -> list[Any]:
+        storage_uri = str(ray.get(self.registry.get_storage_uri.remote()))
+        return feedback_stores(storage_uri, self.args.feedback_shards)
+
+    def log_request(
+        self,
+        key: str,
+        request_id: str,
+        started: float,
+        x: np.ndarray | None = None,
+        outputs: np.ndarray | None = None,
+        status: int = 200,
+    ) -> None:
+        """Buffer a served request (or a failed one: no x) in the prediction log, if sampled."""
+        if self.log is None or not self.log.sampled():
+            return
+        replica = self.served.replicas.get(key)
+        if replica is None:
+            return
+        predictions = None if outputs is None else outputs_to_predictions(outputs, replica.spec)
+        now = time.time()
+        self.log.record(
+            Logged(
+                model=replica.record.name,
+                version=replica.record.version,
+                request_id=request_id,
+                ts=now,
+                status=status,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                batch_rows=forward_rows.get() if x is not None else 0,
+                x=x,
+                predictions=predictions,
+            )
+        )
 
     def check_health(self) -> None:
         """Raises unless every loaded model can run a forward pass."""
@@ -268,8 +353,12 @@ class ModelHost:
         """
         replica = self.served.replicas[key]
         if self.args.batch_wait_timeout_s == 0 and runs_inline(replica, len(x)):
+            forward_rows.set(len(x))
             return replica.forward(x)
-        return await self._forward_batch(BatchItem(key, x))
+        item = BatchItem(key, x)
+        outputs = await self._forward_batch(item)
+        forward_rows.set(item.batch_rows)
+        return outputs  # type: ignore[no-any-return]
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _forward_batch(self, items: list[BatchItem]) -> list[np.ndarray]:
@@ -286,6 +375,8 @@ class ModelHost:
             members = [i for i, item in enumerate(items) if item.model_key == key]
             x = np.concatenate([items[i].x for i in members])
             out = replicas[key].forward(x)
+            for i in members:
+                items[i].batch_rows = len(x)
             offsets = np.cumsum([0] + [len(items[i].x) for i in members])
             for j, i in enumerate(members):
                 outputs[i] = out[offsets[j] : offsets[j + 1]]

@@ -179,7 +179,30 @@ class V2InferResponse(BaseModel):
     model_name: str
     model_version: str
     id: str
+    parameters: dict[str, Any] | None = Field(
+        None, description="prediction_ids: one id per row, to attach feedback later."
+    )
     outputs: list[V2InferOutput]
+
+
+class FeedbackRequest(BaseModel):
+    """Labels for logged predictions, by the ids their responses carried."""
+
+    ids: list[str] = Field(
+        min_length=1, description="Prediction ids (V1 `ids`, V2 `parameters.prediction_ids`)."
+    )
+    labels: list[Any] = Field(
+        min_length=1,
+        description="One label per id: a class of the model (as in its metadata) or a number.",
+    )
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="Labels stored (a repeated id counts each time).")
+    unknown_ids: list[str] = Field(
+        description="Ids not in the prediction log: never served, not sampled (--log-sample), "
+        "past retention, or logged less than a second ago by another replica (retry)."
+    )
 
 
 CanaryWeight = Annotated[
@@ -270,6 +293,17 @@ class ServeArgs(BaseModel):
     )
     auth: bool = Field(
         True, description="Require an API key with predict:<model> (or predict:*, admin)."
+    )
+    log_sample: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of requests written to the prediction log (monitoring, feedback, "
+        "retraining); 0 turns the log off.",
+    )
+    log_retention_days: int = Field(30, ge=1, description="Days the prediction log is kept.")
+    feedback_shards: int = Field(
+        1, ge=1, le=256, description="FeedbackStore actors the log is spread over by id hash."
     )
     auth_cache_ttl_s: float = Field(
         5.0, ge=0, le=300, description="How long a replica trusts the registry's answer."

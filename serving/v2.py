@@ -494,8 +494,10 @@ def build_response(
     arrays: dict[str, np.ndarray],
     wanted: list[tuple[str, bool]],
     spec: dict[str, Any],
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, str | None]:
-    """The response body, and the JSON header length when binary outputs follow it."""
+    """The response body, and the JSON header length when binary outputs follow it.
+    `parameters` (the prediction ids for feedback) go at the top level."""
     outputs, tails = [], []
     for output_name, binary in wanted:
         array = arrays[output_name]
@@ -512,9 +514,10 @@ def build_response(
         else:
             entry["data"] = array.reshape(-1).tolist()
         outputs.append(entry)
-    header = json.dumps(
-        {"model_name": name, "model_version": str(version), "id": request_id, "outputs": outputs}
-    ).encode()
+    reply: dict[str, Any] = {"model_name": name, "model_version": str(version), "id": request_id}
+    if parameters:
+        reply["parameters"] = parameters
+    header = json.dumps({**reply, "outputs": outputs}).encode()
     if not tails:
         return header, None
     return header + b"".join(tails), str(len(header))

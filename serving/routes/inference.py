@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ from actors.replica import ModelReplica
 from serving import v2
 from serving.dependencies import Authorized, HostDep
 from serving.errors import ERROR_RESPONSES, inline_refs
-from serving.host import ModelHost
+from serving.host import ModelHost, logged_failures
 from serving.jsonbody import may_hold_booleans, shown
 from serving.schemas import (
     V2InferRequest,
@@ -109,24 +110,28 @@ async def v2_model_ready(
 async def v2_infer(
     name: str, request: Request, host: HostDep, _: Authorized, version: str | None = None
 ) -> Response:
+    started = time.perf_counter()
     key, replica = v2_replica(host, name, version, request.headers.get(host.args.sticky_header))
-    raw = await request.body()
-    if len(raw) > host.args.max_body_bytes:
-        raise HTTPException(
-            413, f"request body is {len(raw)} bytes; the limit is {host.args.max_body_bytes}"
+    log_id = uuid.uuid4().hex[:16]
+    with logged_failures(host, key, log_id, started):
+        raw = await request.body()
+        if len(raw) > host.args.max_body_bytes:
+            raise HTTPException(
+                413, f"request body is {len(raw)} bytes; the limit is {host.args.max_body_bytes}"
+            )
+        # A malformed request raises v2.V2Error, which answers with its 4xx (serving/errors.py).
+        body, tail = v2.split_body(raw, request.headers.get(v2.HEADER_LENGTH))
+        x = v2.parse_infer_request(
+            body,
+            tail,
+            replica.num_inputs,
+            host.args.max_instances,
+            replica.encoding,
+            booleans=may_hold_booleans(raw),
         )
-    # A malformed request raises v2.V2Error, which answers with its 4xx (serving/errors.py).
-    body, tail = v2.split_body(raw, request.headers.get(v2.HEADER_LENGTH))
-    x = v2.parse_infer_request(
-        body,
-        tail,
-        replica.num_inputs,
-        host.args.max_instances,
-        replica.encoding,
-        booleans=may_hold_booleans(raw),
-    )
-    wanted = v2.requested_outputs(body, replica.spec)
-    outputs = await host.forward(key, x)
+        wanted = v2.requested_outputs(body, replica.spec)
+        outputs = await host.forward(key, x)
+    host.log_request(key, log_id, started, x, outputs)
     result = replica.format(outputs, probabilities=True)
     arrays = {"predictions": np.asarray(result["predictions"])}
     if "probabilities" in result:
@@ -138,6 +143,7 @@ async def v2_infer(
         arrays,
         wanted,
         replica.spec,
+        {"prediction_ids": [f"{log_id}-{i}" for i in range(len(x))]},
     )
     headers = {v2.HEADER_LENGTH: header_length} if header_length else None
     media = "application/octet-stream" if header_length else "application/json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -11,7 +12,7 @@ from fastapi.responses import Response
 
 from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
 from serving.errors import ERROR_RESPONSES
-from serving.host import parse_rows
+from serving.host import logged_failures, parse_rows
 from serving.jsonbody import may_hold_booleans, parse_json
 from serving.schemas import ModelInfo, ModelList, PredictRequest, PredictResponse
 
@@ -62,16 +63,19 @@ async def model_info(name: str, host: HostDep, _: Authorized) -> ModelInfo:
 async def predict(name: str, request: Request, host: HostDep, _: Authorized) -> Response:
     # Auth first (the Authorized dependency): a caller without a key learns nothing, not even
     # which models exist.
+    started = time.perf_counter()
     key, replica = host.replica_for(name, request.headers.get(host.args.sticky_header))
-    payload, booleans = await read_json_body(request, host.args.max_body_bytes)
-    try:
-        body = PredictRequest.model_validate(payload)
-    except ValueError as exc:
-        raise RequestValidationError(exc.errors()) from exc  # type: ignore[attr-defined]
-    x = parse_rows(body, replica, host.args.max_instances, booleans)
-    outputs = await host.forward(key, x)
-    result = replica.format(outputs, probabilities=body.return_ == "probabilities")
     request_id = uuid.uuid4().hex[:16]
+    with logged_failures(host, key, request_id, started):
+        payload, booleans = await read_json_body(request, host.args.max_body_bytes)
+        try:
+            body = PredictRequest.model_validate(payload)
+        except ValueError as exc:
+            raise RequestValidationError(exc.errors()) from exc  # type: ignore[attr-defined]
+        x = parse_rows(body, replica, host.args.max_instances, booleans)
+        outputs = await host.forward(key, x)
+    result = replica.format(outputs, probabilities=body.return_ == "probabilities")
+    host.log_request(key, request_id, started, x, outputs)
     reply = PredictResponse(
         **result,
         model=replica.record.name,

@@ -1,0 +1,361 @@
+"""FeedbackStore: the prediction log and the labelled feedback of served models, on disk.
+
+Serve replicas log every (sampled) prediction off the request path: they buffer rows and flush
+them every second or thousand rows (serving/predlog.py) to a FeedbackStore actor, which appends
+them as Parquet files under `$KILN_STORAGE/monitoring/<model>/predictions/day=YYYY-MM-DD/`.
+`POST /v1/models/{name}:feedback` sends labels to the same store, which keeps those whose id it
+has logged, under `.../labels/day=.../`.
+
+Scaling out: rows go to one of N stores by a hash of the request id (`shard_of`), so no single
+actor sits in the path of every request: each store holds the ids of its own shard and writes
+its own files (named `s<shard>-...`), and N grows with the cluster (`KILN_FEEDBACK_SHARDS`).
+Stores never read each other's files; readers (`read_window`, the metrics endpoint and
+`kiln monitor`) read every shard's files straight from storage, without the actors.
+
+Nothing acknowledged is lost: `append` and `add_labels` return only after their Parquet file is
+published whole (`ArtifactStore.publish`); the actor restarts when killed (`max_restarts=-1`)
+and rebuilds its index of logged ids from its files; a replica keeps rows whose flush was not
+acknowledged and sends them again, and a store writes only ids it has not written before, so a
+retried flush adds no duplicate (readers drop duplicates by id as well). Many small files are
+merged per day and shard once there are `COMPACT_AFTER_FILES` of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+import uuid
+import zlib
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from actors.registry import NAMESPACE
+from actors.storage import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+MONITORING_DIR = "monitoring"
+USAGE_MODEL = "_usage"
+"""The folder below monitoring/ that holds replica usage (the cost figures), not a model."""
+COMPACT_AFTER_FILES = 200
+MAINTAIN_EVERY_S = 300.0
+DEFAULT_RETENTION_DAYS = 30
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("request_id", pa.string()),
+        ("ts", pa.float64()),
+        ("version", pa.int32()),
+        ("status", pa.int16()),
+        ("latency_ms", pa.float32()),
+        ("batch_rows", pa.int32()),
+        ("inputs", pa.list_(pa.float32())),
+        ("prediction", pa.float64()),
+    ]
+)
+"""One row per predicted instance (status 200), or per failed request (its status, no inputs).
+`prediction` is the class index for a classifier (see the version's spec) or the value."""
+
+LABEL_SCHEMA = pa.schema([("id", pa.string()), ("ts", pa.float64()), ("label", pa.string())])
+"""A label as JSON text (a class label as the caller sent it, or a number); latest wins."""
+
+USAGE_SCHEMA = pa.schema(
+    [
+        ("replica", pa.string()),
+        ("start_ts", pa.float64()),
+        ("end_ts", pa.float64()),
+        ("num_cpus", pa.float32()),
+        ("num_gpus", pa.float32()),
+        ("models", pa.list_(pa.string())),
+    ]
+)
+"""A replica alive over [start_ts, end_ts] with these resources, serving these model names."""
+
+
+def shard_of(prediction_id: str, num_shards: int) -> int:
+    """The store that holds an id: every id of one request goes to the same one."""
+    request_id = prediction_id.rpartition("-")[0] or prediction_id
+    return zlib.crc32(request_id.encode()) % max(num_shards, 1)
+
+
+def day_of(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def table_to_ipc(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def ipc_to_table(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+class FeedbackService:
+    """One shard of the prediction log and feedback (the actor's logic, testable without Ray)."""
+
+    def __init__(self, storage_uri: str, shard: int = 0, num_shards: int = 1) -> None:
+        self.store = ArtifactStore(storage_uri)
+        self.shard = shard
+        self.num_shards = num_shards
+        self.known: dict[str, set[str]] = {}
+        """Per model, the prediction ids this shard has written (what labels may refer to)."""
+        self.retention_days: dict[str, int] = {}
+        self.last_maintained = time.time()
+        self._load_index()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def append(self, model: str, ipc: bytes, retention_days: int = DEFAULT_RETENTION_DAYS) -> int:
+        """Write the rows of an Arrow IPC stream (PREDICTION_SCHEMA) not written before;
+        returns how many were new. Returns only once they are on disk."""
+        table = ipc_to_table(ipc)
+        known = self.known.setdefault(model, set())
+        ids = table.column("id").to_pylist()
+        fresh = [i for i, row_id in enumerate(ids) if row_id not in known]
+        if fresh:
+            if len(fresh) < len(ids):
+                table = table.take(pa.array(fresh, pa.int64()))
+            self._write_by_day(model, "predictions", table)
+            known.update(ids[i] for i in fresh)
+        self.retention_days[model] = retention_days
+        self._maybe_maintain()
+        return len(fresh)
+
+    def add_labels(self, model: str, ids: list[str], labels: list[str]) -> dict[str, Any]:
+        """Keep the labels (JSON text) of logged ids; the others come back as unknown."""
+        known = self.known.get(model, set())
+        accepted = [i for i, row_id in enumerate(ids) if row_id in known]
+        unknown = [row_id for row_id in ids if row_id not in known]
+        if accepted:
+            now = time.time()
+            table = pa.table(
+                {
+                    "id": [ids[i] for i in accepted],
+                    # Later rows of one request win over earlier ones (the latest label).
+                    "ts": [now + 1e-6 * n for n in range(len(accepted))],
+                    "label": [labels[i] for i in accepted],
+                },
+                schema=LABEL_SCHEMA,
+            )
+            self._write_by_day(model, "labels", table)
+        return {"accepted": len(accepted), "unknown_ids": unknown}
+
+    def append_usage(self, ipc: bytes) -> int:
+        """Replica usage rows (USAGE_SCHEMA), for the cost per prediction."""
+        table = ipc_to_table(ipc)
+        self._write_by_day(USAGE_MODEL, "usage", table, ts_column="end_ts")
+        return table.num_rows
+
+    def _write_by_day(self, model: str, kind: str, table: pa.Table, ts_column: str = "ts") -> None:
+        days = np.array([day_of(ts) for ts in table.column(ts_column).to_numpy()])
+        for day in sorted(set(days.tolist())):
+            part = table.filter(pa.array(days == day))
+            name = f"s{self.shard}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+            self.store.publish(
+                f"{MONITORING_DIR}/{model}/{kind}/day={day}/{name}", parquet_bytes(part)
+            )
+
+    # -- restart and housekeeping -----------------------------------------------------------
+
+    def _own_files(self, model: str, kind: str, day: str) -> list[str]:
+        folder = f"{MONITORING_DIR}/{model}/{kind}/day={day}"
+        prefix = f"s{self.shard}-"
+        return [
+            f"{folder}/{name}"
+            for name in self.store.list_files(folder)
+            if name.startswith(prefix) and name.endswith(".parquet")
+        ]
+
+    def _load_index(self) -> None:
+        """The ids this shard wrote before a restart, from its own prediction files."""
+        for model in self.store.list_dirs(MONITORING_DIR):
+            if model == USAGE_MODEL:
+                continue
+            ids: set[str] = set()
+            for day in day_dirs(self.store, model, "predictions"):
+                for path in self._own_files(model, "predictions", day):
+                    table = read_parquet(self.store, path, ["id"])
+                    if table is not None:
+                        ids.update(table.column("id").to_pylist())
+            self.known[model] = ids
+        logger.info(
+            "feedback shard %d: %d logged ids", self.shard, sum(map(len, self.known.values()))
+        )
+
+    def _maybe_maintain(self) -> None:
+        if time.time() - self.last_maintained >= MAINTAIN_EVERY_S:
+            self.maintain()
+
+    def maintain(self) -> dict[str, int]:
+        """Drop days past each model's retention; merge a day's many small files of this shard."""
+        self.last_maintained = time.time()
+        removed = compacted = 0
+        for model, days in self.retention_days.items():
+            oldest = day_of(time.time() - days * 86400)
+            for kind in ("predictions", "labels"):
+                for day in day_dirs(self.store, model, kind):
+                    if day < oldest:
+                        self.store.delete_dir(f"{MONITORING_DIR}/{model}/{kind}/day={day}")
+                        removed += 1
+                    else:
+                        compacted += self._compact(model, kind, day)
+        return {"removed_days": removed, "compacted_files": compacted}
+
+    def _compact(self, model: str, kind: str, day: str) -> int:
+        paths = self._own_files(model, kind, day)
+        if len(paths) < COMPACT_AFTER_FILES:
+            return 0
+        tables = [t for t in (read_parquet(self.store, p) for p in paths) if t is not None]
+        merged = pa.concat_tables(tables)
+        if kind == "predictions":
+            merged = first_by_id(merged)
+        name = f"s{self.shard}-{time.time_ns()}-compact.parquet"
+        # The merged file is published before the parts go: a crash in between leaves rows
+        # twice, which readers drop by id, never zero times.
+        self.store.publish(
+            f"{MONITORING_DIR}/{model}/{kind}/day={day}/{name}", parquet_bytes(merged)
+        )
+        for path in paths:
+            self.store.delete_file(path)
+        return len(paths)
+
+    def ping(self) -> int:
+        return self.shard
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class FeedbackStore(FeedbackService):
+    """One shard of the prediction log as a named, detached Ray actor (restarted when killed)."""
+
+
+def store_name(storage_uri: str, shard: int) -> str:
+    """Named per storage root, so two Kilns on one Ray (two test runs) keep apart."""
+    digest = hashlib.sha256(storage_uri.encode()).hexdigest()[:8]
+    return f"kiln-feedback-{digest}-{shard}"
+
+
+def feedback_stores(storage_uri: str, num_shards: int) -> list[Any]:
+    """The FeedbackStore actors of this storage root, created where missing.
+
+    Detached, so they outlive the replica or command that first asked for them (on the
+    embedded Ray they end with it).
+    """
+    handles = []
+    for shard in range(num_shards):
+        handles.append(
+            FeedbackStore.options(  # type: ignore[attr-defined]
+                name=store_name(storage_uri, shard),
+                namespace=NAMESPACE,
+                get_if_exists=True,
+                lifetime="detached",
+            ).remote(storage_uri, shard, num_shards)
+        )
+    return handles
+
+
+# -- reading (no actor: every shard's files straight from storage) ------------------------------
+
+
+def day_dirs(store: ArtifactStore, model: str, kind: str) -> list[str]:
+    folders = store.list_dirs(f"{MONITORING_DIR}/{model}/{kind}")
+    return [f.removeprefix("day=") for f in folders if f.startswith("day=")]
+
+
+def read_parquet(
+    store: ArtifactStore, path: str, columns: list[str] | None = None
+) -> pa.Table | None:
+    """A published file; None (with a warning) for one that cannot be read."""
+    try:
+        return pq.read_table(io.BytesIO(store.read(path)), columns=columns)
+    except Exception as exc:  # a file cut short by a crash on a filesystem without rename
+        logger.warning("skipping unreadable monitoring file %s: %s", path, exc)
+        return None
+
+
+def read_kind(
+    store: ArtifactStore,
+    model: str,
+    kind: str,
+    since_ts: float,
+    columns: list[str] | None = None,
+) -> list[pa.Table]:
+    first_day = day_of(since_ts)
+    tables = []
+    for day in day_dirs(store, model, kind):
+        if day < first_day:
+            continue
+        folder = f"{MONITORING_DIR}/{model}/{kind}/day={day}"
+        for name in store.list_files(folder):
+            if name.endswith(".parquet"):
+                table = read_parquet(store, f"{folder}/{name}", columns)
+                if table is not None:
+                    tables.append(table)
+    return tables
+
+
+def first_by_id(table: pa.Table) -> pa.Table:
+    """One row per id (the first), for rows a retried flush or a crashed compaction repeated."""
+    ids = table.column("id").to_numpy(zero_copy_only=False)
+    _, first = np.unique(ids, return_index=True)
+    return table.take(pa.array(np.sort(first), pa.int64()))
+
+
+def latest_labels(tables: list[pa.Table]) -> dict[str, str]:
+    """id -> its latest label."""
+    if not tables:
+        return {}
+    labels = pa.concat_tables(tables).sort_by("ts")
+    return dict(
+        zip(labels.column("id").to_pylist(), labels.column("label").to_pylist(), strict=True)
+    )
+
+
+def read_window(
+    storage_uri: str,
+    model: str,
+    since_ts: float,
+    until_ts: float | None = None,
+    with_inputs: bool = True,
+) -> pa.Table:
+    """The logged rows of `model` in [since_ts, until_ts), one per id, each with its latest
+    label (null when none). Labels may come any time after their prediction."""
+    store = ArtifactStore(storage_uri)
+    columns = [f.name for f in PREDICTION_SCHEMA if with_inputs or f.name != "inputs"]
+    tables = read_kind(store, model, "predictions", since_ts, columns)
+    schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in columns])
+    if not tables:
+        return schema.empty_table().append_column("label", pa.array([], pa.string()))
+    table = pa.concat_tables(tables)
+    until = until_ts if until_ts is not None else float("inf")
+    ts = table.column("ts").to_numpy()
+    table = first_by_id(table.filter(pa.array((ts >= since_ts) & (ts < until))))
+    labels = latest_labels(read_kind(store, model, "labels", since_ts))
+    column = [labels.get(row_id) for row_id in table.column("id").to_pylist()]
+    return table.append_column("label", pa.array(column, pa.string()))
+
+
+def read_usage(storage_uri: str, since_ts: float) -> pa.Table:
+    """Replica usage rows that end after `since_ts`."""
+    store = ArtifactStore(storage_uri)
+    tables = read_kind(store, USAGE_MODEL, "usage", since_ts - 86400)
+    if not tables:
+        return USAGE_SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    return table.filter(pa.array(table.column("end_ts").to_numpy() > since_ts))

@@ -1,0 +1,245 @@
+"""The prediction log of one Serve replica: buffered here, flushed to the FeedbackStore shards.
+
+A request only appends a reference to its arrays to a list (`record`, a few microseconds);
+a task on the replica's event loop turns the buffer into Arrow tables every
+`flush_interval_s` or `max_rows` rows and sends each shard its rows (actors/feedback.py).
+A flush the store did not acknowledge (a store being restarted, say) stays in the buffer and
+goes again with the next one; past `max_buffered_rows` the oldest rows are dropped and
+counted, so a store that stays down costs memory up to a bound, never requests.
+
+Every `usage_interval_s` the replica also reports that it was alive, with its CPUs and GPUs
+and the models it serves: the cost per prediction is computed from these rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from actors.feedback import PREDICTION_SCHEMA, USAGE_SCHEMA, shard_of, table_to_ipc
+
+logger = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 1.0
+FLUSH_MAX_ROWS = 1000
+MAX_BUFFERED_ROWS = 200_000
+USAGE_INTERVAL_S = 30.0
+
+
+@dataclass
+class Logged:
+    """One request's rows, as the route saw them (arrays are not copied)."""
+
+    model: str
+    version: int
+    request_id: str
+    ts: float
+    status: int
+    latency_ms: float
+    batch_rows: int
+    x: np.ndarray | None  # (N, num_inputs) float32; None for a failed request
+    predictions: np.ndarray | None  # (N,) class indices or values
+
+
+def rows_table(items: list[Logged]) -> pa.Table:
+    """PREDICTION_SCHEMA rows: one per instance of a served request, one per failed request."""
+    ids: list[str] = []
+    request_ids: list[str] = []
+    ts: list[float] = []
+    versions: list[int] = []
+    status: list[int] = []
+    latency: list[float] = []
+    batch: list[int] = []
+    inputs: list[np.ndarray | None] = []
+    predictions: list[float] = []
+    for item in items:
+        n = len(item.x) if item.x is not None else 1
+        if item.x is not None and item.predictions is not None:
+            ids.extend(f"{item.request_id}-{i}" for i in range(n))
+            inputs.extend(list(item.x))
+            predictions.extend(item.predictions.astype(np.float64).tolist())
+        else:
+            ids.append(f"{item.request_id}-error")
+            inputs.append(None)
+            predictions.append(float("nan"))
+        request_ids.extend([item.request_id] * n)
+        ts.extend([item.ts] * n)
+        versions.extend([item.version] * n)
+        status.extend([item.status] * n)
+        latency.extend([item.latency_ms] * n)
+        batch.extend([item.batch_rows] * n)
+    return pa.table(
+        {
+            "id": ids,
+            "request_id": request_ids,
+            "ts": ts,
+            "version": versions,
+            "status": status,
+            "latency_ms": latency,
+            "batch_rows": batch,
+            "inputs": inputs,
+            "prediction": predictions,
+        },
+        schema=PREDICTION_SCHEMA,
+    )
+
+
+class PredictionLog:
+    """Buffer and flusher of one replica's prediction log (see the module docstring)."""
+
+    def __init__(
+        self,
+        stores: Callable[[], list[Any]],
+        sample: float = 1.0,
+        retention_days: int = 30,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+        max_rows: int = FLUSH_MAX_ROWS,
+        max_buffered_rows: int = MAX_BUFFERED_ROWS,
+    ) -> None:
+        self._stores = stores
+        self.handles: list[Any] | None = None
+        self.sample = sample
+        self.retention_days = retention_days
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.flush_interval_s = flush_interval_s
+        self.max_rows = max_rows
+        self.max_buffered_rows = max_buffered_rows
+        self.buffer: list[Logged] = []
+        self.buffered_rows = 0
+        self.pending: dict[tuple[str, int], pa.Table] = {}
+        """Rows built into tables whose flush has not been acknowledged, by (model, shard)."""
+        self.dropped_rows = 0
+        self.flushed_rows = 0
+        self.replica_id = uuid.uuid4().hex[:12]
+        self.usage_since = time.time()
+        self.models_seen: set[str] = set()
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+
+    def sampled(self) -> bool:
+        """Whether to log the next request (`--log-sample`)."""
+        return self.sample >= 1.0 or random.random() < self.sample
+
+    def record(self, item: Logged) -> None:
+        """Buffer one request's rows (the only work on the request path)."""
+        self.buffer.append(item)
+        self.buffered_rows += len(item.x) if item.x is not None else 1
+        self.models_seen.add(item.model)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self.buffered_rows >= self.max_rows:
+            self._wake.set()
+        if self.buffered_rows > self.max_buffered_rows:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        while self.buffered_rows > self.max_buffered_rows and self.buffer:
+            item = self.buffer.pop(0)
+            rows = len(item.x) if item.x is not None else 1
+            self.buffered_rows -= rows
+            self.dropped_rows += rows
+        logger.warning("prediction log: %d rows dropped (stores unreachable)", self.dropped_rows)
+
+    async def _run(self) -> None:
+        next_usage = time.time() + USAGE_INTERVAL_S
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+            if time.time() >= next_usage:
+                next_usage = time.time() + USAGE_INTERVAL_S
+                await self.report_usage()
+
+    def stores(self) -> list[Any]:
+        if self.handles is None:
+            self.handles = self._stores()
+        return self.handles
+
+    async def flush(self) -> int:
+        """Send every buffered row; returns the rows acknowledged. Unacknowledged rows stay."""
+        async with self._flush_lock:
+            items, self.buffer, self.buffered_rows = self.buffer, [], 0
+            self._build_pending(items)
+            if not self.pending:
+                return 0
+            stores = self.stores()
+            keys = list(self.pending)
+            calls = [
+                stores[shard].append.remote(
+                    model, table_to_ipc(self.pending[(model, shard)]), self.retention_days
+                )
+                for model, shard in keys
+            ]
+            done = 0
+            for key, call in zip(keys, calls, strict=True):
+                try:
+                    await call
+                except Exception as exc:  # a store restarting: keep the rows, send them again
+                    logger.warning("prediction log flush to shard %d failed: %s", key[1], exc)
+                    continue
+                done += self.pending.pop(key).num_rows
+            self.flushed_rows += done
+            return done
+
+    def _build_pending(self, items: list[Logged]) -> None:
+        if not items:
+            return
+        num_shards = len(self.stores())
+        by_model: dict[str, list[Logged]] = {}
+        for item in items:
+            by_model.setdefault(item.model, []).append(item)
+        for model, model_items in by_model.items():
+            table = rows_table(model_items)
+            shards = np.array([shard_of(r, num_shards) for r in model_items_request_ids(table)])
+            for shard in np.unique(shards).tolist():
+                part = table.filter(pa.array(shards == shard))
+                key = (model, shard)
+                self.pending[key] = (
+                    pa.concat_tables([self.pending[key], part]) if key in self.pending else part
+                )
+
+    async def report_usage(self) -> None:
+        now = time.time()
+        table = pa.table(
+            {
+                "replica": [self.replica_id],
+                "start_ts": [self.usage_since],
+                "end_ts": [now],
+                "num_cpus": [self.num_cpus],
+                "num_gpus": [self.num_gpus],
+                "models": [sorted(self.models_seen)],
+            },
+            schema=USAGE_SCHEMA,
+        )
+        try:
+            await self.stores()[0].append_usage.remote(table_to_ipc(table))
+            self.usage_since = now
+        except Exception as exc:  # the next report covers this span too
+            logger.warning("replica usage report failed: %s", exc)
+
+    async def close(self) -> None:
+        """Flush what is left (a replica shutting down)."""
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush()
+        await self.report_usage()
+
+
+def model_items_request_ids(table: pa.Table) -> list[str]:
+    """Each row's request id, which decides its shard."""
+    return table.column("request_id").to_pylist()  # type: ignore[no-any-return]

@@ -1,0 +1,90 @@
+"""Feedback and monitoring routes: labels for logged predictions, a model's window report."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+
+from actors.monitor import build_report
+from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
+from serving.errors import ERROR_RESPONSES
+from serving.feedback import check_lengths, label_texts, send_feedback
+from serving.routes.models import read_json_body
+from serving.schemas import FeedbackRequest, FeedbackResponse
+
+router = APIRouter(tags=["monitoring"])
+
+WINDOW = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_S = 31 * 86400
+
+
+def window_seconds(text: str) -> float:
+    """`30m`, `1h`, `7d` as seconds, or a 422 that shows the form."""
+    found = WINDOW.match(text.strip())
+    seconds = float(found.group(1)) * UNIT_S[found.group(2)] if found else 0.0
+    if not 0 < seconds <= MAX_WINDOW_S:
+        raise HTTPException(
+            422, f"window {text[:20]!r} is not a duration like 30m, 1h or 7d (at most 31d)"
+        )
+    return seconds
+
+
+async def authorize_feedback(name: str, auth: AuthDep, credentials: BearerDep) -> None:
+    """401/403 unless the key has feedback:<model>, feedback:* or admin (auth on)."""
+    if auth is not None:
+        secret = credentials.credentials if credentials else None
+        await auth.authorize(secret, "feedback", name.partition("@")[0])
+
+
+@router.post(
+    "/v1/models/{name}:feedback",
+    response_model=FeedbackResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}},
+        }
+    },
+)
+async def feedback(
+    name: str, request: Request, host: HostDep, auth: AuthDep, credentials: BearerDep
+) -> dict[str, Any]:
+    await authorize_feedback(name, auth, credentials)
+    _key, replica = host.replica_for(name)
+    payload, _booleans = await read_json_body(request, host.args.max_body_bytes)
+    try:
+        body = FeedbackRequest.model_validate(payload)
+    except ValueError as exc:
+        raise RequestValidationError(exc.errors()) from exc  # type: ignore[attr-defined]
+    check_lengths(body.ids, body.labels)
+    texts = label_texts(body.labels, replica.spec)
+    if host.log is None:
+        raise HTTPException(
+            409, "the prediction log is off here (--log-sample 0): feedback has nothing to join"
+        )
+    await host.log.flush()  # this replica's own recent predictions become known first
+    return await send_feedback(host.log.stores(), replica.record.name, body.ids, texts)
+
+
+@router.get("/v1/models/{name}/metrics", responses=ERROR_RESPONSES)
+async def metrics(
+    name: str, host: HostDep, _: Authorized, window: str = Query("1h")
+) -> dict[str, Any]:
+    """Per served version over the window: traffic, latency, quality from feedback, drift,
+    cost (actors/monitor.py)."""
+    seconds = window_seconds(window)
+    _key, replica = host.replica_for(name)
+    model = replica.record.name
+    registry = host.registry
+    if registry is None:
+        raise HTTPException(503, "no registry here")
+    records = {r.version: r for r in await registry.list_versions.remote(model)}
+    storage_uri = str(await registry.get_storage_uri.remote())
+    # Reading Parquet and computing drift take milliseconds to seconds: off the event loop.
+    return await asyncio.to_thread(build_report, storage_uri, model, records, seconds)

@@ -1,0 +1,168 @@
+"""FeedbackService and the window report without Ray: dedup, labels, restart, compaction,
+quality formulas against scikit-learn, cost."""
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    mean_squared_error,
+    precision_score,
+    r2_score,
+    recall_score,
+)
+
+from actors import feedback
+from actors.feedback import (
+    USAGE_SCHEMA,
+    FeedbackService,
+    read_window,
+    shard_of,
+    table_to_ipc,
+)
+from actors.monitor import costs, quality
+from serving.predlog import Logged, PredictionLog, rows_table
+
+
+def logged(request_id: str, rows: int = 3, version: int = 1, ts: float | None = None) -> Logged:
+    x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    return Logged("m", version, request_id, ts or time.time(), 200, 1.5, rows, x, np.zeros(rows))
+
+
+def ipc(*items: Logged) -> bytes:
+    return table_to_ipc(rows_table(list(items)))
+
+
+def test_a_retried_flush_writes_nothing_twice_and_a_restart_remembers(tmp_path):
+    store = FeedbackService(str(tmp_path))
+    assert store.append("m", ipc(logged("r1"), logged("r2"))) == 6
+    assert store.append("m", ipc(logged("r2"), logged("r3"))) == 3  # r2 was acknowledged before
+    restarted = FeedbackService(str(tmp_path))  # what a killed actor rebuilds from its files
+    assert restarted.known["m"] == store.known["m"]
+    assert restarted.append("m", ipc(logged("r3"))) == 0
+    answer = restarted.add_labels("m", ["r1-0", "r9-0", "r3-2"], ["1", "2", "3"])
+    assert answer == {"accepted": 2, "unknown_ids": ["r9-0"]}
+    window = read_window(str(tmp_path), "m", time.time() - 60)
+    assert window.num_rows == 9 and len(set(window.column("id").to_pylist())) == 9
+    labels = dict(
+        zip(window.column("id").to_pylist(), window.column("label").to_pylist(), strict=True)
+    )
+    assert labels["r1-0"] == "1" and labels["r3-2"] == "3" and labels["r2-0"] is None
+
+
+def test_compaction_keeps_every_row_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(feedback, "COMPACT_AFTER_FILES", 5)
+    store = FeedbackService(str(tmp_path))
+    for i in range(7):
+        store.append("m", ipc(logged(f"r{i}")))
+    store.retention_days["m"] = 30
+    assert store.maintain()["compacted_files"] == 7
+    window = read_window(str(tmp_path), "m", time.time() - 60)
+    assert window.num_rows == 21
+
+
+def test_retention_drops_old_days(tmp_path):
+    store = FeedbackService(str(tmp_path))
+    store.append("m", ipc(logged("old", ts=time.time() - 10 * 86400)), retention_days=3)
+    store.append("m", ipc(logged("new")), retention_days=3)
+    assert store.maintain()["removed_days"] == 1
+    assert read_window(str(tmp_path), "m", time.time() - 30 * 86400).num_rows == 3
+
+
+def test_shards_split_by_request_and_keep_a_request_together():
+    ids = [f"req{i}-{j}" for i in range(200) for j in range(3)]
+    shards = [shard_of(i, 4) for i in ids]
+    assert set(shards) == {0, 1, 2, 3}
+    for i in range(0, len(ids), 3):
+        assert len(set(shards[i : i + 3])) == 1
+
+
+class FlakyStore:
+    """A store whose first `fail` appends raise, as a store being restarted does."""
+
+    def __init__(self, service: FeedbackService, fail: int) -> None:
+        self.service, self.fail = service, fail
+        self.append = self  # store.append.remote(...)
+
+    async def remote(self, model, data, retention_days):
+        if self.fail > 0:
+            self.fail -= 1
+            raise RuntimeError("store restarting")
+        return self.service.append(model, data, retention_days)
+
+
+def test_unacknowledged_rows_are_sent_again(tmp_path):
+    service = FeedbackService(str(tmp_path))
+    log = PredictionLog(lambda: [FlakyStore(service, fail=2)])
+    log._task = object()  # flushed by hand below, not by the background loop
+
+    async def scenario() -> list[int]:
+        log.record(logged("a"))
+        first = await log.flush()  # refused: kept
+        log.record(logged("b"))
+        return [first, await log.flush(), await log.flush()]
+
+    assert asyncio.run(scenario()) == [0, 0, 6]  # both requests, once each
+    assert read_window(str(tmp_path), "m", time.time() - 60).num_rows == 6
+
+
+def test_the_buffer_is_bounded_and_counts_what_it_drops():
+    log = PredictionLog(lambda: [], max_buffered_rows=10, max_rows=10**6)
+    log._task = object()  # no event loop here: the flusher is not started
+    for i in range(6):
+        log.record(logged(f"r{i}"))
+    assert log.buffered_rows <= 10 and log.dropped_rows == 18 - log.buffered_rows
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_classification_quality_matches_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    classes = ["cat", "dog", "eel"]
+    y_true = rng.integers(0, 3, 400)
+    y_pred = np.where(rng.random(400) < 0.7, y_true, rng.integers(0, 3, 400))
+    spec = {"task": "classification", "classes": classes}
+    labels = [json.dumps(classes[i]) for i in y_true]
+    found = quality(spec, y_pred, labels)
+    assert found["labelled_rows"] == 400
+    assert found["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert found["precision"] == pytest.approx(precision_score(y_true, y_pred, average="macro"))
+    assert found["recall"] == pytest.approx(recall_score(y_true, y_pred, average="macro"))
+    assert found["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert found["confusion"] == confusion_matrix(y_true, y_pred).tolist()
+
+
+def test_regression_quality_matches_scikit_learn():
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=300)
+    pred = y + rng.normal(scale=0.5, size=300)
+    found = quality({"task": "regression"}, pred, [json.dumps(v) for v in y.tolist()])
+    assert found["mse"] == pytest.approx(mean_squared_error(y, pred))
+    assert found["r2"] == pytest.approx(r2_score(y, pred))
+
+
+def test_cost_counts_idle_time_and_splits_by_predictions(monkeypatch):
+    monkeypatch.setenv("KILN_PRICE_CPU_HOUR", "0.36")
+    monkeypatch.setenv("KILN_PRICE_GPU_HOUR", "3.6")
+    usage = pa.table(
+        {
+            "replica": ["a", "b"],
+            "start_ts": [0.0, 1800.0],
+            "end_ts": [3600.0, 7200.0],  # b runs past the window's end
+            "num_cpus": [1.0, 2.0],
+            "num_gpus": [0.0, 0.5],
+            "models": [["m"], ["m", "n"]],
+        },
+        schema=USAGE_SCHEMA,
+    )
+    found = costs(usage, 0.0, 3600.0, {"m": {1: 300, 2: 100}, "n": {1: 0}})
+    # a: 1 h x 1 CPU x 0.36 = 0.36; b: 0.5 h x (2 x 0.36 + 0.5 x 3.6) = 1.26, all to m (n idle)
+    total_m = 0.36 + 1.26
+    assert found["m"][1]["usd"] == pytest.approx(total_m * 0.75)
+    assert found["m"][1]["per_1000_predictions"] == pytest.approx(total_m * 0.75 / 300 * 1000)
+    assert found["n"][1]["per_1000_predictions"] is None

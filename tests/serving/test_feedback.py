@@ -1,0 +1,103 @@
+"""The prediction log and feedback over real HTTP, and the window report built from them."""
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from actors.shards import load_shards
+from actors.sources import SourceSpec
+
+
+@pytest.fixture(scope="module")
+def served(trained_digits, settings_session, registry_session):
+    from cluster.serving_control import deploy_models
+
+    return deploy_models(settings_session, ["digits-mlp"], auth=False)
+
+
+@pytest.fixture(scope="module")
+def rows(ray_local):
+    test = load_shards(SourceSpec(uri="sklearn:digits"), "test", 1)
+    try:
+        _, x, y = test.read_arrays()
+    finally:
+        test.release()
+    return x, y
+
+
+def post(url: str, path: str, body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/models/digits-mlp{path}", json=body, timeout=30)
+
+
+def test_feedback_joins_logged_predictions_and_the_report_counts_it(served, rows, trained_digits):
+    x, y = rows
+    since = time.time()
+    ids, predictions = [], []
+    for start in range(0, 120, 20):  # six requests of 20 rows
+        answer = post(served, ":predict", {"instances": x[start : start + 20].tolist()})
+        assert answer.status_code == 200
+        ids += answer.json()["ids"]
+        predictions += answer.json()["predictions"]
+    labels = y[:120].tolist()
+    result = post(served, ":feedback", {"ids": ids + ["nope-0"], "labels": labels + [1]})
+    assert result.status_code == 200, result.text
+    assert result.json() == {"accepted": 120, "unknown_ids": ["nope-0"]}
+
+    report = httpx.get(f"{served}/v1/models/digits-mlp/metrics?window=1h", timeout=60).json()
+    (entry,) = [v for v in report["versions"] if v["version"] == trained_digits.record.version]
+    assert entry["requests"] >= 6 and entry["predictions"] >= 120
+    quality = entry["quality"]
+    assert quality["labelled_rows"] == 120
+    assert quality["accuracy"] == pytest.approx(accuracy_score(labels, predictions))
+    assert quality["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro"))
+    assert entry["latency_ms"]["p50"] > 0
+    assert entry["drift"]["reference"] and entry["drift"]["rows"] >= 120
+    assert entry["drift"]["drifted_features"] == []  # test rows come from the training distribution
+    assert time.time() - since < 600
+
+
+def test_a_later_label_replaces_the_earlier_one(served, rows, settings_session):
+    from actors.feedback import read_window
+
+    x, y = rows
+    since = time.time() - 1
+    answer = post(served, ":predict", {"instances": x[:1].tolist()}).json()
+    wrong = (int(y[0]) + 1) % 10
+    for label in (wrong, int(y[0])):
+        body = {"ids": answer["ids"], "labels": [label]}
+        assert post(served, ":feedback", body).json()["accepted"] == 1
+    window = read_window(settings_session.storage_uri, "digits-mlp", since).to_pylist()
+    (row,) = [r for r in window if r["id"] == answer["ids"][0]]
+    assert row["label"] == str(int(y[0]))
+    assert np.allclose(row["inputs"], x[0])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"ids": ["a-0", "b-0"], "labels": [1]}, 422, "one label per id"),
+        ({"ids": ["a-0"], "labels": ["seven"]}, 422, "labels[0] is a string"),
+        ({"ids": ["a-0"], "labels": [11]}, 422, "not a class"),
+        ({"ids": ["a-0"], "labels": [True]}, 422, "labels[0] is a boolean"),
+        ({"ids": [], "labels": []}, 422, "ids"),
+        ({"ids": "a-0", "labels": [1]}, 422, "ids"),
+    ],
+)
+def test_bad_feedback_gets_a_4xx_naming_the_problem(served, body, status, fragment):
+    answer = post(served, ":feedback", body)
+    assert answer.status_code == status
+    assert fragment in answer.json()["error"]
+
+
+def test_an_oversize_feedback_body_is_refused(served):
+    body = {"ids": ["x" * 100] * 100_000, "labels": [1] * 100_000}
+    answer = post(served, ":feedback", body)
+    assert answer.status_code == 413
+
+
+def test_a_bad_window_is_a_422(served):
+    answer = httpx.get(f"{served}/v1/models/digits-mlp/metrics?window=forever", timeout=30)
+    assert answer.status_code == 422 and "30m, 1h or 7d" in answer.json()["error"]
