@@ -46,6 +46,23 @@ MAX_DRIFT_ROWS = 20_000
 """Drift looks at the most recent rows of a window, at most this many."""
 
 
+WINDOW_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_S = 31 * 86400
+
+
+def parse_window(text: str) -> float:
+    """`30m`, `1h`, `7d` as seconds; ValueError (with the form to use) for anything else."""
+    text = text.strip()
+    number, unit = text[:-1], text[-1:]
+    try:
+        seconds = float(number) * WINDOW_UNITS_S[unit]
+    except (ValueError, KeyError):
+        seconds = 0.0
+    if not 0 < seconds <= MAX_WINDOW_S or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"{text[:20]!r} is not a duration like 30m, 1h or 7d (at most 31d)")
+    return seconds
+
+
 def prices() -> dict[str, float]:
     """USD per CPU-hour and GPU-hour: KILN_PRICE_CPU_HOUR, KILN_PRICE_GPU_HOUR or the defaults."""
     return {

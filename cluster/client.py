@@ -331,6 +331,38 @@ class Kiln:
         entries = self._call("audit", limit, action, key=self.key)
         return [{**e, "at": iso_time(e["at"])} for e in entries]
 
+    # ------------------------------------------------------------------ monitoring
+
+    def feedback(
+        self, name: str, ids: list[str], labels: list[Any], url: str | None = None
+    ) -> dict[str, Any]:
+        """Labels for served predictions (POST /v1/models/NAME:feedback with this client's key);
+        returns {"accepted": n, "unknown_ids": [...]}. `url` defaults to KILN_HTTP_HOST:PORT."""
+        import httpx
+
+        base = url or f"http://{self.settings.kiln_http_host}:{self.settings.kiln_http_port}"
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        answer = httpx.post(
+            f"{base}/v1/models/{name}:feedback",
+            json={"ids": list(ids), "labels": list(labels)},
+            headers=headers,
+            timeout=60,
+        )
+        if answer.status_code != 200:
+            try:
+                error = answer.json().get("error", answer.text)
+            except ValueError:
+                error = answer.text
+            raise KilnError(f"feedback for {name} refused ({answer.status_code}): {error}")
+        return answer.json()  # type: ignore[no-any-return]
+
+    def monitor(self, name: str, window: str = "1h") -> dict[str, Any]:
+        """What `kiln monitor NAME --json` prints: per logged version, traffic, latency,
+        quality from feedback, drift and cost over the window (actors/monitor.py)."""
+        from cluster.monitoring import model_report
+
+        return model_report(self, name, window)
+
     # ------------------------------------------------------------------ jobs on a cluster
 
     @property

@@ -34,7 +34,7 @@ COMMAND_OPTIONS: dict[str, frozenset[str]] = {
         "--access-log --address --auth --backend --batch-wait-timeout-s --emit-config --home "
         "--host --key --max-batch-size --max-replicas --min-replicas --no-access-log --no-auth "
         "--num-cpus --num-gpus --num-replicas --port --rate-burst --rate-limit --storage "
-        "--target-ongoing-requests"
+        "--target-ongoing-requests --log-sample --log-retention-days"
         # the SLO choice
         " --slo-p99-ms --min-accuracy --target-rps --http-overhead-ms --dry-run --no-dry-run"
     ),

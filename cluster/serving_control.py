@@ -40,6 +40,7 @@ def deploy_models(
     serve.start(
         http_options={"host": settings.kiln_http_host, "port": settings.kiln_http_port},
     )
+    serve_args.setdefault("feedback_shards", settings.kiln_feedback_shards)
     serve.run(build_app({"models": refs, **serve_args}), name=APP_NAME, route_prefix="/")
     base_url = f"http://{settings.kiln_http_host}:{settings.kiln_http_port}"
     # serve.run returns once replicas are healthy; check the proxy routes to them too.

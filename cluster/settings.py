@@ -8,6 +8,9 @@
 | KILN_HTTP_HOST   | --host      | 127.0.0.1                       |
 | KILN_HTTP_PORT   | --port      | 8000                            |
 | KILN_API_KEY     | --key       | unset: act as the local user    |
+| KILN_FEEDBACK_SHARDS |         | 1 (FeedbackStore actors)        |
+| KILN_PRICE_CPU_HOUR  |         | 0.0504 USD (actors/monitor.py)  |
+| KILN_PRICE_GPU_HOUR  |         | 1.006 USD (actors/monitor.py)   |
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class Settings(BaseSettings):
     kiln_http_port: int = Field(8000, ge=1, le=65535)
     kiln_num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of the embedded Ray (default: max(4, cores)); ignored on a cluster."""
+    kiln_feedback_shards: int = Field(1, ge=1, le=256)
+    """FeedbackStore actors the prediction log spreads over (one per few busy replicas)."""
     kiln_api_key: str | None = Field(None, repr=False)
     """An admin API key to act as in registry changes; unset: the local user ("local")."""
 

@@ -68,6 +68,15 @@ def serve(
     access_log: Annotated[
         bool, typer.Option(help="Log every request in the replica logs (about 0.1 ms each).")
     ] = False,
+    log_sample: Annotated[
+        float,
+        typer.Option(
+            help="Share of requests in the prediction log (monitoring, feedback); 0: off."
+        ),
+    ] = 1.0,
+    log_retention_days: Annotated[
+        int, typer.Option(help="Days the prediction log and feedback are kept.")
+    ] = 30,
     emit_config: Annotated[
         str | None,
         typer.Option(help="Write a Serve config YAML (serve deploy / KubeRay) and exit."),
@@ -118,6 +127,8 @@ def serve(
         rate_limit_burst=rate_burst,
         auth=auth,
         access_log=access_log,
+        log_sample=log_sample,
+        log_retention_days=log_retention_days,
     )
     settings = load_settings(address=address, home=home, storage=storage, host=host, port=port)
     slo = slo_request(

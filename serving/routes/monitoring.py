@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 
-from actors.monitor import build_report
+from actors.monitor import build_report, parse_window
 from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
 from serving.errors import ERROR_RESPONSES
 from serving.feedback import check_lengths, label_texts, send_feedback
@@ -18,20 +17,12 @@ from serving.schemas import FeedbackRequest, FeedbackResponse
 
 router = APIRouter(tags=["monitoring"])
 
-WINDOW = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_WINDOW_S = 31 * 86400
-
-
 def window_seconds(text: str) -> float:
-    """`30m`, `1h`, `7d` as seconds, or a 422 that shows the form."""
-    found = WINDOW.match(text.strip())
-    seconds = float(found.group(1)) * UNIT_S[found.group(2)] if found else 0.0
-    if not 0 < seconds <= MAX_WINDOW_S:
-        raise HTTPException(
-            422, f"window {text[:20]!r} is not a duration like 30m, 1h or 7d (at most 31d)"
-        )
-    return seconds
+    """The `window` query as seconds, or a 422 that shows the form."""
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise HTTPException(422, f"window {exc}") from exc
 
 
 async def authorize_feedback(name: str, auth: AuthDep, credentials: BearerDep) -> None:
