@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import threading
 import time
 import uuid
 import zlib
@@ -242,7 +243,20 @@ class FeedbackService:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class FeedbackStore(FeedbackService):
-    """One shard of the prediction log as a named, detached Ray actor (restarted when killed)."""
+    """One shard of the prediction log as a named, detached Ray actor (restarted when killed).
+
+    Shard 0 also sets the windowed Prometheus gauges once a minute (actors/monitor.py).
+    """
+
+    def __init__(self, storage_uri: str, shard: int = 0, num_shards: int = 1) -> None:
+        super().__init__(storage_uri, shard, num_shards)
+        self._stop = threading.Event()
+        if shard == 0:
+            from actors.monitor import run_gauges
+
+            threading.Thread(
+                target=run_gauges, args=(storage_uri, self._stop), daemon=True, name="gauges"
+            ).start()
 
 
 def store_name(storage_uri: str, shard: int) -> str:

@@ -261,3 +261,94 @@ def time_series(
             series["quality"].append(figure)
         out[version] = series
     return out
+
+
+# -- Prometheus gauges: windowed quality, drift and cost ----------------------------------------
+
+GAUGE_INTERVAL_S = 60.0
+GAUGE_WINDOW_S = 3600.0
+
+
+class QualityGauges:
+    """Sets the windowed gauges from each recently served model's report (see serving/metrics.py).
+
+    Run by the FeedbackStore's first shard on a thread of its own, once a minute, over the last
+    hour: one place computes them, however many replicas serve.
+    """
+
+    def __init__(self, storage_uri: str) -> None:
+        from ray.util import metrics
+
+        tags: Any = ("model", "version", "metric")
+        self.storage_uri = storage_uri
+        self.quality = metrics.Gauge(
+            "kiln_model_quality",
+            description="Quality from labelled feedback over the last hour "
+            "(accuracy, precision, recall, macro_f1, mse, r2, labelled_rows).",
+            tag_keys=tags,
+        )
+        self.drift = metrics.Gauge(
+            "kiln_feature_drift_psi",
+            description="PSI of each input over the last hour against the training bins.",
+            tag_keys=("model", "version", "feature"),  # type: ignore[arg-type]
+        )
+        self.drifted = metrics.Gauge(
+            "kiln_drifted_features",
+            description="Inputs flagged as drifted over the last hour.",
+            tag_keys=("model", "version"),  # type: ignore[arg-type]
+        )
+        self.cost = metrics.Gauge(
+            "kiln_cost_per_1000_predictions_usd",
+            description="Replica cost per 1,000 predictions over the last hour (USD).",
+            tag_keys=("model", "version"),  # type: ignore[arg-type]
+        )
+
+    def update(self, registry: Any) -> int:
+        """One pass over the models logged in the last hour; returns how many it reported."""
+        import ray
+
+        from actors.feedback import MONITORING_DIR, USAGE_MODEL
+
+        store = ArtifactStore(self.storage_uri)
+        reported = 0
+        for model in store.list_dirs(MONITORING_DIR):
+            if model == USAGE_MODEL:
+                continue
+            try:
+                records = {r.version: r for r in ray.get(registry.list_versions.remote(model))}
+                report = build_report(self.storage_uri, model, records, GAUGE_WINDOW_S)
+            except Exception as exc:  # a model deleted from the registry, say
+                logger.warning("no gauges for %s: %s", model, exc)
+                continue
+            for entry in report["versions"]:
+                self.set_version(model, entry)
+            reported += bool(report["versions"])
+        return reported
+
+    def set_version(self, model: str, entry: dict[str, Any]) -> None:
+        tags = {"model": model, "version": str(entry["version"])}
+        for metric, value in (entry.get("quality") or {}).items():
+            if isinstance(value, int | float):
+                self.quality.set(float(value), {**tags, "metric": metric})
+        drift = entry.get("drift") or {}
+        for feature in drift.get("features") or []:
+            self.drift.set(feature["psi"], {**tags, "feature": feature["feature"]})
+        if drift.get("reference"):
+            self.drifted.set(len(drift.get("drifted_features") or []), tags)
+        cost = entry["cost"]["per_1000_predictions"]
+        if cost is not None:
+            self.cost.set(cost, tags)
+
+
+def run_gauges(storage_uri: str, stop: Any) -> None:
+    """The gauge loop (a daemon thread of the FeedbackStore's shard 0) until `stop` is set."""
+    import ray
+
+    from actors.registry import NAMESPACE, REGISTRY_NAME
+
+    gauges = QualityGauges(storage_uri)
+    while not stop.wait(GAUGE_INTERVAL_S):
+        try:
+            gauges.update(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE))
+        except Exception as exc:  # never let the thread die: the next minute tries again
+            logger.warning("gauge update failed: %s", exc)

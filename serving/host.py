@@ -31,6 +31,7 @@ from actors.keys import KeyCheck
 from actors.replica import SMALL_ROWS, ModelReplica
 from serving.inputs import rows_to_inputs
 from serving.jsonbody import shown
+from serving.metrics import ServingMetrics
 from serving.predlog import Logged, PredictionLog
 from serving.ratelimit import RateLimiter
 from serving.routing import Router
@@ -239,6 +240,10 @@ class ModelHost:
         self.served = Served({}, Router())
         self.log: PredictionLog | None = None
         """The prediction log (none without a registry: route tests; or with --log-sample 0)."""
+        self.metrics: ServingMetrics | None = None
+        """Prometheus metrics through Ray (none outside a Serve replica: route tests)."""
+        if registry is not None:
+            self.metrics = ServingMetrics()
         if registry is not None and args.log_sample > 0:
             self.log = PredictionLog(
                 self._feedback_stores,
@@ -246,6 +251,7 @@ class ModelHost:
                 retention_days=args.log_retention_days,
                 num_cpus=args.num_cpus,
                 num_gpus=float(assigned_gpus()),
+                on_drop=self.metrics.log_dropped.inc if self.metrics else None,
             )
         # The replica computes with the cores it reserves (Kiln's workers default to one
         # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads (an
@@ -279,25 +285,30 @@ class ModelHost:
         outputs: np.ndarray | None = None,
         status: int = 200,
     ) -> None:
-        """Buffer a served request (or a failed one: no x) in the prediction log, if sampled."""
-        if self.log is None or not self.log.sampled():
-            return
+        """Count a served request (or a failed one: no x) in the metrics, and buffer it in
+        the prediction log if sampled."""
         replica = self.served.replicas.get(key)
         if replica is None:
             return
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        batch_rows = forward_rows.get() if x is not None else 0
+        name, version = replica.record.name, replica.record.version
+        if self.metrics is not None:
+            self.metrics.record(name, version, status, latency_ms, batch_rows)
+        if self.log is None or not self.log.sampled():
+            return
         predictions = None if outputs is None else outputs_to_predictions(outputs, replica.spec)
-        now = time.time()
         self.log.record(
             Logged(
-                model=replica.record.name,
-                version=replica.record.version,
-                request_id=request_id,
-                ts=now,
-                status=status,
-                latency_ms=(time.perf_counter() - started) * 1000.0,
-                batch_rows=forward_rows.get() if x is not None else 0,
-                x=x,
-                predictions=predictions,
+                name,
+                version,
+                request_id,
+                time.time(),
+                status,
+                latency_ms,
+                batch_rows,
+                x,
+                predictions,
             )
         )
 

@@ -106,6 +106,7 @@ class PredictionLog:
         flush_interval_s: float = FLUSH_INTERVAL_S,
         max_rows: int = FLUSH_MAX_ROWS,
         max_buffered_rows: int = MAX_BUFFERED_ROWS,
+        on_drop: Callable[[int], Any] | None = None,
     ) -> None:
         self._stores = stores
         self.handles: list[Any] | None = None
@@ -120,6 +121,8 @@ class PredictionLog:
         self.pending: dict[tuple[str, int], pa.Table] = {}
         """Rows built into tables whose flush has not been acknowledged, by (model, shard)."""
         self.dropped_rows = 0
+        self.on_drop = on_drop
+        """Told how many rows were dropped (the replica's Prometheus counter)."""
         self.flushed_rows = 0
         self.replica_id = uuid.uuid4().hex[:12]
         self.usage_since = time.time()
@@ -145,11 +148,15 @@ class PredictionLog:
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
+        dropped = 0
         while self.buffered_rows > self.max_buffered_rows and self.buffer:
             item = self.buffer.pop(0)
             rows = len(item.x) if item.x is not None else 1
             self.buffered_rows -= rows
-            self.dropped_rows += rows
+            dropped += rows
+        self.dropped_rows += dropped
+        if self.on_drop is not None and dropped:
+            self.on_drop(dropped)
         logger.warning("prediction log: %d rows dropped (stores unreachable)", self.dropped_rows)
 
     async def _run(self) -> None:

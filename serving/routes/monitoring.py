@@ -17,6 +17,7 @@ from serving.schemas import FeedbackRequest, FeedbackResponse
 
 router = APIRouter(tags=["monitoring"])
 
+
 def window_seconds(text: str) -> float:
     """The `window` query as seconds, or a 422 that shows the form."""
     try:
@@ -60,7 +61,10 @@ async def feedback(
             409, "the prediction log is off here (--log-sample 0): feedback has nothing to join"
         )
     await host.log.flush()  # this replica's own recent predictions become known first
-    return await send_feedback(host.log.stores(), replica.record.name, body.ids, texts)
+    answer = await send_feedback(host.log.stores(), replica.record.name, body.ids, texts)
+    if host.metrics is not None and answer["accepted"]:
+        host.metrics.feedback.inc(answer["accepted"], {"model": replica.record.name})
+    return answer
 
 
 @router.get("/v1/models/{name}/metrics", responses=ERROR_RESPONSES)

@@ -9,6 +9,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from actors.shards import load_shards
 from actors.sources import SourceSpec
+from tests.conftest import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +102,35 @@ def test_an_oversize_feedback_body_is_refused(served):
 def test_a_bad_window_is_a_422(served):
     answer = httpx.get(f"{served}/v1/models/digits-mlp/metrics?window=forever", timeout=30)
     assert answer.status_code == 422 and "30m, 1h or 7d" in answer.json()["error"]
+
+
+def scrape() -> str:
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return ""
+
+
+def test_prometheus_metrics_count_requests_and_show_quality(
+    served, rows, settings_session, registry_session
+):
+    from actors.monitor import QualityGauges
+
+    x, y = rows
+    answer = post(served, ":predict", {"instances": x[:8].tolist()}).json()
+    post(served, ":feedback", {"ids": answer["ids"], "labels": y[:8].tolist()})
+    assert post(served, ":predict", {"instances": [[1.0]]}).status_code == 422
+    # Ray exports what replicas record every few seconds.
+    assert wait_for(lambda: 'status="422"' in scrape(), timeout_s=60)
+    text = scrape()
+    assert "ray_kiln_requests_total{" in text and 'model="digits-mlp"' in text
+    assert "ray_kiln_request_latency_ms_bucket" in text and "ray_kiln_batch_rows_bucket" in text
+    assert "ray_kiln_feedback_labels_total" in text
+    gauges = QualityGauges(settings_session.storage_uri)
+    assert gauges.update(registry_session) >= 1
+    assert wait_for(lambda: "ray_kiln_model_quality{" in scrape(), timeout_s=60)
+    quality = [line for line in scrape().splitlines() if line.startswith("ray_kiln_model_quality{")]
+    assert any('metric="accuracy"' in line for line in quality)
