@@ -320,24 +320,13 @@ class ShardStore:
 
     def drift_sample(self, count: int, seed: int, encoding: Encoding | None = None) -> np.ndarray:
         """`count` of this shard's rows as raw model inputs, drawn uniformly (drift reference)."""
-        rng = np.random.default_rng([seed, self.index])
-        chosen = np.sort(rng.choice(self._num_rows, size=min(count, self._num_rows), replace=False))
-        parts, offset = [], 0
-        for batch in ray.get(self._refs):
-            inside = chosen[(chosen >= offset) & (chosen < offset + batch.num_rows)] - offset
-            if len(inside):
-                parts.append(batch_inputs(batch.take(pa.array(inside)), encoding))
-            offset += batch.num_rows
         width = encoding.num_inputs if encoding else len(self._stats.mean)
-        return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
+        batches = ray.get(self._refs)
+        return sample_inputs(batches, self._num_rows, count, [seed, self.index], encoding, width)
 
     def drift_counts(self, edges: np.ndarray, encoding: Encoding | None = None) -> np.ndarray:
         """Every row of this shard counted into the reference bins (summed over shards)."""
-        total = None
-        for batch in ray.get(self._refs):
-            counts = bin_counts(batch_inputs(batch, encoding), edges)
-            total = counts if total is None else total + counts
-        return total if total is not None else np.zeros((len(edges), edges.shape[1] + 2), np.int64)
+        return count_inputs(ray.get(self._refs), edges, encoding)
 
     def loo_squared_errors(self, basis: LooBasis, encoding: Encoding | None = None) -> np.ndarray:
         """Σ of the ridge path's leave-one-out errors² over this shard's rows, one per λ."""
@@ -388,6 +377,60 @@ class ShardStore:
             if "plasma" not in m.path
         )
         return {"private": private, "object_store": self._num_bytes}
+
+
+def sample_inputs(
+    batches: list[pa.RecordBatch],
+    num_rows: int,
+    count: int,
+    seed: Any,
+    encoding: Encoding | None,
+    width: int,
+) -> np.ndarray:
+    """`count` rows drawn uniformly from `batches`, as raw model inputs (N, width)."""
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(num_rows, size=min(count, num_rows), replace=False))
+    parts, offset = [], 0
+    for batch in batches:
+        inside = chosen[(chosen >= offset) & (chosen < offset + batch.num_rows)] - offset
+        if len(inside):
+            parts.append(batch_inputs(batch.take(pa.array(inside)), encoding))
+        offset += batch.num_rows
+    return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
+
+
+def count_inputs(
+    batches: list[pa.RecordBatch], edges: np.ndarray, encoding: Encoding | None
+) -> np.ndarray:
+    """Rows of `batches` per drift bin (training/drift.py `bin_counts`), summed over batches."""
+    total = np.zeros((len(edges), edges.shape[1] + 2), np.int64)
+    for batch in batches:
+        total += bin_counts(batch_inputs(batch, encoding), edges)
+    return total
+
+
+@ray.remote(num_cpus=0)
+class RowBatches:
+    """Rows handed over in memory (labelled feedback for `kiln retrain`), served to Train
+    workers like a ShardStore's: the same `batch_refs`, and the drift reduce."""
+
+    def __init__(self, batches: list[pa.RecordBatch], width: int) -> None:
+        self._refs = [ray.put(b) for b in batches]
+        self._batches = batches
+        self._num_rows = sum(b.num_rows for b in batches)
+        self._width = width
+
+    def batch_refs(self) -> list[ray.ObjectRef]:
+        return list(self._refs)
+
+    def ready(self) -> int:
+        return self._num_rows
+
+    def drift_sample(self, count: int, seed: int, encoding: Encoding | None = None) -> np.ndarray:
+        return sample_inputs(self._batches, self._num_rows, count, seed, encoding, self._width)
+
+    def drift_counts(self, edges: np.ndarray, encoding: Encoding | None = None) -> np.ndarray:
+        return count_inputs(self._batches, edges, encoding)
 
 
 @dataclass

@@ -124,3 +124,28 @@ def fetch_shard_batches(handle: Any, attempts: int = 5) -> list:
             if attempt == attempts - 1:
                 raise
     return []
+
+
+OTHER_CATEGORY = "\x00other"
+"""A value no categorical input keeps: it reads as the input's `other` slot."""
+
+
+def inputs_to_batch(
+    x: np.ndarray, labels: list[Any], encoding: Encoding | None, first_row_id: int = 0
+) -> pa.RecordBatch:
+    """Raw model inputs (N, num_inputs; category slots for categorical inputs, as serving
+    logs them) and labels back into the shard layout, so Train workers read them like a
+    ShardStore's rows (`kiln retrain`'s feedback). The inverse of `batch_inputs`."""
+    row_ids = np.arange(first_row_id, first_row_id + len(x), dtype=np.int64)
+    y = pa.array(labels)
+    if encoding is None or encoding.all_numeric:
+        return make_batch(row_ids, x, y.to_numpy(zero_copy_only=False))
+    numeric = [i for i, c in enumerate(encoding.inputs) if c.kind == NUMERIC]
+    categorical: dict[str, pa.Array] = {}
+    for position, column in enumerate(encoding.inputs):
+        if column.kind == NUMERIC:
+            continue
+        names = [*column.categories, OTHER_CATEGORY, None]  # slot -> value; last: missing
+        slots = np.clip(x[:, position].astype(np.int64), 0, len(names) - 1)
+        categorical[column.name] = pa.array([names[s] for s in slots.tolist()], pa.string())
+    return make_batch(row_ids, x[:, numeric], y.to_numpy(zero_copy_only=False), categorical)

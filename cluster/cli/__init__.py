@@ -24,6 +24,7 @@ from cluster.cli import compress  # noqa: E402,F401
 from cluster.cli import export  # noqa: E402,F401
 from cluster.cli import jobs  # noqa: E402,F401
 from cluster.cli import monitor  # noqa: E402,F401
+from cluster.cli import retrain  # noqa: E402,F401
 
 # isort: on
 from cluster.cli.common import DEBUG, app, console
