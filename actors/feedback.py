@@ -46,6 +46,7 @@ MONITORING_DIR = "monitoring"
 USAGE_MODEL = "_usage"
 """The folder below monitoring/ that holds replica usage (the cost figures), not a model."""
 COMPACT_AFTER_FILES = 200
+COMPACTED = "-compact.parquet"
 MAINTAIN_EVERY_S = 300.0
 DEFAULT_RETENTION_DAYS = 30
 
@@ -118,6 +119,8 @@ class FeedbackService:
         self.known: dict[str, set[str]] = {}
         """Per model, the prediction ids this shard has written (what labels may refer to)."""
         self.retention_days: dict[str, int] = {}
+        self.small_files: dict[tuple[str, str, str], int] = {}
+        """Per (model, kind, day), this shard's files not yet merged (compaction's trigger)."""
         self.last_maintained = time.time()
         self._load_index()
 
@@ -172,16 +175,27 @@ class FeedbackService:
             self.store.publish(
                 f"{MONITORING_DIR}/{model}/{kind}/day={day}/{name}", parquet_bytes(part)
             )
+            folder = (model, kind, day)
+            if folder not in self.small_files:
+                self.small_files[folder] = len(self._own_files(model, kind, day, small=True))
+            else:
+                self.small_files[folder] += 1
+            if self.small_files[folder] >= COMPACT_AFTER_FILES:
+                self._compact(model, kind, day)
+                self.small_files[folder] = 0
 
     # -- restart and housekeeping -----------------------------------------------------------
 
-    def _own_files(self, model: str, kind: str, day: str) -> list[str]:
+    def _own_files(self, model: str, kind: str, day: str, small: bool = False) -> list[str]:
+        """This shard's files of a day (`small`: only those no compaction has merged)."""
         folder = f"{MONITORING_DIR}/{model}/{kind}/day={day}"
         prefix = f"s{self.shard}-"
         return [
             f"{folder}/{name}"
             for name in self.store.list_files(folder)
-            if name.startswith(prefix) and name.endswith(".parquet")
+            if name.startswith(prefix)
+            and name.endswith(".parquet")
+            and not (small and name.endswith(COMPACTED))
         ]
 
     def _load_index(self) -> None:
@@ -220,14 +234,16 @@ class FeedbackService:
         return {"removed_days": removed, "compacted_files": compacted}
 
     def _compact(self, model: str, kind: str, day: str) -> int:
-        paths = self._own_files(model, kind, day)
+        """Merge this shard's small files of a day into one (earlier merges stay as they are,
+        so each row is rewritten once)."""
+        paths = self._own_files(model, kind, day, small=True)
         if len(paths) < COMPACT_AFTER_FILES:
             return 0
         tables = [t for t in (read_parquet(self.store, p) for p in paths) if t is not None]
         merged = pa.concat_tables(tables)
         if kind == "predictions":
             merged = first_by_id(merged)
-        name = f"s{self.shard}-{time.time_ns()}-compact.parquet"
+        name = f"s{self.shard}-{time.time_ns()}{COMPACTED}"
         # The merged file is published before the parts go: a crash in between leaves rows
         # twice, which readers drop by id, never zero times.
         self.store.publish(

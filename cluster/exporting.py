@@ -236,14 +236,12 @@ def register_int8(
         "parameters": count_parameters(model),
         **headline,
     }
+    from cluster.references import reference_files
+
     lineage = variant_lineage(parent, [compression], dataset)
     variant_spec = {**spec, "onnx_quantized": ONNX_INT8}
+    # The drift reference of the data it was trained on (the torch model's predictions).
+    extra = {ONNX_FILE: data, **reference_files(dataset.train, model, spec)}
     return register_model(
-        registry,
-        parent.name,
-        model,
-        variant_spec,
-        metrics,
-        lineage,
-        extra_files={ONNX_FILE: data},
+        registry, parent.name, model, variant_spec, metrics, lineage, extra_files=extra
     )

@@ -109,7 +109,7 @@ class Feedback:
 
 def served_ref(name: str) -> str | None:
     """The ref that answers NAME's bare-name traffic now, if a Kiln app serves NAME."""
-    from cluster.serving_control import current_args, stable_ref
+    from cluster.serving_control import current_args, served_stable_refs
 
     try:
         args = current_args()
@@ -117,7 +117,7 @@ def served_ref(name: str) -> str | None:
         return None
     if not any(ref.partition("@")[0] == name for ref in args["models"]):
         return None
-    return stable_ref(args, name)
+    return served_stable_refs().get(name)
 
 
 def heldout_mask(request_ids: list[str], fraction: float, seed: int) -> np.ndarray:

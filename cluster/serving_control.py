@@ -67,6 +67,23 @@ def current_args() -> dict[str, Any]:
     return handle.current_args.remote().result(timeout_s=30)
 
 
+def served_stable_refs() -> dict[str, str]:
+    """Model name -> the exact version (`name@N`) the running replicas answer its name with."""
+    handle = serve.get_app_handle(APP_NAME)
+    return handle.stable_refs.remote().result(timeout_s=30)  # type: ignore[no-any-return]
+
+
+def pin_bare_names(args: dict[str, Any]) -> dict[str, Any]:
+    """Served bare names replaced by the versions they answer with now: a bare name resolves to
+    the latest version at every reconfigure, so without this, registering a new version and
+    then changing anything (a canary) would move production to it."""
+    if all("@" in ref for ref in args["models"]):
+        return args
+    stable = served_stable_refs()
+    args["models"] = [ref if "@" in ref else stable.get(ref, ref) for ref in args["models"]]
+    return args
+
+
 def update_app(
     settings: Settings, args: dict[str, Any], action: str, target: str, key: str | None
 ) -> dict[str, Any]:
@@ -82,7 +99,7 @@ def deploy_canary(
 ) -> dict[str, Any]:
     """Send `weight`% of `name`'s traffic to `name@version`; its alias `canary` moves there."""
     check_canary_weight(weight)
-    args = current_args()
+    args = pin_bare_names(current_args())
     if not any(ref.partition("@")[0] == name for ref in args["models"]):
         raise KilnError(f"{name} is not served; serve it first (kiln serve {name})")
     registry = registry_for(settings)

@@ -35,6 +35,7 @@ from cluster.pipeline import (
     load_eval_set,
     register_model,
 )
+from cluster.references import reference_files
 from cluster.requests import unique_name
 from cluster.settings import Settings
 from training.artifacts import model_from_files
@@ -355,7 +356,8 @@ def compress_and_register(
         step_to("registering")
         lineage = variant_lineage(parent, steps, data)
         name = request.register_as or parent.name
-        record = register_model(registry, name, model, spec, metrics, lineage)
+        extra = reference_files(data.train, model, spec)  # drift monitoring
+        record = register_model(registry, name, model, spec, metrics, lineage, extra)
     finally:
         data.release()
     return Compressed(

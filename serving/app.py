@@ -77,6 +77,10 @@ class KilnServer:
         """What this replica serves now (for `kiln deploy`, `promote` and `rollback`)."""
         return self.host.args.model_dump()
 
+    def stable_refs(self) -> dict[str, str]:
+        """Model name -> the exact version its bare name answers with (a canary aside)."""
+        return {k: v for k, v in self.host.served.router.routes.items() if "@" not in k}
+
     def check_health(self) -> None:
         """Serve restarts a replica whose models cannot run a forward pass."""
         self.host.check_health()

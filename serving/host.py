@@ -242,7 +242,7 @@ class ModelHost:
         """The prediction log (none without a registry: route tests; or with --log-sample 0)."""
         self.metrics: ServingMetrics | None = None
         """Prometheus metrics through Ray (none outside a Serve replica: route tests)."""
-        if registry is not None:
+        if registry is not None and args.metrics:
             self.metrics = ServingMetrics()
         if registry is not None and args.log_sample > 0:
             self.log = PredictionLog(

@@ -302,6 +302,9 @@ class ServeArgs(BaseModel):
         "retraining); 0 turns the log off.",
     )
     log_retention_days: int = Field(30, ge=1, description="Days the prediction log is kept.")
+    metrics: bool = Field(
+        True, description="Per-request Prometheus metrics through Ray (about 16 us a request)."
+    )
     feedback_shards: int = Field(
         1, ge=1, le=256, description="FeedbackStore actors the log is spread over by id hash."
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import ray
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 
@@ -16,6 +17,9 @@ from serving.routes.models import read_json_body
 from serving.schemas import FeedbackRequest, FeedbackResponse
 
 router = APIRouter(tags=["monitoring"])
+
+STORE_TIMEOUT_S = 10.0
+"""How long a feedback request waits for the FeedbackStore (restarting after a crash, say)."""
 
 
 def window_seconds(text: str) -> float:
@@ -60,8 +64,20 @@ async def feedback(
         raise HTTPException(
             409, "the prediction log is off here (--log-sample 0): feedback has nothing to join"
         )
-    await host.log.flush()  # this replica's own recent predictions become known first
-    answer = await send_feedback(host.log.stores(), replica.record.name, body.ids, texts)
+    try:
+        # This replica's own recent predictions become known first.
+        await asyncio.wait_for(host.log.flush(), STORE_TIMEOUT_S)
+        answer = await asyncio.wait_for(
+            send_feedback(host.log.stores(), replica.record.name, body.ids, texts),
+            STORE_TIMEOUT_S,
+        )
+    except (TimeoutError, ray.exceptions.RayError) as exc:
+        raise HTTPException(
+            503,
+            "the feedback store is restarting; send the same labels again in a few seconds "
+            "(a repeated label is harmless)",
+            headers={"Retry-After": "2"},
+        ) from exc
     if host.metrics is not None and answer["accepted"]:
         host.metrics.feedback.inc(answer["accepted"], {"model": replica.record.name})
     return answer

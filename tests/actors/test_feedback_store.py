@@ -59,12 +59,14 @@ def test_a_retried_flush_writes_nothing_twice_and_a_restart_remembers(tmp_path):
 def test_compaction_keeps_every_row_once(tmp_path, monkeypatch):
     monkeypatch.setattr(feedback, "COMPACT_AFTER_FILES", 5)
     store = FeedbackService(str(tmp_path))
-    for i in range(7):
+    for i in range(12):
         store.append("m", ipc(logged(f"r{i}")))
-    store.retention_days["m"] = 30
-    assert store.maintain()["compacted_files"] == 7
+    # merged as the 5th and the 10th file landed; the two latest still small
+    day = feedback.day_of(time.time())
+    names = sorted(p.rsplit("/", 1)[1] for p in store._own_files("m", "predictions", day))
+    assert sum(n.endswith(feedback.COMPACTED) for n in names) == 2 and len(names) == 4
     window = read_window(str(tmp_path), "m", time.time() - 60)
-    assert window.num_rows == 21
+    assert window.num_rows == 36
 
 
 def test_retention_drops_old_days(tmp_path):
