@@ -65,6 +65,7 @@ def write_plot(kiln: Any, name: str, window: str, report: dict[str, Any], path: 
             if points:
                 axis.plot(*zip(*points, strict=True), marker=".", label=f"v{version}")
     for axis, _key, title in panels:
+        axis.set_xlim(-seconds / 60, 0)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("minutes before now")
         axis.grid(alpha=0.3)

@@ -29,7 +29,9 @@ def type_word(value: Any) -> str:
         return "number"
     if isinstance(value, str):
         return "string"
-    return "null" if value is None else type(value).__name__
+    return {type(None): "null", dict: "object", list: "array"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def label_texts(labels: list[Any], spec: dict[str, Any]) -> list[str]:
@@ -48,7 +50,8 @@ def label_texts(labels: list[Any], spec: dict[str, Any]) -> list[str]:
     by_value = {(type_word(c), c): c for c in classes}
     out = []
     for i, label in enumerate(labels):
-        known = by_value.get((type_word(label), label))
+        hashable = label is None or isinstance(label, str | int | float | bool)
+        known = by_value.get((type_word(label), label)) if hashable else None
         if known is None:
             kinds = sorted({type_word(c) for c in classes})
             shown_classes = ", ".join(json.dumps(c) for c in classes[:12])

@@ -134,3 +134,18 @@ def test_prometheus_metrics_count_requests_and_show_quality(
     assert wait_for(lambda: "ray_kiln_model_quality{" in scrape(), timeout_s=60)
     quality = [line for line in scrape().splitlines() if line.startswith("ray_kiln_model_quality{")]
     assert any('metric="accuracy"' in line for line in quality)
+
+
+def test_v2_answers_carry_prediction_ids_that_take_feedback(served, rows):
+    x, y = rows
+    body = {
+        "inputs": [
+            {"name": "features", "shape": [3, 64], "datatype": "FP32", "data": x[:3].tolist()}
+        ]
+    }
+    answer = httpx.post(f"{served}/v2/models/digits-mlp/infer", json=body, timeout=30)
+    assert answer.status_code == 200
+    ids = answer.json()["parameters"]["prediction_ids"]
+    assert len(ids) == 3
+    result = post(served, ":feedback", {"ids": ids, "labels": y[:3].tolist()})
+    assert result.json() == {"accepted": 3, "unknown_ids": []}

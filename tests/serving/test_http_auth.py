@@ -124,3 +124,41 @@ def test_no_secret_made_here_is_in_the_sqlite_files(served_with_auth, make_key, 
         assert key["id"].encode() in blob  # the right files were scanned
         assert key["secret"].encode() not in blob
         assert key["secret"].split("_", 2)[2].encode() not in blob
+
+
+@pytest.mark.parametrize(
+    ("scopes", "status"),
+    [
+        ((), 401),
+        (("predict:digits-mlp",), 403),
+        (("feedback:other-model",), 403),
+        (("feedback:digits-mlp",), 200),
+        (("feedback:*",), 200),
+        (("admin",), 200),
+    ],
+)
+def test_feedback_needs_the_feedback_scope(served_with_auth, make_key, scopes, status):
+    predictor = make_key("predict:digits-mlp")["secret"]
+    answer = predict(served_with_auth, predictor).json()
+    headers = {"Authorization": f"Bearer {make_key(*scopes)['secret']}"} if scopes else {}
+    response = httpx.post(
+        f"{served_with_auth}/v1/models/digits-mlp:feedback",
+        json={"ids": answer["ids"], "labels": [0]},
+        headers=headers,
+        timeout=30,
+    )
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json() == {"accepted": 1, "unknown_ids": []}
+    else:
+        assert "error" in response.json()
+
+
+def test_metrics_need_the_predict_scope(served_with_auth, make_key):
+    url = f"{served_with_auth}/v1/models/digits-mlp/metrics?window=1h"
+    assert httpx.get(url, timeout=30).status_code == 401
+    other = {"Authorization": f"Bearer {make_key('feedback:digits-mlp')['secret']}"}
+    assert httpx.get(url, headers=other, timeout=30).status_code == 403
+    mine = {"Authorization": f"Bearer {make_key('predict:digits-mlp')['secret']}"}
+    answer = httpx.get(url, headers=mine, timeout=60)
+    assert answer.status_code == 200 and answer.json()["model"] == "digits-mlp"
