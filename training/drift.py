@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load, save
-from scipy import stats as scipy_stats
 
 REFERENCE_FILE = "reference.safetensors"
 NUM_BINS = 10
@@ -85,6 +84,8 @@ def psi(reference: np.ndarray, current: np.ndarray, floor: float = PSI_FLOOR) ->
 def ks_pvalues(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
     """Two-sample KS p-value per column of two (N, F) samples (missing values dropped; 1.0
     when either side has no value)."""
+    from scipy import stats as scipy_stats  # here: ShardStore processes import this module
+
     out = np.ones(reference.shape[1])
     for f in range(reference.shape[1]):
         ref = reference[:, f][~np.isnan(reference[:, f])]
@@ -196,6 +197,8 @@ def prediction_drift(reference: DriftReference, predictions: np.ndarray) -> dict
     if len(predictions) < KS_MAX_ROWS and reference.classifier:
         table = np.stack([reference.prediction_counts[0], current[0]])
         table = table[:, table.sum(axis=0) > 0]
+        from scipy import stats as scipy_stats
+
         p = 1.0 if table.shape[1] < 2 else float(scipy_stats.chi2_contingency(table).pvalue)
         out["chi2_pvalue"] = p
         out["drifted"] = p < KS_ALPHA

@@ -191,7 +191,8 @@ def send(client: Any, method: str, path: str, body: Any) -> httpx.Response:
 def without_backend(body: Any) -> Any:
     """A reply with what differs by design left out: the backend's name, random ids."""
     if isinstance(body, dict):
-        return {k: v for k, v in body.items() if k not in ("platform", "backend", "ids")}
+        drop = ("platform", "backend", "ids", "parameters")  # parameters: V2's prediction ids
+        return {k: v for k, v in body.items() if k not in drop}
     return body
 
 
