@@ -24,7 +24,7 @@ from actors.registry import NAMESPACE, REGISTRY_NAME
 from serving.auth import BearerAuth, KeyCache
 from serving.errors import add_error_handlers
 from serving.host import ModelHost
-from serving.routes import inference, models, monitoring
+from serving.routes import explain, inference, models, monitoring
 from serving.schemas import AUTH_OFF_WARNING, LIVE_FIELDS, ServeArgs
 from training.errors import KilnError
 
@@ -45,6 +45,7 @@ add_error_handlers(api)
 api.include_router(models.router)
 api.include_router(inference.router)
 api.include_router(monitoring.router)
+api.include_router(explain.router)
 
 
 @serve.deployment(
