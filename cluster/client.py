@@ -394,6 +394,12 @@ class Kiln:
         args = ["kiln", "compress", ref, *command_args("compress", options), "--json"]
         return self.submit(args, env_vars)
 
+    def submit_federate(self, env_vars: dict[str, str] | None = None, **options: Any) -> str:
+        """`kiln federate --json` on the cluster: data=, clients=, partition="dirichlet:0.5",
+        strategy=, secure_agg=True, dp_clip=, dp_noise= ... as keywords."""
+        args = ["kiln", "federate", *command_args("federate", options), "--json"]
+        return self.submit(args, env_vars)
+
     def deploy(
         self, models: list[str], env_vars: dict[str, str] | None = None, **serve_options: Any
     ) -> str:

@@ -42,5 +42,11 @@ COMMAND_OPTIONS: dict[str, frozenset[str]] = {
         "--address --home --storage --json --quantize --prune --finetune-epochs --distill "
         "--no-distill --student --temperature --alpha --epochs --data --workers --register-as"
     ),
+    "federate": flags(
+        "--address --home --storage --json --data --clients --partition --min-partition-size "
+        "--rounds --fraction --min-clients --local-epochs --batch-size --lr --optimizer --model "
+        "--hidden --strategy --secure-agg --no-secure-agg --dp-clip --dp-noise --dp-delta "
+        "--round-timeout-s --test-fraction --label --seed --name --resume"
+    ),
 }
 """`kiln COMMAND` -> its long options, `--no-X` forms included (tests/cluster/test_options.py)."""

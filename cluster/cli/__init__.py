@@ -23,6 +23,7 @@ from cluster.cli import registry  # noqa: E402,F401
 from cluster.cli import compress  # noqa: E402,F401
 from cluster.cli import export  # noqa: E402,F401
 from cluster.cli import explain  # noqa: E402,F401
+from cluster.cli import federate  # noqa: E402,F401
 from cluster.cli import jobs  # noqa: E402,F401
 from cluster.cli import monitor  # noqa: E402,F401
 from cluster.cli import retrain  # noqa: E402,F401

@@ -29,7 +29,7 @@ def test_the_table_lists_exactly_the_commands_options(command):
 
 
 def test_the_client_submits_only_commands_in_the_table():
-    assert set(COMMAND_OPTIONS) == {"train", "tune", "serve", "compress"}
+    assert set(COMMAND_OPTIONS) == {"train", "tune", "serve", "compress", "federate"}
     with pytest.raises(KilnError, match='Got "max_batch" for kiln serve.*max_batch_size'):
         command_args("serve", {"max_batch": 8})
     assert command_args("tune", {"refit": False, "trials": 4}) == ["--no-refit", "--trials", "4"]
