@@ -45,6 +45,9 @@ bench: install
 	$(BIN)/python benchmarks/serve_throughput.py
 	$(BIN)/python benchmarks/tune_efficiency.py
 	$(BIN)/python benchmarks/compression.py
+	$(BIN)/python benchmarks/monitoring.py
+	$(BIN)/python benchmarks/explain_overhead.py
+	$(BIN)/python benchmarks/federated.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
