@@ -37,7 +37,7 @@ from actors.feedback import MONITORING_DIR, read_window
 from actors.monitor import quality
 from actors.registry import NAMESPACE
 from actors.storage import ArtifactStore
-from training.errors import KilnError
+from training.errors import KilnError, check_options
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ class AutopilotConfig:
             (1 <= self.canary_weight <= 99, "--canary-weight", self.canary_weight, "1 to 99"),
             (self.check_every_s > 0, "--check-every-s", self.check_every_s, "above 0"),
         ]
-        for ok, flag, value, rule in checks:
-            if not ok:
-                raise KilnError(f'Got "{value}" for {flag}. {flag} must be {rule}.')
+        check_options(checks)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from cluster.variants import LINEAGE_DATA_FIELDS, lineage_data
 from training.artifacts import WEIGHTS_FILE, model_from_files
 from training.config import TrainConfig
 from training.data import inputs_to_batch
-from training.errors import KilnError
+from training.errors import KilnError, check_options
 from training.evaluate import outputs_to_predictions, predict_outputs
 from training.models import num_inputs
 from training.tabular import Encoding
@@ -87,9 +87,7 @@ class RetrainRequest:
             (self.min_feedback >= 2, "--min-feedback", self.min_feedback, "at least 2"),
             (self.workers >= 1, "--workers", self.workers, "at least 1"),
         ]
-        for ok, flag, value, rule in checks:
-            if not ok:
-                raise KilnError(f'Got "{value}" for {flag}. {flag} must be {rule}.')
+        check_options(checks)
 
 
 @dataclass

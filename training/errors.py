@@ -7,6 +7,8 @@ is by type alone (`isinstance`, through Ray's wrappers): a subclass defined in a
 a user error too. Messages name the `kiln` flags; the Python client adds a note saying so.
 """
 
+from typing import Any
+
 
 class KilnError(ValueError):
     """A mistake in user input or configuration, with a message that says how to fix it."""
@@ -18,3 +20,14 @@ class CorruptArtifactError(KilnError):
 
 class NotFoundError(KilnError, LookupError):
     """A model, version, alias or key that the registry does not hold."""
+
+
+OptionCheck = tuple[bool, str, Any, str]
+"""(holds, the option's flag, the value given, the rule it must follow)."""
+
+
+def check_options(checks: list[OptionCheck]) -> None:
+    """A KilnError naming the first option that breaks its rule, and the rule."""
+    for holds, flag, value, rule in checks:
+        if not holds:
+            raise KilnError(f'Got "{value}" for {flag}. {flag} must be {rule}.')

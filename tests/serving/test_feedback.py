@@ -7,26 +7,19 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from actors.shards import load_shards
-from actors.sources import SourceSpec
 from tests.conftest import wait_for
+from tests.serving.test_http import digits_test_rows, served_digits  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
-def served(trained_digits, settings_session, registry_session):
-    from cluster.serving_control import deploy_models
-
-    return deploy_models(settings_session, ["digits-mlp"], auth=False)
+def served(served_digits):  # noqa: F811
+    """digits-mlp served without keys (keys and scopes: test_http_auth.py)."""
+    return served_digits
 
 
 @pytest.fixture(scope="module")
-def rows(ray_local):
-    test = load_shards(SourceSpec(uri="sklearn:digits"), "test", 1)
-    try:
-        _, x, y = test.read_arrays()
-    finally:
-        test.release()
-    return x, y
+def rows(digits_test_rows):  # noqa: F811
+    return digits_test_rows
 
 
 def post(url: str, path: str, body) -> httpx.Response:
