@@ -103,11 +103,10 @@ def serving_overhead(rounds: int, duration_s: int) -> dict[str, Any]:
     """wrk at c64 on the light model, monitoring on and off alternately."""
     import ray
 
-    from cluster.runtime import registry_for, serve_env
+    from cluster.runtime import registry_for
     from cluster.serving_control import deploy_models
     from cluster.settings import Settings
 
-    os.environ.update(serve_env())
     settings = Settings(
         kiln_home=Path(tempfile.mkdtemp(prefix="kiln-monitor-bench-")), kiln_http_port=8432
     )

@@ -158,7 +158,7 @@ def read_feedback(
 
 def feedback_shards(
     feedback: Feedback, spec: dict[str, Any], weight: float, workers: int, seed: int
-) -> tuple[list[Any], int]:
+) -> tuple[list[Any], list[int]]:
     """RowBatches actors (one per worker) holding the training part of the feedback, each row
     `weight` times (whole repeats, then a seeded sample for the fraction)."""
     keep = np.flatnonzero(~feedback.holdout)
@@ -175,7 +175,7 @@ def feedback_shards(
         handles.append(RowBatches.remote([batch], num_inputs(spec)))  # type: ignore[attr-defined]
         sizes.append(len(chunk))
     ray.get([h.ready.remote() for h in handles])
-    return handles, sum(sizes)
+    return handles, sizes
 
 
 def with_feedback(data: Dataset, handles: list[Any], rows_per_shard: list[int]) -> Dataset:
@@ -237,10 +237,10 @@ def retrain_and_register(
     data = lineage_data(settings, parent, None, request.workers)
     handles: list[Any] = []
     try:
-        handles, fed_rows = feedback_shards(
+        handles, sizes = feedback_shards(
             feedback, spec, request.feedback_weight, request.workers, request.seed
         )
-        sizes = [len(c) for c in np.array_split(np.zeros(fed_rows), request.workers)]
+        fed_rows = sum(sizes)
         combined = with_feedback(data, handles, sizes)
         cfg = retrain_config(parent, request)
         step("training")

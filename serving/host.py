@@ -252,6 +252,7 @@ class ModelHost:
                 num_cpus=args.num_cpus,
                 num_gpus=float(assigned_gpus()),
                 on_drop=self.metrics.log_dropped.inc if self.metrics else None,
+                served_models=self.served_model_names,
             )
         # The replica computes with the cores it reserves (Kiln's workers default to one
         # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads (an
@@ -312,10 +313,21 @@ class ModelHost:
             )
         )
 
+    def served_model_names(self) -> list[str]:
+        return sorted({r.record.name for r in self.served.replicas.values()})
+
     def check_health(self) -> None:
-        """Raises unless every loaded model can run a forward pass."""
+        """Raises unless every loaded model can run a forward pass. Also starts the prediction
+        log's loop, so an idle replica reports its alive time (its cost) before any request."""
         for replica in self.served.replicas.values():
             replica.forward(np.zeros((1, replica.num_inputs), dtype=np.float32))
+        if self.log is not None:
+            try:
+                self.log.start()
+            except (
+                RuntimeError
+            ):  # no event loop running in this thread: the first request starts it
+                pass
 
     async def verify_key(self, secret: str) -> KeyCheck:
         """The registry's verdict on an API key; 503 while the registry cannot answer."""

@@ -136,6 +136,7 @@ class PredictionLog:
         max_rows: int = FLUSH_MAX_ROWS,
         max_buffered_rows: int = MAX_BUFFERED_ROWS,
         on_drop: Callable[[int], Any] | None = None,
+        served_models: Callable[[], list[str]] = list,
     ) -> None:
         self._stores = stores
         self.handles: list[Any] | None = None
@@ -155,7 +156,8 @@ class PredictionLog:
         self.flushed_rows = 0
         self.replica_id = uuid.uuid4().hex[:12]
         self.usage_since = time.time()
-        self.models_seen: set[str] = set()
+        self.served_models = served_models
+        """The model names this replica serves (its usage rows name them: cost)."""
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -168,13 +170,16 @@ class PredictionLog:
         """Buffer one request's rows (the only work on the request path)."""
         self.buffer.append(item)
         self.buffered_rows += len(item.x) if item.x is not None else 1
-        self.models_seen.add(item.model)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self.start()
         if self.buffered_rows >= self.max_rows:
             self._wake.set()
         if self.buffered_rows > self.max_buffered_rows:
             self._drop_oldest()
+
+    def start(self) -> None:
+        """Start the flush and usage loop on the running event loop (once)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _drop_oldest(self) -> None:
         dropped = 0
@@ -241,7 +246,8 @@ class PredictionLog:
             by_model.setdefault(item.model, []).append(item)
         for model, model_items in by_model.items():
             table = rows_table(model_items)
-            shards = np.array([shard_of(r, num_shards) for r in model_items_request_ids(table)])
+            request_ids = table.column("request_id").to_pylist()
+            shards = np.array([shard_of(r, num_shards) for r in request_ids])
             for shard in np.unique(shards).tolist():
                 part = table.filter(pa.array(shards == shard))
                 key = (model, shard)
@@ -258,7 +264,7 @@ class PredictionLog:
                 "end_ts": [now],
                 "num_cpus": [self.num_cpus],
                 "num_gpus": [self.num_gpus],
-                "models": [sorted(self.models_seen)],
+                "models": [sorted(self.served_models())],
             },
             schema=USAGE_SCHEMA,
         )
@@ -274,8 +280,3 @@ class PredictionLog:
             self._task.cancel()
         await self.flush()
         await self.report_usage()
-
-
-def model_items_request_ids(table: pa.Table) -> list[str]:
-    """Each row's request id, which decides its shard."""
-    return table.column("request_id").to_pylist()  # type: ignore[no-any-return]

@@ -28,7 +28,6 @@ def post(url: str, path: str, body) -> httpx.Response:
 
 def test_feedback_joins_logged_predictions_and_the_report_counts_it(served, rows, trained_digits):
     x, y = rows
-    since = time.time()
     ids, predictions = [], []
     for start in range(0, 120, 20):  # six requests of 20 rows
         answer = post(served, ":predict", {"instances": x[start : start + 20].tolist()})
@@ -50,7 +49,6 @@ def test_feedback_joins_logged_predictions_and_the_report_counts_it(served, rows
     assert entry["latency_ms"]["p50"] > 0
     assert entry["drift"]["reference"] and entry["drift"]["rows"] >= 120
     assert entry["drift"]["drifted_features"] == []  # test rows come from the training distribution
-    assert time.time() - since < 600
 
 
 def test_a_later_label_replaces_the_earlier_one(served, rows, settings_session):
