@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,8 +50,25 @@ def serve_env() -> dict[str, str]:
     return {**SERVE_ENV, **{name: str(free_port()) for name in SERVE_PORT_VARS}}
 
 
+# Ports Kiln picks for itself come from below the kernel's ephemeral range (32768-60999 on
+# Linux), where the OS hands out port-0 binds and outgoing connections, and above Ray's
+# worker ports (10002-19999). A port-0 pick once landed on 52365, Ray's default dashboard
+# agent port: the next Ray on the machine took it and Serve's HAProxy could not restart.
+PORT_RANGE = (20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A TCP port nothing listens on (checked on every interface), outside the ephemeral range."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range is full: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
