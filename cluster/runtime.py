@@ -43,18 +43,33 @@ SERVE_PORT_VARS = (
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
 )
+# Each replica listens on a port of its own (Serve's direct ingress, which HAProxy forwards
+# to), taken from 30000-31000 by default: two Rays with Serve on one machine handed out the
+# same ports. The embedded Ray takes a window of 100 of its own (replicas on one machine).
+DIRECT_INGRESS_WINDOW = 100
+DIRECT_INGRESS_BASES = range(30000, 32700, DIRECT_INGRESS_WINDOW)
+GRPC_OFFSET = 10000
 
 
 def serve_env() -> dict[str, str]:
     """What the embedded Ray's Serve runs with: SERVE_ENV plus free ports of its own."""
-    return {**SERVE_ENV, **{name: str(free_port()) for name in SERVE_PORT_VARS}}
+    base = random.SystemRandom().choice(DIRECT_INGRESS_BASES)
+    return {
+        **SERVE_ENV,
+        **{name: str(free_port()) for name in SERVE_PORT_VARS},
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + DIRECT_INGRESS_WINDOW),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + GRPC_OFFSET),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + GRPC_OFFSET + DIRECT_INGRESS_WINDOW),
+    }
 
 
-# Ports Kiln picks for itself come from below the kernel's ephemeral range (32768-60999 on
-# Linux), where the OS hands out port-0 binds and outgoing connections, and above Ray's
-# worker ports (10002-19999). A port-0 pick once landed on 52365, Ray's default dashboard
-# agent port: the next Ray on the machine took it and Serve's HAProxy could not restart.
-PORT_RANGE = (20000, 32768)
+# Ports Kiln picks for itself come from below the replicas' windows (above) and the kernel's
+# ephemeral range (32768-60999 on Linux), where the OS hands out port-0 binds and outgoing
+# connections, and above Ray's worker ports (10002-19999). A port-0 pick once landed on
+# 52365, Ray's default dashboard agent port: the next Ray on the machine took it and Serve's
+# HAProxy could not restart.
+PORT_RANGE = (20000, 30000)
 
 
 def free_port() -> int:
