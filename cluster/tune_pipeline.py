@@ -4,7 +4,8 @@ Reads as its steps: make the dataset resident once (load it, or attach to a name
 the model spec from its statistics, run the Tune sweep with every trial reading those same
 ShardStore actors, write the CSV and PNG reports, train the best configuration again on train +
 validation rows (or, with refit off, take the best trial's best weights), evaluate that model on
-the test split (or --eval-data), and register it with the sweep's lineage. The request is saved
+the test split (or --eval-data), register it with the sweep's lineage, and publish the sweep's
+JSON summary to shared storage (actors/sweeps.py) for the web console. The request is saved
 under KILN_HOME/sweeps before Ray Tune starts, so `kiln tune --resume SWEEP` can finish a sweep
 whose driver died.
 """
@@ -22,6 +23,7 @@ from safetensors.torch import load as load_safetensors
 
 from actors.catalog import VersionRecord
 from actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
+from actors.sweeps import publish_sweep
 from cluster.lambda_sweep import (
     NOT_SEARCHED,
     logistic_path_trials,
@@ -46,7 +48,7 @@ from training.convergence import minibatch_convergence
 from training.errors import KilnError
 from training.models import KilnModel, build_model, set_standardization
 from tuning.config import SweepConfig
-from tuning.report import write_path_reports, write_reports
+from tuning.report import json_safe, sweep_summary, write_path_reports, write_reports
 from tuning.trainable import TrialContext, refit_weights, trial_spec, trial_train_config
 from tuning.tuner import ResultFn, TrialSummary, best_trial, run_tuner, summarise
 
@@ -172,6 +174,12 @@ def tune_and_register(
         )
     finally:
         release_data(data, eval_set)
+    elapsed_s = time.perf_counter() - started
+    # Part of the sweep's record, like the registered version: a failed write fails the sweep.
+    publish_sweep(
+        settings.storage_uri,
+        found_summary(request, found, record, test_metrics, elapsed_s),
+    )
     return SweepOutcome(
         sweep_id=request.sweep_id,
         record=record,
@@ -179,7 +187,7 @@ def tune_and_register(
         test_metrics=test_metrics,
         trials=found.trials,
         artifacts=artifacts,
-        elapsed_s=time.perf_counter() - started,
+        elapsed_s=elapsed_s,
         extra=found.summary(),
     )
 
@@ -313,6 +321,34 @@ def write_found_reports(found: SweepFound, sweep: SweepConfig, folder: Path) -> 
     if found.solver == "minibatch":
         return write_reports(found.trials, sweep.metric, sweep.mode, folder)
     return write_path_reports(found.trials, found.metric, folder)
+
+
+def found_summary(
+    request: SweepRequest,
+    found: SweepFound,
+    record: VersionRecord,
+    test_metrics: dict[str, Any],
+    elapsed_s: float,
+) -> dict[str, Any]:
+    """The JSON summary of a registered sweep (its schema: actors/sweeps.py): what the sweep
+    chose and registered, with tuning/report.py's trials and heatmap or λ path."""
+    path = found.solver != "minibatch"
+    return {
+        "sweep_id": request.sweep_id,
+        "name": request.name,
+        "created_at": time.time(),
+        "registered": record.ref,
+        "best_trial_id": found.best.trial_id,
+        "solver": found.solver,
+        "scheduler": found.scheduler,
+        "search": found.search,
+        "selection": found.selection,
+        "searched": list(found.searched),
+        "notes": list(found.notes),
+        "test_metrics": json_safe(test_metrics),
+        "elapsed_s": round(elapsed_s, 3),
+        **sweep_summary(found.trials, found.metric, found.mode, path=path),
+    }
 
 
 def refit_best(

@@ -1,5 +1,9 @@
 """What a finished sweep leaves behind: a CSV of every trial, a heatmap, learning curves.
 
+`sweep_summary` holds the same content as JSON-safe data (the heatmap's cells with the PNG's
+bins, every trial's learning curve), so a console that cannot read the driver's files can
+draw them from shared storage.
+
 The heatmap shows the sweep metric over (lr, λ) on log axes, binned so random and Optuna
 samples read like a grid (each cell: the best trial in it), with λ = 0 as its own column and
 every trial drawn as a dot. Figures are fixed-size PNGs from matplotlib's Agg backend, so they
@@ -11,6 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,19 @@ CSV_METRICS = (
     "train_loss",
     "train_accuracy",
 )
+MAX_HISTORY_ENTRIES = 500
+"""Epochs kept per trial in a sweep summary: enough for a curve, small enough to serve."""
+RAY_BOOKKEEPING = frozenset(
+    {
+        "pid",
+        "timestamp",
+        "time_this_iter_s",
+        "time_since_restore",
+        "iterations_since_restore",
+        "done",
+    }
+)
+"""Keys Ray Tune adds to every report that no table or curve of a sweep shows."""
 
 
 def write_csv(trials: list[TrialSummary], metric: str, path: Path) -> Path:
@@ -97,10 +115,15 @@ def heatmap_grid(
     return cells, lr_edges, l2_edges, has_zero
 
 
+def heatmap_bins(num_scored: int) -> int:
+    """Bins per axis for `num_scored` trials: about √n, so most cells hold a trial."""
+    return max(2, min(8, round(math.sqrt(num_scored or 1)) + 1))
+
+
 def plot_heatmap(trials: list[TrialSummary], metric: str, mode: str, path: Path) -> Path:
     """The metric over (lr, λ): binned cells, trial dots, the best trial starred."""
     scored = [t for t in trials if math.isfinite(t.best)]
-    bins = max(2, min(8, round(math.sqrt(len(scored) or 1)) + 1))
+    bins = heatmap_bins(len(scored))
     fig, ax = plt.subplots(figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
     if scored:
         cells, lr_edges, l2_edges, has_zero = heatmap_grid(scored, mode, bins)
@@ -259,3 +282,99 @@ def _strip_edges(xs: list[float]) -> np.ndarray:
             [centres[-1] + centres[-1] - middles[-1]],
         ]
     )
+
+
+def sweep_summary(
+    trials: list[TrialSummary], metric: str, mode: str, *, path: bool
+) -> dict[str, Any]:
+    """The sweep as JSON-safe data: its trials (with learning curves) and either the binned
+    (lr, λ) heatmap of a minibatch sweep or the metric along a λ path. NaN and ±inf become
+    None, since JSON has no NaN; the heatmap is None when no trial reported the metric."""
+    return {
+        "metric": metric,
+        "mode": mode,
+        "trials": [_trial_entry(t) for t in sorted(trials, key=lambda t: t.trial_id)],
+        "heatmap": None if path else heatmap_cells(trials, mode),
+        "path": path_points(trials) if path else None,
+    }
+
+
+def heatmap_cells(trials: list[TrialSummary], mode: str) -> dict[str, Any] | None:
+    """heatmap_grid's cells with the PNG's bins, each axis labelled by its bins' lr/λ ranges."""
+    scored = [t for t in trials if math.isfinite(t.best)]
+    if not scored:
+        return None
+    cells, lr_edges, l2_edges, has_zero = heatmap_grid(scored, mode, heatmap_bins(len(scored)))
+    return {
+        "x": "lr",
+        "y": "l2",
+        "x_labels": _bin_labels(lr_edges),
+        "y_labels": (["0"] if has_zero else []) + _bin_labels(l2_edges),
+        "cells": [[_finite(v) for v in row] for row in cells.tolist()],
+    }
+
+
+def path_points(trials: list[TrialSummary]) -> list[dict[str, float | None]]:
+    """The metric at every λ of a path, by increasing λ."""
+    rows = sorted(trials, key=lambda t: t.config["l2"])
+    return [{"l2": _finite(t.config["l2"]), "value": _finite(t.best)} for t in rows]
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN/±inf as None, numpy scalars as Python numbers, tuples as lists and
+    anything else JSON cannot hold as its str."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return _finite(float(value))
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return str(value)
+
+
+def _trial_entry(t: TrialSummary) -> dict[str, Any]:
+    history = t.history
+    if len(history) > MAX_HISTORY_ENTRIES:
+        # Evenly spaced epochs, the first and the last kept, so the curve keeps its shape.
+        picks = np.linspace(0, len(history) - 1, MAX_HISTORY_ENTRIES).round().astype(int)
+        history = [history[i] for i in picks]
+    return {
+        "trial_id": t.trial_id,
+        "status": t.status,
+        "epochs": int(t.epochs),
+        "config": json_safe(t.config),
+        "best": _finite(t.best),
+        "metrics": _metric_values(t.metrics, keep_flags=True),
+        "history": [_metric_values(h, keep_flags=False) for h in history],
+    }
+
+
+def _metric_values(metrics: dict[str, Any], *, keep_flags: bool) -> dict[str, Any]:
+    """The numeric metrics (and, with keep_flags, the true/false ones such as `converged`),
+    without Ray's bookkeeping or its flattened copy of the config."""
+    kept: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key in RAY_BOOKKEEPING or key.startswith("config/"):
+            continue
+        if isinstance(value, (bool, np.bool_)):
+            if keep_flags:
+                kept[key] = bool(value)
+        elif isinstance(value, numbers.Real):
+            kept[key] = json_safe(value)
+    return kept
+
+
+def _bin_labels(log_edges: np.ndarray) -> list[str]:
+    values = [10.0**e for e in log_edges.tolist()]
+    return [f"{low:.2g}–{high:.2g}" for low, high in zip(values[:-1], values[1:], strict=True)]
+
+
+def _finite(value: float) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None

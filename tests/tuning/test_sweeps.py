@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from actors.sources import SourceSpec
+from actors.storage import ArtifactStore
+from actors.sweeps import list_sweeps
 from cluster.requests import SweepRequest
 from cluster.tune_pipeline import tune_and_register
 from training.config import TrainConfig
@@ -69,6 +71,18 @@ def test_optuna_search_runs_distinct_trials(ray_local, settings_session, registr
     assert len(outcome.trials) == 4 and outcome.trial_epochs == 4 * 3
     assert len({t.config["lr"] for t in outcome.trials}) == 4
     assert outcome.record.lineage["sweep"]["search"] == "optuna"
+    # The console's copy, in shared storage rather than the driver's KILN_HOME.
+    store = ArtifactStore(settings_session.storage_uri)
+    summary = json.loads(store.read(f"sweeps/{request.sweep_id}/summary.json"))
+    assert summary["registered"] == outcome.record.ref and summary["name"] == "wine-optuna"
+    assert summary["sweep_id"] == request.sweep_id and summary["search"] == "optuna"
+    assert summary["best_trial_id"] == outcome.best.trial_id and summary["path"] is None
+    assert len(summary["trials"]) == 4 and summary["test_metrics"] == outcome.test_metrics
+    assert [len(t["history"]) for t in summary["trials"]] == [3, 3, 3, 3]
+    assert all("val_loss" in h for t in summary["trials"] for h in t["history"])
+    cells = [v for row in summary["heatmap"]["cells"] for v in row if v is not None]
+    assert outcome.best.best in cells
+    assert request.sweep_id in [s["sweep_id"] for s in list_sweeps(settings_session.storage_uri)]
 
 
 def test_kiln_tune_json_is_the_contract_and_the_refit_is_in_the_lineage(
