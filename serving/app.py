@@ -22,6 +22,9 @@ from ray.serve import Application
 
 from actors.registry import NAMESPACE, REGISTRY_NAME
 from serving.auth import BearerAuth, KeyCache
+from serving.console import routes as console_routes
+from serving.console.data import Console, served_explainer
+from serving.dependencies import serving_replica
 from serving.errors import add_error_handlers
 from serving.host import ModelHost
 from serving.routes import explain, inference, models, monitoring
@@ -46,6 +49,15 @@ api.include_router(models.router)
 api.include_router(inference.router)
 api.include_router(monitoring.router)
 api.include_router(explain.router)
+api.include_router(console_routes.router)
+
+
+async def replica_console() -> Console:
+    """The console of the KilnServer replica handling the request (serving/console/)."""
+    return serving_replica().console  # type: ignore[no-any-return]
+
+
+api.dependency_overrides[console_routes.get_console] = replica_console
 
 
 @serve.deployment(
@@ -69,6 +81,7 @@ class KilnServer:
             self.auth = BearerAuth(self.host.verify_key, KeyCache(parsed.auth_cache_ttl_s))
         else:
             logger.warning(AUTH_OFF_WARNING)
+        self.console = Console(self.host.registry, self.auth, served_explainer(self.host))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's live update (`user_config`): see ModelHost.reconfigure."""

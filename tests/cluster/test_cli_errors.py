@@ -67,6 +67,9 @@ CASES = [
     (["tune", "--data", "sklearn:iris", "--missing", "drop"], 'Got "drop" for --missing'),
     (["data", "ls"], "needs a running Ray cluster"),
     (["data", "load", "sklearn:iris", "--name", "Bad Name"], 'Got "Bad Name" for --name'),
+    (["ui", "--port", "0"], 'Got "0" for --port'),
+    (["ui", "--port", "70000"], 'Got "70000" for --port'),
+    (["ui", "--host", "203.0.113.9"], "cannot listen on 203.0.113.9"),
 ]
 
 
