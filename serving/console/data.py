@@ -26,7 +26,8 @@ from actors.keys import KeyCheck
 from actors.monitor import build_report, time_series
 from actors.sweeps import list_sweeps, read_sweep
 from serving.auth import BearerAuth
-from serving.explain import ExplainedVersion, load_explained, read_reference
+from serving.explain import ExplainedVersion, check_finite, load_explained, read_reference
+from serving.schemas import RequestError
 from serving.variants import compare_rows
 from training.errors import KilnError, NotFoundError
 from training.evaluate import outputs_to_predictions, predict_outputs
@@ -197,12 +198,19 @@ class Console:
                 self.explained.popitem(last=False)
         self.explained.move_to_end(record.ref)
         outputs = predict_outputs(version.model, x, "cpu")
+        if not np.isfinite(outputs).all():
+            raise RequestError(
+                422,
+                "the row's outputs overflow (not finite): its values are far outside what "
+                "the model was trained on",
+            )
         found = outputs_to_predictions(outputs, version.spec).tolist()
         if version.spec["task"] == "classification":
             found = [version.spec["classes"][i] for i in found]
         explanations = explain_rows(
             version.model, version.spec, x, config, version.reference, outputs
         )
+        check_finite(explanations)
         return found, explanations
 
 

@@ -122,9 +122,17 @@ def test_prometheus_metrics_count_requests_and_show_quality(
     assert "ray_kiln_feedback_labels_total" in text
     gauges = QualityGauges(settings_session.storage_uri)
     assert gauges.update(registry_session) >= 1
-    assert wait_for(lambda: "ray_kiln_model_quality{" in scrape(), timeout_s=60)
-    quality = [line for line in scrape().splitlines() if line.startswith("ray_kiln_model_quality{")]
-    assert any('metric="accuracy"' in line for line in quality)
+
+    def accuracy_exported() -> bool:
+        # Other models' gauges (from the FeedbackStore's own loop) may be exported first.
+        return any(
+            line.startswith("ray_kiln_model_quality{")
+            and 'model="digits-mlp"' in line
+            and 'metric="accuracy"' in line
+            for line in scrape().splitlines()
+        )
+
+    assert wait_for(accuracy_exported, timeout_s=60)
 
 
 def test_v2_answers_carry_prediction_ids_that_take_feedback(served, rows):

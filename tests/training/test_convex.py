@@ -158,6 +158,7 @@ def test_logistic_sweep_picks_lambda_on_validation_rows(
     assert outcome.test_metrics["accuracy"] >= 0.94
 
 
+@pytest.mark.slow  # about 30-60 s: `make test` keeps to about 10 minutes
 def test_cli_train_epochs_1_says_it_did_not_converge(ray_local, tmp_path, monkeypatch, capsys):
     from cluster.cli import main
 

@@ -19,6 +19,7 @@ from cluster.requests import TrainRequest, load_run_request
 from training.config import TrainConfig
 
 
+@pytest.mark.slow  # about 30-60 s: `make test` keeps to about 10 minutes
 @pytest.mark.chaos
 def test_a_killed_worker_resumes_from_a_recent_checkpoint(ray_local, settings_session):
     data = load_dataset(SourceSpec(uri="sklearn:digits"), 2)
@@ -52,6 +53,7 @@ def test_a_killed_worker_resumes_from_a_recent_checkpoint(ray_local, settings_se
     assert accuracy >= 0.95
 
 
+@pytest.mark.slow  # about 30-60 s: `make test` keeps to about 10 minutes
 def test_a_run_continues_by_its_name(ray_local, settings_session, registry_session):
     run_name = f"resume-{uuid.uuid4().hex[:8]}"
     first = TrainRequest(

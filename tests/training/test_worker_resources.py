@@ -18,6 +18,7 @@ def iris(ray_local):
     data.release()
 
 
+@pytest.mark.slow  # about 30-60 s: `make test` keeps to about 10 minutes
 def test_workers_get_the_cpus_they_ask_for_as_torch_threads(iris, settings_session):
     cfg = TrainConfig(
         model="mlp", workers=2, epochs=2, cpus_per_worker=1, grad_accum=3, bucket_cap_mb=0.5

@@ -39,6 +39,7 @@ def sweep_request(search: str, scheduler: str, trials: int, epochs: int, name: s
     )
 
 
+@pytest.mark.slow  # about 30-60 s: `make test` keeps to about 10 minutes
 def test_asha_stops_bad_trials_early_and_registers_the_best(
     ray_local, settings_session, registry_session
 ):
@@ -65,6 +66,7 @@ def test_asha_stops_bad_trials_early_and_registers_the_best(
     assert len(rows) == 1 + 8 and rows[0].startswith("trial_id,status,epochs")
 
 
+@pytest.mark.slow  # about 30-60 s: `make test` keeps to about 10 minutes
 def test_optuna_search_runs_distinct_trials(ray_local, settings_session, registry_session):
     request = sweep_request("optuna", "none", trials=4, epochs=3, name="wine-optuna")
     outcome = tune_and_register(settings_session, request, registry_session)

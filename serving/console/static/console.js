@@ -143,7 +143,8 @@ const builders = {
   bars(spec) {
     return { type: "bar", data: { labels: spec.labels, datasets: [{ label: spec.title, data: spec.values,
         backgroundColor: spec.values.map((v) => (v >= 0 ? "#d62728" : "#1f77b4")) }] },
-      options: baseOptions({ indexAxis: "y", plugins: { legend: { display: false },
+      options: baseOptions({ indexAxis: "y", scales: { y: { ticks: { autoSkip: false } } },
+        plugins: { legend: { display: false },
         title: { display: true, text: spec.title } } }) };
   },
 };
@@ -169,7 +170,14 @@ function wirePage() {
     refreshTimer = setTimeout(() => load(true), Number(monitor.dataset.refreshS) * 1000);
   }
   const form = document.getElementById("explain-form");
-  if (form) form.addEventListener("submit", explain);
+  if (form) {
+    form.addEventListener("submit", explain);
+    const select = document.getElementById("explain-row");
+    const rows = JSON.parse(form.dataset.rows || "[]");
+    if (select) select.addEventListener("change", () => {
+      document.getElementById("explain-instance").value = JSON.stringify(rows[Number(select.value)]);
+    });
+  }
 }
 
 async function explain(event) {

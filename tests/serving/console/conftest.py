@@ -200,6 +200,7 @@ def console_keys(registry_session):
     return {
         "admin": secret("admin"),
         "model": secret(f"predict:{CONSOLE_MODEL}"),
+        "feedback": secret(f"feedback:{CONSOLE_MODEL}"),
         "other": secret("predict:some-other-model"),
     }
 

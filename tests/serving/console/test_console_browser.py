@@ -4,6 +4,7 @@ without console errors with its charts drawn, and the monitoring page following 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,11 +20,19 @@ SCREENSHOTS = os.environ.get("KILN_SCREENSHOTS")
 """A folder: the page tests also save a screenshot of each page there (README's "Console")."""
 
 
+SHOT_NAMES = {
+    "/ui": "models",
+    f"/ui/models/{CONSOLE_MODEL}/versions/1": "version",
+    f"/ui/models/{CONSOLE_MODEL}/variants": "variants",
+    "/ui/sweeps/console-grid": "sweep-grid",
+}
+
+
 def screenshot(page, name: str) -> None:
     if SCREENSHOTS:
         page.set_viewport_size({"width": 1280, "height": 900})
         page.wait_for_timeout(300)  # Chart.js redraws at the new size on its resize observer
-        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"))
 
 
 def with_key(page, secret: str):
@@ -89,7 +98,7 @@ def test_each_page_loads_without_errors_and_draws_its_charts(
     for chart in charts:
         assert canvas_is_drawn(page, chart), chart
     assert page.kiln_errors == []
-    screenshot(page, path.strip("/").replace("/", "-"))
+    screenshot(page, SHOT_NAMES.get(path, path.strip("/").replace("/", "-")))
 
 
 def test_the_sweep_page_of_a_lambda_path_draws_the_path(
@@ -100,41 +109,44 @@ def test_the_sweep_page_of_a_lambda_path_draws_the_path(
     assert canvas_is_drawn(page, "#path-chart")
     assert page.locator("#trials tbody tr").count() > 50  # one row per λ of the path
     assert "learning rate is not searched" in page.locator("#content").inner_text()
+    assert page.locator("#trials tr.best").count() == 1  # the λ it registered
     assert page.kiln_errors == []
-    screenshot(page, "ui-sweeps-lambda-path")
+    screenshot(page, "sweep")
 
 
 def test_the_explain_page_draws_the_attributions_of_a_row(page, console_url, console_keys):
     with_key(page, console_keys["model"])
     open_page(page, f"{console_url}/ui/models/{CONSOLE_MODEL}/versions/2/explain")
     page.select_option("#explain-row", "3")
+    rows = page.evaluate("JSON.parse(document.getElementById('explain-form').dataset.rows)")
+    assert json.loads(page.input_value("#explain-instance")) == rows[3]  # the chosen row shown
     page.click("#explain-form button")
     page.wait_for_selector("#explain-status[data-done]", timeout=TIMEOUT_MS)
     assert "prediction" in page.locator("#explain-status").inner_text()
     assert canvas_is_drawn(page, "#explain-chart")
     assert page.kiln_errors == []
-    screenshot(page, "ui-explain")
+    screenshot(page, "explain")
 
 
-def test_the_monitoring_page_follows_new_requests(
+def test_the_monitoring_page_follows_new_requests_and_feedback(
     page,
     console_url,
     console_keys,
     digits_test_rows,  # noqa: F811
 ):
-    x, _y = digits_test_rows
-    headers = {"Authorization": f"Bearer {console_keys['model']}"}
+    x, y = digits_test_rows
 
-    def predict(rows: int) -> None:
+    def post(verb: str, body: dict, key: str) -> dict:
         answer = httpx.post(
-            f"{console_url}/v1/models/{CONSOLE_MODEL}:predict",
-            json={"instances": x[:rows].tolist()},
-            headers=headers,
+            f"{console_url}/v1/models/{CONSOLE_MODEL}:{verb}",
+            json=body,
+            headers={"Authorization": f"Bearer {console_keys[key]}"},
             timeout=30,
         )
-        assert answer.status_code == 200
+        assert answer.status_code == 200, answer.text
+        return answer.json()
 
-    predict(4)
+    post("predict", {"instances": x[:4].tolist()}, "model")
     with_key(page, console_keys["model"])
     open_page(page, f"{console_url}/ui/models/{CONSOLE_MODEL}/monitor")
 
@@ -142,12 +154,19 @@ def test_the_monitoring_page_follows_new_requests(
         return int(page.locator("#total-requests").inner_text())
 
     assert wait_for(lambda: shown() >= 1, timeout_s=60, interval_s=1)
+    assert page.locator("#quality-chart").count() == 0  # no feedback yet
     before = shown()
-    for _ in range(5):
-        predict(2)
+    for start in range(0, 40, 8):
+        answer = post("predict", {"instances": x[start : start + 8].tolist()}, "model")
+        post(
+            "feedback", {"ids": answer["ids"], "labels": y[start : start + 8].tolist()}, "feedback"
+        )
     # The page asks for its body again every 5 s; the replica flushes its log every second.
     assert wait_for(lambda: shown() >= before + 5, timeout_s=60, interval_s=1), shown()
-    assert canvas_is_drawn(page, "#requests-chart") and canvas_is_drawn(page, "#latency-chart")
-    assert page.locator(".card[data-version='2']").count() == 1
+    assert wait_for(lambda: page.locator("#quality-chart").count() == 1, timeout_s=60)
+    for chart in ("#requests-chart", "#latency-chart", "#quality-chart"):
+        assert canvas_is_drawn(page, chart), chart
+    card = page.locator(".card[data-version='2']")
+    assert "labelled rows" in card.inner_text() and "accuracy" in card.inner_text()
     assert page.kiln_errors == []
-    screenshot(page, "ui-monitor")
+    screenshot(page, "monitor")

@@ -164,13 +164,15 @@ def test_the_console_explains_a_version_that_is_not_served(
         ({"row": 10_000}, "stored sample has"),
         ({"row": 0, "method": "lime"}, "method"),
         ({"row": 0, "n_steps": 10_000}, "n_steps"),
+        ({"instance": [1e38] * 64}, "overflow"),
     ],
 )
+@pytest.mark.parametrize("version", [1, 2])  # explained on the console's thread, and served
 def test_a_bad_explain_request_is_a_422(
-    console_url, console_keys, console_versions, body, fragment
+    console_url, console_keys, console_versions, body, fragment, version
 ):
     answer = httpx.post(
-        f"{console_url}/ui/api/models/{CONSOLE_MODEL}/versions/2/explain",
+        f"{console_url}/ui/api/models/{CONSOLE_MODEL}/versions/{version}/explain",
         json=body,
         headers={"Authorization": f"Bearer {console_keys['admin']}"},
         timeout=60,
