@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,6 +45,8 @@ DEFAULT_WINDOW = "15m"
 REFRESH_S = 5
 """How often the monitoring page asks for its body again."""
 MAX_ATTRIBUTIONS_SHOWN = 20
+SweepId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")]
+"""What a sweep id looks like (`sweep-<model>-<time>-<hex>`); anything else is a 422 here."""
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
@@ -114,16 +117,26 @@ for _path in SHELL_PATHS:
     router.add_api_route(_path, shell, methods=["GET"], response_class=HTMLResponse)
 
 
+STATIC_FILES = {
+    path.relative_to(STATIC_DIR).as_posix(): path
+    for path in STATIC_DIR.rglob("*")
+    if path.suffix in STATIC_TYPES
+}
+"""Every file the console serves, by its path under static/: a request's path is only ever
+looked up here, never joined to a folder."""
+
+
 @router.get("/static/{path:path}")
 async def static(path: str) -> Response:
     """Files of serving/console/static only: no other path is reachable from here."""
-    target = (STATIC_DIR / path).resolve()
-    if not target.is_relative_to(STATIC_DIR.resolve()) or not target.is_file():
-        raise HTTPException(404, f"no console file {path!r}")
-    kind = STATIC_TYPES.get(target.suffix)
-    if kind is None:
-        raise HTTPException(404, f"no console file {path!r}")
-    return Response(target.read_bytes(), media_type=kind, headers={"Cache-Control": "max-age=3600"})
+    target = STATIC_FILES.get(path)
+    if target is None:
+        raise HTTPException(404, f"no console file {path[:100]!r}")
+    return Response(
+        target.read_bytes(),
+        media_type=STATIC_TYPES[target.suffix],
+        headers={"Cache-Control": "max-age=3600"},
+    )
 
 
 # ----------------------------------------------------------------------------- fragments
@@ -220,7 +233,9 @@ async def sweeps_page(console: ConsoleDep, credentials: BearerDep) -> HTMLRespon
 
 
 @router.get("/fragments/sweeps/{sweep_id}")
-async def sweep_page(sweep_id: str, console: ConsoleDep, credentials: BearerDep) -> HTMLResponse:
+async def sweep_page(
+    sweep_id: SweepId, console: ConsoleDep, credentials: BearerDep
+) -> HTMLResponse:
     viewer = await console.viewer(credentials.credentials if credentials else None)
     summary = await console.sweep(sweep_id)
     if not viewer.sees(str(summary.get("name", ""))):

@@ -92,6 +92,12 @@ def test_the_variants_page_marks_the_pareto_front(console_url, console_keys, con
         ("/ui/static/../data.py", 404, ""),
         ("/ui/static/%2e%2e/data.py", 404, ""),
         ("/ui/static/vendor/README.md", 404, ""),
+        ("/ui/static/a%00b.js", 404, "no console file"),
+        ("/ui/static/" + "a" * 5000 + ".js", 404, "no console file"),
+        ("/ui/fragments/models/x%00y", 422, "model name"),
+        ("/ui/fragments/models/" + "a" * 5000, 422, 'Got "aaaa'),
+        ("/ui/fragments/sweeps/a%00b", 422, "sweep_id"),
+        ("/ui/fragments/sweeps/" + "s" * 5000, 422, "sweep_id"),
     ],
 )
 def test_bad_paths_get_a_4xx_naming_the_problem(console_url, console_keys, path, status, fragment):
