@@ -10,6 +10,7 @@ both. `POST /ui/api/.../explain` is the explain page's one JSON call. The routes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -57,6 +58,14 @@ async def get_console() -> Console:
 
 
 ConsoleDep = Annotated[Console, Depends(get_console)]
+
+
+async def get_secret(credentials: BearerDep) -> str | None:
+    """The caller's `Authorization: Bearer` secret, if any (the Console judges it)."""
+    return credentials.credentials if credentials else None
+
+
+SecretDep = Annotated[str | None, Depends(get_secret)]
 
 
 def when(ts: Any) -> str:
@@ -143,34 +152,34 @@ async def static(path: str) -> Response:
 
 
 @router.get("/fragments/models")
-async def models_page(console: ConsoleDep, credentials: BearerDep) -> HTMLResponse:
-    viewer = await console.viewer(credentials.credentials if credentials else None)
+async def models_page(console: ConsoleDep, secret: SecretDep) -> HTMLResponse:
+    viewer = await console.viewer(secret)
     models = [m for m in await console.models() if viewer.sees(m["name"])]
-    latest = {}
-    for model in models:
-        if model["latest_version"] is not None:
-            latest[model["name"]] = await console.version(model["name"], model["latest_version"])
+    # One registry call per model, concurrently: the page waits for the slowest, not the sum.
+    numbered = [m for m in models if m["latest_version"] is not None]
+    records = await asyncio.gather(
+        *(console.version(m["name"], m["latest_version"]) for m in numbered)
+    )
+    latest = {m["name"]: r for m, r in zip(numbered, records, strict=True)}
     return render("models.html", models=pages.model_rows(models, latest))
 
 
 @router.get("/fragments/models/{name}")
-async def model_page(name: str, console: ConsoleDep, credentials: BearerDep) -> HTMLResponse:
-    await console.viewer_of(credentials.credentials if credentials else None, name)
+async def model_page(name: str, console: ConsoleDep, secret: SecretDep) -> HTMLResponse:
+    await console.viewer_of(secret, name)
     records, aliases = await console.versions(name), await console.aliases(name)
     return render("model.html", name=name, versions=pages.version_rows(records, aliases))
 
 
 @router.get("/fragments/models/{name}/versions/{version}")
 async def version_page(
-    name: str, version: int, console: ConsoleDep, credentials: BearerDep
+    name: str, version: int, console: ConsoleDep, secret: SecretDep
 ) -> HTMLResponse:
-    viewer = await console.viewer_of(credentials.credentials if credentials else None, name)
+    viewer = await console.viewer_of(secret, name)
     record = await console.version(name, version)
+    visible = [m["name"] for m in await console.models() if viewer.sees(m["name"])]
     everything = [
-        r
-        for m in await console.models()
-        if viewer.sees(m["name"])
-        for r in await console.versions(m["name"])
+        r for found in await asyncio.gather(*map(console.versions, visible)) for r in found
     ]
     view = pages.version_view(
         record, await console.aliases(name), everything, await console.profiles(name, version)
@@ -179,8 +188,8 @@ async def version_page(
 
 
 @router.get("/fragments/models/{name}/variants")
-async def variants_page(name: str, console: ConsoleDep, credentials: BearerDep) -> HTMLResponse:
-    await console.viewer_of(credentials.credentials if credentials else None, name)
+async def variants_page(name: str, console: ConsoleDep, secret: SecretDep) -> HTMLResponse:
+    await console.viewer_of(secret, name)
     rows = await console.variants(name)
     return render("variants.html", name=name, rows=rows, chart=pages.variants_chart(rows))
 
@@ -189,10 +198,10 @@ async def variants_page(name: str, console: ConsoleDep, credentials: BearerDep) 
 async def monitor_page(
     name: str,
     console: ConsoleDep,
-    credentials: BearerDep,
+    secret: SecretDep,
     window: Annotated[str, Query(max_length=16)] = DEFAULT_WINDOW,
 ) -> HTMLResponse:
-    await console.viewer_of(credentials.credentials if credentials else None, name)
+    await console.viewer_of(secret, name)
     try:
         window_s = parse_window(window)
     except ValueError as exc:
@@ -210,9 +219,9 @@ async def monitor_page(
 
 @router.get("/fragments/models/{name}/versions/{version}/explain")
 async def explain_page(
-    name: str, version: int, console: ConsoleDep, credentials: BearerDep
+    name: str, version: int, console: ConsoleDep, secret: SecretDep
 ) -> HTMLResponse:
-    await console.viewer_of(credentials.credentials if credentials else None, name)
+    await console.viewer_of(secret, name)
     record = await console.version(name, version)
     space = FeatureSpace.from_spec(record.spec)
     return render(
@@ -226,20 +235,18 @@ async def explain_page(
 
 
 @router.get("/fragments/sweeps")
-async def sweeps_page(console: ConsoleDep, credentials: BearerDep) -> HTMLResponse:
-    viewer = await console.viewer(credentials.credentials if credentials else None)
+async def sweeps_page(console: ConsoleDep, secret: SecretDep) -> HTMLResponse:
+    viewer = await console.viewer(secret)
     sweeps = [s for s in await console.sweeps() if viewer.sees(str(s.get("name", "")))]
     return render("sweeps.html", sweeps=sweeps)
 
 
 @router.get("/fragments/sweeps/{sweep_id}")
-async def sweep_page(
-    sweep_id: SweepId, console: ConsoleDep, credentials: BearerDep
-) -> HTMLResponse:
-    viewer = await console.viewer(credentials.credentials if credentials else None)
+async def sweep_page(sweep_id: SweepId, console: ConsoleDep, secret: SecretDep) -> HTMLResponse:
+    viewer = await console.viewer(secret)
     summary = await console.sweep(sweep_id)
     if not viewer.sees(str(summary.get("name", ""))):
-        await console.viewer_of(credentials.credentials if credentials else None, summary["name"])
+        await console.viewer_of(secret, summary["name"])
     params = sorted({k for t in summary.get("trials", []) for k in t.get("config", {})})
     return render(
         "sweep.html",
@@ -269,9 +276,9 @@ async def explain_row(
     version: int,
     body: ConsoleExplainRequest,
     console: ConsoleDep,
-    credentials: BearerDep,
+    secret: SecretDep,
 ) -> JSONResponse:
-    await console.viewer_of(credentials.credentials if credentials else None, name)
+    await console.viewer_of(secret, name)
     record = await console.version(name, version)
     try:
         config = ExplainConfig(method=body.method, n_steps=body.n_steps)
