@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from training.data import make_batch
+from training.data import make_batch, numpy_of
 from training.errors import KilnError
 from training.tabular import CATEGORICAL, NUMERIC, canonical
 
@@ -506,11 +506,11 @@ def table_columns(table: pa.Table, spec: SourceSpec) -> TableColumns:
         raise missing_error(spec, plan.label, dropped)
     row_ids = np.arange(table.num_rows)
     if dropped:
-        row_ids = row_ids[~missing_label.to_numpy(zero_copy_only=False)]
+        row_ids = row_ids[~numpy_of(missing_label)]
         table = table.filter(pc.invert(missing_label))
     numeric = np.empty((table.num_rows, len(plan.numeric)), dtype=np.float32)
     for j, name in enumerate(plan.numeric):
-        values = pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+        values = numpy_of(pc.cast(table.column(name), pa.float64()))
         numeric[:, j] = values
         if spec.missing == "error" and np.isnan(numeric[:, j]).any():
             raise missing_error(spec, name, int(np.isnan(numeric[:, j]).sum()))
@@ -549,7 +549,7 @@ def label_values(column: pa.ChunkedArray) -> np.ndarray:
         column = column.cast(column.type.value_type)
     if pa.types.is_large_string(column.type):
         column = column.cast(pa.string())
-    return column.to_numpy(zero_copy_only=False)
+    return numpy_of(column)
 
 
 def task_of_labels(y: np.ndarray) -> str:
@@ -693,6 +693,31 @@ def shard_batches(columns: TableColumns, mine: np.ndarray) -> Iterator[pa.Record
         yield make_batch(
             columns.row_ids[part], columns.numeric[part], columns.labels[part], categorical
         )
+
+
+SKLEARN_MAX_ROWS = 1_797
+"""Rows of the largest built-in set (digits)."""
+
+
+def source_rows(spec: SourceSpec) -> int | None:
+    """Rows of the whole source when known without reading its rows: a synthetic set's
+    parameter, a built-in set (at most SKLEARN_MAX_ROWS), Parquet files' footers; None for
+    CSV and Arrow files."""
+    if spec.uri.startswith("synthetic:"):
+        return parse_synthetic(spec.uri).rows
+    if spec.uri.startswith("sklearn:"):
+        return SKLEARN_MAX_ROWS
+    import pyarrow.dataset as pads
+
+    dataset = open_file_dataset(spec.uri)
+    if not isinstance(dataset, pads.FileSystemDataset) or not isinstance(
+        dataset.format, pads.ParquetFileFormat
+    ):
+        return None
+    try:
+        return sum(fragment.metadata.num_rows for fragment in dataset.get_fragments())
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(spec.uri, exc) from exc
 
 
 def check_source(spec: SourceSpec) -> None:

@@ -16,30 +16,26 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import ray.train
-from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord
-from actors.lineage import code_version, dataset_sha256
+from actors.lineage import code_version
 from actors.shards import (
     Dataset,
     FeatureStats,
     ShardSet,
-    attach_dataset,
-    load_dataset,
     load_shards,
-    looks_like_dataset_name,
 )
 from cluster.convex import fit_convex, lbfgs_warning, with_pca
 from cluster.profiling import profile_at_registration, warm_profiler
 from cluster.references import reference_files
 from cluster.requests import TrainRequest, run_record_path
+from cluster.resident import resident_data
 from cluster.resources import worker_cpus
 from cluster.settings import Settings
 from training.artifacts import model_to_files
@@ -49,9 +45,11 @@ from training.convergence import minibatch_convergence
 from training.data import encode_labels
 from training.errors import KilnError
 from training.evaluate import evaluate_model
-from training.loop import train_func
 from training.models import KilnModel, build_model, set_standardization, validate_spec
 from training.tabular import Encoding, feature_scaling
+
+if TYPE_CHECKING:  # Ray Train (1-2 s of imports) loads only for a minibatch fit
+    import ray.train
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +151,7 @@ def fit(
     on_epoch: ProgressFn | None = None,
     extra_loop_config: dict[str, Any] | None = None,
     datasets: dict[str, Any] | None = None,
-    loop: Callable[[dict[str, Any]], None] = train_func,
+    loop: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[ray.train.Result, list[dict[str, Any]]]:
     """Run the TorchTrainer (each worker runs `loop`, default `train_func`); returns its result
     and the per-epoch metrics of rank 0.
@@ -161,6 +159,11 @@ def fit(
     Epochs stream through a Ray queue to `on_epoch` while fit() blocks in a thread. A run name
     that exists under the storage path resumes that run (Ray Train V2's restore-by-name).
     """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from training.loop import train_func
+
     history: list[dict[str, Any]] = []
 
     def record(metrics: dict[str, Any]) -> None:
@@ -176,7 +179,7 @@ def fit(
     use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cpus = worker_cpus(cfg)  # each worker's CPUs, and its torch threads
     trainer = TorchTrainer(
-        loop,
+        loop or train_func,
         train_loop_config={
             "train": {**cfg.to_dict(), "cpus_per_worker": cpus},
             "spec": spec,
@@ -251,25 +254,6 @@ def load_best_model(checkpoint: ray.train.Checkpoint | None, spec: dict[str, Any
     with checkpoint.as_directory() as directory:
         model.load_state_dict(load_file(str(Path(directory) / BEST_WEIGHTS_FILE)))
     return model.eval()
-
-
-def resident_data(request: TrainRequest) -> Dataset:
-    """A named dataset loaded earlier (shared, not reloaded), else load the URI for this run."""
-    attached = attach_dataset(request.data) if looks_like_dataset_name(request.data) else None
-    if attached is not None:
-        shards = len(attached.train.handles)
-        if request.train.resolved_solver == "minibatch" and request.train.workers > shards:
-            raise KilnError(
-                f'Got "{request.train.workers}" for --workers, but dataset "{request.data}" has '
-                f"{shards} shards. Use --workers {shards} or fewer, or reload it with more shards."
-            )
-        return attached
-    source = request.source
-    if request.train.resolved_solver != "minibatch":
-        # The convex solvers fit every non-test row and stop on their own criterion: a
-        # validation split would be two more shard processes holding rows merged back anyway.
-        source = replace(source, val_fraction=0.0)
-    return load_dataset(source, request.train.workers)
 
 
 def evaluate_on(model: KilnModel, spec: dict[str, Any], test: ShardSet) -> dict[str, Any]:
@@ -438,9 +422,10 @@ def release_data(data: Dataset, eval_set: ShardSet | None) -> None:
 
 
 def data_hash(data: Dataset) -> Any:
-    """The content hash of the training source, computed beside the fit (it reads the source)."""
+    """The content hash of the training source, computed beside the fit (it reads the source)
+    by the test split's shard, which the fit does not use."""
     if data.content_hash is None:
-        data.content_hash = ray.remote(num_cpus=0)(dataset_sha256).remote(data.train.source.uri)
+        data.content_hash = (data.test.handles or data.train.handles)[0].source_sha256.remote()
     return data.content_hash
 
 
@@ -451,10 +436,13 @@ def train_and_register(
     on_epoch: ProgressFn | None = None,
     on_step: StepFn | None = None,
     lineage_extra: dict[str, Any] | None = None,
+    data: Dataset | None = None,
 ) -> TrainOutcome:
     """The whole path from a dataset to a registered, evaluated model version.
 
     `lineage_extra` adds lineage fields the caller knows: `parent`, `sweep_id`, `trial_id`.
+    `data`: the run's data when the caller loaded it already (`cluster.resident`); released
+    at the end either way.
     """
     started = time.perf_counter()
     step = on_step or (lambda _: None)
@@ -466,8 +454,9 @@ def train_and_register(
     worker_cpus(cfg)  # a --cpus-per-worker the cluster cannot give fails before any data loads
     registry.prepare_checks.remote()  # the registry's torch import, beside the data load
     warm_profiler()  # and the latency profile's
-    step("loading shards")
-    data = resident_data(request)
+    if data is None:
+        step("loading shards")
+        data = resident_data(request)
     data_hash(data)  # hashing reads the whole source once: it runs beside the fit
     eval_set = load_eval_set(request.eval_data, data.train)
     try:

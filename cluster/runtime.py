@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import random
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import ray
 
@@ -97,14 +99,7 @@ def init_ray(settings: Settings, debug: bool = False) -> bool:
     if settings.embedded:
         for key, value in serve_env().items():
             os.environ.setdefault(key, value)
-        ray.init(
-            address="local",
-            num_cpus=settings.kiln_num_cpus or max(4, os.cpu_count() or 1),
-            include_dashboard=False,
-            namespace=NAMESPACE,
-            log_to_driver=debug,
-            logging_level=logging.INFO if debug else logging.WARNING,
-        )
+        start_embedded(settings.kiln_num_cpus or max(4, os.cpu_count() or 1), debug)
     else:
         ray.init(
             address=settings.ray_address,
@@ -113,6 +108,84 @@ def init_ray(settings: Settings, debug: bool = False) -> bool:
             runtime_env={"env_vars": worker_env_vars()},
         )
     return True
+
+
+# The embedded Ray this process started itself (see start_embedded); shutdown_ray stops it.
+EMBEDDED_NODE: list[Any] = []
+
+
+def start_embedded(num_cpus: int, debug: bool) -> None:
+    """Start a one-node Ray for this process and connect to it.
+
+    `ray.init()` starts seven Python processes before the first task can run; on a 2-core
+    machine it took 5.0 s. Three of them do nothing for an embedded Ray: the dashboard head
+    (ray.init waits ~2 s for it to write its URL, and with include_dashboard=False it serves
+    no page), the autoscaler's monitor (one fixed node), and the log monitor (only
+    log_to_driver, i.e. --debug, reads it). Without them, and with the agents' ports chosen
+    here (else the raylet waits for the agents to report theirs), the start took 3.5 s
+    (benchmarks/exact_solve.py). This uses Ray's own node launcher (`ray._private.node.Node`,
+    what `ray.init` and `ray.cluster_utils.Cluster` use; Ray is pinned to 2.60.x); if it
+    fails, `ray.init` starts Ray as before.
+    """
+    node = None
+    try:
+        from ray._private.node import Node
+        from ray._private.parameter import RayParams
+
+        class EmbeddedNode(Node):
+            def start_api_server(self, *, include_dashboard: Any, raise_on_failure: Any) -> None:
+                return None  # no dashboard process (see above)
+
+        params = RayParams(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            no_monitor=True,
+            include_log_monitor=debug,  # type: ignore[arg-type]  # Ray passes a bool too
+            dashboard_agent_listen_port=free_port(),
+            metrics_agent_port=free_port(),
+            metrics_export_port=free_port(),
+            runtime_env_agent_port=free_port(),
+        )
+        node = EmbeddedNode(params, head=True, shutdown_at_exit=False, spawn_reaper=True)
+        ray.init(
+            address=node.address,
+            namespace=NAMESPACE,
+            log_to_driver=debug,
+            logging_level=logging.INFO if debug else logging.WARNING,
+        )
+    except Exception as exc:  # noqa: BLE001 (any failure of the private launcher: fall back)
+        logger.info("starting Ray with ray.init (the embedded launcher failed: %s)", exc)
+        if ray.is_initialized():
+            ray.shutdown()
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            namespace=NAMESPACE,
+            log_to_driver=debug,
+            logging_level=logging.INFO if debug else logging.WARNING,
+        )
+        node = None  # ray.init's own node: ray.shutdown stops it
+    EMBEDDED_NODE.append(node)
+    atexit.register(stop_embedded)
+
+
+def embedded_here() -> bool:
+    """True when this process started the one-node Ray it is connected to (`kiln` commands
+    without --address, the test session): its driver shares the node with every worker."""
+    return bool(EMBEDDED_NODE) and ray.is_initialized()
+
+
+def stop_embedded() -> None:
+    """Disconnect and stop the Ray that start_embedded started (a no-op when there is none)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    while EMBEDDED_NODE:
+        node = EMBEDDED_NODE.pop()
+        if node is not None:
+            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
 
 
 def worker_env_vars() -> dict[str, str]:
@@ -138,11 +211,12 @@ def shutdown_ray(stop_serve: bool = True) -> None:
     With `stop_serve=False` only this process's connection closes: on a cluster, the
     applications a command deployed must outlive the command.
     """
-    from ray import serve
-
     if stop_serve and serve_is_running():
+        from ray import serve  # imported only when Serve runs: about 0.5 s
+
         serve.shutdown()
     ray.shutdown()
+    stop_embedded()
 
 
 def serve_is_running() -> bool:

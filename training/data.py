@@ -38,26 +38,78 @@ def make_batch(
     categorical input a canonical-string array (stored dictionary-encoded)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     num_features = x.shape[1]
-    features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), num_features)
-    arrays = [pa.array(row_ids, pa.int64()), features]
+    features = pa.FixedSizeListArray.from_arrays(arrow_of(x.reshape(-1)), num_features)
+    arrays = [arrow_of(np.asarray(row_ids, dtype=np.int64)), features]
     names = [ROW_ID, FEATURES]
     for name, values in (categorical or {}).items():
         arrays.append(pc.dictionary_encode(values))
         names.append(CATEGORY_PREFIX + name)
-    arrays.append(pa.array(y))
+    arrays.append(arrow_of(y))
     names.append(LABEL)
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
+NUMPY_OF_ARROW = {
+    pa.float64(): np.float64,
+    pa.float32(): np.float32,
+    pa.int64(): np.int64,
+    pa.int32(): np.int32,
+    pa.int16(): np.int16,
+    pa.int8(): np.int8,
+    pa.uint64(): np.uint64,
+    pa.uint32(): np.uint32,
+    pa.uint16(): np.uint16,
+    pa.uint8(): np.uint8,
+}
+
+ARROW_OF_NUMPY = {np.dtype(v): k for k, v in NUMPY_OF_ARROW.items()}
+
+
+def numpy_of(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """`values.to_numpy(zero_copy_only=False)` for numbers and booleans, read from the Arrow
+    buffers: pyarrow's own conversion imports pandas on its first call (measured: 0.5 s of CPU
+    in every process, the driver and each ShardStore). Floats' nulls become NaN as there; a
+    view (read-only) where no copy is needed; other types go through pyarrow."""
+    if isinstance(values, pa.ChunkedArray):
+        if values.num_chunks == 1:
+            values = values.chunk(0)
+        elif values.num_chunks > 1:
+            return np.concatenate([numpy_of(chunk) for chunk in values.chunks])
+        else:
+            return values.to_numpy()
+    kind = values.type
+    if pa.types.is_boolean(kind) and values.null_count == 0:
+        return numpy_of(values.cast(pa.uint8())).astype(bool)
+    dtype = NUMPY_OF_ARROW.get(kind)
+    if dtype is None or (values.null_count and not pa.types.is_floating(kind)):
+        return values.to_numpy(zero_copy_only=False)
+    if values.null_count:
+        values = values.fill_null(float("nan"))
+    width = np.dtype(dtype).itemsize
+    buffer = values.buffers()[1]
+    return np.frombuffer(buffer, dtype=dtype, count=len(values), offset=values.offset * width)
+
+
+def arrow_of(values: np.ndarray) -> pa.Array:
+    """`pa.array(values)` for a 1-D numeric array, over its buffer (no copy once contiguous):
+    `pa.array` imports pandas on its first call, as `numpy_of` says. NaN stays NaN (not null),
+    as there; other arrays go through `pa.array`."""
+    kind = ARROW_OF_NUMPY.get(values.dtype)
+    if kind is None or values.ndim != 1:
+        return pa.array(values)
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
+
+
 def batch_labels(batch: pa.RecordBatch) -> np.ndarray:
     """A batch's labels: numbers without a copy, strings as an object array."""
-    return batch.column(LABEL).to_numpy(zero_copy_only=False)
+    return numpy_of(batch.column(LABEL))
 
 
 def batch_categories(batch: pa.RecordBatch, name: str) -> tuple[list[str | None], np.ndarray]:
     """(dictionary, indices) of a categorical input; index -1 where the value is missing."""
     column = batch.column(CATEGORY_PREFIX + name)
-    indices = column.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    indices = numpy_of(column.indices.fill_null(-1)).astype(np.int64)
     return column.dictionary.to_pylist(), indices
 
 
@@ -86,7 +138,7 @@ def batch_features(batch: pa.RecordBatch) -> np.ndarray:
     """(N, F) float32 view of a batch's features, without copying."""
     column = batch.column(FEATURES)
     num_features = column.type.list_size
-    flat = column.flatten().to_numpy(zero_copy_only=True)
+    flat = numpy_of(column.flatten())
     return flat.reshape(-1, num_features)
 
 
@@ -98,7 +150,7 @@ def batches_to_arrays(
     if not batches:
         width = encoding.num_inputs if encoding is not None else 0
         return np.zeros(0, np.int64), np.zeros((0, width), np.float32), np.zeros(0)
-    row_ids = np.concatenate([b.column(ROW_ID).to_numpy() for b in batches])
+    row_ids = np.concatenate([numpy_of(b.column(ROW_ID)) for b in batches])
     labels = np.concatenate([batch_labels(b) for b in batches])
     if len(batches) == 1:
         return row_ids, batch_inputs(batches[0], encoding), labels

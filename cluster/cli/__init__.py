@@ -7,7 +7,9 @@ on the command line shows the traceback instead and streams the Ray workers' log
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
 
 import typer
@@ -74,6 +76,26 @@ def usage_message(exc: click_errors.UsageError) -> str:
         option = "/".join(param.opts) if getattr(param, "opts", None) else param.name
         message = f'Got "{errors()[0].get("input")}" for {option}: {errors()[0]["msg"]}'
     return f"{message}. See '{command} --help'."
+
+
+def run() -> None:
+    """The `kiln` console script: `main()`, then the exit handlers, then the process ends
+    without tearing the interpreter down (with torch and Ray loaded that took 0.95 s of
+    every command; the handlers took 14 ms). An unexpected exception under --debug takes
+    Python's own way out, with its traceback."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # sys.exit("message"): printed, status 1, as Python does
+            print(exc.code, file=sys.stderr)
+            code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """`python -m cluster.cli`."""
 
-from cluster.cli import main
+from cluster.cli import run
 
-main()
+run()

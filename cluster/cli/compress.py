@@ -86,7 +86,7 @@ def compress(
     settings = load_settings(address=address, home=home, storage=storage)
     if settings.embedded:
         check_in_catalog(settings, request)  # from the SQLite catalog, before Ray starts
-    preload("cluster.variants")
+    preload("cluster.variants", "training.loop")
     bar = EpochProgress(None if request.trains else 0, quiet=as_json)
     with bar.progress, connected(settings):
         from cluster.runtime import registry_for

@@ -66,7 +66,7 @@ def retrain(
         key=key,
     )
     settings = load_settings(address=address, home=home, storage=storage)
-    preload("cluster.retrain")
+    preload("cluster.retrain", "training.loop")
     bar = EpochProgress(request.epochs, quiet=as_json)
     with bar.progress, connected(settings):
         from cluster.retrain import retrain_and_register

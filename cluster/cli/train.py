@@ -157,19 +157,31 @@ def train(
     from cluster.runtime import registry_for
 
     started = time.perf_counter()
-    preload("cluster.pipeline")
     settings = load_settings(address=address, home=home, storage=storage)
     request = command_request(
         "train", settings, locals(), TrainRequest.from_options, load_run_request
     )
     minibatch = request.train.resolved_solver == "minibatch"
+    preload("cluster.pipeline", *(["training.loop"] if minibatch else []))
     bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
     with bar.progress, connected(settings):
-        from cluster.pipeline import train_and_register  # preloaded while Ray started
+        from cluster.resident import resident_data
+        from cluster.resources import worker_cpus
 
         if request.train.gpu == "on":
             require_gpu()
-        outcome = train_and_register(settings, request, registry_for(settings), bar.epoch, bar.step)
+        # The registry's start and torch import, and the data load, need none of the torch
+        # the main pipeline imports: they start now, beside the rest of that import.
+        registry = registry_for(settings)
+        registry.prepare_checks.remote()
+        worker_cpus(request.train)  # a --cpus-per-worker Ray cannot give fails before the load
+        bar.step("loading shards")
+        resident = resident_data(request)
+        from cluster.pipeline import train_and_register  # preloaded while Ray started
+
+        outcome = train_and_register(
+            settings, request, registry, bar.epoch, bar.step, data=resident
+        )
         bar.step("shutting down")
     if outcome.warning:
         console.print(f"kiln: warning: {outcome.warning}")
