@@ -71,7 +71,7 @@ def big_solve(rows: int, shards: int) -> dict:
         started = time.perf_counter()
         fit = fit_exact(cfg, spec, [data.train])
         solve_s = time.perf_counter() - started
-        moments = path_moments([data.train])  # cached in the actors: a second reduce is free
+        moments = path_moments([data.train], spec)  # cached in the actors: a second reduce is free
         body = fit.model.body
         w = body.weight.detach().double().numpy()[0]
         a, c = raw_weights(w, float(body.bias.detach()[0]), scaling_of(spec))

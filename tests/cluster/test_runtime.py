@@ -28,6 +28,7 @@ from cluster.settings import Settings
 runtime.init_ray(Settings(kiln_home=Path(tempfile.mkdtemp())))
 node = runtime.EMBEDDED_NODE[0]
 pids = [p.process.pid for infos in node.all_processes.values() for p in infos]
+pids += [c.pid for pid in pids for c in psutil.Process(pid).children(recursive=True)]  # agents
 found = {
     "kinds": sorted(node.all_processes),
     "embedded": runtime.embedded_here(),
