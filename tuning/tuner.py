@@ -129,13 +129,31 @@ def trial_resources(workers_per_trial: int) -> tuple[dict[str, float], int]:
     gpus = float(resources.get("GPU", 0))
     concurrent = max(1, cpus // workers_per_trial)
     if workers_per_trial == 1:
-        ask: dict[str, float] = {"cpu": 1}
+        # A trial is one process training on one thread: on one node, more of them than its
+        # cores add no speed, only processes to start (each imports Ray Tune and torch, ~4.5 s
+        # of CPU) and memory. Kiln's embedded Ray declares at least 4 CPUs on any machine;
+        # on 2 cores, 2 trials at once ran the default grid of benchmarks/tune_efficiency.py
+        # in 21-22 s against 28-32 s for 4. Each trial asks its share of the CPUs, so the
+        # resources alone bound how many run (a paused trial holds none).
+        concurrent = max(1, min(cpus, machine_cores()))
+        ask: dict[str, float] = {"cpu": cpus / concurrent}
         if gpus > 0:
             ask["gpu"] = round(min(1.0, gpus / concurrent), 3)
         return ask, concurrent
     # The trial driver holds a sliver of CPU, so W workers per trial plus drivers must fit.
     concurrent = max(1, int((cpus - 0.05 * concurrent) // workers_per_trial))
     return {"cpu": 0.01}, concurrent
+
+
+def machine_cores() -> int:
+    """The cores one-worker trials can use at once: this machine's, when the cluster is this
+    one node (the embedded Ray, a one-machine cluster); unbounded on several nodes, whose
+    declared CPUs are what Ray knows of them."""
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    here = ray.get_runtime_context().get_node_id()
+    if len(alive) == 1 and alive[0]["NodeID"] == here:
+        return os.cpu_count() or 1
+    return 1 << 30
 
 
 def run_tuner(
