@@ -114,6 +114,7 @@ def test_prometheus_metrics_count_requests_and_show_quality(
     answer = post(served, ":predict", {"instances": x[:8].tolist()}).json()
     post(served, ":feedback", {"ids": answer["ids"], "labels": y[:8].tolist()})
     assert post(served, ":predict", {"instances": [[1.0]]}).status_code == 422
+
     # Ray exports what replicas record every few seconds. Kiln's own counter, by its name:
     # another exporter's label (`..._status="422"`) once satisfied a bare substring first.
     def refused_counted() -> bool:
