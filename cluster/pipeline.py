@@ -451,10 +451,9 @@ def train_and_register(
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(request.to_json())
 
-    worker_cpus(cfg)  # a --cpus-per-worker the cluster cannot give fails before any data loads
-    registry.prepare_checks.remote()  # the registry's torch import, beside the data load
-    warm_profiler()  # and the latency profile's
-    if data is None:
+    warm_profiler()  # the latency profile's imports, beside the data load
+    if data is None:  # else the caller started the registry's checks and the load itself
+        registry.prepare_checks.remote()  # the registry's torch import, beside the data load
         step("loading shards")
         data = resident_data(request)
     data_hash(data)  # hashing reads the whole source once: it runs beside the fit

@@ -13,11 +13,14 @@ from dataclasses import replace
 from actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
 from actors.sources import SourceSpec, source_rows
 from cluster.requests import TrainRequest
+from cluster.resources import worker_cpus
 from training.errors import KilnError
 
 
 def resident_data(request: TrainRequest) -> Dataset:
-    """A named dataset loaded earlier (shared, not reloaded), else load the URI for this run."""
+    """A named dataset loaded earlier (shared, not reloaded), else load the URI for this run.
+    A --cpus-per-worker the cluster cannot give fails first, before any data loads."""
+    worker_cpus(request.train)
     attached = attach_dataset(request.data) if looks_like_dataset_name(request.data) else None
     if attached is not None:
         shards = len(attached.train.handles)

@@ -173,8 +173,9 @@ def start_embedded(num_cpus: int, debug: bool) -> None:
 
 
 def embedded_here() -> bool:
-    """True when this process started the one-node Ray it is connected to (`kiln` commands
-    without --address, the test session): its driver shares the node with every worker."""
+    """True when this process started the one-node Ray it is connected to through
+    `init_ray` (`kiln` commands without --address): its driver shares the node with every
+    worker."""
     return bool(EMBEDDED_NODE) and ray.is_initialized()
 
 

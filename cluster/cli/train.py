@@ -166,7 +166,6 @@ def train(
     bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
     with bar.progress, connected(settings):
         from cluster.resident import resident_data
-        from cluster.resources import worker_cpus
 
         if request.train.gpu == "on":
             require_gpu()
@@ -174,7 +173,6 @@ def train(
         # the main pipeline imports: they start now, beside the rest of that import.
         registry = registry_for(settings)
         registry.prepare_checks.remote()
-        worker_cpus(request.train)  # a --cpus-per-worker Ray cannot give fails before the load
         bar.step("loading shards")
         resident = resident_data(request)
         from cluster.pipeline import train_and_register  # preloaded while Ray started

@@ -105,6 +105,15 @@ def scrape() -> str:
         return ""
 
 
+def exported(name: str, **labels: str) -> bool:
+    """A line of metric `name` for digits-mlp carrying `labels` is in Ray's Prometheus export."""
+    wanted = [f'{k}="{v}"' for k, v in {"model": "digits-mlp", **labels}.items()]
+    return any(
+        line.startswith(name + "{") and all(label in line for label in wanted)
+        for line in scrape().splitlines()
+    )
+
+
 def test_prometheus_metrics_count_requests_and_show_quality(
     served, rows, settings_session, registry_session
 ):
@@ -117,31 +126,15 @@ def test_prometheus_metrics_count_requests_and_show_quality(
 
     # Ray exports what replicas record every few seconds. Kiln's own counter, by its name:
     # another exporter's label (`..._status="422"`) once satisfied a bare substring first.
-    def refused_counted() -> bool:
-        return any(
-            line.startswith("ray_kiln_requests_total{")
-            and 'model="digits-mlp"' in line
-            and 'status="422"' in line
-            for line in scrape().splitlines()
-        )
-
-    assert wait_for(refused_counted, timeout_s=60)
+    assert wait_for(lambda: exported("ray_kiln_requests_total", status="422"), timeout_s=60)
     text = scrape()
     assert "ray_kiln_request_latency_ms_bucket" in text and "ray_kiln_batch_rows_bucket" in text
     assert "ray_kiln_feedback_labels_total" in text
     gauges = QualityGauges(settings_session.storage_uri)
     assert gauges.update(registry_session) >= 1
 
-    def accuracy_exported() -> bool:
-        # Other models' gauges (from the FeedbackStore's own loop) may be exported first.
-        return any(
-            line.startswith("ray_kiln_model_quality{")
-            and 'model="digits-mlp"' in line
-            and 'metric="accuracy"' in line
-            for line in scrape().splitlines()
-        )
-
-    assert wait_for(accuracy_exported, timeout_s=60)
+    # Other models' gauges (from the FeedbackStore's own loop) may be exported first.
+    assert wait_for(lambda: exported("ray_kiln_model_quality", metric="accuracy"), timeout_s=60)
 
 
 def test_v2_answers_carry_prediction_ids_that_take_feedback(served, rows):
