@@ -3,14 +3,16 @@
 In one run, on the same synthetic data, model and cores, measures steady-state samples/s of:
   - Kiln with 1 and 2 Ray Train workers reading resident ShardStore actors (ObjectRefs), each
     worker with its share of the cores (`cpus_per_worker`) and as many torch threads (one
-    worker also at 1 CPU: the faster counts, as for plain torch),
+    worker also at 1 CPU; two workers at 1 and 8 micro-batches per DDP all-reduce,
+    `grad_accum`: the faster counts, as for plain torch),
   - a plain single-process PyTorch loop at 1 thread and at every core; the faster of the two
     is the baseline (on small matmuls more threads can be slower),
   - the same Train loop (2 workers) fed by Ray Data's `iter_torch_batches`,
 and the shard actors' resident memory against the raw Arrow bytes: object-store bytes their
 refs pin plus private memory above a ShardStore that loaded 1,000 rows, printed beside the
 machine's used memory before/after the load; a figure that cannot be right stops the run.
-Prints one JSON line last, with every ratio, its target (issue 12) and whether it was met.
+Prints one JSON line last, with every ratio, its target (issue 12) and whether it was met, and
+each arm's last-epoch training loss (`final_train_loss`: what a larger step bought or cost).
 
     python benchmarks/train_throughput.py               # 2M rows x 32 features
     python benchmarks/train_throughput.py --smoke-test  # 20k rows, for CI
@@ -20,6 +22,7 @@ Prints one JSON line last, with every ratio, its target (issue 12) and whether i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -82,6 +85,21 @@ def machine_used_bytes() -> int:
     return int(vm.total - vm.available)
 
 
+def settled_used_bytes(deadline_s: float = 30.0, tolerance: int = 4 << 20) -> int:
+    """The machine's used memory once it stops moving: the previous arms' worker processes
+    exit (and free their memory) for a few seconds after their fit returns, which, read
+    too early, would count against the load that follows. Three readings 0.5 s apart within
+    `tolerance`, or the last reading at the deadline."""
+    readings = [machine_used_bytes()]
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        readings.append(machine_used_bytes())
+        if len(readings) >= 3 and max(readings[-3:]) - min(readings[-3:]) <= tolerance:
+            break
+    return readings[-1]
+
+
 def plasma_object_bytes(handles: list[Any]) -> tuple[int, int]:
     """Object-store bytes pinned by the shards' refs: the sizes of the objects the ShardStores
     own, as the object directory reports them. Objects small enough to live inline in the
@@ -105,10 +123,16 @@ def steady_rows_per_s(history: list[dict[str, Any]]) -> float:
     return float(statistics.median(rates[1:] if len(rates) > 1 else rates))
 
 
+FINAL_LOSS: dict[str, float] = {}
+"""Training loss of each arm's last epoch, by arm: what its throughput bought."""
+
+
 def kiln_run(cfg: TrainConfig, data, settings: Settings, extra=None, datasets=None) -> float:
     spec = make_spec(cfg, data.train)
     name = f"bench-{cfg.workers}w-{time.monotonic_ns()}"
     _, history = fit(cfg, spec, data, settings, name, extra_loop_config=extra, datasets=datasets)
+    arm = f"kiln_{cfg.workers}w_{cfg.grad_accum}accum_{(extra or {}).get('feed', 'shards')}"
+    FINAL_LOSS[arm] = history[-1]["train_loss"]
     return steady_rows_per_s(history)
 
 
@@ -128,8 +152,9 @@ def plain_torch_rows_per_s(data, cfg: TrainConfig, threads: int) -> float:
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
         batches = shard_batches(x, y, cfg.batch_size, (0, epoch, 0), torch.device("cpu"))
-        rows = run_epoch(model, optimizer, batches, loop_cfg, torch.device("cpu"))[2]
-        rates.append(float(rows) / (time.perf_counter() - started))
+        totals = run_epoch(model, optimizer, batches, loop_cfg, torch.device("cpu"))
+        rates.append(float(totals[2]) / (time.perf_counter() - started))
+    FINAL_LOSS[f"torch_{threads}t"] = float(totals[0] / totals[2])
     torch.set_num_threads(1)
     return float(statistics.median(rates[1:] if len(rates) > 1 else rates))
 
@@ -154,6 +179,26 @@ def best_kiln_1w(data, settings: Settings, cfg: dict[str, Any], cores: int) -> d
     return fastest("kiln_1w", "cpu", {1, cores}, run)
 
 
+GRAD_ACCUM = {1, 8}
+"""Micro-batches per optimizer step of the 2-worker arm: the default (one DDP all-reduce per
+256-row batch) and 8 (one per 8 batches, `--grad-accum 8`); the faster counts."""
+
+
+def best_kiln_2w(
+    data, settings: Settings, cfg: dict[str, Any], cores: int, measured: dict[int, float]
+) -> dict[str, Any]:
+    """Two Kiln workers, each with its share of the cores, at every GRAD_ACCUM (`measured`:
+    rows/s already measured, by grad_accum)."""
+
+    def run(accum: int) -> float:
+        if accum in measured:
+            return measured[accum]
+        two = TrainConfig(workers=2, cpus_per_worker=max(1, cores // 2), grad_accum=accum, **cfg)
+        return kiln_run(two, data, settings)
+
+    return fastest("kiln_2w", "accum", GRAD_ACCUM, run)
+
+
 def best_plain_torch(data, cfg: TrainConfig, cores: int) -> dict[str, Any]:
     """Plain torch at 1 thread and at every core: the faster is the baseline a user gets."""
     return fastest("torch", "t", {1, cores}, lambda t: plain_torch_rows_per_s(data, cfg, t))
@@ -173,7 +218,9 @@ def target_checks(out: dict[str, Any]) -> dict[str, Any]:
     if "torch_rows_per_s" in out:
         out["kiln_1w_vs_torch"] = out["kiln_1w_rows_per_s"] / out["torch_rows_per_s"]
         out["kiln_2w_vs_torch"] = out["kiln_2w_rows_per_s"] / out["torch_rows_per_s"]
-        out["shards_vs_raydata"] = out["kiln_2w_rows_per_s"] / out["raydata_2w_rows_per_s"]
+        out["kiln_2w_1accum_vs_torch"] = out["kiln_2w_1accum_rows_per_s"] / out["torch_rows_per_s"]
+        # The same loop and steps on both feeds: one all-reduce per batch.
+        out["shards_vs_raydata"] = out["kiln_2w_1accum_rows_per_s"] / out["raydata_2w_rows_per_s"]
     checks: dict[str, Any] = {"targets": {}}
     for name, (op, bound) in TARGETS.items():
         if name not in out:
@@ -205,8 +252,11 @@ def shard_memory(source: SourceSpec, num_shards: int) -> dict[str, Any]:
     empty = ShardStore.options(num_cpus=0).remote(tiny, "train", 0, 1)  # type: ignore[attr-defined]
     ray.get(empty.ready.remote())
     baseline = ray.get(empty.memory_bytes.remote())["private"]
+    pid = ray.get(empty.__ray_call__.remote(lambda _: os.getpid()))
     ray.kill(empty)
-    machine_before = machine_used_bytes()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout=30)  # its memory is back before the "before" reading
+    machine_before = settled_used_bytes()
     data = load_dataset(source, num_shards)
     machine_delta = machine_used_bytes() - machine_before
     handles = data.train.handles
@@ -280,6 +330,9 @@ def main() -> None:
         "epochs": args.epochs,
     }
 
+    # Memory first, while nothing else has run: the arms' worker processes free memory for a
+    # while after they end, which would make the machine's used memory fall during the load.
+    out.update(shard_memory(source, args.shards))
     # Each worker asks for its share of the cores and uses as many torch threads; the Ray
     # Data arm runs with the same workers and leaves Ray Data the two extra logical CPUs.
     two = TrainConfig(workers=2, cpus_per_worker=max(1, cores // 2), **cfg)
@@ -288,10 +341,11 @@ def main() -> None:
         data = load_dataset(source, args.shards)
         out["load_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        out["kiln_2w_rows_per_s"] = kiln_run(two, data, settings)
+        out["kiln_2w_1accum_rows_per_s"] = kiln_run(two, data, settings)
         out["kiln_2w_fit_s"] = time.perf_counter() - started
     out["peak_memory_bytes"] = peak.peak_bytes
     if not args.only_kiln:
+        out.update(best_kiln_2w(data, settings, cfg, cores, {1: out["kiln_2w_1accum_rows_per_s"]}))
         out.update(best_kiln_1w(data, settings, cfg, cores))
         out.update(best_plain_torch(data, TrainConfig(**cfg), cores))
         out["raydata_2w_rows_per_s"] = kiln_run(
@@ -302,8 +356,8 @@ def main() -> None:
             datasets={"train": raydata_dataset(data)},
         )
     data.release()
-    out.update(shard_memory(source, args.shards))
     ray.shutdown()
+    out["final_train_loss"] = FINAL_LOSS
     out.update(target_checks(out))
     print(json.dumps(out))
 

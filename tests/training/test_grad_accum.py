@@ -1,5 +1,6 @@
 """Gradient accumulation: N micro-batches make the step one batch of all their rows makes."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +70,37 @@ def test_groups_step_once_per_group_including_a_short_last_one():
 def test_counts_below_one_are_refused_naming_the_option(field, value, option):
     with pytest.raises(KilnError, match=f'Got "{value}" for {option}'):
         TrainConfig(**{field: value})
+
+
+def test_equal_steps_cut_every_rank_into_the_same_number_of_batches_each_row_once():
+    from training.loop import shard_batches, steps_per_epoch
+
+    cpu = torch.device("cpu")
+    sizes = {0: 1000, 1: 300, 2: 2}
+    steps = steps_per_epoch(list(sizes.values()), batch_size=256)
+    assert steps == 4  # the largest rank's 1000 rows in batches of at most 256
+    for rank, n in sizes.items():
+        x = np.arange(n, dtype=np.float32)[:, None]
+        y = np.arange(n)
+        batches = list(shard_batches(x, y, 256, (0, 1, rank), cpu, steps))
+        assert len(batches) == steps
+        lengths = [len(yb) for _, yb in batches]
+        assert max(lengths) - min(lengths) <= 1 and max(lengths) <= 256
+        seen = np.sort(np.concatenate([yb.numpy() for _, yb in batches]))
+        np.testing.assert_array_equal(seen, y)  # every row once, however few
+    assert 0 in [len(yb) for _, yb in shard_batches(x, y, 256, (0, 1, 2), cpu, steps)]
+
+
+def test_an_empty_micro_batch_adds_nothing_and_an_empty_epoch_leaves_the_model_alone():
+    batches = micro_batches([10, 7])
+    empty = (torch.zeros(0, 6), torch.zeros(0, dtype=torch.int64))
+    with_empty = one_epoch([batches[0], empty, batches[1]], grad_accum=3, l2=0.5)
+    without = one_epoch(batches, grad_accum=2, l2=0.5)
+    for a, b in zip(with_empty.parameters(), without.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    untouched = build_model({**SPEC, "hidden": [16, 8]})
+    idle = one_epoch([empty, empty], grad_accum=1, l2=0.5, optimizer="adam")
+    for a, b in zip(idle.parameters(), untouched.parameters(), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)  # zero gradients: Adam does not move

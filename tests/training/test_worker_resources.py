@@ -36,3 +36,18 @@ def test_more_cpus_than_the_cluster_has_is_refused_before_training(iris, setting
     cfg = TrainConfig(model="mlp", workers=2, epochs=1, cpus_per_worker=1000)
     with pytest.raises(KilnError, match='Got "1000" for --cpus-per-worker'):
         fit(cfg, make_spec(cfg, iris.train), iris, settings_session, "res-too-many")
+
+
+def test_ranks_with_uneven_rows_take_equal_steps_and_see_every_row(ray_local, settings_session):
+    """Three shards over two workers: rank 0 reads two of them, rank 1 one. Every rank takes
+    the same number of (smaller) steps, so DDP's gradient syncs pair up with no Join."""
+    data = load_dataset(SourceSpec(uri="sklearn:iris"), 3)
+    total = data.train.num_rows
+    try:
+        cfg = TrainConfig(model="mlp", workers=2, epochs=2, batch_size=16)
+        _, history = fit(cfg, make_spec(cfg, data.train), data, settings_session, "uneven-2w")
+    finally:
+        data.release()
+    rows = [w["rows"] for w in history[-1]["workers"]]
+    assert rows[0] > 1.5 * rows[1] and sum(rows) == total
+    assert all(m["rows_seen"] == total for m in history)

@@ -12,8 +12,10 @@ import pytest
 
 from cluster.cli import main
 from tests.conftest import wait_for
+from tuning.tuner import CHECKPOINT_EVERY
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+EPOCHS = 40
 
 
 def trial_statuses(storage: Path) -> dict[str, str]:
@@ -55,12 +57,13 @@ def test_resume_after_a_killed_driver_skips_finished_trials(
 ):
     home, storage = tmp_path / "home", tmp_path / "home" / "storage"
     env = {**os.environ, "KILN_HOME": str(home), "KILN_NUM_CPUS": "1", "OMP_NUM_THREADS": "1"}
-    # Tune snapshots its state every 2 s by default; a trial here lasts about that long, so the
-    # first snapshot could already show all 3 done. Twice a second keeps the kill between them.
+    # Tune snapshots its state every 2 s by default; a 10-epoch trial lasted about that long on
+    # a slow machine and 0.3 s on a fast one, where one snapshot showed all 3 done. Twice a
+    # second, with 40-epoch trials, keeps the kill between finished and pending ones.
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "0.5"
     env.pop("RAY_ADDRESS", None)
     args = ["tune", "--data", "sklearn:digits", "--model", "mlp", "--trials", "3"]
-    args += ["--epochs", "10", "--scheduler", "none", "--json"]
+    args += ["--epochs", str(EPOCHS), "--scheduler", "none", "--json"]
     # One CPU: trials run one after another, so the kill lands between finished and pending ones.
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", *args],
@@ -86,11 +89,12 @@ def test_resume_after_a_killed_driver_skips_finished_trials(
     main(["tune", "--resume", sweep_id, "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    assert result["num_trials"] == 3 and result["trial_epochs"] == 3 * 10
+    assert result["num_trials"] == 3 and result["trial_epochs"] == 3 * EPOCHS
     after = result_lines(storage)
     assert all(after[t] == lines_before[t] for t in finished)  # not one more epoch reported
     assert set(trial_statuses(storage).values()) == {"TERMINATED"}
     # Checkpoints were all kept while the sweep ran (a snapshot may name any of them); once it
     # is done each trial keeps only its last.
     for trial_dir in storage.glob("sweeps/sweep-*/run_trial_*"):
-        assert [p.name for p in trial_dir.glob("checkpoint_*")] == ["checkpoint_000001"], trial_dir
+        names = [p.name for p in trial_dir.glob("checkpoint_*")]
+        assert names == [f"checkpoint_{EPOCHS // CHECKPOINT_EVERY - 1:06d}"], trial_dir
