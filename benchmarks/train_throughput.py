@@ -17,6 +17,8 @@ each arm's last-epoch training loss (`final_train_loss`: what a larger step boug
     python benchmarks/train_throughput.py               # 2M rows x 32 features
     python benchmarks/train_throughput.py --smoke-test  # 20k rows, for CI
     python benchmarks/train_throughput.py --rows 5000000 --shards 4 --epochs 1 --only-kiln
+    python benchmarks/train_throughput.py --plot benchmarks/results/train_throughput.out \
+        benchmarks/results/train_throughput.png   # the runs' lines as a bar chart
 """
 
 from __future__ import annotations
@@ -299,6 +301,40 @@ def check_memory(found: dict[str, Any], inline_bytes: int) -> None:
         raise SystemExit("memory measurement cannot be right: " + "; ".join(problems))
 
 
+ARMS = [
+    ("plain torch, best threads", "torch_rows_per_s"),
+    ("Kiln 1 worker, best CPUs", "kiln_1w_rows_per_s"),
+    ("Kiln 2 workers, grad_accum 1", "kiln_2w_1accum_rows_per_s"),
+    ("Kiln 2 workers, grad_accum 8", "kiln_2w_8accum_rows_per_s"),
+    ("Ray Data feed, 2 workers", "raydata_2w_rows_per_s"),
+]
+
+
+def plot_runs(lines_path: Path, png: Path) -> None:
+    """A bar per arm: the median rows/s over the runs' JSON lines, the bar's whisker their
+    min-max, each run a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(line) for line in lines_path.read_text().splitlines() if line[:1] == "{"]
+    found = [[run[key] / 1e3 for run in runs] for _, key in ARMS]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    for i, values in enumerate(found):
+        mid = statistics.median(values)
+        ax.barh(i, mid, color="tab:orange" if i == 0 else "tab:blue", alpha=0.7)
+        ax.errorbar(mid, i, xerr=[[mid - min(values)], [max(values) - mid]], color="k", capsize=4)
+        ax.plot(values, [i] * len(values), "k.", markersize=4)
+    ax.set_yticks(range(len(ARMS)), [label for label, _ in ARMS])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"thousand rows/s (median of {len(runs)} runs, min-max)")
+    ax.set_title("2M x 32 rows, MLP 32-128-64-10, batch 256, 2 cores")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
@@ -308,7 +344,16 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--only-kiln", action="store_true", help="Kiln 2 workers and memory only")
     parser.add_argument("--smoke-test", action="store_true", help="20k rows, 2 epochs")
+    parser.add_argument(
+        "--plot",
+        nargs=2,
+        metavar=("LINES", "PNG"),
+        help="Draw the runs in LINES (this script's JSON lines) as a bar chart; runs nothing.",
+    )
     args = parser.parse_args()
+    if args.plot:
+        plot_runs(Path(args.plot[0]), Path(args.plot[1]))
+        return
     if args.smoke_test:
         args.rows, args.epochs = 20_000, 2
 

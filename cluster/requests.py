@@ -200,8 +200,9 @@ class SweepRequest:
     name: str
     eval_data: str | None = None
     sweep_id: str = ""
-    refit: bool = True
-    """Train the best configuration again on train + validation rows and register that."""
+    refit: bool = False
+    """Train the best configuration again on train + validation rows and register that,
+    instead of the best trial's own best weights (minibatch sweeps; see `kiln tune --refit`)."""
 
     def __post_init__(self) -> None:
         validate_name(self.name)

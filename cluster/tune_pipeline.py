@@ -2,8 +2,8 @@
 
 Reads as its steps: make the dataset resident once (load it, or attach to a named one), build
 the model spec from its statistics, run the Tune sweep with every trial reading those same
-ShardStore actors, write the CSV and PNG reports, train the best configuration again on train +
-validation rows (or, with refit off, take the best trial's best weights), evaluate that model on
+ShardStore actors, write the CSV and PNG reports, take the best trial's best weights (or, with
+--refit, train its configuration again on train + validation rows), evaluate that model on
 the test split (or --eval-data), register it with the sweep's lineage, and publish the sweep's
 JSON summary to shared storage (actors/sweeps.py) for the web console. The request is saved
 under KILN_HOME/sweeps before Ray Tune starts, so `kiln tune --resume SWEEP` can finish a sweep
@@ -278,7 +278,8 @@ def run_trials(
         refit=refit,
         notes=[found.warning] if found.warning else [],
         searched=sorted(k for k in best.config),
-        selection=f"best {sweep.metric} of the trials ({sweep.scheduler}, {sweep.search})",
+        selection=f"best {sweep.metric} of the trials ({sweep.scheduler}, {sweep.search})"
+        + (", then refitted on train + validation" if refit else ", the best trial's weights"),
     )
 
 

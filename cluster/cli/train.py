@@ -333,10 +333,11 @@ def tune(
     refit: Annotated[
         bool,
         typer.Option(
-            help="Train the best configuration again on train + validation rows and register "
-            "that model (--no-refit: register the best trial's own weights)."
+            help="Minibatch sweeps: train the best configuration again on train + validation "
+            "rows for the epochs its trial needed and register that model, instead of the best "
+            "trial's own best weights (the default, --no-refit)."
         ),
-    ] = True,
+    ] = False,
     as_json: JsonOpt = False,
     address: AddressOpt = None,
     home: HomeOpt = None,
