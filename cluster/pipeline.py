@@ -160,9 +160,8 @@ def fit(
     that exists under the storage path resumes that run (Ray Train V2's restore-by-name).
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from training.loop import train_func
+    from training.loop import KilnTorchTrainer, train_func
 
     history: list[dict[str, Any]] = []
 
@@ -178,7 +177,7 @@ def fit(
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
     cpus = worker_cpus(cfg)  # each worker's CPUs, and its torch threads
-    trainer = TorchTrainer(
+    trainer = KilnTorchTrainer(
         loop or train_func,
         train_loop_config={
             "train": {**cfg.to_dict(), "cpus_per_worker": cpus},

@@ -33,6 +33,7 @@ from training.checkpoints import (
 )
 from training.config import TrainConfig
 from training.loop import (
+    KilnTorchTrainer,
     LoopConfig,
     make_lr_scheduler,
     make_optimizer,
@@ -202,12 +203,11 @@ def refit_weights(
 
 def run_trial_on_train(cfg: TrainConfig, spec: dict[str, Any], context: TrialContext) -> None:
     """Several workers: a TorchTrainer over `train_func`, its reports forwarded to Tune."""
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     cfg.workers = context.workers_per_trial
-    trainer = TorchTrainer(
+    trainer = KilnTorchTrainer(
         train_func,
         train_loop_config={
             "train": cfg.to_dict(),

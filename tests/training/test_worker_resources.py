@@ -51,3 +51,25 @@ def test_ranks_with_uneven_rows_take_equal_steps_and_see_every_row(ray_local, se
     rows = [w["rows"] for w in history[-1]["workers"]]
     assert rows[0] > 1.5 * rows[1] and sum(rows) == total
     assert all(m["rows_seen"] == total for m in history)
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_the_placement_group_cleaner_runs_only_where_a_state_api_answers(
+    ray_local, monkeypatch, dashboard
+):
+    """Without a dashboard (Kiln's embedded Ray) the cleaner's State API calls hang and held
+    every fit 12 s after its last epoch; with one (a `ray start` cluster) it stays."""
+    import ray.train
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    import training.loop
+    from training.loop import KilnTorchTrainer
+
+    assert training.loop.state_api_served()  # the test session's ray.init runs a dashboard head
+    monkeypatch.setattr(training.loop, "state_api_served", lambda: dashboard)
+    trainer = KilnTorchTrainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    kinds = [type(c) for c in trainer._create_default_callbacks()]
+    assert (PlacementGroupCleanerCallback in kinds) is dashboard
+    assert len(kinds) >= 3  # Ray Train's other callbacks are all still there
