@@ -87,21 +87,6 @@ def machine_used_bytes() -> int:
     return int(vm.total - vm.available)
 
 
-def settled_used_bytes(deadline_s: float = 30.0, tolerance: int = 4 << 20) -> int:
-    """The machine's used memory once it stops moving: the previous arms' worker processes
-    exit (and free their memory) for a few seconds after their fit returns, which, read
-    too early, would count against the load that follows. Three readings 0.5 s apart within
-    `tolerance`, or the last reading at the deadline."""
-    readings = [machine_used_bytes()]
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        readings.append(machine_used_bytes())
-        if len(readings) >= 3 and max(readings[-3:]) - min(readings[-3:]) <= tolerance:
-            break
-    return readings[-1]
-
-
 def plasma_object_bytes(handles: list[Any]) -> tuple[int, int]:
     """Object-store bytes pinned by the shards' refs: the sizes of the objects the ShardStores
     own, as the object directory reports them. Objects small enough to live inline in the
@@ -258,7 +243,7 @@ def shard_memory(source: SourceSpec, num_shards: int) -> dict[str, Any]:
     ray.kill(empty)
     with contextlib.suppress(psutil.NoSuchProcess):
         psutil.Process(pid).wait(timeout=30)  # its memory is back before the "before" reading
-    machine_before = settled_used_bytes()
+    machine_before = machine_used_bytes()
     data = load_dataset(source, num_shards)
     machine_delta = machine_used_bytes() - machine_before
     handles = data.train.handles
