@@ -3,11 +3,14 @@
 In one run, on the same synthetic data, model and cores, measures steady-state samples/s of:
   - Kiln with 1 and 2 Ray Train workers reading resident ShardStore actors (ObjectRefs), each
     worker with its share of the cores (`cpus_per_worker`) and as many torch threads (one
-    worker also at 1 CPU; two workers at 1 and 8 micro-batches per DDP all-reduce,
-    `grad_accum`: the faster counts, as for plain torch),
+    worker also at 1 CPU; two workers at 1 and 8 micro-batches per gradient sync,
+    `grad_accum`: the faster counts, as for plain torch). Two workers on one node average
+    gradients in shared memory (`--grad-sync auto`); they also run once with DDP over gloo
+    (`--grad-sync ddp`, grad_accum 1): `grad_sync_gain` is what the shared memory buys,
   - a plain single-process PyTorch loop at 1 thread and at every core; the faster of the two
     is the baseline (on small matmuls more threads can be slower),
-  - the same Train loop (2 workers) fed by Ray Data's `iter_torch_batches`,
+  - the same Train loop (2 workers) fed by Ray Data's `iter_torch_batches` (whose ranks may
+    take unequal steps, so DDP; `shards_vs_raydata` compares it with the DDP shard arm),
 and the shard actors' resident memory against the raw Arrow bytes: object-store bytes their
 refs pin plus private memory above a ShardStore that loaded 1,000 rows, printed beside the
 machine's used memory before/after the load; a figure that cannot be right stops the run.
@@ -119,6 +122,7 @@ def kiln_run(cfg: TrainConfig, data, settings: Settings, extra=None, datasets=No
     name = f"bench-{cfg.workers}w-{time.monotonic_ns()}"
     _, history = fit(cfg, spec, data, settings, name, extra_loop_config=extra, datasets=datasets)
     arm = f"kiln_{cfg.workers}w_{cfg.grad_accum}accum_{(extra or {}).get('feed', 'shards')}"
+    arm += "_ddp" if cfg.grad_sync == "ddp" else ""
     FINAL_LOSS[arm] = history[-1]["train_loss"]
     return steady_rows_per_s(history)
 
@@ -206,8 +210,14 @@ def target_checks(out: dict[str, Any]) -> dict[str, Any]:
         out["kiln_1w_vs_torch"] = out["kiln_1w_rows_per_s"] / out["torch_rows_per_s"]
         out["kiln_2w_vs_torch"] = out["kiln_2w_rows_per_s"] / out["torch_rows_per_s"]
         out["kiln_2w_1accum_vs_torch"] = out["kiln_2w_1accum_rows_per_s"] / out["torch_rows_per_s"]
-        # The same loop and steps on both feeds: one all-reduce per batch.
-        out["shards_vs_raydata"] = out["kiln_2w_1accum_rows_per_s"] / out["raydata_2w_rows_per_s"]
+        # The same loop, steps and sync (DDP, one all-reduce per batch) on both feeds.
+        out["shards_vs_raydata"] = (
+            out["kiln_2w_1accum_ddp_rows_per_s"] / out["raydata_2w_rows_per_s"]
+        )
+    if "kiln_2w_1accum_ddp_rows_per_s" in out:
+        out["grad_sync_gain"] = (
+            out["kiln_2w_1accum_rows_per_s"] / out["kiln_2w_1accum_ddp_rows_per_s"]
+        )
     checks: dict[str, Any] = {"targets": {}}
     for name, (op, bound) in TARGETS.items():
         if name not in out:
@@ -289,8 +299,9 @@ def check_memory(found: dict[str, Any], inline_bytes: int) -> None:
 ARMS = [
     ("plain torch, best threads", "torch_rows_per_s"),
     ("Kiln 1 worker, best CPUs", "kiln_1w_rows_per_s"),
-    ("Kiln 2 workers, grad_accum 1", "kiln_2w_1accum_rows_per_s"),
-    ("Kiln 2 workers, grad_accum 8", "kiln_2w_8accum_rows_per_s"),
+    ("Kiln 2 workers, shared memory, grad_accum 1", "kiln_2w_1accum_rows_per_s"),
+    ("Kiln 2 workers, shared memory, grad_accum 8", "kiln_2w_8accum_rows_per_s"),
+    ("Kiln 2 workers, DDP (gloo), grad_accum 1", "kiln_2w_1accum_ddp_rows_per_s"),
     ("Ray Data feed, 2 workers", "raydata_2w_rows_per_s"),
 ]
 
@@ -304,9 +315,11 @@ def plot_runs(lines_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [json.loads(line) for line in lines_path.read_text().splitlines() if line[:1] == "{"]
-    found = [[run[key] / 1e3 for run in runs] for _, key in ARMS]
+    found = [[run[key] / 1e3 for run in runs if key in run] for _, key in ARMS]
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     for i, values in enumerate(found):
+        if not values:  # runs from before this arm existed
+            continue
         mid = statistics.median(values)
         ax.barh(i, mid, color="tab:orange" if i == 0 else "tab:blue", alpha=0.7)
         ax.errorbar(mid, i, xerr=[[mid - min(values)], [max(values) - mid]], color="k", capsize=4)
@@ -374,6 +387,8 @@ def main() -> None:
         out["kiln_2w_1accum_rows_per_s"] = kiln_run(two, data, settings)
         out["kiln_2w_fit_s"] = time.perf_counter() - started
     out["peak_memory_bytes"] = peak.peak_bytes
+    ddp = TrainConfig(workers=2, cpus_per_worker=max(1, cores // 2), grad_sync="ddp", **cfg)
+    out["kiln_2w_1accum_ddp_rows_per_s"] = kiln_run(ddp, data, settings)
     if not args.only_kiln:
         out.update(best_kiln_2w(data, settings, cfg, cores, {1: out["kiln_2w_1accum_rows_per_s"]}))
         out.update(best_kiln_1w(data, settings, cfg, cores))

@@ -135,6 +135,7 @@ class TrainRequest:
         cpus_per_worker: int | None,
         grad_accum: int,
         bucket_cap_mb: float | None,
+        grad_sync: str,
         pca: float | None,
     ) -> TrainRequest:
         """`kiln train`'s options (by their Python names), checked, as a request."""
@@ -169,6 +170,7 @@ class TrainRequest:
             cpus_per_worker=cpus_per_worker,
             grad_accum=grad_accum,
             bucket_cap_mb=bucket_cap_mb,
+            grad_sync=grad_sync,
             pca=pca,
         )
         return cls(

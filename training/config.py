@@ -22,6 +22,7 @@ DEFAULT_L2 = {"ridge": 1.0, "logistic": 1.0}
 for several classes, C=2 for two: see docs/commands.md, λ and scikit-learn). Other kinds: 0."""
 LR_SCHEDULES = ("constant", "step", "cosine")
 GPU_MODES = ("auto", "on", "off")
+GRAD_SYNCS = ("auto", "ddp")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -77,6 +78,9 @@ class TrainConfig:
     """Micro-batches whose gradients add up (DDP syncs once per group) before one step."""
     bucket_cap_mb: float | None = None
     """DDP's gradient bucket size in MB (None: DDP's default, 25)."""
+    grad_sync: str = "auto"
+    """How several workers average gradients. auto: through shared memory when every worker
+    runs on one node's CPU with the shard feed (training/grad_sync.py), else DDP; ddp: DDP."""
     pca: float | None = None
     """PCA on the standardised features, a fixed layer of the model: a share of the variance
     to keep (0 < pca < 1) or a number of components (a whole number ≥ 1). None: no PCA."""
@@ -90,6 +94,7 @@ class TrainConfig:
         require_choice(self.optimizer, OPTIMIZERS, "--optimizer")
         require_choice(self.lr_schedule, LR_SCHEDULES, "--lr-schedule")
         require_choice(self.gpu, GPU_MODES, "--gpu")
+        require_choice(self.grad_sync, GRAD_SYNCS, "--grad-sync")
         for option, value in (
             ("--workers", self.workers),
             ("--epochs", 1 if self.epochs is None else self.epochs),

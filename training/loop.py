@@ -12,7 +12,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -42,6 +42,12 @@ from training.data import (
     batches_to_arrays,
     encode_labels,
     fetch_shard_batches,
+)
+from training.grad_sync import (
+    SharedMemoryGradSync,
+    broadcast_from_rank0,
+    choose_grad_sync,
+    open_shared_grad_sync,
 )
 from training.losses import l2_penalty, objective
 from training.metrics import metrics_from_confusion, regression_metrics_from_sums
@@ -235,10 +241,12 @@ def run_epoch(
     cfg: LoopConfig,
     device: torch.device,
     equal_steps: bool = False,
+    sync: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """One pass over this worker's rows; returns [loss·rows, correct, rows] for the all-reduce.
 
-    Every `grad_accum` micro-batches make one optimizer step (and one DDP gradient sync).
+    Every `grad_accum` micro-batches make one optimizer step (and one gradient sync: DDP's, or
+    `sync`, training/grad_sync.py's shared-memory average, called before each step).
     `equal_steps`: every DDP rank is known to take the same number of micro-batches (the
     shard feed's `steps`); otherwise, under DDP, Join lets ranks with a batch more or less
     finish without hanging, at the price of a collective in every forward (measured: 8
@@ -250,7 +258,7 @@ def run_epoch(
     join = isinstance(model, nn.parallel.DistributedDataParallel) and not equal_steps
     with nn.parallel.distributed.Join([cast(Any, model)]) if join else contextlib.nullcontext():
         for group in grouped(batches, cfg.train.grad_accum):
-            totals += accumulated_step(model, optimizer, group, cfg, device)
+            totals += accumulated_step(model, optimizer, group, cfg, device, sync)
     return torch.from_numpy(totals)
 
 
@@ -272,6 +280,7 @@ def accumulated_step(
     group: list[tuple[torch.Tensor, torch.Tensor]],
     cfg: LoopConfig,
     device: torch.device,
+    sync: Callable[[], None] | None = None,
 ) -> tuple[float, float, float]:
     """One optimizer step over a group of micro-batches: its [loss·rows, correct, rows].
 
@@ -299,6 +308,8 @@ def accumulated_step(
         loss_sum += float(loss.detach()) * len(yb)
         if task == "classification":
             correct += float((outputs.argmax(1) == yb).sum())
+    if sync is not None:
+        sync()
     optimizer.step()
     return loss_sum, correct, float(rows)
 
@@ -435,9 +446,7 @@ def train_func(config: dict[str, Any], teacher: nn.Module | None = None) -> None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_training_checkpoint(directory, state)
-    ddp_kwargs = {"bucket_cap_mb": cfg.train.bucket_cap_mb} if cfg.train.bucket_cap_mb else {}
-    # DDP-wrapped when world_size > 1
-    model = ray.train.torch.prepare_model(base_model, parallel_strategy_kwargs=ddp_kwargs)
+    model, sync = prepare_for_sync(base_model, cfg, context, device)
     workers = worker_identity(len(x) if cfg.feed == "shards" else -1, device)
     # Under DDP every rank takes the same number of steps (its rows in near-equal batches),
     # so no rank waits at a collective the others never reach, and no Join is needed.
@@ -454,7 +463,7 @@ def train_func(config: dict[str, Any], teacher: nn.Module | None = None) -> None
             )
         else:
             batches = raydata_batches(cfg.train.batch_size, cfg.spec["task"], device)
-        epoch_totals = run_epoch(model, optimizer, batches, cfg, device, steps is not None)
+        epoch_totals = run_epoch(model, optimizer, batches, cfg, device, steps is not None, sync)
         totals = all_reduce_sum(epoch_totals)
         epoch_time_s = time.perf_counter() - started
         state.scheduler.step()
@@ -467,6 +476,7 @@ def train_func(config: dict[str, Any], teacher: nn.Module | None = None) -> None
             "rows_per_s": float(totals[2]) / epoch_time_s,
             "lr": state.scheduler.get_last_lr()[0],
             "num_workers": world_size,
+            "grad_sync": "none" if world_size == 1 else "shm" if sync is not None else "ddp",
             "workers": workers,
         }
         if cfg.spec["task"] == "classification":
@@ -482,6 +492,28 @@ def train_func(config: dict[str, Any], teacher: nn.Module | None = None) -> None
         report(cfg, rank, metrics, state)
         if stop:
             break
+
+
+def prepare_for_sync(
+    base_model: nn.Module, cfg: LoopConfig, context: Any, device: torch.device
+) -> tuple[nn.Module, SharedMemoryGradSync | None]:
+    """The model to train and, where the workers share one node's memory, the gradient sync
+    that replaces DDP's (training/grad_sync.py; DDP otherwise, and `--grad-sync ddp`)."""
+    world_size = context.get_world_size()
+    sync = None
+    if world_size > 1:
+        mode = choose_grad_sync(
+            cfg.train.grad_sync, world_size, context.get_local_world_size(), device.type, cfg.feed
+        )
+        params = list(base_model.parameters())
+        sync = open_shared_grad_sync(params, context.get_world_rank(), world_size, mode == "shm")
+    if sync is not None:
+        model = ray.train.torch.prepare_model(base_model, parallel_strategy=None)
+        broadcast_from_rank0(model)
+        return model, sync
+    ddp_kwargs = {"bucket_cap_mb": cfg.train.bucket_cap_mb} if cfg.train.bucket_cap_mb else {}
+    # DDP-wrapped when world_size > 1
+    return ray.train.torch.prepare_model(base_model, parallel_strategy_kwargs=ddp_kwargs), None
 
 
 def report(cfg: LoopConfig, rank: int, metrics: dict[str, Any], state: TrainingState) -> None:

@@ -140,6 +140,13 @@ def train(
     bucket_cap_mb: Annotated[
         float | None, typer.Option(help="DDP gradient bucket size in MB; default: DDP's 25.")
     ] = None,
+    grad_sync: Annotated[
+        str,
+        typer.Option(
+            help="auto|ddp: auto averages gradients in shared memory when all workers share "
+            "one node's CPU, else DDP."
+        ),
+    ] = "auto",
     pca: Annotated[
         float | None,
         typer.Option(

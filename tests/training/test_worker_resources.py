@@ -9,6 +9,7 @@ from actors.sources import SourceSpec
 from cluster.pipeline import fit, make_spec
 from training.config import TrainConfig
 from training.errors import KilnError
+from training.grad_sync import shared_memory_usable
 
 
 @pytest.fixture
@@ -73,3 +74,20 @@ def test_the_placement_group_cleaner_runs_only_where_a_state_api_answers(
     kinds = [type(c) for c in trainer._create_default_callbacks()]
     assert (PlacementGroupCleanerCallback in kinds) is dashboard
     assert len(kinds) >= 3  # Ray Train's other callbacks are all still there
+
+
+@pytest.mark.skipif(not shared_memory_usable(1 << 20), reason="needs x86 and /dev/shm")
+def test_two_workers_average_in_shared_memory_exactly_as_ddp_does(iris, settings_session):
+    """The default on one node's CPU is training/grad_sync.py's shared-memory average; it must
+    train the same model as DDP over gloo (same seeds, same steps: the same losses)."""
+    runs = {}
+    for sync in ("auto", "ddp"):
+        cfg = TrainConfig(model="mlp", workers=2, epochs=3, batch_size=16, grad_sync=sync)
+        _, history = fit(cfg, make_spec(cfg, iris.train), iris, settings_session, f"sync-{sync}")
+        runs[sync] = history
+    assert [m["grad_sync"] for m in runs["auto"]] == ["shm"] * 3
+    assert [m["grad_sync"] for m in runs["ddp"]] == ["ddp"] * 3
+    for key in ("train_loss", "train_accuracy"):
+        shm, ddp = [m[key] for m in runs["auto"]], [m[key] for m in runs["ddp"]]
+        assert shm == pytest.approx(ddp, rel=1e-6), key
+    assert runs["auto"][0]["train_loss"] != pytest.approx(runs["auto"][-1]["train_loss"])
