@@ -58,6 +58,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/grad_sync.py
 	$(BIN)/python benchmarks/serve_throughput.py
 	$(BIN)/python benchmarks/tune_efficiency.py
 	$(BIN)/python benchmarks/compression.py
