@@ -83,7 +83,7 @@ class SharedMemoryGradSync:
     def __init__(
         self, path: str, params: Iterable[nn.Parameter], rank: int, world_size: int, pids: list
     ) -> None:
-        self.params = list(params)
+        self.params = [p for p in params if p.requires_grad]  # frozen ones have no gradient
         self.rank, self.world_size, self.pids = rank, world_size, pids
         self.num_values = sum(p.numel() for p in self.params)
         size = slots_bytes(self.num_values, world_size)
@@ -124,10 +124,11 @@ class SharedMemoryGradSync:
         for p in self.params:
             n = p.numel()
             mean = self.total[offset : offset + n].view_as(p)
-            if p.grad is None:
-                p.grad = mean.clone()
-            else:
+            if p.grad is not None:
                 p.grad.copy_(mean)
+            elif bool(mean.any()):  # unused here, used elsewhere: DDP's average with zeros
+                p.grad = mean.clone()
+            # unused on every rank: no gradient, as DDP leaves it (the optimizer skips it)
             offset += n
         self.round = this_round
 

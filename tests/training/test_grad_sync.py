@@ -51,9 +51,13 @@ def free_port() -> int:
 
 
 def model_params(seed: int) -> list[torch.nn.Parameter]:
+    """A model's parameters, then three that DDP treats apart: one only rank 0's loss uses,
+    one no rank's loss uses, and a frozen one."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    return [*net.parameters(), torch.nn.Parameter(torch.zeros(4))]  # the last: never gets a grad
+    partial, unused = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    return [*net.parameters(), partial, unused, frozen]
 
 
 def average_rounds(rank: int, world: int, port: int, rounds: int, queue) -> None:
@@ -61,29 +65,29 @@ def average_rounds(rank: int, world: int, port: int, rounds: int, queue) -> None
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         params = model_params(0)
+        *trained, partial, unused, frozen = params
         sync = open_shared_grad_sync(params, rank, world, eligible=True)
-        got, want = [], []
+        same = True
         for k in range(rounds):
             generator = torch.Generator().manual_seed(1000 * k + rank)
-            grads = [torch.randn(p.shape, generator=generator) for p in params[:-1]]
-            for p, g in zip(params, grads, strict=False):
+            grads = [torch.randn(p.shape, generator=generator) for p in trained]
+            for p, g in zip(trained, grads, strict=True):
                 p.grad = g.clone()
-            params[-1].grad = None
+            partial.grad = torch.full((3,), k + 1.0) if rank == 0 else None
             if k % 2:  # ranks arrive at different times: the waits, not luck, must order them
                 time.sleep(0.01 * rank)
             sync()
-            got.append([p.grad.clone() for p in params])
-            expected = [g.clone() for g in grads]
-            for g in expected:
+            for p, g in zip(trained, grads, strict=True):
                 dist.all_reduce(g)
-                g /= world
-            want.append([*expected, torch.zeros(4)])
+                same &= torch.allclose(p.grad, g / world, atol=1e-6)
+            # As DDP: a gradient only some ranks have is averaged with zeros; one no rank has
+            # stays None (the optimizer then skips it); a frozen parameter is left alone.
+            same &= partial.grad is not None and torch.equal(
+                partial.grad, torch.full((3,), (k + 1.0) / world)
+            )
+            same &= unused.grad is None and frozen.grad is None
         sync.close()
-        pairs = [
-            (a, b) for gs, ws in zip(got, want, strict=True) for a, b in zip(gs, ws, strict=True)
-        ]
-        same = all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
-        queue.put((rank, same, sync.round))
+        queue.put((rank, bool(same), sync.round))
     finally:
         dist.destroy_process_group()
 
