@@ -65,6 +65,7 @@ class TrainOutcome:
     num_workers: int
     workers: list[dict[str, Any]]
     history: list[dict[str, Any]] = field(default_factory=list)
+    grad_sync: str = "none"
     elapsed_s: float = 0.0
     run_name: str = ""
     solver: str = ""
@@ -303,6 +304,8 @@ class Trained:
     epochs_run: int = 0
     num_workers: int = 0
     workers: list[dict[str, Any]] = field(default_factory=list)
+    grad_sync: str = "none"
+    """How the workers averaged gradients: shm, ddp, or none (one worker, or no minibatches)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int | None = None
     iterations: int = 0
@@ -332,6 +335,7 @@ def train_minibatch(
         epochs_run=int(final["epoch"]) + 1,
         num_workers=int(final["num_workers"]),
         workers=final["workers"],
+        grad_sync=final.get("grad_sync", "none"),
         history=history,
         best_epoch=final.get("best_epoch"),
     )
@@ -503,6 +507,7 @@ def train_and_register(
         num_workers=trained.num_workers,
         workers=trained.workers,
         history=trained.history,
+        grad_sync=trained.grad_sync,
         elapsed_s=time.perf_counter() - started,
         run_name=request.run_name,
         solver=trained.solver,

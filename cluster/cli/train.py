@@ -203,6 +203,7 @@ def train(
             "epochs_run": outcome.epochs_run,
             "iterations": outcome.iterations,
             "num_workers": outcome.num_workers,
+            "grad_sync": outcome.grad_sync,
             "run": outcome.run_name,
             "columns": outcome.columns,
             "elapsed_s": time.perf_counter() - started,

@@ -30,6 +30,7 @@ def test_cli_ridge_matches_sklearn_and_is_profiled_in_the_command(tmp_path, ray_
     latency profile (measured in the driver of the embedded Ray, one torch thread)."""
     found = kiln(tmp_path, "train", "--data", "sklearn:diabetes", "--model", "ridge")
     assert found["solver"] == "exact" and found["converged"] is True
+    assert found["grad_sync"] == "none"  # no minibatches, nothing to average
     data = load_dataset(SourceSpec(uri="sklearn:diabetes", val_fraction=0.0), 1)
     try:
         _, x, y = data.train.read_arrays()
