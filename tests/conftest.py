@@ -15,7 +15,7 @@ import pytest
 from cluster.runtime import free_port  # noqa: F401 (tests import it from here)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")  # as Kiln sets it
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
