@@ -9,6 +9,9 @@
    `grid_first_report_s`/`asha_first_report_s`: each sweep's time to its first report (Tune's
    start, the first trial processes' imports, a trial's first epoch), paid once per sweep;
    `asha_wall_fraction_after_start` is the ratio of the two sweeps' times after it.
+   `tune_floor_first_report_s`: the same for a grid of trials that only report (Ray Tune's own
+   start, which no trial code can remove); with S the start and G the grid's time after it,
+   `asha_wall_fraction` <= 0.5 needs S <= G (1 - 2 x asha_epoch_fraction) at the very best.
 2. Peak memory (sampled in a thread, above the idle baseline) of 2 concurrent trials reading
    one resident copy of a large synthetic set (train and validation shards), against 2 trials
    that each load the training set themselves (validation shards resident in both arms):
@@ -105,6 +108,48 @@ def sweep(cfg: SweepConfig, context: TrialContext, storage: str) -> tuple[list[A
     return summarise(grid, cfg.metric, cfg.mode), elapsed, first[0] - started
 
 
+def report_only(config: dict[str, Any], epochs: int) -> None:
+    """A trial that imports nothing and trains nothing: it only reports, `epochs` times."""
+    from ray import tune
+
+    for epoch in range(epochs):
+        tune.report({"val_loss": float(config["x"]) / (epoch + 1)})
+
+
+def tune_floor(points: int, epochs: int, storage: str) -> dict[str, Any]:
+    """Ray Tune's own cost on this machine: a grid of `points` report-only trials, as many at
+    once as Kiln's one-worker trials run (`trial_resources`), actors reused. Its time to the
+    first report is what any sweep pays before a trial's own code runs."""
+    from ray import tune
+
+    from tuning.tuner import trial_resources
+
+    resources, _ = trial_resources(1)
+    first: list[float] = []
+
+    class FirstReport(tune.Callback):
+        def on_trial_result(self, *_: Any, **__: Any) -> None:
+            if not first:
+                first.append(time.perf_counter())
+
+    started = time.perf_counter()
+    tune.Tuner(
+        tune.with_resources(tune.with_parameters(report_only, epochs=epochs), resources),
+        param_space={"x": tune.grid_search(list(range(1, points + 1)))},
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"floor-{uuid.uuid4().hex[:8]}",
+            storage_path=storage,
+            verbose=0,
+            callbacks=[FirstReport()],
+        ),
+    ).fit()
+    return {
+        "tune_floor_elapsed_s": time.perf_counter() - started,
+        "tune_floor_first_report_s": first[0] - started,
+    }
+
+
 def asha_vs_grid(args: argparse.Namespace, storage: str, out: Path) -> dict[str, Any]:
     source = SourceSpec(uri=args.grid_data, val_fraction=0.2)
     data = load_dataset(source, 1)
@@ -123,6 +168,7 @@ def asha_vs_grid(args: argparse.Namespace, storage: str, out: Path) -> dict[str,
         asha, asha_s, asha_start = sweep(SweepConfig(scheduler="asha", **common), context, storage)
     finally:
         data.release()
+    floor = tune_floor(len(full), args.epochs, storage)
     write_reports(full, "val_loss", "min", out / "grid")
     write_reports(asha, "val_loss", "min", out / "asha")
     full_best, asha_best = min(t.best for t in full), min(t.best for t in asha)
@@ -142,6 +188,7 @@ def asha_vs_grid(args: argparse.Namespace, storage: str, out: Path) -> dict[str,
         # The same ratio from each sweep's first report on: what the epochs ASHA skips save
         # once both sweeps are running (the sweeps' start is not a per-trial cost).
         "asha_wall_fraction_after_start": (asha_s - asha_start) / (full_s - full_start),
+        **floor,
         "heatmap": str(out / "grid" / "heatmap.png"),
     }
 
