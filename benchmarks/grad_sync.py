@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import ray  # noqa: E402
 
 from actors.shards import load_dataset  # noqa: E402
 from actors.sources import SourceSpec  # noqa: E402
+from benchmarks.train_throughput import steady_rows_per_s  # noqa: E402
 from cluster.pipeline import fit, make_spec  # noqa: E402
 from cluster.settings import Settings  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -40,8 +40,7 @@ def arm(data: Any, settings: Settings, **options: Any) -> tuple[float, float, st
     cfg = TrainConfig(model="mlp", hidden=[128, 64], batch_size=256, lr=1e-3, **options)
     name = f"bench-sync-{time.monotonic_ns()}"
     _, history = fit(cfg, make_spec(cfg, data.train), data, settings, name)
-    rates = [m["rows_per_s"] for m in history[1:] or history]
-    return statistics.median(rates), history[-1]["train_loss"], history[-1]["grad_sync"]
+    return steady_rows_per_s(history), history[-1]["train_loss"], history[-1]["grad_sync"]
 
 
 def main() -> None:

@@ -83,7 +83,7 @@ class SharedMemoryGradSync:
     def __init__(
         self, path: str, params: Iterable[nn.Parameter], rank: int, world_size: int, pids: list
     ) -> None:
-        self.params = [p for p in params if p.requires_grad]  # frozen ones have no gradient
+        self.params = list(params)
         self.rank, self.world_size, self.pids = rank, world_size, pids
         self.num_values = sum(p.numel() for p in self.params)
         size = slots_bytes(self.num_values, world_size)
@@ -197,8 +197,8 @@ def open_shared_grad_sync(
     rather than a SIGBUS mid-run) and removes its name once every rank has mapped it: nothing
     is left behind if a worker is killed.
     """
-    num_values = sum(p.numel() for p in params)
-    size = slots_bytes(num_values, world_size)
+    params = [p for p in params if p.requires_grad]  # frozen ones have no gradient to average
+    size = slots_bytes(sum(p.numel() for p in params), world_size)
     votes = torch.tensor([1 if eligible and shared_memory_usable(size) else 0])
     dist.all_reduce(votes, op=dist.ReduceOp.MIN)
     if not int(votes[0]):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 import time
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
 from training.config import TrainConfig
 from training.errors import KilnError
 from training.grad_sync import choose_grad_sync, open_shared_grad_sync, shared_memory_usable
@@ -42,12 +42,6 @@ def test_shared_memory_only_for_cpu_workers_of_one_node_on_equal_steps(
 def test_an_unknown_sync_is_refused_naming_the_choices():
     with pytest.raises(KilnError, match='Got "nccl" for --grad-sync. Choose one of: auto, ddp.'):
         TrainConfig(model="mlp", workers=2, grad_sync="nccl")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_params(seed: int) -> list[torch.nn.Parameter]:
