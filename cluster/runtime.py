@@ -240,10 +240,15 @@ def ray_session(settings: Settings, debug: bool = False) -> Iterator[None]:
 
 
 def registry_for(settings: Settings):  # noqa: ANN201 (a Ray actor handle)
-    """The Registry actor of this Ray instance (detached on a cluster so it outlives jobs)."""
-    return start_registry(
-        str(settings.registry_db), settings.storage_uri, detached=not settings.embedded
-    )
+    """The Registry actor of this Ray instance, detached on a cluster and on the embedded Ray.
+
+    Serve replicas, FeedbackStores and jobs find it by name, and a lookup by name does not
+    keep a non-detached actor alive: on the embedded Ray it died as soon as the command that
+    created it dropped its handle (`kiln serve` after deploying), and every keyed request
+    answered 503 once the replicas' key cache expired (issue 29). Detached, it lives as long
+    as the Ray it runs on; the embedded Ray's end (`stop_embedded`) ends it too.
+    """
+    return start_registry(str(settings.registry_db), settings.storage_uri, detached=True)
 
 
 @contextmanager

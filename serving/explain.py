@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import ray
 import torch
 from pydantic import (
     BaseModel,
@@ -55,6 +56,7 @@ from actors.catalog import VersionRecord
 from actors.registry import artifact_path, read_verified_files
 from actors.replica import ModelReplica
 from actors.storage import ArtifactStore
+from serving.errors import RETRY_AFTER_S, actor_failure
 from serving.schemas import INSTANCES_SCHEMA, RequestError
 from training.artifacts import model_from_files, sha256_hex
 from training.drift import REFERENCE_FILE
@@ -357,8 +359,6 @@ class WorkerExplainers(Explainers):
         outputs: np.ndarray,
         config: ExplainConfig,
     ) -> list[Explanation]:
-        import ray
-
         async with self.starting:  # two first requests start one worker
             if self.worker is None:
                 actor = ray.remote(num_cpus=0, max_restarts=1)(ExplainWorker)
@@ -371,9 +371,15 @@ class WorkerExplainers(Explainers):
                 if isinstance(cause, KilnError):
                     raise cause from None
                 raise
-            except ray.exceptions.RayActorError as exc:  # it died (memory?); Ray restarts it
+            except ray.exceptions.RayActorError as exc:  # it died (memory?)
                 logger.error("the explain worker failed: %s", exc)
-                raise RequestError(503, "the explainer is restarting; retry shortly") from exc
+                if isinstance(exc, ray.exceptions.ActorDiedError):
+                    self.worker = None  # its restarts are spent: the next request starts one
+                raise RequestError(
+                    503,
+                    "the explainer is restarting; send the same request again in a few seconds",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                ) from exc
 
 
 def check_finite(explanations: list[Explanation]) -> None:
@@ -404,7 +410,10 @@ def explainers_for(host: Any) -> Explainers:
             registry = host.registry
 
             async def storage_uri() -> str:
-                return str(await registry.get_storage_uri.remote())
+                try:
+                    return str(await registry.get_storage_uri.remote())
+                except ray.exceptions.RayError as exc:
+                    raise actor_failure(exc, "the model registry") from exc
 
             threads = max(1, int(host.args.num_cpus))
             found = WorkerExplainers(storage_uri, threads, MAX_WAITING)

@@ -29,6 +29,7 @@ from actors.catalog import VersionRecord
 from actors.feedback import feedback_stores
 from actors.keys import KeyCheck
 from actors.replica import SMALL_ROWS, ModelReplica
+from serving.errors import actor_failure
 from serving.inputs import rows_to_inputs
 from serving.jsonbody import shown
 from serving.metrics import ServingMetrics
@@ -334,8 +335,7 @@ class ModelHost:
         try:
             return await self.registry.verify_key.remote(secret)
         except ray.exceptions.RayError as exc:
-            logger.error("the registry could not check a key: %s", exc)
-            raise RequestError(503, "the key registry is unavailable; retry shortly") from exc
+            raise actor_failure(exc, "the key registry") from exc
 
     def replica_for(self, name: str, sticky_key: str | None = None) -> tuple[str, ModelReplica]:
         """The version that answers `name` (a sticky key keeps a caller on one side of a split)."""

@@ -93,9 +93,10 @@ class ErrorBody(BaseModel):
 class RequestError(ValueError):
     """A request Kiln cannot serve; it answers `status` with an `ErrorBody` (serving/errors.py)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 class V2ServerMetadata(BaseModel):

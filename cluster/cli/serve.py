@@ -158,8 +158,12 @@ def serve(
     if settings.embedded:
         check_refs(settings, models, backend)  # the SQLite catalog, before Ray or Serve start
     with connected(settings):
+        from cluster.runtime import registry_for
         from cluster.serving_control import deploy_models
 
+        # Held for the command's life as well as detached (cluster/runtime.py::registry_for):
+        # the replicas and FeedbackStores find the registry by name while this command serves.
+        registry = registry_for(settings)
         serve_args.pop("models")
         url = deploy_models(settings, models, key=key, **serve_args)
         console.print(
@@ -181,6 +185,7 @@ def serve(
                 time.sleep(3600)
         except KeyboardInterrupt:
             console.print("stopping")
+        del registry
 
 
 def slo_request(models: list[str], serve_args: dict[str, Any], **options: Any) -> SLO | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 from fastapi import HTTPException
 
 from actors.catalog import VersionRecord
@@ -26,6 +27,7 @@ from actors.keys import KeyCheck
 from actors.monitor import build_report, time_series
 from actors.sweeps import list_sweeps, read_sweep
 from serving.auth import BearerAuth
+from serving.errors import actor_failure
 from serving.explain import ExplainedVersion, check_finite, load_explained, read_reference
 from serving.schemas import RequestError
 from serving.variants import compare_rows
@@ -106,6 +108,8 @@ class Console:
             return await getattr(self.registry, method).remote(*args)
         except (NotFoundError, KilnError) as exc:
             raise registry_failure(exc) from exc
+        except ray.exceptions.RayError as exc:
+            raise actor_failure(exc, "the model registry") from exc
 
     async def storage_uri(self) -> str:
         if self._storage_uri is None:

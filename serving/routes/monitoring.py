@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 
 from actors.monitor import build_report, parse_window
 from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
-from serving.errors import ERROR_RESPONSES
+from serving.errors import ERROR_RESPONSES, actor_failure
 from serving.feedback import check_lengths, label_texts, send_feedback
 from serving.routes.models import read_json_body
 from serving.schemas import FeedbackRequest, FeedbackResponse
@@ -19,7 +19,8 @@ from serving.schemas import FeedbackRequest, FeedbackResponse
 router = APIRouter(tags=["monitoring"])
 
 STORE_TIMEOUT_S = 10.0
-"""How long a feedback request waits for the FeedbackStore (restarting after a crash, say)."""
+"""How long a feedback request waits for the FeedbackStore (restarting after a crash, say);
+past it the answer is 503 with Retry-After (serving.errors.actor_failure)."""
 
 
 def window_seconds(text: str) -> float:
@@ -72,12 +73,8 @@ async def feedback(
             STORE_TIMEOUT_S,
         )
     except (TimeoutError, ray.exceptions.RayError) as exc:
-        raise HTTPException(
-            503,
-            "the feedback store is restarting; send the same labels again in a few seconds "
-            "(a repeated label is harmless)",
-            headers={"Retry-After": "2"},
-        ) from exc
+        # A repeated label is harmless: a 503 with Retry-After invites sending the same again.
+        raise actor_failure(exc, "the feedback store") from exc
     if host.metrics is not None and answer["accepted"]:
         host.metrics.feedback.inc(answer["accepted"], {"model": replica.record.name})
     return answer
@@ -95,7 +92,10 @@ async def metrics(
     registry = host.registry
     if registry is None:  # a host built without Ray (route tests): nothing was logged
         raise HTTPException(409, "this server keeps no prediction log (it has no registry)")
-    records = {r.version: r for r in await registry.list_versions.remote(model)}
-    storage_uri = str(await registry.get_storage_uri.remote())
+    try:
+        records = {r.version: r for r in await registry.list_versions.remote(model)}
+        storage_uri = str(await registry.get_storage_uri.remote())
+    except ray.exceptions.RayError as exc:
+        raise actor_failure(exc, "the model registry") from exc
     # Reading Parquet and computing drift take milliseconds to seconds: off the event loop.
     return await asyncio.to_thread(build_report, storage_uri, model, records, seconds)
