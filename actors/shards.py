@@ -783,18 +783,26 @@ def attach_dataset(name: str) -> Dataset | None:
     return Dataset(name, sets["train"], sets["test"], sets.get("val"), owned=False)
 
 
+def describe_dataset(name: str) -> dict[str, list[dict[str, Any]]]:
+    """Each actor's `describe()` of a named dataset, by split in shard order ({}: none)."""
+    return {
+        split: ray.get([ray.get_actor(n, namespace=NAMESPACE).describe.remote() for n in actors])
+        for split, actors in find_dataset_actors(name).items()
+    }
+
+
 def list_datasets() -> list[dict[str, Any]]:
-    """Every named dataset with its URI, shards, rows and bytes per split."""
+    """Every named dataset with its URI, shards, rows and bytes per split (text datasets:
+    documents and tokens per split, `actors.text.text_dataset_summary`)."""
+    from actors.text import TEXT_SPLIT, text_dataset_summary  # actors.text imports this module
+
     names = {n.split(":")[1] for n in _dataset_actor_names()}
     out = []
     for name in sorted(names):
-        by_split = find_dataset_actors(name)
-        described: dict[str, list[dict[str, Any]]] = {
-            split: ray.get(
-                [ray.get_actor(n, namespace=NAMESPACE).describe.remote() for n in actors]
-            )
-            for split, actors in by_split.items()
-        }
+        described = describe_dataset(name)
+        if TEXT_SPLIT in described:
+            out.append(text_dataset_summary(name, described[TEXT_SPLIT]))
+            continue
         train = described.get("train", [])
         out.append(
             {

@@ -24,11 +24,20 @@ def request_flags(names: list[str], negatable: tuple[str, ...] = ()) -> frozense
     return frozenset(found | {"--no-" + n.replace("_", "-") for n in negatable})
 
 
+LM_TRAIN_OPTIONS = (
+    "size", "layers", "dim", "heads", "kv_heads", "block_size", "vocab_size", "tokenizer",
+    "text_field", "max_steps", "max_tokens", "max_minutes", "eval_every", "warmup_steps",
+    "weight_decay", "grad_clip", "strategy", "precision", "plot",
+)  # fmt: skip
+"""`kiln train --model lm`'s own options (cluster/cli/language.py declares them)."""
+
 SESSION = flags("--address --home --storage --json --resume")
 """Options of `kiln train` and `kiln tune` that pick the cluster and the output, not the run."""
 
 COMMAND_OPTIONS: dict[str, frozenset[str]] = {
-    "train": SESSION | request_flags(option_names(TrainRequest.from_options)),
+    "train": SESSION
+    | request_flags(option_names(TrainRequest.from_options))
+    | request_flags(list(LM_TRAIN_OPTIONS)),
     "tune": SESSION | request_flags(option_names(SweepRequest.from_options), negatable=("refit",)),
     "serve": flags(
         "--access-log --address --auth --backend --batch-wait-timeout-s --emit-config --home "

@@ -78,10 +78,15 @@ def version_row(
         "parent": version["lineage"].get("parent"),
         "compression": compression_label(version["lineage"].get("compression")),
         "pareto": None,
+        "tokens_per_s": version["metrics"].get("generate_tokens_per_s"),
     }
 
 
 def score_metric(spec: dict[str, Any]) -> str:
+    """The score a version is compared by: test accuracy, R², or a language model's held-out
+    perplexity (lower is better)."""
+    if spec.get("kind") == "lm":
+        return "perplexity"
     return "accuracy" if spec.get("task") == "classification" else "r2"
 
 

@@ -20,13 +20,21 @@ from training.models import KilnModel, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
+CONFIG_FILE = "config.json"
+"""A language model's Hugging Face config (its spec.json is the same dict plus Kiln's keys)."""
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def is_language_model(spec: dict[str, Any]) -> bool:
+    return spec.get("kind") == "lm"
+
+
 def model_to_files(model: KilnModel, spec: dict[str, Any]) -> dict[str, bytes]:
+    if is_language_model(spec):
+        return lm_to_files(model, spec)
     if is_quantized(spec):  # int8 layers as int8 tensors and their scales
         state = quantized_state(model)
     else:
@@ -45,6 +53,10 @@ def model_from_files(files: dict[str, bytes]) -> tuple[KilnModel, dict[str, Any]
         raise CorruptArtifactError(f"{SPEC_FILE} is missing or not valid JSON: {exc}") from exc
     try:
         state = load_safetensors(files[WEIGHTS_FILE])
+        if is_language_model(spec):
+            from training.lm import load_lm
+
+            return load_lm(spec, state), spec  # type: ignore[return-value]
         if is_quantized(spec):
             model = load_quantized(spec, state)
         else:
@@ -54,6 +66,20 @@ def model_from_files(files: dict[str, bytes]) -> tuple[KilnModel, dict[str, Any]
         raise CorruptArtifactError(f"{WEIGHTS_FILE} could not be loaded: {exc}") from exc
     model.eval()
     return model, spec
+
+
+def lm_to_files(model: Any, spec: dict[str, Any]) -> dict[str, bytes]:
+    """A language model as Hugging Face files beside Kiln's spec.json: model.safetensors with
+    Hugging Face key names (a tied lm_head left out) and config.json, so the version's folder
+    is one `transformers` opens (tokenizer files are added by whoever has the tokenizer)."""
+    from training.hf_io import export_tensors, hf_config
+
+    state = export_tensors(spec, model.state_dict())
+    return {
+        WEIGHTS_FILE: save_safetensors(state, metadata={"format": "pt"}),
+        SPEC_FILE: json.dumps(spec, sort_keys=True, indent=2).encode(),
+        CONFIG_FILE: json.dumps(hf_config(spec), sort_keys=True, indent=2).encode(),
+    }
 
 
 def verify_files(files: dict[str, bytes], checksums: dict[str, str]) -> None:

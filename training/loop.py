@@ -446,7 +446,9 @@ def train_func(config: dict[str, Any], teacher: nn.Module | None = None) -> None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_training_checkpoint(directory, state)
-    model, sync = prepare_for_sync(base_model, cfg, context, device)
+    model, sync = prepare_for_sync(
+        base_model, context, device, cfg.train.grad_sync, cfg.feed, cfg.train.bucket_cap_mb
+    )
     workers = worker_identity(len(x) if cfg.feed == "shards" else -1, device)
     # Under DDP every rank takes the same number of steps (its rows in near-equal batches),
     # so no rank waits at a collective the others never reach, and no Join is needed.
@@ -495,7 +497,12 @@ def train_func(config: dict[str, Any], teacher: nn.Module | None = None) -> None
 
 
 def prepare_for_sync(
-    base_model: nn.Module, cfg: LoopConfig, context: Any, device: torch.device
+    base_model: nn.Module,
+    context: Any,
+    device: torch.device,
+    grad_sync: str = "auto",
+    feed: str = "shards",
+    bucket_cap_mb: float | None = None,
 ) -> tuple[nn.Module, SharedMemoryGradSync | None]:
     """The model to train and, where the workers share one node's memory, the gradient sync
     that replaces DDP's (training/grad_sync.py; DDP otherwise, and `--grad-sync ddp`)."""
@@ -503,7 +510,7 @@ def prepare_for_sync(
     sync = None
     if world_size > 1:
         mode = choose_grad_sync(
-            cfg.train.grad_sync, world_size, context.get_local_world_size(), device.type, cfg.feed
+            grad_sync, world_size, context.get_local_world_size(), device.type, feed
         )
         params = list(base_model.parameters())
         sync = open_shared_grad_sync(params, context.get_world_rank(), world_size, mode == "shm")
@@ -511,7 +518,7 @@ def prepare_for_sync(
         model = ray.train.torch.prepare_model(base_model, parallel_strategy=None)
         broadcast_from_rank0(model)
         return model, sync
-    ddp_kwargs = {"bucket_cap_mb": cfg.train.bucket_cap_mb} if cfg.train.bucket_cap_mb else {}
+    ddp_kwargs = {"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb else {}
     # DDP-wrapped when world_size > 1
     return ray.train.torch.prepare_model(base_model, parallel_strategy_kwargs=ddp_kwargs), None
 

@@ -19,15 +19,21 @@ from cluster.cli.common import (
     connected,
     console,
     load_settings,
+    open_client,
     output,
     preload,
 )
+from training.errors import KilnError
 
 
 @app.command()
 def export(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS to export.")],
-    format: Annotated[str, typer.Option(help="onnx (the one format Kiln exports).")] = "onnx",
+    format: Annotated[
+        str,
+        typer.Option(help="onnx, or hf for a language model (a folder transformers loads)."),
+    ] = "onnx",
+    out: Annotated[str | None, typer.Option(help="--format hf: the folder to write.")] = None,
     quantize: Annotated[
         str | None,
         typer.Option(
@@ -44,10 +50,14 @@ def export(
     storage: StorageOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """Export a registered version to ONNX, checked against torch on its test rows."""
+    """Export a registered version to ONNX, checked against torch on its test rows; a language
+    model to a Hugging Face folder (--format hf --out DIR)."""
     from cluster.exporting import ExportRequest
 
     started = time.perf_counter()
+    if format == "hf" or out is not None:
+        export_hf_folder(ref, format, out, quantize, as_json, address, home, storage, key)
+        return
     request = ExportRequest(ref=ref, format=format, quantize=quantize, data=data, key=key)
     settings = load_settings(address=address, home=home, storage=storage)
     if settings.embedded:
@@ -63,6 +73,31 @@ def export(
             )
     result = done.to_dict() | {"elapsed_s": round(time.perf_counter() - started, 3)}
     output(result, as_json, render_result)
+
+
+def export_hf_folder(
+    ref: str,
+    format: str,
+    out: str | None,
+    quantize: str | None,
+    as_json: bool,
+    address: str | None,
+    home: str | None,
+    storage: str | None,
+    key: str | None,
+) -> None:
+    """`kiln export REF --format hf --out DIR`: read from the catalog, no Ray started."""
+    from cluster.language import export_hf
+
+    if format != "hf":
+        raise KilnError(f"Got --out with --format {format}. --out is for --format hf.")
+    if not out:
+        raise KilnError("Give the folder to write with --out DIR (--format hf).")
+    if quantize:
+        raise KilnError("--quantize is for --format onnx; --format hf writes float32 weights.")
+    with open_client(address, home, storage, key) as client:
+        result = export_hf(client, ref, out)
+    output(result, as_json, lambda r: f"wrote {r['ref']} to {r['out']}: {', '.join(r['files'])}")
 
 
 def render_result(result: dict[str, Any]) -> str:

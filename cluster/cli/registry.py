@@ -131,11 +131,17 @@ def models_compare(
                 )
 
 
+def language_models(rows: list[dict[str, Any]]) -> bool:
+    """Whether the compared versions are language models (perplexity, generation tokens/s)."""
+    return bool(rows) and rows[0]["metric"] == "perplexity"
+
+
 def compare_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(
         "version",
         "aliases",
         rows[0]["metric"] if rows else "accuracy",
+        *(["tokens/s"] if language_models(rows) else []),
         "params",
         "bytes",
         "backend",
@@ -152,6 +158,7 @@ def compare_table(rows: list[dict[str, Any]]) -> Table:
             f"@{row['version']}",
             ", ".join(row["aliases"]),
             "" if row["score"] is None else f"{row['score']:.4f}",
+            *([f"{row['tokens_per_s'] or 0:.1f}"] if language_models(rows) else []),
             "" if row["parameters"] is None else f"{row['parameters']:,}",
             "" if row["artifact_bytes"] is None else f"{row['artifact_bytes']:,}",
             "\n".join(profiles) or "not profiled",

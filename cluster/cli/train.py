@@ -32,6 +32,29 @@ from cluster.cli.common import (
     print_column_notes,
     require_gpu,
 )
+from cluster.cli.language import (
+    LMBlockSizeOpt,
+    LMDimOpt,
+    LMEvalEveryOpt,
+    LMGradClipOpt,
+    LMHeadsOpt,
+    LMKvHeadsOpt,
+    LMLayersOpt,
+    LMMaxMinutesOpt,
+    LMMaxStepsOpt,
+    LMMaxTokensOpt,
+    LMPlotOpt,
+    LMPrecisionOpt,
+    LMSizeOpt,
+    LMStrategyOpt,
+    LMTextFieldOpt,
+    LMTokenizerOpt,
+    LMVocabSizeOpt,
+    LMWarmupOpt,
+    LMWeightDecayOpt,
+    given_lm_options,
+    train_language_model,
+)
 
 
 @app.command()
@@ -73,7 +96,9 @@ def train(
             "dataset name from `kiln data load`."
         ),
     ] = None,
-    model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
+    model: Annotated[
+        str, typer.Option(help="linear|ridge|logistic|mlp|cnn, or lm (a language model on text:)")
+    ] = "mlp",
     label: LabelOpt = None,
     features: FeaturesOpt = None,
     categorical: CategoricalOpt = None,
@@ -154,6 +179,25 @@ def train(
             "share (0.95) or a number of components (20)."
         ),
     ] = None,
+    size: LMSizeOpt = "tiny",
+    layers: LMLayersOpt = None,
+    dim: LMDimOpt = None,
+    heads: LMHeadsOpt = None,
+    kv_heads: LMKvHeadsOpt = None,
+    block_size: LMBlockSizeOpt = None,
+    vocab_size: LMVocabSizeOpt = 8192,
+    tokenizer: LMTokenizerOpt = None,
+    text_field: LMTextFieldOpt = None,
+    max_steps: LMMaxStepsOpt = None,
+    max_tokens: LMMaxTokensOpt = None,
+    max_minutes: LMMaxMinutesOpt = None,
+    eval_every: LMEvalEveryOpt = None,
+    warmup_steps: LMWarmupOpt = None,
+    weight_decay: LMWeightDecayOpt = 0.1,
+    grad_clip: LMGradClipOpt = 1.0,
+    strategy: LMStrategyOpt = "ddp",
+    precision: LMPrecisionOpt = "auto",
+    plot: LMPlotOpt = None,
     as_json: JsonOpt = False,
     address: AddressOpt = None,
     home: HomeOpt = None,
@@ -165,6 +209,9 @@ def train(
 
     started = time.perf_counter()
     settings = load_settings(address=address, home=home, storage=storage)
+    if model == "lm" or given_lm_options(locals()):
+        train_language_model(settings, locals(), as_json, started)
+        return
     request = command_request(
         "train", settings, locals(), TrainRequest.from_options, load_run_request
     )
@@ -273,7 +320,9 @@ def tune(
         str | None,
         typer.Option(help="Dataset URI or a dataset name from `kiln data load`."),
     ] = None,
-    model: Annotated[str, typer.Option(help="linear|ridge|logistic|mlp|cnn")] = "mlp",
+    model: Annotated[
+        str, typer.Option(help="linear|ridge|logistic|mlp|cnn, or lm (a language model on text:)")
+    ] = "mlp",
     label: LabelOpt = None,
     features: FeaturesOpt = None,
     categorical: CategoricalOpt = None,
