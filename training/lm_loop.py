@@ -198,8 +198,13 @@ def validation_sums(
 ) -> torch.Tensor:
     """[Σ token loss, tokens] over the held-out windows: all-reduced into exact perplexity."""
     sums = torch.zeros(2, dtype=torch.float64)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # no DDP collectives: ranks may hold different numbers of windows
     model.eval()
     for windows in batches:
+        if not len(windows):  # a placeholder: the forward still runs (FSDP's gathers)
+            model(torch.zeros((1, windows.shape[1] - 1), dtype=torch.int64, device=device))
+            continue
         tokens = torch.from_numpy(windows.astype(np.int64)).to(device)  # (B, T + 1)
         with autocast(bf16, device):
             logits = model(tokens[:, :-1])  # (B, T, V)
@@ -218,9 +223,13 @@ def any_rank(flag: bool) -> bool:
 
 
 def max_over_ranks(value: float) -> float:
+    return reduce_over_ranks(value, dist.ReduceOp.MAX)
+
+
+def reduce_over_ranks(value: float, op: Any) -> float:
     found = torch.tensor([value], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        dist.all_reduce(found, op=op)
     return float(found[0])
 
 
@@ -342,6 +351,12 @@ def lm_train_func(config: dict[str, Any]) -> None:
         world,
         shared,
     )
+    if train.strategy == "fsdp" and world > 1:
+        # Every FSDP forward gathers parameters from all ranks: each must run as many, so a
+        # rank with fewer held-out windows runs empty ones (counted as nothing).
+        most = int(max_over_ranks(len(val_batches)))
+        empty = np.zeros((0, block + 1), np.int64)
+        val_batches = val_batches + [empty] * (most - len(val_batches))
     rng = np.random.default_rng([train.seed, rank, 7])
 
     # 1. The model, from a checkpoint when Ray Train restarted the group.
