@@ -217,12 +217,21 @@ async def monitor_page(
     )
 
 
+def refuse_language_model(record: Any) -> None:
+    """409 for a language model: feature attributions are for models of table rows."""
+    if record.spec.get("kind") == "lm":
+        raise HTTPException(
+            409, f"{record.ref} is a language model; explanations are for tabular models"
+        )
+
+
 @router.get("/fragments/models/{name}/versions/{version}/explain")
 async def explain_page(
     name: str, version: int, console: ConsoleDep, secret: SecretDep
 ) -> HTMLResponse:
     await console.viewer_of(secret, name)
     record = await console.version(name, version)
+    refuse_language_model(record)
     space = FeatureSpace.from_spec(record.spec)
     return render(
         "explain.html",
@@ -280,6 +289,7 @@ async def explain_row(
 ) -> JSONResponse:
     await console.viewer_of(secret, name)
     record = await console.version(name, version)
+    refuse_language_model(record)
     try:
         config = ExplainConfig(method=body.method, n_steps=body.n_steps)
     except KilnError as exc:

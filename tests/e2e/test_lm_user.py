@@ -116,3 +116,51 @@ def test_pickle_only_folder_is_refused_by_name(trained, tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"not really")
     done = kiln(trained["env"], "models", "import", f"hf:{folder}")
     assert done.returncode == 2 and "pytorch_model.bin" in done.stderr, done.stderr
+
+
+def test_the_console_shows_a_language_model_version(trained, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from tests.e2e.kiln_process import KILN
+
+    port = free_port()
+    log = (tmp_path / "ui.log").open("w")
+    ui = subprocess.Popen(
+        [*KILN, "ui", "--no-auth", "--port", str(port)],
+        env=trained["env"],
+        cwd=trained["env"]["KILN_HOME"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/ui/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        for page in (
+            "/ui/fragments/models",
+            "/ui/fragments/models/pylm",
+            "/ui/fragments/models/pylm/versions/1",
+            "/ui/fragments/models/pylm/variants",
+        ):
+            shown = httpx.get(base + page, timeout=30)
+            assert shown.status_code == 200, f"{page}: {shown.text[:300]}"
+        version = httpx.get(f"{base}/ui/fragments/models/pylm/versions/1", timeout=30).text
+        assert "perplexity" in version and "explain a row" not in version
+        refused = httpx.get(f"{base}/ui/fragments/models/pylm/versions/1/explain", timeout=30)
+        assert refused.status_code == 409 and "language model" in refused.json()["error"]
+    finally:
+        ui.send_signal(signal.SIGINT)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            ui.kill()
