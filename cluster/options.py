@@ -44,6 +44,7 @@ COMMAND_OPTIONS: dict[str, frozenset[str]] = {
         "--host --key --max-batch-size --max-replicas --min-replicas --no-access-log --no-auth "
         "--num-cpus --num-gpus --num-replicas --port --rate-burst --rate-limit --storage "
         "--target-ongoing-requests --log-sample --log-retention-days"
+        " --lm-max-batch --kv-cache-tokens --max-waiting"
         # the SLO choice
         " --slo-p99-ms --min-accuracy --target-rps --http-overhead-ms --dry-run --no-dry-run"
     ),

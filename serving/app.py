@@ -27,7 +27,7 @@ from serving.console.data import Console, served_explainer
 from serving.dependencies import serving_replica
 from serving.errors import add_error_handlers
 from serving.host import ModelHost
-from serving.routes import explain, inference, models, monitoring
+from serving.routes import explain, inference, models, monitoring, openai
 from serving.schemas import AUTH_OFF_WARNING, LIVE_FIELDS, ServeArgs
 from training.errors import KilnError
 
@@ -49,6 +49,8 @@ api.include_router(models.router)
 api.include_router(inference.router)
 api.include_router(monitoring.router)
 api.include_router(explain.router)
+api.include_router(openai.router)
+api.add_exception_handler(openai.OpenAIError, openai.openai_error)
 api.include_router(console_routes.router)
 
 

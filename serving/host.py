@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,9 @@ class Served:
 
     replicas: dict[str, ModelReplica]
     router: Router
+    language: dict[str, Any] = field(default_factory=dict)
+    """Language-model versions (serving/language.py `LanguageReplica`), by `name@version`:
+    they answer the OpenAI routes, not predict."""
 
 
 @dataclass
@@ -185,13 +188,25 @@ def _number_array(instances: list[Any], num_features: int) -> np.ndarray | None:
     return array.astype(np.float32)
 
 
-def resolve_served(registry: Any, args: ServeArgs, loaded: dict[str, ModelReplica]) -> Served:
+def resolve_served(
+    registry: Any,
+    args: ServeArgs,
+    loaded: dict[str, ModelReplica],
+    loaded_language: dict[str, Any] | None = None,
+) -> Served:
     """Resolve every reference through the registry now and load what is not loaded yet."""
+    loaded_language = loaded_language or {}
     refs = list(args.models) + [c.ref for c in args.canary.values()]
     records: list[VersionRecord] = ray.get([registry.resolve.remote(ref) for ref in refs])
     storage_uri = str(ray.get(registry.get_storage_uri.remote()))
     replicas: dict[str, ModelReplica] = {}
+    language: dict[str, Any] = {}
     for record in records:
+        if record.spec.get("kind") == "lm":
+            language[record.ref] = loaded_language.get(record.ref) or load_language(
+                record, storage_uri, args
+            )
+            continue
         replicas[record.ref] = loaded.get(record.ref) or ModelReplica(
             record, storage_uri, args.gpu, args.backend, args.num_cpus
         )
@@ -212,7 +227,23 @@ def resolve_served(registry: Any, args: ServeArgs, loaded: dict[str, ModelReplic
             raise KilnError(f"canary for {name!r}, which is not among the served models")
         router.add(record.ref, "canary", default=False)
         router.split(name, record.ref, canary.weight)
-    return Served(replicas, router)
+    for ref, replica in loaded_language.items():
+        if ref not in language:
+            replica.close()  # no longer served: its engine thread ends
+    return Served(replicas, router, language)
+
+
+def load_language(record: VersionRecord, storage_uri: str, args: ServeArgs) -> Any:
+    """A language-model version with its continuous-batching engine (serving/language.py)."""
+    from serving.engine import EngineConfig
+    from serving.language import LanguageReplica
+
+    config = EngineConfig(
+        max_batch=args.lm_max_batch,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_waiting=args.lm_max_waiting,
+    )
+    return LanguageReplica(record, storage_uri, args.gpu, config, prometheus=args.metrics)
 
 
 def input_infos(replica: ModelReplica) -> list[InputInfo] | None:
@@ -267,7 +298,9 @@ class ModelHost:
         assignment, so requests in flight finish on the version they started with.
         """
         self.args = ServeArgs(**{**self.args.model_dump(), **user_config})
-        self.served = resolve_served(self.registry, self.args, self.served.replicas)
+        self.served = resolve_served(
+            self.registry, self.args, self.served.replicas, self.served.language
+        )
         self.limiter = RateLimiter(self.args.rate_limit_per_s, self.args.rate_limit_burst)
         batched: Any = self._forward_batch  # @serve.batch adds the setters
         batched.set_max_batch_size(self.args.max_batch_size)
@@ -322,6 +355,8 @@ class ModelHost:
         log's loop, so an idle replica reports its alive time (its cost) before any request."""
         for replica in self.served.replicas.values():
             replica.forward(np.zeros((1, replica.num_inputs), dtype=np.float32))
+        for language in self.served.language.values():
+            language.check_health()
         if self.log is not None:
             try:
                 self.log.start()
@@ -347,7 +382,26 @@ class ModelHost:
                 f"model {shown(name)} is not served here; served: "
                 f"{', '.join(served.router.served())}",
             )
+        if key in served.language:
+            raise RequestError(
+                400,
+                f"model {shown(name)} is a language model: use POST /v1/completions or "
+                "/v1/chat/completions",
+            )
         return key, served.replicas[key]
+
+    def language_for(self, name: str) -> Any:
+        """The language-model version that answers `name` (404 when none is served)."""
+        served = self.served
+        key = served.router.pick(name)
+        if key is None or key not in served.language:
+            found = sorted({r.record.name for r in served.language.values()})
+            raise RequestError(
+                404,
+                f"The model {shown(name)} does not exist here; served language models: "
+                f"{', '.join(found) or 'none'}",
+            )
+        return served.language[key]
 
     def info(self, key: str) -> ModelInfo:
         replica = self.served.replicas[key]

@@ -82,8 +82,24 @@ class ModelInfo(BaseModel):
     )
 
 
+class OpenAIModel(BaseModel):
+    """A served model as OpenAI's `GET /v1/models` lists it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kiln"
+
+
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    """Kiln's description of each served tabular version."""
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel] = Field(
+        default_factory=list,
+        description="OpenAI's shape: every served model name this key may use (language "
+        "models answer /v1/completions and /v1/chat/completions).",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -257,6 +273,21 @@ class ServeArgs(BaseModel):
         "x-kiln-session", description="Requests with the same value stay on one side of a split."
     )
     max_batch_size: int = Field(64, ge=1, le=4096)
+    lm_max_batch: int = Field(
+        32, ge=1, le=1024, description="Language models: sequences decoding together."
+    )
+    kv_cache_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Language models: KV-cache budget in tokens (default: every sequence's "
+        "full context, within 2 GiB).",
+    )
+    lm_max_waiting: int = Field(
+        64,
+        ge=0,
+        le=100_000,
+        description="Language models: requests that may wait for KV memory; past it, 429.",
+    )
     batch_wait_timeout_s: float = Field(
         0.0,
         ge=0,

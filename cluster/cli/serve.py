@@ -39,6 +39,16 @@ def serve(
     batch_wait_timeout_s: Annotated[
         float, typer.Option(help="Dynamic batching: wait for a batch.")
     ] = 0.0,
+    lm_max_batch: Annotated[
+        int, typer.Option(help="Language models: sequences decoding together (continuous batch).")
+    ] = 32,
+    kv_cache_tokens: Annotated[
+        int | None,
+        typer.Option(help="Language models: KV-cache budget in tokens (default: full contexts)."),
+    ] = None,
+    max_waiting: Annotated[
+        int, typer.Option(help="Language models: requests queued for KV memory; past it, 429.")
+    ] = 64,
     num_replicas: Annotated[int, typer.Option(help="Replicas without autoscaling.")] = 1,
     min_replicas: Annotated[
         int | None, typer.Option(help="Autoscaling floor (0 scales to zero).")
@@ -116,6 +126,9 @@ def serve(
         models=models,
         max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_timeout_s,
+        lm_max_batch=lm_max_batch,
+        kv_cache_tokens=kv_cache_tokens,
+        lm_max_waiting=max_waiting,
         num_replicas=num_replicas,
         min_replicas=min_replicas,
         max_replicas=max_replicas,

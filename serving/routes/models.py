@@ -14,7 +14,7 @@ from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
 from serving.errors import ERROR_RESPONSES
 from serving.host import logged_failures, parse_rows
 from serving.jsonbody import may_hold_booleans, parse_json
-from serving.schemas import ModelInfo, ModelList, PredictRequest, PredictResponse
+from serving.schemas import ModelInfo, ModelList, OpenAIModel, PredictRequest, PredictResponse
 
 router = APIRouter()
 
@@ -34,12 +34,21 @@ async def read_json_body(request: Request, max_body_bytes: int) -> tuple[Any, bo
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(host: HostDep, auth: AuthDep, credentials: BearerDep) -> ModelList:
     """The served versions this key may predict with (all of them when auth is off)."""
-    replicas = host.served.replicas
-    keys = sorted(replicas)
+    served = host.served
+    replicas = served.replicas
+    records = {k: r.record for k, r in {**replicas, **served.language}.items()}
+    allowed = set(records)
     if auth is not None:
         check = await auth.authenticate(credentials.credentials if credentials else None)
-        keys = [k for k in keys if check.allows("predict", replicas[k].record.name)]
-    return ModelList(models=[host.info(key) for key in keys])
+        allowed = {k for k, record in records.items() if check.allows("predict", record.name)}
+    data = {
+        records[k].name: OpenAIModel(id=records[k].name, created=int(records[k].created_at))
+        for k in sorted(allowed)
+    }
+    return ModelList(
+        models=[host.info(key) for key in sorted(allowed) if key in replicas],
+        data=list(data.values()),
+    )
 
 
 @router.get("/v1/models/{name}", response_model=ModelInfo, responses=ERROR_RESPONSES)
