@@ -555,7 +555,7 @@ def new_request_state(
             if request.seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(request.seed + index)
+                generator.manual_seed((request.seed + index) % 2**64)  # any int is a seed
         detokenizer = IncrementalDetokenizer(tokenizer, request.stop)
         state.sequences.append(SequenceState(state, index, detokenizer, generator))
     return state
@@ -1262,7 +1262,7 @@ class Engine:
         raise RuntimeError(f"The engine still had work after {max_steps} steps.")
 
     def fail_all(self, error: BaseException) -> None:
-        with self.lock:
+        with self.lock, torch.inference_mode():
             states = list(self.requests.values())
             for state in states:
                 for sequence in state.sequences:

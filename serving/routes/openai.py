@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.dependencies import AuthDep, HostDep
 from serving.engine import Delta, GenerationRequest, QueueFull, RequestHandle, TokenLogprob
 from serving.jsonbody import parse_json
 from serving.schemas import RequestError
@@ -269,12 +270,34 @@ def submit(replica: Any, request: GenerationRequest) -> RequestHandle:
 # ----------------------------------------------------------------------------- routes
 
 
-@router.post("/v1/completions", include_in_schema=True)
-async def completions(request: Request) -> Any:
-    """OpenAI's legacy completions: continue a prompt (text or token ids)."""
-    from serving.dependencies import get_auth, get_host
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
-    host, auth = await get_host(), await get_auth()
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorBody} for code in (400, 401, 403, 404, 413, 429, 503)
+}
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+@router.post("/v1/completions", responses=OPENAI_ERRORS, openapi_extra=body_schema(CompletionBody))
+async def completions(request: Request, host: HostDep, auth: AuthDep) -> Any:
+    """OpenAI's legacy completions: continue a prompt (text or token ids)."""
     body: CompletionBody = await read_body(request, CompletionBody, host.args.max_body_bytes)
     replica = await authorized_replica(host, auth, request, body.model)
     if body.echo:
@@ -294,12 +317,9 @@ async def completions(request: Request) -> Any:
     return await answered(request, handle, shape, replica)
 
 
-@router.post("/v1/chat/completions", include_in_schema=True)
-async def chat_completions(request: Request) -> Any:
+@router.post("/v1/chat/completions", responses=OPENAI_ERRORS, openapi_extra=body_schema(ChatBody))
+async def chat_completions(request: Request, host: HostDep, auth: AuthDep) -> Any:
     """OpenAI's chat completions: answer a conversation, rendered by the model's template."""
-    from serving.dependencies import get_auth, get_host
-
-    host, auth = await get_host(), await get_auth()
     body: ChatBody = await read_body(request, ChatBody, host.args.max_body_bytes)
     replica = await authorized_replica(host, auth, request, body.model)
     if not body.messages:
