@@ -106,7 +106,11 @@ def test_the_authorized_dependency_refuses_before_the_route_runs(host):
     headers = {"Authorization": f"Bearer {SECRET}"}
     denied = client.post("/v1/models/m:predict", json={"instances": ROWS}, headers=headers)
     assert denied.status_code == 403 and "lacks scope predict:m" in denied.json()["error"]
-    assert client.get("/v1/models", headers=headers).json() == {"models": [], "object": "list", "data": []}
+    assert client.get("/v1/models", headers=headers).json() == {
+        "models": [],
+        "object": "list",
+        "data": [],
+    }
     allowed = client_for(host, key_with("predict:m"))
     assert allowed.get("/v1/models/m", headers=headers).json()["aliases"] == ["production"]
     assert [m["name"] for m in allowed.get("/v1/models", headers=headers).json()["models"]] == ["m"]
