@@ -390,6 +390,10 @@ class ModelHost:
             )
         return key, served.replicas[key]
 
+    def serves_language_model(self, name: str) -> bool:
+        served = self.served
+        return served.router.pick(name) in served.language
+
     def language_for(self, name: str) -> Any:
         """The language-model version that answers `name` (404 when none is served)."""
         served = self.served

@@ -89,6 +89,7 @@ class LanguageStats:
             ttft, itl = np.array(self.ttft_s), np.array(self.itl_s)
             elapsed = max(time.monotonic() - self.started, 1e-9)
             found: dict[str, Any] = {
+                "alive_s": elapsed,
                 "requests": self.requests,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,

@@ -87,6 +87,8 @@ async def metrics(
     """Per served version over the window: traffic, latency, quality from feedback, drift,
     cost (actors/monitor.py)."""
     seconds = window_seconds(window)
+    if host.serves_language_model(name):
+        return language_report(host, name)
     _key, replica = host.replica_for(name)
     model = replica.record.name
     registry = host.registry
@@ -99,3 +101,30 @@ async def metrics(
         raise actor_failure(exc, "the model registry") from exc
     # Reading Parquet and computing drift take milliseconds to seconds: off the event loop.
     return await asyncio.to_thread(build_report, storage_uri, model, records, seconds)
+
+
+def language_report(host: HostDep, name: str) -> dict[str, Any]:
+    """A served language model's numbers on this replica (serving/language.py) and its cost
+    per 1,000 output tokens at this replica's CPUs and GPUs since it started."""
+    from actors.monitor import prices
+    from serving.host import assigned_gpus
+
+    replica = host.language_for(name)
+    report = replica.stats.report()
+    price = prices()
+    usd_per_s = (
+        host.args.num_cpus * price["cpu_hour"] + assigned_gpus() * price["gpu_hour"]
+    ) / 3600
+    alive_s = report.pop("alive_s")
+    tokens = report["completion_tokens"]
+    return {
+        "model": replica.record.name,
+        "version": replica.record.version,
+        "kind": "lm",
+        "scope": "this replica, since it started",
+        **report,
+        "cost": {
+            "usd": usd_per_s * alive_s,
+            "usd_per_1k_output_tokens": usd_per_s * alive_s / tokens * 1000 if tokens else None,
+        },
+    }

@@ -175,3 +175,24 @@ def test_the_queue_bound_answers_429(served, lm_home):
     for thread in threads:
         thread.join(timeout=180)
     assert 429 in answers and 200 in answers, answers
+
+
+def test_the_metrics_route_reports_the_language_model(served, lm_home):
+    headers = {"Authorization": f"Bearer {lm_home['keys']['all']}"}
+    body = {"model": "pylm", "prompt": "def ", "max_tokens": 6, "temperature": 0}
+    for _ in range(3):
+        assert (
+            httpx.post(f"{served.url}/v1/completions", json=body, headers=headers).status_code
+            == 200
+        )
+    report = httpx.get(f"{served.url}/v1/models/pylm/metrics", headers=headers, timeout=30)
+    assert report.status_code == 200, report.text
+    found = report.json()
+    assert found["kind"] == "lm" and found["requests"] >= 3
+    assert found["completion_tokens"] >= 3 and found["prompt_tokens"] >= 6
+    assert found["time_to_first_token_ms"]["p50"] > 0
+    assert found["cost"]["usd_per_1k_output_tokens"] > 0
+    refused = httpx.post(
+        f"{served.url}/v1/models/pylm:predict", json={"instances": [[1.0]]}, headers=headers
+    )
+    assert refused.status_code == 400 and "/v1/completions" in refused.json()["error"]
