@@ -356,6 +356,75 @@ class Kiln:
             raise KilnError(f"feedback for {name} refused ({answer.status_code}): {error}")
         return answer.json()  # type: ignore[no-any-return]
 
+    # ------------------------------------------------------------------ language models
+
+    def complete(
+        self, name: str, prompt: str, url: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """POST /v1/completions with this client's key: OpenAI's completion object.
+        `params` are OpenAI's (max_tokens, temperature, stop, n, seed, ...)."""
+        import httpx
+
+        answer = httpx.post(
+            f"{self._serving_url(url)}/v1/completions",
+            json={"model": name, "prompt": prompt, **params},
+            headers=self._key_header(),
+            timeout=300,
+        )
+        return openai_json(answer, name)
+
+    def chat(
+        self,
+        name: str,
+        messages: list[dict[str, Any]],
+        stream: bool = False,
+        url: str | None = None,
+        **params: Any,
+    ) -> Any:
+        """The assistant's answer to `messages` (POST /v1/chat/completions): its text, or with
+        `stream=True` an iterator of text pieces as the model writes them."""
+        body = {"model": name, "messages": messages, **params}
+        if stream:
+            return self._chat_stream(self._serving_url(url), name, body)
+        import httpx
+
+        answer = httpx.post(
+            f"{self._serving_url(url)}/v1/chat/completions",
+            json=body,
+            headers=self._key_header(),
+            timeout=300,
+        )
+        return openai_json(answer, name)["choices"][0]["message"]["content"]
+
+    def _chat_stream(self, base: str, name: str, body: dict[str, Any]) -> Iterator[str]:
+        import json
+
+        import httpx
+
+        with httpx.stream(
+            "POST",
+            f"{base}/v1/chat/completions",
+            json={**body, "stream": True},
+            headers=self._key_header(),
+            timeout=300,
+        ) as answer:
+            if answer.status_code != 200:
+                answer.read()
+                openai_json(answer, name)
+            for line in answer.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[6:]).get("choices", []):
+                    text = choice.get("delta", {}).get("content")
+                    if text:
+                        yield text
+
+    def _serving_url(self, url: str | None) -> str:
+        return url or f"http://{self.settings.kiln_http_host}:{self.settings.kiln_http_port}"
+
+    def _key_header(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
     def monitor(self, name: str, window: str = "1h") -> dict[str, Any]:
         """What `kiln monitor NAME --json` prints: per logged version, traffic, latency,
         quality from feedback, drift and cost over the window (actors/monitor.py)."""
@@ -436,6 +505,18 @@ class Kiln:
 
     def stop_job(self, job_id: str) -> bool:
         return bool(self.jobs.stop(job_id))
+
+
+def openai_json(answer: Any, name: str) -> dict[str, Any]:
+    """The body of a 200, or a KilnError with the OpenAI error's message."""
+    if answer.status_code == 200:
+        return answer.json()  # type: ignore[no-any-return]
+    try:
+        error = answer.json().get("error", {})
+        message = error.get("message", answer.text) if isinstance(error, dict) else error
+    except ValueError:
+        message = answer.text
+    raise KilnError(f"{name} refused the request ({answer.status_code}): {message}")
 
 
 def command_args(command: str, options: dict[str, Any]) -> list[str]:

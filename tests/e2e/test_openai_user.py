@@ -196,3 +196,21 @@ def test_the_metrics_route_reports_the_language_model(served, lm_home):
         f"{served.url}/v1/models/pylm:predict", json={"instances": [[1.0]]}, headers=headers
     )
     assert refused.status_code == 400 and "/v1/completions" in refused.json()["error"]
+
+
+def test_the_python_client_chats_and_streams(served, lm_home):
+    from cluster.client import Kiln
+    from training.errors import KilnError
+
+    kiln = Kiln(home=str(lm_home["home"]), key=lm_home["keys"]["all"], use_ray=False)
+    try:
+        messages = [{"role": "user", "content": "import json"}]
+        whole = kiln.chat("pylm", messages, url=served.url, max_tokens=10, temperature=0)
+        pieces = list(
+            kiln.chat("pylm", messages, stream=True, url=served.url, max_tokens=10, temperature=0)
+        )
+        assert "".join(pieces) == whole and len(pieces) >= 1
+        with pytest.raises(KilnError, match="nosuch refused the request \\(404\\)"):
+            kiln.chat("nosuch", messages, url=served.url)
+    finally:
+        kiln.close()
