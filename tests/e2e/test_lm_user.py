@@ -16,6 +16,8 @@ from tests.e2e.kiln_process import kiln, kiln_env, kiln_json
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS = f"text:{STDLIB}/json/*.py"
+
+pytestmark = pytest.mark.slow  # a model trained by `kiln train` first: about 2 minutes
 """About 60 KB of real Python: code, docstrings and comments."""
 
 

@@ -20,6 +20,8 @@ from tests.e2e.kiln_process import KilnServe, kiln_env, kiln_json
 
 openai = pytest.importorskip("openai")
 
+pytestmark = pytest.mark.slow  # a model trained by `kiln train` first: about 2 minutes
+
 CORPUS = f"text:{Path(sysconfig.get_paths()['stdlib'])}/json/*.py"
 
 

@@ -37,6 +37,7 @@ def run(corpus, settings, cfg: LMTrainConfig, steps: int, on_eval=None):
     return spec, result, history
 
 
+@pytest.mark.slow  # about 50 s
 def test_fsdp_shards_the_model_over_two_cpu_workers(corpus, settings_session):
     cfg = LMTrainConfig(workers=2, strategy="fsdp", block_size=32, batch_size=8, eval_every=10)
     spec, result, history = run(corpus, settings_session, cfg, 30)
