@@ -8,13 +8,21 @@ step in `lineage.compression` and the exact `name@N` it came from in `lineage.pa
 
 Distillation and the fine-tuning after pruning run through Ray Train over the shards, as
 `kiln train` does; each worker loads the teacher from the registry itself (`compress_loop`).
+
+A language model takes its own path (`compress_lm_and_register`): its `text:` corpus back in
+TextShardStores (same val_fraction and seed, as many stores as it trained with workers),
+tokenised in the stores with the version's own tokenizer.json, the held-out windows its final
+evaluation scored (`lm_held_out_windows`), then the int8 model scored on those windows beside
+the fp32 one, and registered with every tokenizer file of its parent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,7 +46,7 @@ from cluster.pipeline import (
 from cluster.references import reference_files
 from cluster.requests import unique_name
 from cluster.settings import Settings
-from training.artifacts import model_from_files
+from training.artifacts import model_from_files, model_to_files
 from training.checkpoints import state_tensors
 from training.compress import (
     check_distillation,
@@ -58,6 +66,16 @@ from training.models import KilnModel
 logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("int8",)
+LM_LINEAGE_FIELDS = ("dataset_uri", "dataset_name", "tokenizer_source", "train_config", "source")
+"""What an int8 language model inherits of its parent's lineage: the same corpus, tokenizer
+and training (the weights are the parent's, rounded)."""
+LM_METRIC_FIELDS = ("parameters", "context_length", "chat_template", "unigram_perplexity")
+DEFAULT_LM_VAL_FRACTION = 0.05
+"""`kiln train --model lm`'s --val-fraction default (its lineage does not record the value)."""
+DEFAULT_LM_EVAL_TOKENS = 65_536
+MAX_IMPORTED_EVAL_BLOCK = 1024
+"""Window of a model Kiln did not train (no training evaluation to repeat): long enough for
+perplexity to mean something, short enough for a small --data corpus to fill."""
 LINEAGE_DATA_FIELDS = (
     "dataset_uri",
     "dataset_sha256",
@@ -129,6 +147,8 @@ class CompressRequest:
     def check_against(self, record: VersionRecord) -> None:
         """What the version's spec rules out, said before any data loads."""
         spec = record.spec
+        if spec.get("kind") == "lm":
+            self.check_language_model(record)
         if self.quantize and is_quantized(spec):
             raise KilnError(
                 "this version is already quantised (int8): quantising it twice would only lose "
@@ -142,6 +162,24 @@ class CompressRequest:
                     f"--prune removes hidden units, and a {spec['kind']} model has none: nothing "
                     "to prune. Distil it into an MLP (--distill --student mlp:64) or quantise it."
                 )
+
+    def check_language_model(self, record: VersionRecord) -> None:
+        """A language model is quantised only, and needs text to score it on."""
+        if self.prune is not None or self.distill:
+            raise KilnError(
+                f"--prune and --distill are for tabular models; {record.ref} is a language "
+                "model: compress it with --quantize int8."
+            )
+        if is_quantized(record.spec):
+            return  # said below, as for any model
+        if self.data is not None:
+            if not (self.data.startswith("text:") or looks_like_dataset_name(self.data)):
+                raise KilnError(
+                    f'Got "{self.data}" for --data. A language model is scored on text: give a '
+                    "text: URI (text:~/corpus/**/*.py) or a dataset loaded with kiln data load."
+                )
+        elif not (record.lineage.get("dataset_uri") or record.lineage.get("dataset_name")):
+            raise no_corpus_error(record)
 
 
 @dataclass
@@ -333,6 +371,8 @@ def compress_and_register(
     step_to = on_step or (lambda _: None)
     parent: VersionRecord = ray.get(registry.resolve.remote(request.ref))
     request.check_against(parent)
+    if parent.spec.get("kind") == "lm":
+        return compress_lm_and_register(settings, request, registry, parent, step_to)
     model, spec = model_from_files(read_verified_files(settings.storage_uri, parent))
     parent_parameters = count_parameters(model)
     step_to("loading shards")
@@ -403,4 +443,183 @@ def variant_lineage(
         "train_config": next(
             (s["train_config"] for s in reversed(steps) if "train_config" in s), {}
         ),
+    }
+
+
+# ----------------------------------------------------------------------------- language models
+
+
+@dataclass(frozen=True)
+class HeldOutText:
+    """Where a language model's held-out text comes from and how its windows are cut."""
+
+    data: str
+    """A `text:` URI or the name of a loaded text dataset."""
+    val_fraction: float
+    seed: int
+    workers: int
+    """Stores to load, and the ranks whose evaluation windows are repeated."""
+    block_size: int
+    eval_tokens: int
+    trained_on: bool
+    """Whether the model trained on this corpus (else all of it is new to the model)."""
+
+
+def no_corpus_error(record: VersionRecord) -> KilnError:
+    return KilnError(
+        f"{record.ref} records no text corpus (an imported model) to measure the int8 model's "
+        "perplexity on: pass --data text:PATH."
+    )
+
+
+def held_out_text(parent: VersionRecord, data: str | None) -> HeldOutText:
+    """The corpus and split a version's final evaluation read (`--data` replaces the corpus)."""
+    from training.lm import context_length
+
+    lineage = parent.lineage
+    config = lineage.get("train_config") or {}
+    recorded = lineage.get("dataset_uri") or lineage.get("dataset_name")
+    source = data or recorded
+    if not source:
+        raise no_corpus_error(parent)
+    context = context_length(parent.spec)
+    return HeldOutText(
+        data=source,
+        val_fraction=float(lineage.get("val_fraction") or DEFAULT_LM_VAL_FRACTION),
+        seed=int(config.get("seed") or 0),
+        workers=max(1, int(config.get("workers") or 1)),
+        block_size=context if config else min(context, MAX_IMPORTED_EVAL_BLOCK),
+        eval_tokens=int(config.get("eval_tokens") or DEFAULT_LM_EVAL_TOKENS),
+        trained_on=bool(config) and source == recorded,
+    )
+
+
+def load_held_out_text(held_out: HeldOutText) -> Any:
+    """The corpus in TextShardStores: a named dataset, or the URI loaded with the version's
+    split (documents go to the validation split by a seeded hash of their text)."""
+    from actors.text import TextSourceSpec, attach_text_dataset, load_text_dataset
+
+    if looks_like_dataset_name(held_out.data):
+        found = attach_text_dataset(held_out.data)
+        if found is None:
+            raise KilnError(
+                f'No text dataset named "{held_out.data}" is loaded: load it with kiln data '
+                f"load, or pass --data text:PATH."
+            )
+        return found
+    source = TextSourceSpec(
+        uri=held_out.data, val_fraction=held_out.val_fraction, seed=held_out.seed
+    )
+    return load_text_dataset(source, held_out.workers)
+
+
+def lm_held_out_windows(dataset: Any, held_out: HeldOutText) -> tuple[Any, str]:
+    """The (N, block + 1) windows to score, and their split: the union of what every rank of
+    the version's training evaluated (training/lm_loop.py cuts them so), or, for a model that
+    never saw this corpus, the training documents too when the validation ones hold none."""
+    import numpy as np
+
+    from training.lm_loop import fetch_streams, my_shards, validation_batches
+
+    world, block = held_out.workers, held_out.block_size
+    for split in ("val", "train"):
+        windows = []
+        for rank in range(world):
+            shards, shared = my_shards(dataset.handles, rank, world)
+            per_rank = max(1, held_out.eval_tokens // block // (1 if shared else world))
+            streams = fetch_streams(shards, split)
+            windows += validation_batches(streams, block, per_rank, rank, world, shared)
+        if windows:
+            return np.concatenate(windows), split
+        if held_out.trained_on:
+            break  # its training documents would flatter it
+    raise KilnError(
+        f"The held-out text of {held_out.data} has no window of {block + 1} tokens to score "
+        "perplexity on: pass --data text:PATH with more text."
+    )
+
+
+def compress_lm_and_register(
+    settings: Settings,
+    request: CompressRequest,
+    registry: Any,
+    parent: VersionRecord,
+    step_to: StepFn,
+) -> Compressed:
+    """`kiln compress --quantize int8` of a language model (see the module docstring)."""
+    from actors.text import tokenize_dataset
+    from cluster.language import TOKENIZER_FILE, generation_speed
+    from training.lm import num_parameters
+    from training.lm_compress import perplexity_of, perplexity_step, quantize_lm
+
+    started = time.perf_counter()
+    files = read_verified_files(settings.storage_uri, parent)
+    if TOKENIZER_FILE not in files:
+        raise KilnError(f"{parent.ref} has no tokenizer.json: its held-out text cannot be scored")
+    model, spec = model_from_files(files)
+    held_out = held_out_text(parent, request.data)
+    step_to("loading text")
+    dataset = load_held_out_text(held_out)
+    try:
+        step_to("tokenising in the shards")
+        tokenize_dataset(dataset, files[TOKENIZER_FILE])
+        windows, split = lm_held_out_windows(dataset, held_out)
+    finally:
+        dataset.release()
+    step_to("quantising")
+    quantized, new_spec = quantize_lm(model, spec)
+    step_to(f"scoring {len(windows)} held-out windows")
+    before, after = perplexity_of(model, windows), perplexity_of(quantized, windows)
+    quantization = new_spec["quantization"]
+    step = {
+        **{k: v for k, v in quantization.items() if k != "layers"},
+        "int8_layers": len(quantization["layers"]),
+        "parameters": num_parameters(spec),
+        **perplexity_step(before, after, windows),
+        "eval_data": held_out.data,
+        "eval_split": split,
+        "generate_tokens_per_s_before": generation_speed(model, spec),
+        "generate_tokens_per_s_after": generation_speed(quantized, new_spec),
+    }
+    step_to("registering")
+    new_files = {**files, **model_to_files(quantized, new_spec)}  # every tokenizer file kept
+    metrics = lm_variant_metrics(parent.metrics, step)
+    lineage = {
+        **{k: parent.lineage.get(k) for k in LM_LINEAGE_FIELDS if k in parent.lineage},
+        "code_version": code_version(),
+        "parent": parent.ref,
+        "compression": [step],
+    }
+    record: VersionRecord = ray.get(
+        registry.register.remote(
+            request.register_as or parent.name,
+            new_files,
+            new_spec,
+            metrics,
+            lineage,
+            request_id=uuid.uuid4().hex,
+        )
+    )
+    return Compressed(
+        record=record,
+        parent=parent,
+        steps=[step],
+        metrics=metrics,
+        parent_metrics=parent.metrics,
+        parameters=step["parameters"],
+        parent_parameters=step["parameters"],
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def lm_variant_metrics(parent_metrics: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
+    """The int8 model's own held-out perplexity and decode speed, and what it shares with its
+    parent (size, context, the unigram floor); nothing of the parent's training run."""
+    after = float(step["perplexity_after"])
+    return {
+        **{k: parent_metrics[k] for k in LM_METRIC_FIELDS if k in parent_metrics},
+        "perplexity": after,
+        "val_loss": math.log(after),
+        "perplexity_change": step["perplexity_change"],
+        "generate_tokens_per_s": step["generate_tokens_per_s_after"],
     }

@@ -55,7 +55,10 @@ def model_from_files(files: dict[str, bytes]) -> tuple[KilnModel, dict[str, Any]
         state = load_safetensors(files[WEIGHTS_FILE])
         if is_language_model(spec):
             from training.lm import load_lm
+            from training.lm_compress import load_quantized_lm
 
+            if is_quantized(spec):  # int8 layers: int8 weights and their scales
+                return load_quantized_lm(spec, state), spec  # type: ignore[return-value]
             return load_lm(spec, state), spec  # type: ignore[return-value]
         if is_quantized(spec):
             model = load_quantized(spec, state)
@@ -71,10 +74,15 @@ def model_from_files(files: dict[str, bytes]) -> tuple[KilnModel, dict[str, Any]
 def lm_to_files(model: Any, spec: dict[str, Any]) -> dict[str, bytes]:
     """A language model as Hugging Face files beside Kiln's spec.json: model.safetensors with
     Hugging Face key names (a tied lm_head left out) and config.json, so the version's folder
-    is one `transformers` opens (tokenizer files are added by whoever has the tokenizer)."""
+    is one `transformers` opens (tokenizer files are added by whoever has the tokenizer). An
+    int8 model keeps the names, its Linear weights int8 beside their `.weight_scale`."""
     from training.hf_io import export_tensors, hf_config
+    from training.lm_compress import quantized_lm_state
 
-    state = export_tensors(spec, model.state_dict())
+    if is_quantized(spec):
+        state = quantized_lm_state(model, spec)
+    else:
+        state = export_tensors(spec, model.state_dict())
     return {
         WEIGHTS_FILE: save_safetensors(state, metadata={"format": "pt"}),
         SPEC_FILE: json.dumps(spec, sort_keys=True, indent=2).encode(),

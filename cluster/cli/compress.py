@@ -1,5 +1,6 @@
 """`kiln compress`: a registered version made smaller and faster (distil → prune → quantise),
-registered as a new version of the same model with its parent and steps in its lineage."""
+registered as a new version of the same model with its parent and steps in its lineage. A
+language model is quantised only (int8), and scored by its held-out perplexity."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ from cluster.cli.common import (
 def compress(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS to compress.")],
     quantize: Annotated[
-        str | None, typer.Option(help="int8: dynamic int8 quantisation of the Linear layers.")
+        str | None,
+        typer.Option(
+            help="int8: dynamic int8 quantisation of the Linear layers (language models too)."
+        ),
     ] = None,
     prune: Annotated[
         float | None,
@@ -54,7 +58,10 @@ def compress(
     ] = None,
     data: Annotated[
         str | None,
-        typer.Option(help="Training data (default: the dataset in the version's lineage)."),
+        typer.Option(
+            help="Training data (default: the dataset in the version's lineage); for a language "
+            "model, the text:URI its held-out perplexity is measured on."
+        ),
     ] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers for --distill/--prune.")] = 2,
     register_as: Annotated[
@@ -112,6 +119,8 @@ def compress(
 
 
 def render_result(result: dict[str, Any]) -> Table:
+    if "perplexity" in result["metrics"]:
+        return render_lm_result(result)
     headline = "accuracy" if "accuracy" in result["metrics"] else "r2"
     table = Table(
         title=f"kiln compress: {result['model']}@{result['version']} from {result['parent']}",
@@ -126,6 +135,31 @@ def render_result(result: dict[str, Any]) -> Table:
     )
     for step in result["steps"]:
         table.add_row(describe(step), f"{step['parameters']:,}", fmt(step.get(f"test_{headline}")))
+    return table
+
+
+def render_lm_result(result: dict[str, Any]) -> Table:
+    """A language model's int8 step: held-out perplexity and decode speed, before and after,
+    both measured now on the same windows and the same machine."""
+    table = Table(
+        title=f"kiln compress: {result['model']}@{result['version']} from {result['parent']}",
+        title_justify="left",
+    )
+    for column in ("step", "parameters", "perplexity", "generate tokens/s"):
+        table.add_column(column)
+    for step in result["steps"]:
+        table.add_row(
+            result["parent"],
+            f"{result['parent_parameters']:,}",
+            fmt(step["perplexity_before"]),
+            f"{step['generate_tokens_per_s_before']:.1f}",
+        )
+        table.add_row(
+            f"{describe(step)} ({step['perplexity_change']:+.2%} perplexity)",
+            f"{step['parameters']:,}",
+            fmt(step["perplexity_after"]),
+            f"{step['generate_tokens_per_s_after']:.1f}",
+        )
     return table
 
 

@@ -23,8 +23,9 @@ FEATURES = ["age", "income", "city", "plan"]
 def cli_defaults() -> dict[str, Any]:
     """`kiln train`'s options at their defaults, as a user who types none gets them."""
     from cluster.cli.train import train
+    from cluster.options import LM_TRAIN_OPTIONS
 
-    skip = {"resume", "as_json", "address", "home", "storage"}
+    skip = {"resume", "as_json", "address", "home", "storage", *LM_TRAIN_OPTIONS}
     return {
         name: parameter.default
         for name, parameter in inspect.signature(train).parameters.items()
