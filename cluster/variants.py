@@ -24,7 +24,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import ray
 from safetensors.torch import save as save_safetensors
@@ -556,7 +556,7 @@ def compress_lm_and_register(
     files = read_verified_files(settings.storage_uri, parent)
     if TOKENIZER_FILE not in files:
         raise KilnError(f"{parent.ref} has no tokenizer.json: its held-out text cannot be scored")
-    model, spec = model_from_files(files)
+    model, spec = cast(tuple[Any, dict[str, Any]], model_from_files(files))  # a CausalLM
     held_out = held_out_text(parent, request.data)
     step_to("loading text")
     dataset = load_held_out_text(held_out)
@@ -582,7 +582,7 @@ def compress_lm_and_register(
         "generate_tokens_per_s_after": generation_speed(quantized, new_spec),
     }
     step_to("registering")
-    new_files = {**files, **model_to_files(quantized, new_spec)}  # every tokenizer file kept
+    new_files = {**files, **model_to_files(cast(Any, quantized), new_spec)}  # tokenizer files kept
     metrics = lm_variant_metrics(parent.metrics, step)
     lineage = {
         **{k: parent.lineage.get(k) for k in LM_LINEAGE_FIELDS if k in parent.lineage},
