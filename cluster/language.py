@@ -147,7 +147,15 @@ def export_hf(client: Any, ref: str, out_dir: str) -> dict[str, Any]:
     """Write a language-model version as a folder `transformers` loads unchanged."""
     from training.hf_io import write_hf_folder
 
+    from training.compress import is_quantized
+
     loaded = load_version_lm(client, ref)
+    if is_quantized(loaded.spec):
+        parent = loaded.record.lineage.get("parent") or "its fp32 parent"
+        raise KilnError(
+            f"{loaded.record.ref} is an int8 variant; --format hf writes float32 weights: "
+            f"export {parent} instead"
+        )
     folder = write_hf_folder(
         loaded.spec,
         loaded.model.state_dict(),

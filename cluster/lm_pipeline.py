@@ -328,6 +328,8 @@ def train_lm_and_register(
             "val_tokens": counts["val"],
             "tokens_seen": metrics["tokens_seen"],
             "tokenizer_source": tokenizer_source,
+            "val_fraction": request.val_fraction,
+            "text_field": request.text_field,
             "train_config": cfg.to_dict(),
             "run_name": request.run_name,
             "solver": "adamw",
