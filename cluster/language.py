@@ -145,9 +145,8 @@ def load_version_lm(client: Any, ref: str) -> LoadedLM:
 
 def export_hf(client: Any, ref: str, out_dir: str) -> dict[str, Any]:
     """Write a language-model version as a folder `transformers` loads unchanged."""
-    from training.hf_io import write_hf_folder
-
     from training.compress import is_quantized
+    from training.hf_io import write_hf_folder
 
     loaded = load_version_lm(client, ref)
     if is_quantized(loaded.spec):
