@@ -183,10 +183,13 @@ def generate_text(
 
     from training.generate import check_prompt, generate
     from training.lm import context_length
+    from training.tokenizer import prompt_token_ids
 
     if max_tokens < 1:
         raise KilnError(f'Got "{max_tokens}" for --max-tokens. Use 1 or more.')
     loaded = load_version_lm(client, ref)
+    if not prompt:
+        raise KilnError("Got an empty --prompt. Give some text to continue.")
     prompt_ids = prompt_token_ids(loaded.spec, loaded.tokenizer, prompt)
     check_prompt(prompt_ids, context_length(loaded.spec))
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -212,16 +215,3 @@ def generate_text(
         "tokens_per_s": len(result.token_ids) / elapsed if elapsed > 0 else 0.0,
         "finish_reason": result.finish_reason,
     }
-
-
-PROMPT_PREFIX_KEY = "kiln_prompt_prefix"
-"""Spec key of the token ids a prompt follows: a model Kiln trained saw every document after
-the previous one's eos, so a prompt starts as a document does."""
-
-
-def prompt_token_ids(spec: dict[str, Any], tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt's tokens, after the spec's prompt prefix (none for an imported model)."""
-    if not prompt:
-        raise KilnError("Got an empty --prompt. Give some text to continue.")
-    ids = list(tokenizer.encode(prompt, add_special_tokens=False).ids)
-    return [int(t) for t in spec.get(PROMPT_PREFIX_KEY, [])] + ids

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -24,17 +22,17 @@ from typing import Any
 import numpy as np
 import ray
 from ray.util.queue import Queue
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord
 from actors.lineage import code_version
 from actors.registry import read_verified_files
-from cluster.language import PROMPT_PREFIX_KEY, generation_speed
-from cluster.pipeline import drain, storage_path
+from cluster.language import generation_speed
+from cluster.pipeline import fit_with_progress, run_config, scaling
 from cluster.settings import Settings
 from training.errors import KilnError
 from training.lm_config import LMTrainConfig
+from training.tokenizer import PROMPT_PREFIX_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -183,65 +181,28 @@ def fit_lm(
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Ray Train's TorchTrainer over `lm_train_func`; returns its result and rank 0's
     evaluations (streamed to `on_eval` as they come)."""
-    import ray.train
-
     from cluster.resources import worker_cpus
     from training.config import TrainConfig
     from training.lm_loop import lm_train_func
     from training.loop import KilnTorchTrainer
 
-    history: list[dict[str, Any]] = []
+    def make_trainer(progress: Queue) -> Any:
+        cpus = worker_cpus(TrainConfig(workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker))
+        return KilnTorchTrainer(
+            lm_train_func,
+            train_loop_config={
+                "train": {**cfg.to_dict(), "cpus_per_worker": cpus},
+                "spec": spec,
+                "shards": dataset.handles,
+                "total_steps": total_steps,
+                "progress": progress,
+                "init_weights": init_weights,
+            },
+            scaling_config=scaling(cfg.workers, cpus, cfg.gpu),
+            run_config=run_config(settings, run_name),
+        )
 
-    def record(metrics: dict[str, Any]) -> None:
-        history.append(metrics)
-        if on_eval is not None:
-            on_eval(metrics)
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-    cpus = worker_cpus(TrainConfig(workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker))
-    trainer = KilnTorchTrainer(
-        lm_train_func,
-        train_loop_config={
-            "train": {**cfg.to_dict(), "cpus_per_worker": cpus},
-            "spec": spec,
-            "shards": dataset.handles,
-            "total_steps": total_steps,
-            "progress": progress,
-            "init_weights": init_weights,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage_path(settings),
-            failure_config=ray.train.FailureConfig(max_failures=3),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # re-raised on the calling thread below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="kiln-lm-fit", daemon=True)
-    thread.start()
-    live = True
-    while thread.is_alive():
-        thread.join(timeout=0.2)
-        live = live and drain(progress, record)
-    if live and drain(progress, record):
-        ray.kill(progress.actor)  # type: ignore[arg-type]
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"], history
+    return fit_with_progress(make_trainer, on_eval)
 
 
 def final_model(checkpoint: Any, spec: dict[str, Any]) -> Any:
@@ -299,7 +260,7 @@ def train_lm_and_register(
         tokenizer_json, special_ids, tokenizer_source = corpus_tokenizer(
             settings, request, dataset, registry
         )
-        spec = model_spec(cfg, vocab_size(tokenizer_json), special_ids)
+        spec = model_spec(cfg, vocabulary_size(tokenizer_json), special_ids)
         step("tokenising in the shards")
         counts = tokenize_dataset(dataset, tokenizer_json)
         block = int(spec["max_position_embeddings"])
@@ -351,11 +312,3 @@ def train_lm_and_register(
         grad_sync=str(final.get("grad_sync", "none")),
         num_workers=int(final.get("num_workers", cfg.workers)),
     )
-
-
-def vocab_size(tokenizer_json: bytes) -> int:
-    return vocabulary_size(tokenizer_json)
-
-
-def perplexity_of(loss: float | None) -> float | None:
-    return None if loss is None else math.exp(min(loss, 50.0))

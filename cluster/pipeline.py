@@ -160,48 +160,80 @@ def fit(
     Epochs stream through a Ray queue to `on_epoch` while fit() blocks in a thread. A run name
     that exists under the storage path resumes that run (Ray Train V2's restore-by-name).
     """
-    import ray.train
 
     from training.loop import KilnTorchTrainer, train_func
 
+    def make_trainer(progress: Queue) -> Any:
+        cpus = worker_cpus(cfg)  # each worker's CPUs, and its torch threads
+        return KilnTorchTrainer(
+            loop or train_func,
+            train_loop_config={
+                "train": {**cfg.to_dict(), "cpus_per_worker": cpus},
+                "spec": spec,
+                "shards": data.train.handles,
+                "val_shards": data.val.handles if data.val else [],
+                "num_train_rows": data.train.num_rows,
+                "progress": progress,
+                **(extra_loop_config or {}),
+            },
+            scaling_config=scaling(cfg.workers, cpus, cfg.gpu),
+            run_config=run_config(settings, run_name),
+            datasets=datasets,
+        )
+
+    return fit_with_progress(make_trainer, on_epoch)
+
+
+def wants_gpu(gpu: str) -> bool:
+    """--gpu on, or auto on a cluster that has a GPU."""
+    return gpu == "on" or (gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+
+
+def scaling(workers: int, cpus: int, gpu: str) -> Any:
+    """Ray Train's scaling: `workers` workers of `cpus` CPUs, and a GPU each when wanted."""
+    import ray.train
+
+    use_gpu = wants_gpu(gpu)
+    return ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=use_gpu,
+        resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
+    )
+
+
+def run_config(settings: Settings, run_name: str) -> Any:
+    """Where a run checkpoints (a run name that exists there resumes it), up to 3 restarts."""
+    import ray.train
+
+    return ray.train.RunConfig(
+        name=run_name,
+        storage_path=storage_path(settings),
+        failure_config=ray.train.FailureConfig(max_failures=3),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+    )
+
+
+def fit_with_progress(
+    make_trainer: Callable[[Queue], Any], on_report: ProgressFn | None
+) -> tuple[ray.train.Result, list[dict[str, Any]]]:
+    """Run the trainer `make_trainer` builds around a progress queue; returns its result and
+    every report rank 0 put on the queue (each handed to `on_report` as it comes).
+
+    The reports stream through a Ray queue while fit() blocks in a thread.
+    """
     history: list[dict[str, Any]] = []
 
     def record(metrics: dict[str, Any]) -> None:
         history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(metrics)
+        if on_report is not None:
+            on_report(metrics)
 
     # On the driver's node: losing another node must not take the progress stream with it.
     # Hard affinity: a soft one put this 0-CPU actor on another node 2 times in 2 (RAY_NOTES),
     # and the driver's node lives as long as the driver does.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    use_gpu = cfg.gpu == "on" or (cfg.gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-    cpus = worker_cpus(cfg)  # each worker's CPUs, and its torch threads
-    trainer = KilnTorchTrainer(
-        loop or train_func,
-        train_loop_config={
-            "train": {**cfg.to_dict(), "cpus_per_worker": cpus},
-            "spec": spec,
-            "shards": data.train.handles,
-            "val_shards": data.val.handles if data.val else [],
-            "num_train_rows": data.train.num_rows,
-            "progress": progress,
-            **(extra_loop_config or {}),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage_path(settings),
-            failure_config=ray.train.FailureConfig(max_failures=3),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=datasets,
-    )
+    trainer = make_trainer(progress)
     outcome: dict[str, Any] = {}
 
     def run() -> None:

@@ -30,6 +30,7 @@ from actors.registry import read_verified_files
 from serving.engine import Engine, EngineConfig, EngineStats, RequestMetrics
 from training.artifacts import model_from_files
 from training.errors import KilnError
+from training.tokenizer import prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 """Kiln's chat format for a model without a template of its own (docs/openai.md)."""
-PROMPT_PREFIX_KEY = "kiln_prompt_prefix"
 RECENT_REQUESTS = 1000
 """Requests the latency percentiles are taken over."""
-ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 class LanguageStats:
@@ -220,8 +219,7 @@ class LanguageReplica:
         """A text prompt's tokens after the model's prompt prefix; token ids as they are."""
         if isinstance(prompt, list):
             return [int(t) for t in prompt]
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        return [int(t) for t in self.spec.get(PROMPT_PREFIX_KEY, [])] + list(ids)
+        return prompt_token_ids(self.spec, self.tokenizer, prompt)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         """The messages rendered by the version's chat template (Jinja2's sandbox)."""

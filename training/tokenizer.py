@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -96,3 +97,15 @@ def tokenizer_from_bytes(data: bytes) -> Tokenizer:
         return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as error:  # tokenizers raises a bare Exception for a malformed file
         raise KilnError(f"The tokenizer.json cannot be read ({error}): re-save it.") from error
+
+
+PROMPT_PREFIX_KEY = "kiln_prompt_prefix"
+"""Spec key of the token ids a prompt follows: a model Kiln trained saw every document after
+the previous one's eos, so a prompt starts as a document does (an imported model has none)."""
+
+
+def prompt_token_ids(spec: dict[str, Any], tokenizer: Any, prompt: str) -> list[int]:
+    """A text prompt's tokens after the spec's prompt prefix: what `kiln generate` and the
+    OpenAI routes feed the model."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    return [int(t) for t in spec.get(PROMPT_PREFIX_KEY, [])] + [int(t) for t in ids]

@@ -39,11 +39,11 @@ from serving.engine import (  # noqa: E402
     pick_device,
 )
 from tests.conftest import wait_for  # noqa: E402
-from tests.training.test_hf_io import VOCAB_SIZE, corpus  # noqa: E402
+from tests.training.test_hf_io import VOCAB_SIZE, corpus, train_tiny_lm  # noqa: E402
 from training.errors import KilnError  # noqa: E402
 from training.generate import generate, keep_top_k, keep_top_p  # noqa: E402
 from training.lm import CausalLM, build_lm, lm_spec  # noqa: E402
-from training.tokenizer import encode_documents, train_bpe  # noqa: E402
+from training.tokenizer import train_bpe  # noqa: E402
 
 CONTEXT = 64
 Model = tuple[CausalLM, dict[str, Any], Tokenizer]
@@ -57,21 +57,8 @@ def tokenizer() -> Tokenizer:
 @pytest.fixture(scope="module")
 def trained(tokenizer: Tokenizer) -> Model:
     """A tiny Llama trained 40 steps on repetitive text (as tests/training/test_generate.py)."""
-    texts = corpus()
-    spec = lm_spec("tiny", vocab_size=VOCAB_SIZE, block_size=CONTEXT, layers=2, dim=64)
-    torch.manual_seed(0)
-    model = build_lm(spec)
-    stream = torch.from_numpy(encode_documents(tokenizer, texts)).long()
-    windows = stream[: len(stream) // 16 * 16].view(-1, 16)  # (N, 16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(40):
-        batch = windows[(step * 32) % (len(windows) - 32) :][:32]  # (B, T)
-        logits = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), spec, tokenizer
+    model, spec = train_tiny_lm(tokenizer, CONTEXT)
+    return model, spec, tokenizer
 
 
 def bigram(tokenizer: Tokenizer, successor: dict[int, int]) -> tuple[CausalLM, dict[str, Any]]:

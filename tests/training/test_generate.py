@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import PreTrainedModel  # noqa: E402
 
-from tests.training.test_hf_io import VOCAB_SIZE, corpus, hf_model  # noqa: E402
+from tests.training.test_hf_io import VOCAB_SIZE, corpus, hf_model, train_tiny_lm  # noqa: E402
 from training.errors import KilnError  # noqa: E402
 from training.generate import (  # noqa: E402
     SamplingParams,
@@ -26,8 +26,8 @@ from training.generate import (  # noqa: E402
     sample_next,
 )
 from training.hf_io import read_hf_folder  # noqa: E402
-from training.lm import CausalLM, build_lm, lm_spec, load_lm  # noqa: E402
-from training.tokenizer import EOS_ID, encode_documents, train_bpe  # noqa: E402
+from training.lm import CausalLM, load_lm  # noqa: E402
+from training.tokenizer import EOS_ID, train_bpe  # noqa: E402
 
 NEW_TOKENS = 20
 PROMPTS = [[5, 17, 42], [7] * 11, list(range(30, 55))]
@@ -96,22 +96,9 @@ def test_the_eos_of_the_spec_stops_by_default(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained() -> tuple[CausalLM, dict, Tokenizer]:
     """A tiny Kiln model trained a few dozen steps on repetitive text, and its tokenizer."""
-    texts = corpus()
-    tokenizer = train_bpe(texts, vocab_size=VOCAB_SIZE)
-    spec = lm_spec("tiny", vocab_size=VOCAB_SIZE, block_size=64, layers=2, dim=64)
-    torch.manual_seed(0)
-    model = build_lm(spec)
-    stream = torch.from_numpy(encode_documents(tokenizer, texts)).long()
-    windows = stream[: len(stream) // 16 * 16].view(-1, 16)  # (N, 16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(40):
-        batch = windows[(step * 32) % (len(windows) - 32) :][:32]  # (B, T)
-        logits = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), spec, tokenizer
+    tokenizer = train_bpe(corpus(), vocab_size=VOCAB_SIZE)
+    model, spec = train_tiny_lm(tokenizer)
+    return model, spec, tokenizer
 
 
 def test_stop_strings_never_reach_the_text(trained: tuple[CausalLM, dict, Tokenizer]) -> None:

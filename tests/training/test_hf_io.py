@@ -211,6 +211,27 @@ def corpus() -> list[str]:
     return [" ".join(words[i] for i in row) + "." for row in picks]
 
 
+def train_tiny_lm(tokenizer: Any, context: int = 64) -> tuple[Any, dict[str, Any]]:
+    """A 2-layer Llama trained 40 steps on `corpus()`: logits far from flat ties, so greedy
+    decoding is a stable thing to compare."""
+    from training.tokenizer import encode_documents
+
+    spec = lm_spec("tiny", vocab_size=VOCAB_SIZE, block_size=context, layers=2, dim=64)
+    torch.manual_seed(0)
+    model = build_lm(spec)
+    stream = torch.from_numpy(encode_documents(tokenizer, corpus())).long()
+    windows = stream[: len(stream) // 16 * 16].view(-1, 16)  # (N, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(40):
+        batch = windows[(step * 32) % (len(windows) - 32) :][:32]  # (B, T)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), spec
+
+
 def test_kiln_model_exports_to_transformers(tmp_path: Path) -> None:
     tokenizer = train_bpe(corpus(), vocab_size=VOCAB_SIZE)
     spec = lm_spec("tiny", vocab_size=VOCAB_SIZE, block_size=64)
