@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -337,3 +338,17 @@ def require_gpu() -> None:
 
     if ray.cluster_resources().get("GPU", 0) < 1:
         raise KilnError("Got --gpu on, but this Ray cluster has no GPU. Use --gpu auto or off.")
+
+
+def check_port(host: str, port: int) -> None:
+    """One line now rather than uvicorn's log after Ray has started."""
+    if not 1 <= port <= 65535:
+        raise KilnError(f'Got "{port}" for --port. Use a port between 1 and 65535.')
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise KilnError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port"
+            ) from exc

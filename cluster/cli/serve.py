@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,6 +18,7 @@ from cluster.cli.common import (
     PortOpt,
     StorageOpt,
     app,
+    check_port,
     connected,
     console,
     first_pydantic_error,
@@ -170,6 +172,8 @@ def serve(
         return
     if settings.embedded:
         check_refs(settings, models, backend)  # the SQLite catalog, before Ray or Serve start
+        # A busy port is one line now, not Serve's HAProxy failing after Ray has started.
+        check_port(settings.kiln_http_host, settings.kiln_http_port)
     with connected(settings):
         from cluster.runtime import registry_for
         from cluster.serving_control import deploy_models
@@ -193,12 +197,20 @@ def serve(
         if not settings.embedded:
             return
         console.print("Ctrl-C stops")
+        # SIGTERM (a service manager, `kill`, a container stop) stops it as Ctrl-C does: an
+        # orderly Serve and Ray shutdown, not a zombie raylet (RAY_NOTES). Background jobs of
+        # a non-interactive shell start with SIGINT ignored, so SIGTERM is their only stop.
+        signal.signal(signal.SIGTERM, interrupt)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             console.print("stopping")
         del registry
+
+
+def interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def slo_request(models: list[str], serve_args: dict[str, Any], **options: Any) -> SLO | None:

@@ -3,7 +3,6 @@ storage (or a cluster's, with --address), without deploying a model (serving/con
 
 from __future__ import annotations
 
-import socket
 from typing import Annotated
 
 import typer
@@ -13,27 +12,13 @@ from cluster.cli.common import (
     HomeOpt,
     StorageOpt,
     app,
+    check_port,
     connected,
     console,
     load_settings,
 )
-from training.errors import KilnError
 
 DEFAULT_PORT = 8080
-
-
-def check_port(host: str, port: int) -> None:
-    """One line now rather than uvicorn's log after Ray has started."""
-    if not 1 <= port <= 65535:
-        raise KilnError(f'Got "{port}" for --port. Use a port between 1 and 65535.')
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise KilnError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port"
-            ) from exc
 
 
 @app.command("ui")

@@ -150,6 +150,30 @@ def test_ctrl_c_leaves_no_ray_process(served):
     assert "stopping" in served.log()
 
 
+@pytest.mark.slow
+def test_sigterm_stops_serve_as_ctrl_c_does(served):
+    """A service manager's stop (SIGTERM) shuts Serve and Ray down in order."""
+    served.record_processes()
+    assert served.process is not None
+    served.process.terminate()
+    assert served.process.wait(timeout=60) == 0
+    assert served.survivors() == []
+    assert "stopping" in served.log()
+
+
+def test_a_busy_port_is_one_line_before_ray_starts(trained_home):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = kiln_env(trained_home["home"], busy.getsockname()[1])
+        done = kiln(env, "serve", "dgm")
+    assert done.returncode == 2
+    assert "cannot listen on 127.0.0.1" in done.stderr and "--port" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_bad_model_name_is_one_line_and_starts_nothing(trained_home):
     env = kiln_env(trained_home["home"], free_port())
     done = kiln(env, "serve", "nosuch")
