@@ -46,6 +46,7 @@ from actors.keys import (
     secret_matches,
 )
 from actors.lineage import normalize_lineage
+from actors.startup import wait_started
 from actors.storage import ArtifactStore
 from training.errors import KilnError
 
@@ -411,7 +412,15 @@ def start_registry(db_path: str, storage_uri: str, detached: bool = False) -> An
     }
     if detached:
         options["lifetime"] = "detached"
-    return Registry.options(**options).remote(db_path, storage_uri)  # type: ignore[attr-defined]
+    try:
+        return ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+    except ValueError:
+        pass  # none yet: created here, and its first start is waited for
+    registry = Registry.options(**options).remote(db_path, storage_uri)  # type: ignore[attr-defined]
+    # A registry that cannot start (its class does not import on the worker, the database
+    # cannot be opened) ends the command with one line, not retried calls forever.
+    wait_started([registry], "get_db_path")
+    return registry
 
 
 def read_verified_files(storage_uri: str, record: VersionRecord) -> dict[str, bytes]:

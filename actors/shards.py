@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.registry import NAMESPACE
 from actors.sources import ColumnPlan, SourceSpec, check_source, open_shard, task_of_labels
+from actors.startup import wait_started
 from training.data import (
     batch_categories,
     batch_features,
@@ -663,7 +664,8 @@ def respread(
             handles[i] = start_shard(
                 shard_set.source, shard_set.split, i, len(handles), targets[i], name, detached
             )
-        shard_set = gather_shard_set(shard_set.source, shard_set.split, handles)
+        wait_started([handles[i] for i in wrong], "loaded")
+        shard_set = gather_shard_set(shard_set.source, shard_set.split, handles, started=True)
     return shard_set
 
 
@@ -703,9 +705,15 @@ def reach_nodes(node_ids: list[str], timeout_s: float = 60.0) -> None:
         logger.info("could not reach every node before placing shards: %s", exc)
 
 
-def gather_shard_set(source: SourceSpec, split: str, handles: list[Any]) -> ShardSet:
-    """Wait for the actors and reduce their statistics into one ShardSet."""
-    found = ray.get([h.loaded.remote() for h in handles])
+def gather_shard_set(
+    source: SourceSpec, split: str, handles: list[Any], started: bool = False
+) -> ShardSet:
+    """Wait for the actors and reduce their statistics into one ShardSet. Actors just created
+    (not `started`) that cannot start end the wait with one line naming the cause."""
+    if started:
+        found = ray.get([h.loaded.remote() for h in handles])
+    else:
+        found = wait_started(handles, "loaded")
     errors = [error for _, error in found if error is not None]
     if errors:  # a bad table: said once, as the shard found it
         raise KilnError(errors[0])
@@ -779,7 +787,7 @@ def attach_dataset(name: str) -> Dataset | None:
     for split, actor_names in names.items():
         handles = [ray.get_actor(n, namespace=NAMESPACE) for n in actor_names]
         source = cast(SourceSpec, ray.get(handles[0].source_spec.remote()))
-        sets[split] = gather_shard_set(source, split, handles)
+        sets[split] = gather_shard_set(source, split, handles, started=True)
     return Dataset(name, sets["train"], sets["test"], sets.get("val"), owned=False)
 
 

@@ -45,6 +45,7 @@ from actors.shards import (
     shard_targets,
 )
 from actors.sources import shard_bounds
+from actors.startup import wait_started
 from training.errors import KilnError, check_options
 
 TEXT_SCHEME = "text:"
@@ -830,7 +831,7 @@ def load_text_dataset(
         raise no_text_error(spec, 0, 0)
     handles = start_text_stores(spec, parts, name, detached)
     try:
-        found = ray.get([h.loaded.remote() for h in handles])
+        found = wait_started(handles, "loaded")
     except BaseException:
         kill_stores(handles)
         raise
