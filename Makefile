@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: install browser demo test test-slow test-all test-fuzz lint bench clean
+.PHONY: install browser demo test test-slow test-all test-fuzz lint bench docs clean
 
 install: $(STAMP)
 
@@ -66,5 +66,11 @@ bench: install
 	$(BIN)/python benchmarks/explain_overhead.py
 	$(BIN)/python benchmarks/federated.py
 
+# The documentation site in ./site: docs/*.md with the CLI, Python and HTTP references generated
+# at build time (docs/mkdocs/hooks.py). --strict: a broken link, anchor or missing page fails.
+docs: install
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -f docs/mkdocs/mkdocs.yml
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
