@@ -6,6 +6,9 @@
     k.alias("digits-mlp", 3, "production")
     key = k.create_key(["predict:digits-mlp"], expires="30d")   # key["secret"] is shown once
 
+    k = Kiln(url="http://127.0.0.1:8000", key=KEY)   # a served app (cluster/http_client.py)
+    k.predict("digits-mlp", rows)       # also explain, feedback, metrics, complete, chat
+
     k = Kiln("http://127.0.0.1:8265")   # a cluster's Jobs API (after `ray dashboard ...`)
     job = k.submit_train(data="sklearn:iris", model="logistic", register="iris-lr")
     k.wait(job); k.job_result(job)      # the `kiln train --json` summary of the job
@@ -15,6 +18,11 @@ The CLI is a thin layer over this class, so both do exactly the same thing. With
 Registry actor. Otherwise the client runs the registry's own code (`RegistryService`)
 in-process on the SQLite file: SQLite's write lock serializes it with a Registry actor using
 the same file, and a catalog command needs no 5 s Ray start.
+
+`url` is a served app's HTTP address (`kiln serve`): `predict`, `explain`, `feedback`,
+`metrics`, `complete` and `chat` go there, with retries and one connection pool
+(cluster/http_client.py); `Kiln(url=...)` alone opens no catalog and starts no Ray. Without
+`url` those calls go to KILN_HTTP_HOST:KILN_HTTP_PORT.
 
 An http(s) address is a cluster's Jobs API: `submit_train`, `submit_tune` and `deploy` run the
 matching `kiln` command there as a Ray Job (cluster/jobs.py); registry calls then need a Ray
@@ -37,6 +45,7 @@ import ray
 from actors.catalog import VersionRecord, parse_model_ref, parse_version_ref, validate_name
 from actors.keys import parse_duration_s
 from actors.registry import RegistryService
+from cluster.http_client import RetryPolicy, ServingCalls
 from cluster.options import COMMAND_OPTIONS
 from cluster.settings import Settings
 from training.errors import KilnError
@@ -74,8 +83,9 @@ def iso_time(epoch_s: float | None) -> str | None:
     return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-class Kiln:
-    """Registry, keys and audit of one Kiln installation (embedded or on a Ray cluster)."""
+class Kiln(ServingCalls):
+    """Registry, keys and audit of one Kiln installation (embedded or on a Ray cluster), and
+    the HTTP client of its served app (`url`)."""
 
     def __init__(
         self,
@@ -87,10 +97,17 @@ class Kiln:
         use_ray: bool | None = None,
         jobs_address: str | None = None,
         token: str | None = None,
+        url: str | None = None,
+        timeout_s: float = 60.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         base = settings or Settings()
         self.jobs_address = jobs_address
         self.token = token
+        self.url = url.rstrip("/") if url is not None else None
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self._transports = {}
         if address is not None and address.startswith(("http://", "https://")):
             self.jobs_address, address = address, None
             use_ray = False if use_ray is None else use_ray
@@ -104,6 +121,8 @@ class Kiln:
         self._jobs: Any = None
         if self.jobs_address is not None and not use_ray:
             return  # a Jobs API client only: no catalog is opened on this machine
+        if url is not None and use_ray is None and address is None and home is None:
+            return  # a served app's client only: no catalog, no Ray
         if use_ray is None:
             use_ray = self.settings.ray_address is not None or ray.is_initialized()
         if not use_ray:
@@ -130,6 +149,7 @@ class Kiln:
         return self._registry is not None
 
     def close(self) -> None:
+        self._close_serving()
         if self._local is not None:
             self._local.close()
         if self._started_ray:
@@ -143,6 +163,12 @@ class Kiln:
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """One registry operation, in-process or on the Registry actor, with clean errors."""
+        if self._local is None and self._registry is None and self.jobs_address is None:
+            raise KilnError(
+                f"Kiln(url={self.url!r}) talks to a served app only; registry calls need the "
+                'catalog: Kiln(home=...) on this machine, or Kiln(address="auto") on a node '
+                "of the cluster (url= may be given as well)."
+            )
         if self._local is None and self._registry is None:
             raise KilnError(
                 f"Kiln({self.jobs_address!r}) talks to the Jobs API only; registry calls need "
@@ -333,98 +359,6 @@ class Kiln:
 
     # ------------------------------------------------------------------ monitoring
 
-    def feedback(
-        self, name: str, ids: list[str], labels: list[Any], url: str | None = None
-    ) -> dict[str, Any]:
-        """Labels for served predictions (POST /v1/models/NAME:feedback with this client's key);
-        returns {"accepted": n, "unknown_ids": [...]}. `url` defaults to KILN_HTTP_HOST:PORT."""
-        import httpx
-
-        base = url or f"http://{self.settings.kiln_http_host}:{self.settings.kiln_http_port}"
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        answer = httpx.post(
-            f"{base}/v1/models/{name}:feedback",
-            json={"ids": list(ids), "labels": list(labels)},
-            headers=headers,
-            timeout=60,
-        )
-        if answer.status_code != 200:
-            try:
-                error = answer.json().get("error", answer.text)
-            except ValueError:
-                error = answer.text
-            raise KilnError(f"feedback for {name} refused ({answer.status_code}): {error}")
-        return answer.json()  # type: ignore[no-any-return]
-
-    # ------------------------------------------------------------------ language models
-
-    def complete(
-        self, name: str, prompt: str, url: str | None = None, **params: Any
-    ) -> dict[str, Any]:
-        """POST /v1/completions with this client's key: OpenAI's completion object.
-        `params` are OpenAI's (max_tokens, temperature, stop, n, seed, ...)."""
-        import httpx
-
-        answer = httpx.post(
-            f"{self._serving_url(url)}/v1/completions",
-            json={"model": name, "prompt": prompt, **params},
-            headers=self._key_header(),
-            timeout=300,
-        )
-        return openai_json(answer, name)
-
-    def chat(
-        self,
-        name: str,
-        messages: list[dict[str, Any]],
-        stream: bool = False,
-        url: str | None = None,
-        **params: Any,
-    ) -> Any:
-        """The assistant's answer to `messages` (POST /v1/chat/completions): its text, or with
-        `stream=True` an iterator of text pieces as the model writes them."""
-        body = {"model": name, "messages": messages, **params}
-        if stream:
-            return self._chat_stream(self._serving_url(url), name, body)
-        import httpx
-
-        answer = httpx.post(
-            f"{self._serving_url(url)}/v1/chat/completions",
-            json=body,
-            headers=self._key_header(),
-            timeout=300,
-        )
-        return openai_json(answer, name)["choices"][0]["message"]["content"]
-
-    def _chat_stream(self, base: str, name: str, body: dict[str, Any]) -> Iterator[str]:
-        import json
-
-        import httpx
-
-        with httpx.stream(
-            "POST",
-            f"{base}/v1/chat/completions",
-            json={**body, "stream": True},
-            headers=self._key_header(),
-            timeout=300,
-        ) as answer:
-            if answer.status_code != 200:
-                answer.read()
-                openai_json(answer, name)
-            for line in answer.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                for choice in json.loads(line[6:]).get("choices", []):
-                    text = choice.get("delta", {}).get("content")
-                    if text:
-                        yield text
-
-    def _serving_url(self, url: str | None) -> str:
-        return url or f"http://{self.settings.kiln_http_host}:{self.settings.kiln_http_port}"
-
-    def _key_header(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
-
     def monitor(self, name: str, window: str = "1h") -> dict[str, Any]:
         """What `kiln monitor NAME --json` prints: per logged version, traffic, latency,
         quality from feedback, drift and cost over the window (actors/monitor.py)."""
@@ -505,18 +439,6 @@ class Kiln:
 
     def stop_job(self, job_id: str) -> bool:
         return bool(self.jobs.stop(job_id))
-
-
-def openai_json(answer: Any, name: str) -> dict[str, Any]:
-    """The body of a 200, or a KilnError with the OpenAI error's message."""
-    if answer.status_code == 200:
-        return answer.json()  # type: ignore[no-any-return]
-    try:
-        error = answer.json().get("error", {})
-        message = error.get("message", answer.text) if isinstance(error, dict) else error
-    except ValueError:
-        message = answer.text
-    raise KilnError(f"{name} refused the request ({answer.status_code}): {message}")
 
 
 def command_args(command: str, options: dict[str, Any]) -> list[str]:

@@ -108,6 +108,8 @@ class QueueFull(KilnError):
     """The engine's waiting queue is at `max_waiting`: the HTTP layer answers 429 with a
     Retry-After of `retry_after_s`."""
 
+    retry_after_s: float
+
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s

@@ -13,6 +13,11 @@ from typing import Any
 class KilnError(ValueError):
     """A mistake in user input or configuration, with a message that says how to fix it."""
 
+    http_status: int | None = None
+    """The HTTP status a served Kiln app answered with, when the Python client raised this."""
+    retry_after_s: float | None = None
+    """The server's `Retry-After`, in seconds, on a 429 or 503 the client gave up on."""
+
 
 class CorruptArtifactError(KilnError):
     """An artifact whose bytes do not match the checksum recorded in the catalog."""

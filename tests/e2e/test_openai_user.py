@@ -202,7 +202,7 @@ def test_the_metrics_route_reports_the_language_model(served, lm_home):
 
 def test_the_python_client_chats_and_streams(served, lm_home):
     from cluster.client import Kiln
-    from training.errors import KilnError
+    from cluster.errors import NotFoundError
 
     kiln = Kiln(home=str(lm_home["home"]), key=lm_home["keys"]["all"], use_ray=False)
     try:
@@ -212,7 +212,8 @@ def test_the_python_client_chats_and_streams(served, lm_home):
             kiln.chat("pylm", messages, stream=True, url=served.url, max_tokens=10, temperature=0)
         )
         assert "".join(pieces) == whole and len(pieces) >= 1
-        with pytest.raises(KilnError, match="nosuch refused the request \\(404\\)"):
+        with pytest.raises(NotFoundError, match="nosuch") as missing:
             kiln.chat("nosuch", messages, url=served.url)
+        assert missing.value.http_status == 404
     finally:
         kiln.close()
