@@ -76,6 +76,10 @@ CREATE TABLE IF NOT EXISTS profiles (
     PRIMARY KEY (name, version, backend),
     FOREIGN KEY (name, version) REFERENCES versions(name, version) ON DELETE CASCADE
 );
+CREATE TABLE IF NOT EXISTS key_uses (
+    id TEXT PRIMARY KEY,
+    last_used_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -581,6 +585,53 @@ class Catalog:
     def list_keys(self) -> list[KeyRow]:
         ids = [r[0] for r in self._db.execute("SELECT id FROM keys ORDER BY created_at, id")]
         return [row for row in map(self.get_key, ids) if row is not None]
+
+    def record_key_uses(self, uses: dict[str, float]) -> None:
+        """Key id -> the latest time a replica saw it used; an older report never wins.
+        Reported in batches by the replicas (serving/auth.py), not audited: it is no change."""
+        with self.transaction():
+            self._db.executemany(
+                "INSERT INTO key_uses VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "last_used_at = max(last_used_at, excluded.last_used_at)",
+                [(key_id, float(at)) for key_id, at in uses.items()],
+            )
+
+    def key_last_uses(self) -> dict[str, float]:
+        return dict(self._db.execute("SELECT id, last_used_at FROM key_uses").fetchall())
+
+    def rotate_key(self, old_id: str, new: KeyRow, grace_s: float, actor: str) -> KeyRow:
+        """Insert `new` (the old key's scopes) and end the old key at now + grace_s (or its own
+        expiry, if sooner), in one transaction and one audit row."""
+        with self.transaction():
+            old = self.get_key(old_id)
+            if old is None:
+                raise NotFoundError(f"no API key with id {old_id}")
+            if old.status(time.time()) != "active":
+                raise KilnError(f"API key {old_id} is {old.status(time.time())}; rotate a live key")
+            ends = time.time() + grace_s
+            if old.expires_at is not None:
+                ends = min(ends, old.expires_at)
+            self._db.execute("UPDATE keys SET expires_at = ? WHERE id = ?", (ends, old_id))
+            self._db.execute(
+                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    new.key_id,
+                    new.hash,
+                    new.salt,
+                    new.kdf,
+                    json.dumps(list(new.scopes)),
+                    new.created_at,
+                    new.created_by,
+                    new.expires_at,
+                    None,
+                ),
+            )
+            self.add_audit(
+                actor, "key.rotate", old_id, {"new_id": new.key_id, "old_expires_at": ends}
+            )
+            rotated = self.get_key(old_id)
+        assert rotated is not None
+        return rotated
 
     def revoke_key(self, key_id: str, actor: str = LOCAL_ACTOR) -> KeyRow:
         """Mark a key revoked (idempotent: a second revoke keeps the first time)."""

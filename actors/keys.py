@@ -33,6 +33,8 @@ SCOPE_KINDS = ("predict", "feedback")
 DURATION_UNITS_S = {"d": 86_400, "h": 3_600, "m": 60}
 DURATION_PATTERN = re.compile(r"^(\d+)([dhm])$")
 MAX_LIFETIME_S = 3650 * 86_400
+UNUSED_WARNING_DAYS = 90
+"""`kiln keys list` flags a live key not used (nor, if never used, created) for this long."""
 SECRET_PATTERN = re.compile(rf"^{SECRET_PREFIX}_([0-9a-f]{{{2 * KEY_ID_BYTES}}})_([A-Za-z0-9_-]+)$")
 
 logger = logging.getLogger(__name__)
@@ -137,3 +139,22 @@ def parse_duration_s(text: str, option: str = "--expires") -> float:
     if seconds > MAX_LIFETIME_S:
         raise KilnError(f'Got "{text}" for {option}. Use at most 3650d (ten years).')
     return seconds
+
+
+def with_last_use(public: dict[str, Any], last_used_at: float | None, now: float) -> dict[str, Any]:
+    """A key's listing with `last_used_at` (None: never, as far as replicas reported) and
+    `unused_warning`: a live key idle for UNUSED_WARNING_DAYS is one to revoke."""
+    since = last_used_at if last_used_at is not None else public["created_at"]
+    idle_days = (now - since) / 86_400
+    return {
+        **public,
+        "last_used_at": last_used_at,
+        "unused_warning": public["status"] == "active" and idle_days >= UNUSED_WARNING_DAYS,
+    }
+
+
+def parse_grace_s(text: str) -> float:
+    """`--grace`: 0 (the old secret ends now) or a duration (`1h`, `30m`, `7d`)."""
+    if text.strip() == "0":
+        return 0.0
+    return parse_duration_s(text, "--grace")

@@ -44,11 +44,12 @@ from actors.keys import (
     new_key,
     parse_scopes,
     secret_matches,
+    with_last_use,
 )
 from actors.lineage import normalize_lineage
 from actors.startup import wait_started
 from actors.storage import ArtifactStore
-from training.errors import KilnError
+from training.errors import KilnError, NotFoundError
 
 REGISTRY_NAME = "kiln-registry"
 NAMESPACE = "kiln"
@@ -368,10 +369,52 @@ class RegistryService:
     def list_keys(self, key: str | None = None) -> list[dict[str, Any]]:
         self._admin(key)
         now = time.time()
-        return [row.public(now) for row in self._catalog.list_keys()]
+        last_uses = self._catalog.key_last_uses()
+        return [
+            with_last_use(row.public(now), last_uses.get(row.key_id), now)
+            for row in self._catalog.list_keys()
+        ]
 
     def revoke_key(self, key_id: str, key: str | None = None) -> dict[str, Any]:
         return self._catalog.revoke_key(key_id, self._admin(key)).public(time.time())
+
+    def rotate_key(
+        self, key_id: str, grace_s: float = 3600.0, key: str | None = None
+    ) -> dict[str, Any]:
+        """A new secret with `key_id`'s scopes and expiry; the old secret stays valid for
+        `grace_s` (0: ends now), so callers can switch without a gap."""
+        actor = self._admin(key)
+        if grace_s < 0:
+            raise KilnError(f'Got "{grace_s}" for --grace. Use 0 or a duration such as 1h.')
+        old = self._catalog.get_key(key_id)
+        if old is None:
+            raise NotFoundError(f"no API key with id {key_id}")
+        made = new_key()
+        row = KeyRow(
+            key_id=made.key_id,
+            hash=made.hash,
+            salt=made.salt,
+            kdf=KDF,
+            scopes=old.scopes,
+            created_at=time.time(),
+            created_by=actor,
+            expires_at=old.expires_at,
+            revoked_at=None,
+        )
+        ended = self._catalog.rotate_key(key_id, row, grace_s, actor)
+        return {
+            "id": made.key_id,
+            "secret": made.secret,
+            "scopes": list(row.scopes),
+            "expires_at": row.expires_at,
+            "replaces": key_id,
+            "old_expires_at": ended.expires_at,
+        }
+
+    def record_key_uses(self, uses: dict[str, float]) -> None:
+        """Last-use times reported by the replicas' key caches, a batch at a time."""
+        if uses:
+            self._catalog.record_key_uses(uses)
 
     def audit(
         self, limit: int = 100, action: str | None = None, key: str | None = None

@@ -43,7 +43,7 @@ from typing import Any
 import ray
 
 from actors.catalog import VersionRecord, parse_model_ref, parse_version_ref, validate_name
-from actors.keys import parse_duration_s
+from actors.keys import parse_duration_s, parse_grace_s
 from actors.registry import RegistryService
 from cluster.http_client import RetryPolicy, ServingCalls
 from cluster.options import COMMAND_OPTIONS
@@ -338,6 +338,21 @@ class Kiln(ServingCalls):
     def revoke_key(self, key_id: str) -> dict[str, Any]:
         return self._public_key(self._call("revoke_key", key_id, key=self.key))
 
+    def rotate_key(self, key_id: str, grace: str = "1h") -> dict[str, Any]:
+        """A new secret with `key_id`'s scopes; the old one stays valid for `grace` ("1h",
+        "30m", "7d" or "0"). `{"id", "secret", "scopes", "expires", "replaces", "old_expires"}`."""
+        with flags_as_keywords():
+            grace_s = parse_grace_s(grace)
+        made = self._call("rotate_key", key_id, grace_s, key=self.key)
+        return {
+            "id": made["id"],
+            "secret": made["secret"],
+            "scopes": made["scopes"],
+            "expires": iso_time(made["expires_at"]),
+            "replaces": made["replaces"],
+            "old_expires": iso_time(made["old_expires_at"]),
+        }
+
     @staticmethod
     def _public_key(row: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -348,6 +363,8 @@ class Kiln(ServingCalls):
             "created_by": row["created_by"],
             "expires": iso_time(row["expires_at"]),
             "revoked": iso_time(row["revoked_at"]),
+            "last_used": iso_time(row.get("last_used_at")),
+            "unused_warning": bool(row.get("unused_warning", False)),
         }
 
     def audit(self, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:

@@ -48,7 +48,13 @@ async def authorize(name: str, host: HostDep, auth: AuthDep, credentials: Bearer
     """401/403 unless the key may predict with model `name`; 429 past its rate (auth on)."""
     if auth is None:
         return
-    secret = credentials.credentials if credentials else None
+    await check_predict_key(name, host, auth, credentials.credentials if credentials else None)
+
+
+async def check_predict_key(
+    name: str, host: ModelHost, auth: BearerAuth, secret: str | None
+) -> None:
+    """`authorize` on the secret itself (serving/lean.py takes it from the header)."""
     check = await auth.authorize(secret, "predict", name.partition("@")[0])
     wait_s = host.limiter.wait_s(check.key_id or "unknown")
     if wait_s > 0:

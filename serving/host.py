@@ -115,7 +115,13 @@ def parse_rows(
     JSON booleans are not numbers; `booleans` False (the body holds no `true`/`false`) lets
     the number paths skip looking for them.
     """
-    instances = body.instances
+    return parse_instances(body.instances, replica, max_instances, booleans)
+
+
+def parse_instances(
+    instances: list[Any], replica: ModelReplica, max_instances: int, booleans: bool = True
+) -> np.ndarray:
+    """`parse_rows` on the instances already taken out of the body (serving/lean.py)."""
     width = replica.num_inputs
     if not instances and replica.encoding is not None:
         raise RequestError(

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
+import orjson
 
 from serving.schemas import RequestError
 
@@ -22,6 +24,7 @@ MAX_JSON_DEPTH = 64
 QUOTE_LIMIT = 64
 _OPEN, _CLOSE = (ord("["), ord("{")), (ord("]"), ord("}"))
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def shown(value: Any, limit: int = QUOTE_LIMIT) -> str:
@@ -61,6 +64,15 @@ def parse_json(raw: bytes, error: type[RequestError] = RequestError) -> Any:
     trained on a table; Inf is refused where a number is read)."""
     if deeper_than(raw):
         raise error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    # orjson (64 numbers: about 3x faster than json.loads) reads an integer past 64 bits as a
+    # float, where json keeps it exact (and V2 refuses it for an INT64 input): a body with a
+    # run of 19 digits or more goes to json, as does anything orjson refuses that json reads
+    # (NaN, Infinity, lone surrogates, UTF-16) or answers with its own message.
+    if _LONG_DIGITS.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(raw, parse_constant=_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

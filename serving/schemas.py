@@ -343,6 +343,13 @@ class ServeArgs(BaseModel):
     auth_cache_ttl_s: float = Field(
         5.0, ge=0, le=300, description="How long a replica trusts the registry's answer."
     )
+    key_use_report_s: float = Field(
+        30.0,
+        ge=0.1,
+        le=3600,
+        description="How often a replica reports its keys' last uses to the registry (one "
+        "call per period, not one per request: kiln keys list).",
+    )
 
     def live(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if k in LIVE_FIELDS}

@@ -9,6 +9,7 @@ import typer
 from rich.json import JSON
 from rich.table import Table
 
+from actors.keys import UNUSED_WARNING_DAYS
 from cluster.cli.common import (
     AddressOpt,
     HomeOpt,
@@ -346,18 +347,28 @@ def keys_list(
     storage: StorageOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """Every API key with its scopes and status (never a secret)."""
+    """Every API key with its scopes, status and last use (never a secret). Last use is as
+    the serving replicas report it, in batches (up to a minute late); a live key unused for
+    90 days is flagged: revoke it if nobody needs it."""
     with open_client(address, home, storage, key) as client:
         rows = client.keys()
+    stale = [k["id"] for k in rows if k.get("unused_warning")]
+    if stale:
+        console.print(
+            f"[yellow]unused for {UNUSED_WARNING_DAYS}+ days: {', '.join(stale)} "
+            "(kiln keys revoke ID if nobody needs them)[/]"
+        )
     output(rows, as_json, keys_table)
 
 
 def keys_table(rows: list[dict[str, Any]]) -> Table:
     table = Table()
     table.add_column("id", no_wrap=True)  # whole, so it can be pasted into `keys revoke`
-    for column in ("status", "scopes", "created", "by", "expires (UTC)", "revoked"):
+    columns = ("status", "scopes", "created", "by", "expires (UTC)", "revoked", "last used")
+    for column in columns:
         table.add_column(column)
     for k in rows:
+        last_used = short_time(k.get("last_used")) or "never"
         table.add_row(
             k["id"],
             k["status"],
@@ -366,8 +377,36 @@ def keys_table(rows: list[dict[str, Any]]) -> Table:
             k["created_by"],
             short_time(k["expires"]) or "never",
             short_time(k["revoked"]),
+            f"[yellow]{last_used} (90d+)[/]" if k.get("unused_warning") else last_used,
         )
     return table
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="The key's id (kiln keys list).")],
+    grace: Annotated[
+        str,
+        typer.Option(help="How long the old secret stays valid: 1h, 30m, 7d, or 0 (ends now)."),
+    ] = "1h",
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """A new secret with the same scopes and expiry; the old one works for --grace more."""
+    with open_client(address, home, storage, key) as client:
+        try:
+            made = client.rotate_key(key_id, grace=grace)
+        except LookupError as exc:
+            raise KilnError(f'Got "{key_id}" for ID: {exc}. See `kiln keys list`.') from exc
+    output(made, as_json, rotated_key_lines)
+
+
+def rotated_key_lines(made: dict[str, Any]) -> str:
+    old = f"old key {made['replaces']} valid until {made['old_expires']}"
+    return new_key_lines(made) + "\n" + old
 
 
 @keys_app.command("revoke")

@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,9 +53,23 @@ SweepId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
+_console_source: list[Callable[[], Console]] = []
+"""Where Serve's app finds its replica's Console (`use_console`, set once by serving/app.py)."""
+
+
+def use_console(source: Callable[[], Console]) -> None:
+    """Make `get_console` answer `source()`. Serve's app sets this instead of a FastAPI
+    dependency override: with any override present, FastAPI rebuilds every dependency of every
+    route on every request (measured: a third of the light model's replica CPU)."""
+    _console_source[:] = [source]
+
+
 async def get_console() -> Console:
-    """The Console of the process serving the pages: serving/app.py and `kiln ui` override it."""
-    raise RuntimeError("no console is configured in this application")
+    """The Console of the process serving the pages: set by serving/app.py (`use_console`);
+    `kiln ui`'s own app overrides this dependency."""
+    if not _console_source:
+        raise RuntimeError("no console is configured in this application")
+    return _console_source[0]()
 
 
 ConsoleDep = Annotated[Console, Depends(get_console)]

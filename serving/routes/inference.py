@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -16,6 +15,7 @@ from serving import v2
 from serving.dependencies import Authorized, HostDep
 from serving.errors import ERROR_RESPONSES, inline_refs
 from serving.host import ModelHost, logged_failures
+from serving.ids import request_id
 from serving.jsonbody import may_hold_booleans, shown
 from serving.schemas import (
     V2InferRequest,
@@ -112,7 +112,7 @@ async def v2_infer(
 ) -> Response:
     started = time.perf_counter()
     key, replica = v2_replica(host, name, version, request.headers.get(host.args.sticky_header))
-    log_id = uuid.uuid4().hex[:16]
+    log_id = request_id()
     with logged_failures(host, key, log_id, started):
         raw = await request.body()
         if len(raw) > host.args.max_body_bytes:
@@ -139,7 +139,7 @@ async def v2_infer(
     content, header_length = v2.build_response(
         replica.record.name,
         replica.record.version,
-        str(body.get("id") or uuid.uuid4().hex[:16]),
+        str(body.get("id") or request_id()),
         arrays,
         wanted,
         replica.spec,

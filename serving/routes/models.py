@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -13,6 +12,7 @@ from fastapi.responses import Response
 from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
 from serving.errors import ERROR_RESPONSES
 from serving.host import logged_failures, parse_rows
+from serving.ids import request_id
 from serving.jsonbody import may_hold_booleans, parse_json
 from serving.schemas import ModelInfo, ModelList, OpenAIModel, PredictRequest, PredictResponse
 
@@ -74,8 +74,8 @@ async def predict(name: str, request: Request, host: HostDep, _: Authorized) -> 
     # which models exist.
     started = time.perf_counter()
     key, replica = host.replica_for(name, request.headers.get(host.args.sticky_header))
-    request_id = uuid.uuid4().hex[:16]
-    with logged_failures(host, key, request_id, started):
+    log_id = request_id()
+    with logged_failures(host, key, log_id, started):
         payload, booleans = await read_json_body(request, host.args.max_body_bytes)
         try:
             body = PredictRequest.model_validate(payload)
@@ -84,12 +84,12 @@ async def predict(name: str, request: Request, host: HostDep, _: Authorized) -> 
         x = parse_rows(body, replica, host.args.max_instances, booleans)
         outputs = await host.forward(key, x)
     result = replica.format(outputs, probabilities=body.return_ == "probabilities")
-    host.log_request(key, request_id, started, x, outputs)
+    host.log_request(key, log_id, started, x, outputs)
     reply = PredictResponse(
         **result,
         model=replica.record.name,
         model_version=replica.record.version,
-        ids=[f"{request_id}-{i}" for i in range(len(x))],
+        ids=[f"{log_id}-{i}" for i in range(len(x))],
     )
     # Serialised here, once: FastAPI would validate and encode the model again.
     return Response(reply.model_dump_json(exclude_none=True), media_type="application/json")
