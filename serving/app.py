@@ -27,6 +27,7 @@ from serving.console.data import Console, served_explainer
 from serving.dependencies import serving_replica
 from serving.errors import add_error_handlers
 from serving.host import ModelHost
+from serving.lean import LeanPredict
 from serving.routes import explain, inference, models, monitoring, openai
 from serving.schemas import AUTH_OFF_WARNING, LIVE_FIELDS, ServeArgs
 from training.errors import KilnError
@@ -52,14 +53,19 @@ api.include_router(explain.router)
 api.include_router(openai.router)
 api.add_exception_handler(openai.OpenAIError, openai.openai_error)
 api.include_router(console_routes.router)
+# V1 :predict and V2 infer answer before FastAPI's routing and dependencies (serving/lean.py).
+api.add_middleware(LeanPredict, api=api)
 
 
-async def replica_console() -> Console:
+def replica_console() -> Console:
     """The console of the KilnServer replica handling the request (serving/console/)."""
     return serving_replica().console  # type: ignore[no-any-return]
 
 
-api.dependency_overrides[console_routes.get_console] = replica_console
+# Not `api.dependency_overrides`: any override makes FastAPI rebuild every route's dependency
+# tree per request (fastapi/dependencies/utils.py solve_dependencies), which halved the light
+# model's throughput; the overrides stay for tests.
+console_routes.use_console(replica_console)
 
 
 @serve.deployment(
@@ -80,13 +86,7 @@ class KilnServer:
         self.host = ModelHost(parsed, ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE))
         self.auth: BearerAuth | None = None
         if parsed.auth:
-            registry = self.host.registry
-            self.auth = BearerAuth(
-                self.host.verify_key,
-                KeyCache(parsed.auth_cache_ttl_s),
-                report=lambda uses: registry.record_key_uses.remote(uses),
-                report_interval_s=parsed.key_use_report_s,
-            )
+            self.auth = BearerAuth(self.host.verify_key, KeyCache(parsed.auth_cache_ttl_s))
         else:
             logger.warning(AUTH_OFF_WARNING)
         self.console = Console(self.host.registry, self.auth, served_explainer(self.host))
