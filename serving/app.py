@@ -86,7 +86,13 @@ class KilnServer:
         self.host = ModelHost(parsed, ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE))
         self.auth: BearerAuth | None = None
         if parsed.auth:
-            self.auth = BearerAuth(self.host.verify_key, KeyCache(parsed.auth_cache_ttl_s))
+            registry = self.host.registry
+            self.auth = BearerAuth(
+                self.host.verify_key,
+                KeyCache(parsed.auth_cache_ttl_s),
+                report=lambda uses: registry.record_key_uses.remote(uses),
+                report_interval_s=parsed.key_use_report_s,
+            )
         else:
             logger.warning(AUTH_OFF_WARNING)
         self.console = Console(self.host.registry, self.auth, served_explainer(self.host))

@@ -5,6 +5,10 @@ would put a scrypt hash and an actor call on the hot path. Each replica caches t
 answer for `ttl_s` (5 s by default), never past the key's own expiry, so revoking a key takes
 effect within seconds while a busy replica asks about each key once per TTL. Malformed tokens
 are refused here without a registry call. No Ray here: the registry call is injected.
+
+Each accepted request also notes its key's last use here (a dict write); the notes go to the
+registry in one call every `report_interval_s` (`report`, injected), so `kiln keys list` shows
+last use without a registry write per request.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from fastapi import HTTPException
 from actors.keys import KeyCheck, key_id_of
 
 DEFAULT_TTL_S = 5.0
+DEFAULT_USE_REPORT_S = 30.0
 MAX_CACHED_KEYS = 10_000
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="kiln"'}
 
 logger = logging.getLogger(__name__)
 
 VerifyFn = Callable[[str], Awaitable[KeyCheck]]
+ReportFn = Callable[[dict[str, float]], Awaitable[object]]
 
 
 class KeyCache:
@@ -83,11 +89,49 @@ def refusal_message(check: KeyCheck) -> str:
 class BearerAuth:
     """Turns an `Authorization: Bearer` secret into an allowed key, a 401 or a 403."""
 
-    def __init__(self, verify: VerifyFn, cache: KeyCache | None = None) -> None:
+    def __init__(
+        self,
+        verify: VerifyFn,
+        cache: KeyCache | None = None,
+        report: ReportFn | None = None,
+        report_interval_s: float = DEFAULT_USE_REPORT_S,
+    ) -> None:
         self.verify = verify
         self.cache = cache or KeyCache()
+        self.report = report
+        self.report_interval_s = report_interval_s
+        self.uses: dict[str, float] = {}
+        """Key id -> last accepted use on this replica, not yet reported."""
+        self._reporter: asyncio.Task | None = None
         self._asking: dict[str, asyncio.Future[KeyCheck]] = {}
         """The registry question in flight per secret (by its cache slot)."""
+
+    def note_use(self, key_id: str) -> None:
+        """Remember a use; the first one since the last report schedules the next report."""
+        self.uses[key_id] = self.cache.clock()
+        if self.report is not None and self._reporter is None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_later())
+
+    async def _report_later(self) -> None:
+        try:
+            await asyncio.sleep(self.report_interval_s)
+            await self.report_uses()
+        finally:
+            self._reporter = None
+            if self.uses and self.report is not None:  # uses noted while reporting
+                self._reporter = asyncio.get_running_loop().create_task(self._report_later())
+
+    async def report_uses(self) -> None:
+        """Send the noted uses now; on failure they are kept for the next report."""
+        if not self.uses or self.report is None:
+            return
+        uses, self.uses = self.uses, {}
+        try:
+            await self.report(uses)
+        except Exception as exc:  # the registry restarting: report them next time
+            logger.warning("key use report failed (kept for the next): %s", exc)
+            for key_id, at in uses.items():
+                self.uses[key_id] = max(at, self.uses.get(key_id, at))
 
     async def check(self, secret: str) -> KeyCheck:
         cached = self.cache.get(secret)
@@ -125,6 +169,8 @@ class BearerAuth:
         check = await self.check(secret)
         if not check.ok:
             raise HTTPException(401, refusal_message(check), headers=CHALLENGE)
+        if check.key_id is not None:
+            self.note_use(check.key_id)
         return check
 
     async def authorize(self, secret: str | None, kind: str, model: str) -> KeyCheck:

@@ -104,6 +104,7 @@ def test_the_cache_keeps_no_plaintext_secret_and_stays_bounded():
     assert all(SECRET not in slot for slot in cache._entries)
     assert cache.get(f"{SECRET}0") is None and cache.get(f"{SECRET}4") is not None
 
+
 def test_concurrent_misses_for_one_key_ask_the_registry_once():
     """Requests in flight when a busy key's entry expires share one registry question."""
 
@@ -155,3 +156,41 @@ class Reports:
             raise ConnectionError("registry restarting")
         self.batches.append(dict(uses))
 
+
+def test_uses_are_reported_in_one_batch_per_period():
+    clock = Clock()
+    reports = Reports()
+    auth = BearerAuth(
+        CountingRegistry(live()), KeyCache(clock=clock), report=reports, report_interval_s=0.05
+    )
+
+    async def scenario() -> None:
+        for step in range(100):
+            clock.now = 1000.0 + step
+            await auth.authorize(SECRET, "predict", "m")
+        assert reports.batches == []  # nothing per request
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if reports.batches:
+                break
+
+    asyncio.run(scenario())
+    assert reports.batches == [{"0123456789ab": 1099.0}]
+
+
+def test_a_failed_report_keeps_the_uses_for_the_next():
+    reports = Reports(fail=True)
+    auth = BearerAuth(CountingRegistry(live()), report=reports)
+    auth.uses = {"0123456789ab": 5.0}
+    asyncio.run(auth.report_uses())
+    assert auth.uses == {"0123456789ab": 5.0}
+    reports.fail = False
+    asyncio.run(auth.report_uses())
+    assert reports.batches == [{"0123456789ab": 5.0}] and auth.uses == {}
+
+
+def test_refused_keys_are_not_noted_as_used():
+    reports = Reports()
+    auth = BearerAuth(CountingRegistry(KeyCheck(ok=False, reason="revoked")), report=reports)
+    refused(auth, SECRET)
+    assert auth.uses == {}
