@@ -4,6 +4,8 @@ Ray exports every metric defined with `ray.serve.metrics` on each node's metrics
 beside Serve's own `ray_serve_*` (a Prometheus scrape config for it: docs/monitoring.md). Ray
 prefixes the names with `ray_`. Recording costs about 16 us per request here (one counter and
 two histograms; measured in a Ray task, 20,000 calls), about 1% of a light model's request.
+The counter is added up per replica and handed to Ray once a second (`COUNT_FLUSH_S`): with
+it, recording costs about 6 us (two observes; thread CPU, 20,000 calls, load avg 30).
 
 Per replica: requests by model, version and HTTP status; request latency; rows per forward
 pass; labels received; prediction-log rows dropped. The windowed gauges (quality from
@@ -13,6 +15,7 @@ feedback, drift per input, cost) are set by the FeedbackStore's first shard
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -20,6 +23,8 @@ from ray.serve import metrics
 
 logger = logging.getLogger(__name__)
 
+COUNT_FLUSH_S = 1.0
+"""How often the request counts go to Ray's counter."""
 LATENCY_BOUNDARIES_MS: list[float] = [1, 2, 3, 5, 8, 13, 20, 35, 50, 100, 200, 500, 1000, 2000]
 BATCH_BOUNDARIES: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 # Ray annotates tag_keys as tuple[str] (one key); any number of keys works.
@@ -58,11 +63,37 @@ class ServingMetrics:
             description="Prediction-log rows dropped because no FeedbackStore acknowledged them.",
         )
 
+        self._counts: dict[tuple[str, int, int], int] = {}
+        """Requests by (model, version, status) not yet added to `requests`."""
+        self._flush_scheduled = False
+
     def record(
         self, model: str, version: int, status: int, latency_ms: float, batch_rows: int
     ) -> None:
-        tags = {"model": model, "version": str(version)}
-        self.requests.inc(1, {**tags, "status": str(status)})
+        # The request counter is added up here and handed to Ray once a second (a Ray
+        # Counter.inc with tags costs about 5 us, twice an observe): a scrape sees a request
+        # at most a second later.
+        key = (model, version, status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        if not self._flush_scheduled:
+            self._schedule_flush()
         if status == 200:
+            tags = {"model": model, "version": str(version)}
             self.latency.observe(latency_ms, tags)
             self.batch_rows.observe(batch_rows, tags)
+
+    def _schedule_flush(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a plain call): count at once
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_later(COUNT_FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        """Add the requests counted since the last flush to the Prometheus counter."""
+        self._flush_scheduled = False
+        counts, self._counts = self._counts, {}
+        for (model, version, status), n in counts.items():
+            self.requests.inc(n, {"model": model, "version": str(version), "status": str(status)})

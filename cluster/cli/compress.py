@@ -64,15 +64,17 @@ def compress(
         ),
     ] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers for --distill/--prune.")] = 2,
-    register_as: Annotated[
+    register: Annotated[
         str | None, typer.Option(help="Register under this name (default: the same model).")
     ] = None,
+    register_as: Annotated[str | None, typer.Option(hidden=True)] = None,
     as_json: JsonOpt = False,
     address: AddressOpt = None,
     home: HomeOpt = None,
     storage: StorageOpt = None,
 ) -> None:
     """Distil, prune and/or quantise a registered version into a new, smaller version."""
+    from cluster.cli.aliases import renamed
     from cluster.variants import CompressRequest
 
     started = time.perf_counter()
@@ -88,7 +90,7 @@ def compress(
         epochs=epochs,
         data=data,
         workers=workers,
-        register_as=register_as,
+        register_as=renamed(register, register_as, "--register", "--register-as"),
     )
     settings = load_settings(address=address, home=home, storage=storage)
     if settings.embedded:

@@ -16,7 +16,6 @@ from cluster.cli.common import (
     LabelOpt,
     MissingOpt,
     connected,
-    console,
     data_app,
     key_values,
     load_settings,
@@ -192,7 +191,9 @@ def shards_table(shown: dict[str, Any]) -> Table:
 
 @data_app.command("drop")
 def data_drop(
-    name: Annotated[str, typer.Argument(help="Dataset name.")], address: AddressOpt = None
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
 ) -> None:
     """Release a dataset's ShardStore actors."""
     from actors.shards import drop_dataset
@@ -202,4 +203,8 @@ def data_drop(
         dropped = drop_dataset(name)
     if dropped == 0:
         raise KilnError(f'Got "{name}": no dataset of that name is loaded. See `kiln data ls`.')
-    console.print(f"dropped {name} ({dropped} shard actors)")
+    output(
+        {"dataset": name, "dropped_actors": dropped},
+        as_json,
+        lambda r: f"dropped {r['dataset']} ({r['dropped_actors']} shard actors)",
+    )

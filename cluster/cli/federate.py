@@ -77,9 +77,10 @@ def federate(
     ] = 0.2,
     label: LabelOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, partition, sampling, init.")] = 0,
-    name: Annotated[str, typer.Option(help="Register the global model under this name.")] = (
-        "federated"
-    ),
+    register: Annotated[
+        str, typer.Option(help="Register the global model under this name.")
+    ] = "federated",
+    name: Annotated[str | None, typer.Option(hidden=True)] = None,
     resume: Annotated[
         str | None, typer.Option(help="Continue federated run RUN from its last checkpoint.")
     ] = None,
@@ -90,6 +91,7 @@ def federate(
 ) -> None:
     """Train one model over client actors that never hand over a row, then register it."""
     from actors.sources import SourceSpec, check_source
+    from cluster.cli.aliases import renamed
     from cluster.federation import FederateRequest, load_request
     from training.errors import KilnError
 
@@ -122,7 +124,7 @@ def federate(
             dp_delta=dp_delta,
             round_timeout_s=round_timeout_s,
             seed=seed,
-            name=name,
+            name=renamed(register, name, "--register", "--name", default="federated"),
         )
         check_source(request.source)  # a typo in --data fails before Ray starts
     preload("cluster.federation")

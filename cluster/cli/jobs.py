@@ -113,6 +113,7 @@ def jobs_logs(
 @jobs_app.command("stop")
 def jobs_stop(
     job_id: Annotated[str, typer.Argument(metavar="ID", help="The job id (kiln jobs list).")],
+    as_json: JsonOpt = False,
     address: JobsAddressOpt = None,
     token: TokenOpt = None,
 ) -> None:
@@ -123,4 +124,4 @@ def jobs_stop(
     if not client.stop(job_id):
         status = client.info(job_id).status
         raise KilnError(f'Got "{job_id}": that job already ended ({status}); nothing to stop.')
-    console.print(f"stopping {job_id}")
+    output({"job_id": job_id, "stopping": True}, as_json, lambda r: f"stopping {r['job_id']}")

@@ -305,9 +305,10 @@ def generate(
 @models_app.command("import")
 def models_import(
     uri: Annotated[str, typer.Argument(help="hf:DIR, a local Hugging Face model folder.")],
-    name: Annotated[
+    register: Annotated[
         str | None, typer.Option(help="Registry name (default: the folder's name).")
     ] = None,
+    name: Annotated[str | None, typer.Option(hidden=True)] = None,
     as_json: JsonOpt = False,
     address: AddressOpt = None,
     home: HomeOpt = None,
@@ -315,10 +316,12 @@ def models_import(
     key: KeyOpt = None,
 ) -> None:
     """Register a local Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2; safetensors)."""
+    from cluster.cli.aliases import renamed
     from cluster.language import import_hf
 
+    register = renamed(register, name, "--register", "--name")
     with open_client(address, home, storage, key) as client:
-        record = import_hf(client, uri, name)
+        record = import_hf(client, uri, register)
     output(
         {"ref": record.ref, "files": sorted(record.artifacts), "metrics": record.metrics},
         as_json,
