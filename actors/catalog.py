@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +94,11 @@ VERSION_COLUMNS_ADDED = {
     "status": f"TEXT NOT NULL DEFAULT '{ACTIVE}'",
     "creator_key": f"TEXT NOT NULL DEFAULT '{LOCAL_ACTOR}'",
     "request_id": "TEXT",
+    "stored_artifacts": "TEXT NOT NULL DEFAULT '{}'",
 }
 VERSION_SELECT = (
     "SELECT name, version, created_at, creator, spec, metrics, lineage, artifacts, status, "
-    "creator_key FROM versions"
+    "creator_key, stored_artifacts FROM versions"
 )
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,9 @@ class VersionRecord:
     """active, or archived: no longer the answer to a bare name, still there by number."""
     creator_key: str = LOCAL_ACTOR
     """The API key id that registered it, or "local"."""
+    stored_artifacts: dict[str, str] = field(default_factory=dict)
+    """File name -> sha256 of the bytes on storage, where they differ from `artifacts`' (the
+    ciphertext of an encrypted store): checked before a file is opened."""
 
     @property
     def ref(self) -> str:
@@ -300,7 +304,8 @@ class Catalog:
     def insert_version(self, record: VersionRecord, request_id: str | None = None) -> None:
         self._db.execute(
             "INSERT INTO versions(name, version, created_at, creator, spec, metrics, lineage, "
-            "artifacts, status, creator_key, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "artifacts, status, creator_key, request_id, stored_artifacts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.name,
                 record.version,
@@ -313,6 +318,7 @@ class Catalog:
                 record.status,
                 record.creator_key,
                 request_id,
+                json.dumps(record.stored_artifacts),
             ),
         )
 
@@ -388,11 +394,18 @@ class Catalog:
             self.add_audit(actor, action, f"{name}@{version}", {"aliases": aliases})
         return aliases
 
-    def set_artifacts(self, name: str, version: int, artifacts: dict[str, str]) -> None:
+    def set_artifacts(
+        self,
+        name: str,
+        version: int,
+        artifacts: dict[str, str],
+        stored_artifacts: dict[str, str] | None = None,
+    ) -> None:
         """Inside a transaction: a version's file -> sha256 map, as `add_artifact` extends it."""
         self._db.execute(
-            "UPDATE versions SET artifacts = ? WHERE name = ? AND version = ?",
-            (json.dumps(artifacts), name, version),
+            "UPDATE versions SET artifacts = ?, stored_artifacts = ? "
+            "WHERE name = ? AND version = ?",
+            (json.dumps(artifacts), json.dumps(stored_artifacts or {}), name, version),
         )
 
     def _aliases_blocking(self, name: str, version: int, verb: str, force: bool) -> list[str]:
@@ -408,7 +421,8 @@ class Catalog:
     # ------------------------------------------------------------------ version reads
 
     def _record(self, row: tuple) -> VersionRecord:
-        name, version, created_at, creator, spec, metrics, lineage, artifacts, status, key = row
+        name, version, created_at, creator, spec, metrics, lineage, artifacts = row[:8]
+        status, key, stored = row[8:]
         return VersionRecord(
             name,
             version,
@@ -420,6 +434,7 @@ class Catalog:
             json.loads(artifacts),
             status,
             key,
+            json.loads(stored or "{}"),
         )
 
     def require_model(self, name: str) -> None:

@@ -58,6 +58,10 @@ FILENAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 logger = logging.getLogger(__name__)
 
 
+ROBUSTNESS_BACKEND = "robustness"
+"""The profiles row that holds a version's robustness reports, not a serving backend."""
+
+
 def version_dir(name: str, version: int) -> str:
     return f"models/{name}/v{version}"
 
@@ -162,8 +166,8 @@ class RegistryService:
             # N was never committed: whatever is there was left by a writer killed midway.
             if self._store.delete_dir(folder):
                 logger.warning("removed the leftovers of an interrupted registration in %s", folder)
-            for filename, data in files.items():
-                self._store.write(f"{folder}/{filename}", data)
+            stored = {f: self._store.write(f"{folder}/{f}", data) for f, data in files.items()}
+            plain = {f: hashlib.sha256(d).hexdigest() for f, d in files.items()}
             record = VersionRecord(
                 name=name,
                 version=version,
@@ -172,8 +176,9 @@ class RegistryService:
                 spec=spec,
                 metrics=metrics,
                 lineage=lineage,
-                artifacts={f: hashlib.sha256(d).hexdigest() for f, d in files.items()},
+                artifacts=plain,
                 creator_key=actor,
+                stored_artifacts={f: d for f, d in stored.items() if d != plain[f]},
             )
             self._catalog.insert_version(record, request_id)
             self._catalog.add_audit(
@@ -213,9 +218,12 @@ class RegistryService:
                     f"{record.artifacts[filename]}); a version's existing files never change"
                 )
             digest = hashlib.sha256(data).hexdigest()
-            self._store.write(artifact_path(name, record.version, filename), data)
+            stored = self._store.write(artifact_path(name, record.version, filename), data)
             artifacts = {**record.artifacts, filename: digest}
-            self._catalog.set_artifacts(name, record.version, artifacts)
+            stored_artifacts = dict(record.stored_artifacts)
+            if stored != digest:
+                stored_artifacts[filename] = stored
+            self._catalog.set_artifacts(name, record.version, artifacts, stored_artifacts)
             self._catalog.add_audit(
                 actor,
                 "export",
@@ -223,7 +231,7 @@ class RegistryService:
                 {**(detail or {}), "file": filename, "sha256": digest, "bytes": len(data)},
             )
         logger.info("added %s to %s", filename, record.ref)
-        return dataclasses.replace(record, artifacts=artifacts)
+        return dataclasses.replace(record, artifacts=artifacts, stored_artifacts=stored_artifacts)
 
     def _resolve_parent(self, lineage: dict[str, Any]) -> dict[str, Any]:
         """A parent given as name, name@alias or name@N is stored as the exact name@N."""
@@ -285,6 +293,24 @@ class RegistryService:
         self._admin(key)
         self._catalog.put_profile(name, int(version), backend, profile)
         return {"ref": f"{name}@{version}", "backend": backend, "profile": profile}
+
+    def record_robustness(
+        self, name: str, version: int, report: dict[str, Any], key: str | None = None
+    ) -> dict[str, Any]:
+        """Store a robustness report (`kiln evaluate --attack`) with the version: kept beside
+        its latency profiles as the ROBUSTNESS_BACKEND row, one report per attack and epsilon
+        (a new measurement of the same pair replaces the old)."""
+        self._admin(key)
+        version = int(version)
+        found = self._catalog.list_profiles(name, version)
+        reports: dict[str, Any] = next(
+            (p["profile"].get("reports", {}) for p in found if p["backend"] == ROBUSTNESS_BACKEND),
+            {},
+        )
+        reports[f"{report['attack']}@{report['epsilon']:g}"] = report
+        profile = {"reports": reports, "measured_at": time.time()}
+        self._catalog.put_profile(name, version, ROBUSTNESS_BACKEND, profile)
+        return {"ref": f"{name}@{version}", "reports": reports}
 
     def profiles(self, name: str, version: int | None = None) -> list[dict[str, Any]]:
         """The latency profiles of a model's versions (or of one version), one per backend."""
@@ -467,10 +493,15 @@ def start_registry(db_path: str, storage_uri: str, detached: bool = False) -> An
 
 
 def read_verified_files(storage_uri: str, record: VersionRecord) -> dict[str, bytes]:
-    """Every artifact of a version, each checked against its catalog sha256."""
+    """Every artifact of a version, each checked against its catalog sha256: the bytes on
+    storage first (the ciphertext, on an encrypted store), then the plaintext."""
     from training.artifacts import verify_files
 
     store = ArtifactStore(storage_uri)
-    files = {f: store.read(artifact_path(record.name, record.version, f)) for f in record.artifacts}
+    files = {}
+    for name in record.artifacts:
+        path = artifact_path(record.name, record.version, name)
+        expected = record.stored_artifacts.get(name)
+        files[name] = store.read_checked(path, expected_sha256=expected)[0]
     verify_files(files, record.artifacts)
     return files

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import ray
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from actors.catalog import VersionRecord, validate_name
 from actors.lineage import code_version, dataset_sha256
@@ -56,6 +57,7 @@ from federated.privacy import DPConfig, dp_config, epsilon_spent, noisy_mean
 from federated.secagg import round_context, unmasked_sum
 from federated.strategy import FedAdam, FedAvg, FedProx, parse_strategy
 from training.config import MODEL_KINDS, OPTIMIZERS, TrainConfig, require_choice
+from training.encryption import read_local, write_local
 from training.errors import KilnError
 
 logger = logging.getLogger(__name__)
@@ -212,22 +214,25 @@ def load_request(settings: Settings, run_name: str) -> FederateRequest:
 
 
 def save_checkpoint(folder: Path, state: RunState) -> None:
-    """Weights and strategy state (safetensors), then the metrics; each file replaced
-    atomically, the state last, so a driver killed midway leaves the previous round whole."""
+    """Weights and strategy state (safetensors, sealed with encryption on), then the metrics;
+    each file replaced atomically, the state last, so a driver killed midway leaves the
+    previous round whole. The state (round metrics and the round file's name, no weights)
+    stays clear: a sealed file and its key file cannot be replaced together atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
         "weights": state.weights,
         **{f"strategy.{k}": v for k, v in state.strategy_state.items()},
     }
-    tmp = folder / f"{CHECKPOINT_FILE}.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
     round_file = folder / f"round-{state.next_round:04d}.safetensors"
-    os.replace(tmp, round_file)
+    # Sealed under its final name (its key is bound to it); each round has a name of its own.
+    write_local(
+        round_file, save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    )
     tmp_state = folder / f"{STATE_FILE}.tmp"
     tmp_state.write_text(json.dumps({"history": state.history, "checkpoint": round_file.name}))
     os.replace(tmp_state, folder / STATE_FILE)
-    for old in folder.glob("round-*.safetensors"):
-        if old != round_file:
+    for old in folder.glob("round-*.safetensors*"):
+        if not old.name.startswith(round_file.name):
             old.unlink(missing_ok=True)
 
 
@@ -236,7 +241,7 @@ def load_checkpoint(folder: Path) -> RunState | None:
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    tensors = load_file(str(folder / saved["checkpoint"]))
+    tensors = load_safetensors(read_local(folder / saved["checkpoint"]))
     strategy_state = {
         k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("strategy.")
     }

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import ray
 from ray.util.queue import Queue
-from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord
 from actors.lineage import code_version
@@ -30,6 +29,7 @@ from actors.registry import read_verified_files
 from cluster.language import generation_speed
 from cluster.pipeline import fit_with_progress, run_config, scaling
 from cluster.settings import Settings
+from training.checkpoints import load_tensors
 from training.errors import KilnError
 from training.lm_config import LMTrainConfig
 from training.tokenizer import PROMPT_PREFIX_KEY
@@ -213,7 +213,7 @@ def final_model(checkpoint: Any, spec: dict[str, Any]) -> Any:
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with checkpoint.as_directory() as directory:
-        return load_lm(spec, load_file(str(Path(directory) / WEIGHTS_FILE)))
+        return load_lm(spec, load_tensors(Path(directory) / WEIGHTS_FILE))
 
 
 def run_metrics(history: list[dict[str, Any]], unigram_perplexity: float | None) -> dict[str, Any]:

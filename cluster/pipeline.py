@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from safetensors.torch import load_file
 
 from actors.catalog import VersionRecord
 from actors.lineage import code_version
@@ -39,7 +38,7 @@ from cluster.resident import resident_data
 from cluster.resources import worker_cpus
 from cluster.settings import Settings
 from training.artifacts import model_to_files
-from training.checkpoints import BEST_WEIGHTS_FILE
+from training.checkpoints import BEST_WEIGHTS_FILE, load_tensors
 from training.config import TrainConfig
 from training.convergence import minibatch_convergence
 from training.data import encode_labels
@@ -284,7 +283,7 @@ def load_best_model(checkpoint: ray.train.Checkpoint | None, spec: dict[str, Any
     model = build_model(spec)
     set_standardization(model, spec)
     with checkpoint.as_directory() as directory:
-        model.load_state_dict(load_file(str(Path(directory) / BEST_WEIGHTS_FILE)))
+        model.load_state_dict(load_tensors(Path(directory) / BEST_WEIGHTS_FILE))
     return model.eval()
 
 

@@ -98,6 +98,7 @@ def init_ray(settings: Settings, debug: bool = False) -> bool:
     """Connect (or start) Ray; returns True when this call started it."""
     if ray.is_initialized():
         return False
+    open_encryption(settings)
     for key, value in {**WORKER_ENV, **TRAIN_ENV}.items():
         os.environ.setdefault(key, value)
     if settings.embedded:
@@ -112,6 +113,20 @@ def init_ray(settings: Settings, debug: bool = False) -> bool:
             runtime_env={"env_vars": worker_env_vars()},
         )
     return True
+
+
+def open_encryption(settings: Settings) -> None:
+    """Check the storage's encryption before Ray starts: a store that holds encrypted files
+    and no (or the wrong) KILN_MASTER_KEY stops the command here, in one line. With
+    encryption on, KILN_ENCRYPT is set for the workers this process starts (Ray Train's
+    checkpoints are sealed in the worker); a cluster's nodes need KILN_MASTER_KEY themselves.
+    """
+    from actors.storage import ArtifactStore
+    from training.encryption import ENCRYPT_ENV
+
+    if ArtifactStore(settings.storage_uri, encrypt=settings.kiln_encrypt).encrypted:
+        os.environ[ENCRYPT_ENV] = "1"
+        WORKER_ENV[ENCRYPT_ENV] = "1"
 
 
 # The embedded Ray this process started itself (see start_embedded); shutdown_ray stops it.

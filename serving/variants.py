@@ -21,9 +21,10 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from actors.registry import version_dir
+from actors.registry import ROBUSTNESS_BACKEND, version_dir
 from serving.slo import pareto_front
 
+from training.encryption import KEY_SUFFIX, decrypt_with_env_key, is_sealed
 WEIGHTS_FILE = "model.safetensors"
 """As training/artifacts.py names it (imported from there, this module would import torch)."""
 BODY_PREFIX = "body."
@@ -63,6 +64,8 @@ def version_row(
     name, number = version["name"], int(version["version"])
     folder = f"{root}/{version_dir(name, number)}"
     metric = score_metric(version["spec"])
+    robustness = profiles.get(ROBUSTNESS_BACKEND, {}).get("reports", {})
+    profiles = {b: p for b, p in profiles.items() if b != ROBUSTNESS_BACKEND}
     fastest = min(profiles, key=lambda b: profiles[b]["b1_p50_ms"], default=None)
     return {
         "ref": f"{name}@{number}",
@@ -80,9 +83,17 @@ def version_row(
         "pareto": None,
         "tokens_per_s": version["metrics"].get("generate_tokens_per_s"),
     }
+        "robustness": robustness_summary(robustness),
 
 
 def score_metric(spec: dict[str, Any]) -> str:
+def robustness_summary(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """A version's `kiln evaluate --attack` reports, weakest attack first."""
+    keep = ("attack", "epsilon", "steps", "clean_accuracy", "attacked_accuracy", "rows")
+    rows = [{k: r.get(k) for k in keep} for r in reports.values()]
+    return sorted(rows, key=lambda r: (r["attack"], r["epsilon"]))
+
+
     """The score a version is compared by: test accuracy, R², or a language model's held-out
     perplexity (lower is better)."""
     if spec.get("kind") == "lm":
@@ -156,7 +167,13 @@ def count_parameters(fs: pafs.FileSystem, path: str) -> int | None:
 def safetensors_header(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
     """The JSON header of a safetensors file: an 8-byte little-endian length, then the JSON."""
     with fs.open_input_file(path) as source:
-        (length,) = struct.unpack("<Q", source.read(8))
+        first = source.read(8)
+        if is_sealed(first):  # an encrypted store: the header is inside the ciphertext
+            with fs.open_input_file(path + KEY_SUFFIX) as key_file:
+                plain = decrypt_with_env_key(path, first + source.read(), key_file.read())
+            (length,) = struct.unpack("<Q", plain[:8])
+            return dict(json.loads(plain[8 : 8 + length]))
+        (length,) = struct.unpack("<Q", first)
         if length > 100_000_000:
             raise ValueError(f"a header of {length} bytes is not a safetensors header")
         return dict(json.loads(source.read(length)))

@@ -2,7 +2,9 @@
 
 A checkpoint folder holds the latest weights (to resume), the best weights so far (what early
 stopping keeps), the optimizer's and scheduler's state (so a resumed run continues the same
-optimisation), and `state.json` with the epoch and early-stopping counters.
+optimisation), and `state.json` with the epoch and early-stopping counters. With encryption on
+(`KILN_ENCRYPT`), each file is sealed before it touches the disk (training/encryption.py), so
+Ray Train uploads only ciphertext to the run's storage.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
+
+from training.encryption import read_local, write_local
 
 WEIGHTS_FILE = "model.safetensors"
 BEST_WEIGHTS_FILE = "best.safetensors"
@@ -71,23 +76,35 @@ class TrainingState:
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """A safetensors file, sealed when encryption is on."""
+    write_local(path, save_safetensors(tensors, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file written by `save_tensors`, sealed or clear."""
+    return load_safetensors(read_local(path))
+
+
 def save_training_checkpoint(directory: str | Path, state: TrainingState) -> None:
     folder = Path(directory)
-    save_file(state_tensors(state.model), str(folder / WEIGHTS_FILE))
-    save_file(state.best_weights, str(folder / BEST_WEIGHTS_FILE))
+    save_tensors(state_tensors(state.model), folder / WEIGHTS_FILE)
+    save_tensors(state.best_weights, folder / BEST_WEIGHTS_FILE)
     tensors, meta = optimizer_to_parts(state.optimizer)
-    save_file(tensors, str(folder / OPTIMIZER_TENSORS_FILE))
+    save_tensors(tensors, folder / OPTIMIZER_TENSORS_FILE)
     meta["scheduler"] = state.scheduler.state_dict()
     meta["loop"] = asdict(state.loop)
-    (folder / STATE_FILE).write_text(json.dumps(meta))
+    write_local(folder / STATE_FILE, json.dumps(meta).encode())
 
 
 def load_training_checkpoint(directory: str | Path, state: TrainingState) -> None:
     """Restore model, optimizer, scheduler, loop counters and best weights in place."""
     folder = Path(directory)
-    state.model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    meta = json.loads((folder / STATE_FILE).read_text())
-    optimizer_from_parts(state.optimizer, load_file(str(folder / OPTIMIZER_TENSORS_FILE)), meta)
+    state.model.load_state_dict(load_tensors(folder / WEIGHTS_FILE))
+    meta = json.loads(read_local(folder / STATE_FILE))
+    optimizer_from_parts(state.optimizer, load_tensors(folder / OPTIMIZER_TENSORS_FILE), meta)
     state.scheduler.load_state_dict(meta["scheduler"])
     state.loop = LoopState(**meta["loop"])
-    state.best_weights = load_file(str(folder / BEST_WEIGHTS_FILE))
+    state.best_weights = load_tensors(folder / BEST_WEIGHTS_FILE)

@@ -32,10 +32,11 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from training.checkpoints import load_tensors, save_tensors
+from training.encryption import read_local, write_local
 from training.lm import build_lm, ties_embeddings
 from training.lm_config import LMTrainConfig, lr_at
 from training.lm_data import eval_windows, sample_windows
@@ -299,7 +300,7 @@ def restore_optimizer(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     per_param: dict[str, dict[str, Any]] = {}
-    for key, value in load_file(str(folder / OPTIMIZER_FILE)).items():
+    for key, value in load_tensors(folder / OPTIMIZER_FILE).items():
         name, field = key.split("::", 1)
         per_param.setdefault(name, {})[field] = value
     for key, value in meta["scalars"].items():
@@ -324,9 +325,9 @@ def resume_from(checkpoint: Any, base_model: nn.Module) -> tuple[Path | None, di
     if checkpoint is None:
         return None, {}
     folder = Path(checkpoint.to_directory())
-    weights = load_file(str(folder / WEIGHTS_FILE))
+    weights = load_tensors(folder / WEIGHTS_FILE)
     base_model.load_state_dict(weights, strict=False)
-    return folder, json.loads((folder / STATE_FILE).read_text())
+    return folder, json.loads(read_local(folder / STATE_FILE))
 
 
 # ----------------------------------------------------------------------------- entry
@@ -489,14 +490,14 @@ def report(
         checkpoint = None
         if rank == 0:
             folder = Path(directory)
-            save_file(weights, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-            save_file(tensors, str(folder / OPTIMIZER_FILE))
+            save_tensors(weights, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+            save_tensors(tensors, folder / OPTIMIZER_FILE)
             meta.update(
                 step=progress.step,
                 tokens_seen=progress.tokens_seen,
                 total_steps=progress.total_steps,
                 train_time_s=progress.train_time_s,
             )
-            (folder / STATE_FILE).write_text(json.dumps(meta))
+            write_local(folder / STATE_FILE, json.dumps(meta).encode())
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)

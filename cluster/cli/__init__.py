@@ -31,6 +31,7 @@ from cluster.cli import monitor  # noqa: E402,F401
 from cluster.cli import retrain  # noqa: E402,F401
 from cluster.cli import autopilot  # noqa: E402,F401
 from cluster.cli import ui  # noqa: E402,F401
+from cluster.cli import security  # noqa: E402,F401
 
 # isort: on
 from cluster.cli.common import DEBUG, app, console

@@ -151,6 +151,7 @@ def compare_table(rows: list[dict[str, Any]]) -> Table:
         "parent",
         "compression",
         "pareto",
+        "under attack",
         caption="latency: one replica's CPUs, as measured at registration (kiln models profile)",
     )
     for row in rows:
@@ -168,8 +169,16 @@ def compare_table(rows: list[dict[str, Any]]) -> Table:
             row["parent"] or "",
             row["compression"] or "",
             {True: "yes", False: "", None: "-"}[row["pareto"]],
+            attack_cell(row.get("robustness") or []),
         )
     return table
+
+
+def attack_cell(reports: list[dict[str, Any]]) -> str:
+    """`kiln evaluate --attack` results: one line per attack and epsilon."""
+    return "\n".join(
+        f"{r['attack']} ε={r['epsilon']:g}: {r['attacked_accuracy']:.4f}" for r in reports
+    )
 
 
 @models_app.command("profile")

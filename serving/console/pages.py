@@ -10,6 +10,8 @@ import re
 from typing import Any
 
 from actors.catalog import VersionRecord
+from actors.registry import ROBUSTNESS_BACKEND
+from serving.variants import robustness_summary
 
 HEADLINE_METRICS = ("accuracy", "r2", "macro_f1", "mse")
 """The first of these a version's metrics hold is its headline on the models page."""
@@ -168,6 +170,14 @@ def children_of(record: VersionRecord, everything: list[VersionRecord]) -> list[
     ]
 
 
+def robustness_of(profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The version's `kiln evaluate --attack` reports (kept as the robustness profile row)."""
+    found: dict[str, Any] = next(
+        (p["profile"] for p in profiles if p["backend"] == ROBUSTNESS_BACKEND), {}
+    )
+    return robustness_summary(found.get("reports", {}))
+
+
 def profile_rows(profiles: list[dict[str, Any]]) -> list[dict]:
     """The version's latency profiles, one per backend (`Registry.profiles`)."""
     keep = ("b1_p50_ms", "b1_p99_ms", "b64_p50_ms", "b64_p99_ms", "rows_per_s_b64", "threads")
@@ -217,7 +227,8 @@ def version_view(
         "lineage_more": more,
         "children": children_of(record, everything),
         "artifacts": sorted(record.artifacts.items()),
-        "profiles": profile_rows(profiles),
+        "profiles": profile_rows([p for p in profiles if p["backend"] != ROBUSTNESS_BACKEND]),
+        "robustness": robustness_of(profiles),
         "curves": curves_chart(record.metrics.get("history")),
         "spec": {k: v for k, v in record.spec.items() if k not in ("feature_stats", "encoding")},
     }
