@@ -28,6 +28,7 @@ over the compute limit's rows/s), then the ratios against the plain baseline.
 
     python benchmarks/serve_throughput.py                # about 6 minutes
     python benchmarks/serve_throughput.py --smoke-test   # 1 s per point, light model, c=1,16
+    python benchmarks/serve_throughput.py --tls          # TLS arm only: light, c64, TLS vs not
 """
 
 from __future__ import annotations
@@ -175,6 +176,74 @@ def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) 
             )
     shutdown_ray()
     return results
+
+
+# ----------------------------------------------------------------------------- TLS arm
+# `--tls`: what TLS costs (cluster/tls.py's frontend in front of Serve's HAProxy ingress), the
+# light model at c64, with and without TLS on one deployment, the two interleaved A/B/A/B
+# (Serve listens on a loopback port behind the frontend: the plain side calls it there).
+
+
+def tls_side(connections: int, duration_s: int, rounds: int) -> dict[str, Any]:
+    """Runs in its own process, on its own embedded Ray with the HAProxy ingress."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from cluster.runtime import registry_for, serve_env, shutdown_ray
+    from cluster.serving_control import deploy_models
+    from cluster.settings import Settings
+    from cluster.tls import TlsFiles, self_signed_files
+
+    os.environ.update(serve_env())
+    home = Path(tempfile.mkdtemp(prefix="kiln-tls-bench-"))
+    settings = Settings(kiln_home=home, kiln_http_port=8432)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    registry = registry_for(settings)
+    files = model_files("light")
+    ray.get(registry.register.remote("bench-light", files, json.loads(files["spec.json"]), {}, {}))
+    cert, key = self_signed_files(home / "tls")
+    tls_url = deploy_models(
+        settings, ["bench-light"], auth=False, tls=TlsFiles(cert, key), **DEPLOY["light"]
+    )
+    inner = _get_global_client().http_config.port  # Serve's own (plain, loopback) port
+    urls = {
+        "tls": f"{tls_url}/v1/models/bench-light:predict",
+        "plain": f"http://127.0.0.1:{inner}/v1/models/bench-light:predict",
+    }
+    runs: dict[str, list[dict[str, float]]] = {"plain": [], "tls": []}
+    for url in urls.values():
+        run_wrk(url, 4, 1)  # warm-up, each path
+    for _ in range(rounds):
+        for side, url in urls.items():
+            runs[side].append(run_wrk(url, connections, duration_s))
+    shutdown_ray()
+    best = {side: max(r["rps"] for r in figures) for side, figures in runs.items()}
+    return {
+        "tls_rps": best["tls"],
+        "plain_rps": best["plain"],
+        "tls_vs_plain": round(best["tls"] / best["plain"], 3),
+        "connections": connections,
+        "rounds": runs,
+    }
+
+
+def run_tls_arm(duration_s: int, smoke: bool) -> dict[str, Any]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--duration-s",
+            str(duration_s),
+            "--tls-side",
+            "1" if smoke else "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"TLS arm failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- plain side
@@ -343,7 +412,21 @@ def main() -> None:
     parser.add_argument(
         "--kiln-side", nargs=3, metavar=("PROXY", "KINDS", "LEVELS"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="Only the TLS arm: light model at c64 with and without TLS, interleaved.",
+    )
+    parser.add_argument("--tls-side", type=int, metavar="ROUNDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tls_side:
+        print(json.dumps(tls_side(64, args.duration_s, args.tls_side)))
+        return
+    if args.tls:
+        ensure_wrk()
+        arm = run_tls_arm(1 if args.smoke_test else args.duration_s, args.smoke_test)
+        print(json.dumps({**arm, "load_avg_1m": os.getloadavg()[0], "cores": CORES}))
+        return
     if args.plain_server:
         kind, port, workers = args.plain_server
         plain_server(kind, int(port), int(workers))

@@ -6,9 +6,11 @@ loopback); the demo only chooses the inputs and measures the result.
 
 from __future__ import annotations
 
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +23,7 @@ from cluster.requests import TrainRequest
 from cluster.runtime import registry_for
 from cluster.serving_control import deploy_models
 from cluster.settings import Settings
+from cluster.tls import TlsFiles
 from training.config import TrainConfig
 
 DEMO_DATA = "sklearn:digits"
@@ -33,11 +36,15 @@ class LoadResult:
     latencies_ms: list[float]
 
 
-def query_endpoint(base_url: str, name: str, x: np.ndarray, concurrency: int = 8) -> LoadResult:
-    """One POST per row, `concurrency` at a time; keeps the order of rows."""
+def query_endpoint(
+    base_url: str, name: str, x: np.ndarray, concurrency: int = 8, ca_file: Path | None = None
+) -> LoadResult:
+    """One POST per row, `concurrency` at a time; keeps the order of rows. Over HTTPS the
+    server's certificate is checked against `ca_file`."""
     url = f"{base_url}/v1/models/{name}:predict"
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    with httpx.Client(timeout=30, limits=limits) as client:
+    verify: Any = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+    with httpx.Client(timeout=30, limits=limits, verify=verify) as client:
 
         def one(row: np.ndarray) -> tuple[Any, float]:
             started = time.perf_counter()
@@ -56,6 +63,7 @@ def run_demo(
     cfg: TrainConfig,
     on_epoch: ProgressFn | None = None,
     on_step: Any = None,
+    tls: TlsFiles | None = None,
 ) -> dict[str, Any]:
     """The whole demo inside an already connected Ray; returns the summary dict."""
     started = time.perf_counter()
@@ -66,14 +74,14 @@ def run_demo(
     outcome = train_and_register(settings, request, registry, on_epoch, step)
     step("serving")
     # The demo is a local show-and-tell: no keys to hand out, so auth is off (with a warning).
-    base_url = deploy_models(settings, [outcome.record.ref], auth=False)
+    base_url = deploy_models(settings, [outcome.record.ref], auth=False, tls=tls)
     step("querying")
     test = load_shards(source, "test", 1)
     try:
         _, x_test, y_test = test.read_arrays()
     finally:
         test.release()
-    load = query_endpoint(base_url, DEMO_MODEL_NAME, x_test)
+    load = query_endpoint(base_url, DEMO_MODEL_NAME, x_test, ca_file=tls.cert if tls else None)
     served_accuracy = float(np.mean(np.asarray(load.predictions) == y_test))
     return {
         "test_accuracy": outcome.test_metrics["accuracy"],

@@ -10,25 +10,36 @@ import ray
 from ray import serve
 
 from actors.catalog import VersionRecord
-from cluster.runtime import registry_for, unwrapped_errors
+from cluster.runtime import free_port, registry_for, unwrapped_errors
 from cluster.settings import Settings
+from cluster.tls import TlsFiles, TlsFrontend
 from serving.app import build_app
 from serving.schemas import AUTH_OFF_WARNING, ServeArgs, is_canary_weight
 from training.errors import KilnError
 from training.export import serving_backend
 
 APP_NAME = "kiln"
+TLS_ON_CLUSTER = (
+    "--tls-* (KILN_TLS_*) terminate TLS for the embedded Ray's kiln serve only; on a cluster put "
+    "a TLS load balancer in front of Serve's port (docs/security.md)"
+)
 
 logger = logging.getLogger(__name__)
 
 
 def deploy_models(
-    settings: Settings, refs: list[str], key: str | None = None, **serve_args: Any
+    settings: Settings,
+    refs: list[str],
+    key: str | None = None,
+    tls: TlsFiles | None = None,
+    **serve_args: Any,
 ) -> str:
     """Serve `refs` at settings' host and port; returns the base URL once it answers.
 
     Deploying is an admin action: it is audited first, which also refuses a `key` without the
     admin scope before anything changes. `auth=False` in `serve_args` turns key checks off.
+    With `tls`, Serve listens on a loopback port and Kiln's TLS frontend (cluster/tls.py) on
+    settings' host and port; it lives as long as this process (the embedded Ray's).
     """
     registry = registry_for(settings)
     # A missing model, or one its backend cannot run, is one line now, not a failed deployment.
@@ -37,15 +48,31 @@ def deploy_models(
     ray.get(registry.record_event.remote("deploy", ",".join(refs), {"auth": auth}, key))
     if not auth:
         logger.warning(AUTH_OFF_WARNING)
-    serve.start(
-        http_options={"host": settings.kiln_http_host, "port": settings.kiln_http_port},
-    )
+    if tls is not None and not settings.embedded:
+        raise KilnError(TLS_ON_CLUSTER)
+    host, port = settings.kiln_http_host, settings.kiln_http_port
+    if tls is not None:  # Serve (and its replicas' direct-ingress ports) on loopback only
+        host, port = "127.0.0.1", free_port()
+    serve.start(http_options={"host": host, "port": port})
     serve_args.setdefault("feedback_shards", settings.kiln_feedback_shards)
     serve.run(build_app({"models": refs, **serve_args}), name=APP_NAME, route_prefix="/")
-    base_url = f"http://{settings.kiln_http_host}:{settings.kiln_http_port}"
     # serve.run returns once replicas are healthy; check the proxy routes to them too.
-    httpx.get(f"{base_url}/docs", timeout=30).raise_for_status()
-    return base_url
+    httpx.get(f"http://{host}:{port}/docs", timeout=30).raise_for_status()
+    if tls is None:
+        return f"http://{host}:{port}"
+    FRONTENDS.append(
+        TlsFrontend(tls, settings.kiln_http_host, settings.kiln_http_port, port).start()
+    )
+    return f"https://{public_host(settings.kiln_http_host)}:{settings.kiln_http_port}"
+
+
+FRONTENDS: list[TlsFrontend] = []
+"""The TLS frontends this process started (stopped at its exit: cluster/tls.py)."""
+
+
+def public_host(host: str) -> str:
+    """The address a client on this machine uses for `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
 def resolve_all(registry: Any, refs: list[str], backend: str = "auto") -> list[VersionRecord]:

@@ -9,8 +9,9 @@
 | KILN_HTTP_PORT   | --port      | 8000                            |
 | KILN_API_KEY     | --key       | unset: act as the local user    |
 | KILN_FEEDBACK_SHARDS |         | 1 (FeedbackStore actors)        |
-| KILN_ENCRYPT     |             | off: seal new storage files (docs/security.md) |
-| KILN_MASTER_KEY  |             | unset: the master key (file, hex/base64, aws-kms:ID) |
+| KILN_TLS_CERT    | --tls-cert  | unset: plain HTTP (cluster/tls.py) |
+| KILN_TLS_KEY     | --tls-key   | unset                           |
+| KILN_TLS_CA      | --tls-ca    | unset: no client certificates   |
 | KILN_PRICE_CPU_HOUR  |         | 0.0504 USD (actors/monitor.py)  |
 | KILN_PRICE_GPU_HOUR  |         | 1.006 USD (actors/monitor.py)   |
 """
@@ -40,11 +41,22 @@ class Settings(BaseSettings):
     """FeedbackStore actors the prediction log spreads over (one per few busy replicas)."""
     kiln_api_key: str | None = Field(None, repr=False)
     """An admin API key to act as in registry changes; unset: the local user ("local")."""
-    kiln_encrypt: bool = False
-    """Encrypt every file Kiln writes to its storage (AES-256-GCM, a data key per file wrapped
-    by KILN_MASTER_KEY); a store that holds encrypted files stays encrypted."""
 
-    @field_validator("ray_address", "kiln_storage", "kiln_api_key")
+    kiln_tls_cert: str | None = None
+    """Server certificate (PEM) for every HTTP endpoint Kiln opens; with kiln_tls_key."""
+    kiln_tls_key: str | None = Field(None, repr=False)
+    """The certificate's private key (PEM, unencrypted)."""
+    kiln_tls_ca: str | None = None
+    """CA certificates (PEM) that callers' client certificates must chain to (mutual TLS)."""
+
+    @field_validator(
+        "ray_address",
+        "kiln_storage",
+        "kiln_api_key",
+        "kiln_tls_cert",
+        "kiln_tls_key",
+        "kiln_tls_ca",
+    )
     @classmethod
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return value or None

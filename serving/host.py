@@ -12,6 +12,7 @@ pass per model per batch.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from actors.replica import SMALL_ROWS, ModelReplica
 from serving.errors import actor_failure
 from serving.inputs import rows_to_inputs
 from serving.jsonbody import shown
+from serving.logmask import LogMask
 from serving.metrics import ServingMetrics
 from serving.predlog import Logged, PredictionLog
 from serving.ratelimit import RateLimiter
@@ -267,6 +269,16 @@ def input_infos(replica: ModelReplica) -> list[InputInfo] | None:
     ]
 
 
+def log_mask_of(args: ServeArgs) -> LogMask:
+    """The replica's LogMask; its secret from the args, KILN_LOG_MASK_KEY, or made here."""
+    secret = args.log_mask_key or os.environ.get("KILN_LOG_MASK_KEY")
+    wanted = args.log_mask or args.log_drop or args.log_mask_text
+    if wanted and not secret:
+        logger.warning("no log mask key given: masked values hash differently after a restart")
+    key = bytes.fromhex(secret) if secret else os.urandom(32)
+    return LogMask(key, frozenset(args.log_mask), frozenset(args.log_drop), text=args.log_mask_text)
+
+
 class ModelHost:
     """Registered model versions on one replica, batched across requests."""
 
@@ -282,6 +294,7 @@ class ModelHost:
         """Prometheus metrics through Ray (none outside a Serve replica: route tests)."""
         if registry is not None and args.metrics:
             self.metrics = ServingMetrics()
+        self.log_mask = log_mask_of(args)
         if registry is not None and args.log_sample > 0:
             self.log = PredictionLog(
                 self._feedback_stores,
@@ -291,6 +304,7 @@ class ModelHost:
                 num_gpus=float(assigned_gpus()),
                 on_drop=self.metrics.log_dropped.inc if self.metrics else None,
                 served_models=self.served_model_names,
+                masker=self.mask_logged if self.log_mask.active else None,
             )
         # The replica computes with the cores it reserves (Kiln's workers default to one
         # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads (an
@@ -352,6 +366,20 @@ class ModelHost:
                 predictions,
             )
         )
+
+    def mask_logged(self, item: Any) -> Any:
+        """`item` as --log-mask/--log-drop/--log-mask-text want it in the log."""
+        if hasattr(item, "x") and not self.log_mask.knows(item.model, item.version):
+            names = next(
+                (
+                    [c.name for c in r.encoding.inputs] if r.encoding is not None else []
+                    for r in self.served.replicas.values()
+                    if r.record.name == item.model and r.record.version == item.version
+                ),
+                [],
+            )
+            self.log_mask = self.log_mask.for_model(item.model, item.version, names)
+        return self.log_mask.apply(item)
 
     def served_model_names(self) -> list[str]:
         return sorted({r.record.name for r in self.served.replicas.values()})

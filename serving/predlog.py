@@ -137,6 +137,7 @@ class PredictionLog:
         max_buffered_rows: int = MAX_BUFFERED_ROWS,
         on_drop: Callable[[int], Any] | None = None,
         served_models: Callable[[], list[str]] = list,
+        masker: Callable[[Any], Any] | None = None,
     ) -> None:
         self._stores = stores
         self.handles: list[Any] | None = None
@@ -157,6 +158,9 @@ class PredictionLog:
         self.replica_id = uuid.uuid4().hex[:12]
         self.usage_since = time.time()
         self.served_models = served_models
+        self.masker = masker
+        """Masks a logged request before its rows are built (serving/logmask.py): at flush
+        time, off the request path, and still in this replica."""
         """The model names this replica serves (its usage rows name them: cost)."""
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
@@ -240,6 +244,8 @@ class PredictionLog:
     def _build_pending(self, items: list[Logged]) -> None:
         if not items:
             return
+        if self.masker is not None:
+            items = [self.masker(item) for item in items]
         num_shards = len(self.stores())
         by_model: dict[str, list[Logged]] = {}
         for item in items:

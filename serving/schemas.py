@@ -343,6 +343,25 @@ class ServeArgs(BaseModel):
     auth_cache_ttl_s: float = Field(
         5.0, ge=0, le=300, description="How long a replica trusts the registry's answer."
     )
+    log_mask: list[str] = Field(
+        default_factory=list,
+        description="Inputs the prediction log keeps only as a keyed hash (equal values stay "
+        "equal): serving/logmask.py.",
+    )
+    log_drop: list[str] = Field(
+        default_factory=list, description="Inputs the prediction log does not keep (NaN)."
+    )
+    log_mask_text: bool = Field(
+        False,
+        description="Language models: mask e-mail addresses, phone numbers and card numbers "
+        "in logged prompts and completions.",
+    )
+    log_mask_key: str | None = Field(
+        None,
+        repr=False,
+        description="The deployment's masking secret (hex); unset: KILN_LOG_MASK_KEY, else a "
+        "random one per replica start (hashes then differ between starts).",
+    )
     key_use_report_s: float = Field(
         30.0,
         ge=0.1,

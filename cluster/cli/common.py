@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.table import Table
 
 from cluster.settings import Settings
 from training.errors import KilnError
+
+if TYPE_CHECKING:
+    from cluster.tls import TlsFiles
 
 app = typer.Typer(
     name="kiln",
@@ -55,6 +58,24 @@ StorageOpt = Annotated[
 ]
 HostOpt = Annotated[str | None, typer.Option("--host", help="HTTP host (KILN_HTTP_HOST).")]
 PortOpt = Annotated[int | None, typer.Option("--port", help="HTTP port (KILN_HTTP_PORT).")]
+TlsCertOpt = Annotated[
+    str | None,
+    typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM; KILN_TLS_CERT)."),
+]
+TlsKeyOpt = Annotated[
+    str | None, typer.Option("--tls-key", help="The certificate's private key (KILN_TLS_KEY).")
+]
+TlsCaOpt = Annotated[
+    str | None,
+    typer.Option("--tls-ca", help="Require client certificates from this CA (KILN_TLS_CA)."),
+]
+TlsSelfSignedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tls-self-signed",
+        help="HTTPS with a throwaway certificate (in $KILN_HOME/tls); prints its fingerprint.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 LabelOpt = Annotated[
     str | None, typer.Option(help="Label column (default: label, target or the last).")
@@ -116,6 +137,32 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings().with_overrides(**{keys[k]: v for k, v in overrides.items()})
     except ValueError as exc:
         raise KilnError(f"invalid setting: {first_pydantic_error(exc)}") from exc
+
+
+def tls_files(
+    settings: Settings,
+    cert: str | None,
+    key: str | None,
+    client_ca: str | None,
+    self_signed: bool = False,
+) -> TlsFiles | None:
+    """The TLS files of the --tls-* options (each over its KILN_TLS_* setting), checked; None
+    for plain HTTP. A self-signed certificate's path and SHA-256 fingerprint are printed."""
+    from cluster.tls import fingerprint, tls_from_options
+
+    files = tls_from_options(
+        None if self_signed else (cert or settings.kiln_tls_cert),
+        None if self_signed else (key or settings.kiln_tls_key),
+        client_ca or settings.kiln_tls_ca,
+        self_signed,
+        settings.kiln_home.expanduser().resolve(),
+    )
+    if files is not None and self_signed:
+        console.print(
+            f"self-signed certificate {files.cert} (trust it with --cacert)", soft_wrap=True
+        )
+        console.print(f"SHA-256 fingerprint {fingerprint(files.cert)}", soft_wrap=True)
+    return files
 
 
 def first_pydantic_error(exc: ValueError) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from typing import TYPE_CHECKING, Annotated, Any
@@ -15,18 +14,21 @@ from cluster.cli.common import (
     AddressOpt,
     HomeOpt,
     HostOpt,
-    JsonOpt,
     KeyOpt,
     PortOpt,
     StorageOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    TlsSelfSignedOpt,
     app,
     check_port,
     connected,
     console,
     first_pydantic_error,
     load_settings,
-    output,
     require_cluster,
+    tls_files,
 )
 from training.errors import KilnError
 
@@ -92,6 +94,23 @@ def serve(
     log_retention_days: Annotated[
         int, typer.Option(help="Days the prediction log and feedback are kept.")
     ] = 30,
+    log_mask: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Inputs the prediction log keeps only as a keyed hash (FIELD[,FIELD]; "
+            "equal values stay equal)."
+        ),
+    ] = None,
+    log_drop: Annotated[
+        list[str] | None,
+        typer.Option(help="Inputs the prediction log does not keep (FIELD[,FIELD])."),
+    ] = None,
+    log_mask_text: Annotated[
+        bool,
+        typer.Option(
+            help="Language models: mask e-mail addresses, phone and card numbers in the log."
+        ),
+    ] = False,
     emit_config: Annotated[
         str | None,
         typer.Option(help="Write a Serve config YAML (serve deploy / KubeRay) and exit."),
@@ -115,14 +134,10 @@ def serve(
     dry_run: Annotated[
         bool, typer.Option(help="SLO: print the candidates and the choice, deploy nothing.")
     ] = False,
-    as_json: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help="Print one JSON object: the --dry-run choice, the --emit-config path, or "
-            "where the models are served once they are.",
-        ),
-    ] = False,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_self_signed: TlsSelfSignedOpt = False,
     host: HostOpt = None,
     port: PortOpt = None,
     address: AddressOpt = None,
@@ -131,6 +146,7 @@ def serve(
     key: KeyOpt = None,
 ) -> None:
     """Serve registered models over HTTP (blocks until Ctrl-C on the embedded Ray)."""
+    from serving.logmask import parse_fields
     from serving.schemas import AUTH_OFF_WARNING
 
     if not models:
@@ -155,6 +171,9 @@ def serve(
         access_log=access_log,
         log_sample=log_sample,
         log_retention_days=log_retention_days,
+        log_mask=parse_fields(log_mask),
+        log_drop=parse_fields(log_drop),
+        log_mask_text=log_mask_text,
     )
     settings = load_settings(address=address, home=home, storage=storage, host=host, port=port)
     slo = slo_request(
@@ -167,7 +186,7 @@ def serve(
         dry_run=dry_run,
     )
     if slo is not None:
-        chosen = choose_for_slo(settings, models[0], slo, key, dry_run, backend, as_json)
+        chosen = choose_for_slo(settings, models[0], slo, key, dry_run, backend)
         if dry_run:
             return
         models = serve_args["models"] = [chosen.candidate.ref]
@@ -177,14 +196,20 @@ def serve(
         from cluster.serving_control import write_serve_config
 
         write_serve_config(emit_config, serve_args, settings)
-        output(
-            {"config": emit_config},
-            as_json,
-            lambda r: (
-                f"wrote {r['config']}: serve deploy {r['config']}, or a RayService's serveConfigV2"
-            ),
+        console.print(
+            f"wrote {emit_config}: serve deploy {emit_config}, or a RayService's serveConfigV2"
         )
         return
+    tls = tls_files(settings, tls_cert, tls_key, tls_ca, tls_self_signed)
+    if serve_args["log_mask"] or serve_args["log_drop"] or log_mask_text:
+        both = set(serve_args["log_mask"]) & set(serve_args["log_drop"])
+        if both:
+            raise KilnError(f"{', '.join(sorted(both))}: give a field to --log-mask or --log-drop")
+        serve_args["log_mask_key"] = mask_key(settings)
+    if tls is not None and not settings.embedded:
+        from cluster.serving_control import TLS_ON_CLUSTER
+
+        raise KilnError(TLS_ON_CLUSTER)
     if settings.embedded:
         check_refs(settings, models, backend)  # the SQLite catalog, before Ray or Serve start
         # A busy port is one line now, not Serve's HAProxy failing after Ray has started.
@@ -197,9 +222,7 @@ def serve(
         # the replicas and FeedbackStores find the registry by name while this command serves.
         registry = registry_for(settings)
         serve_args.pop("models")
-        url = deploy_models(settings, models, key=key, **serve_args)
-        if as_json:
-            print(json.dumps({"models": models, "url": url}), flush=True)
+        url = deploy_models(settings, models, key=key, tls=tls, **serve_args)
         console.print(
             f"serving {', '.join(models)} at {url}  (POST {url}/v1/models/<name>:predict)"
         )
@@ -224,6 +247,23 @@ def serve(
         except KeyboardInterrupt:
             console.print("stopping")
         del registry
+
+
+def mask_key(settings: Settings) -> str:
+    """The deployment's log-masking secret: KILN_LOG_MASK_KEY, else $KILN_HOME/log-mask.key."""
+    import os
+    from pathlib import Path
+
+    from serving.logmask import load_mask_key
+
+    given = os.environ.get("KILN_LOG_MASK_KEY")
+    if given:
+        try:
+            bytes.fromhex(given)
+        except ValueError as exc:
+            raise KilnError("KILN_LOG_MASK_KEY must be hex (e.g. openssl rand -hex 32)") from exc
+        return given
+    return load_mask_key(Path(settings.kiln_home).expanduser().resolve() / "log-mask.key")
 
 
 def interrupt(_signum: int, _frame: Any) -> None:
@@ -271,13 +311,7 @@ def slo_request(models: list[str], serve_args: dict[str, Any], **options: Any) -
 
 
 def choose_for_slo(
-    settings: Settings,
-    name: str,
-    slo: SLO,
-    key: str | None,
-    dry_run: bool,
-    backend: str = "auto",
-    as_json: bool = False,
+    settings: Settings, name: str, slo: SLO, key: str | None, dry_run: bool, backend: str = "auto"
 ) -> Verdict:
     """Judge every profiled version of `name` against `slo` (each backend it was profiled on,
     or only `backend` unless auto), print the candidates, audit the decision and return the
@@ -313,19 +347,7 @@ def choose_for_slo(
             },
         )
     unprofiled = [r["ref"] for r in rows if not r["profiles"]]
-    if as_json and chosen is not None and dry_run:
-        summary = {
-            "dry_run": True,
-            "chosen": chosen.candidate.ref,
-            "backend": chosen.candidate.backend,
-            "replicas": chosen.prediction.replicas,
-            "message": choice.message,
-            "candidates": [v.to_dict() for v in choice.verdicts],
-            "unprofiled": unprofiled,
-        }
-        print(json.dumps(summary, default=str), flush=True)
-        return chosen
-    if (choice.verdicts or unprofiled) and not as_json:
+    if choice.verdicts or unprofiled:
         Console().print(slo_table(choice, slo, unprofiled))
     if chosen is None:
         raise KilnError(choice.message)
@@ -396,7 +418,6 @@ def deploy(
     canary_weight: Annotated[
         int, typer.Option(help="Percent of the bare name's traffic it takes, 0-100.")
     ] = 10,
-    as_json: JsonOpt = False,
     address: AddressOpt = None,
     key: KeyOpt = None,
 ) -> None:
@@ -407,42 +428,33 @@ def deploy(
     settings = require_cluster(load_settings(address=address), "kiln deploy")
     with connected(settings):
         deploy_canary(settings, name, version, canary_weight, key)
-    output(
-        {"model": name, "version": version, "canary_weight": canary_weight},
-        as_json,
-        lambda r: f"{name}@{version} takes {canary_weight}% of {name}'s traffic (alias canary)",
-    )
+    console.print(f"{name}@{version} takes {canary_weight}% of {name}'s traffic (alias canary)")
 
 
 @app.command()
 def promote(
     name: Annotated[str, typer.Argument(help="A served model's name.")],
-    as_json: JsonOpt = False,
     address: AddressOpt = None,
     key: KeyOpt = None,
 ) -> None:
     """The canary becomes production and takes all traffic (no failed request)."""
-    switch_traffic("promote", name, address, key, as_json)
+    switch_traffic("promote", name, address, key)
 
 
 @app.command()
 def rollback(
     name: Annotated[str, typer.Argument(help="A served model's name.")],
-    as_json: JsonOpt = False,
     address: AddressOpt = None,
     key: KeyOpt = None,
 ) -> None:
     """Drop a live canary; without one, serve the previous production version again."""
-    switch_traffic("rollback", name, address, key, as_json)
+    switch_traffic("rollback", name, address, key)
 
 
-def switch_traffic(
-    action: str, name: str, address: str | None, key: str | None, as_json: bool = False
-) -> None:
+def switch_traffic(action: str, name: str, address: str | None, key: str | None) -> None:
     from cluster import serving_control
 
     settings = require_cluster(load_settings(address=address), f"kiln {action}")
     with connected(settings):
         args = getattr(serving_control, action)(settings, name, key)
-    serves = [m for m in args["models"] if m.startswith(name + "@")]
-    output({"model": name, "serves": serves}, as_json, lambda r: f"{name} now serves {serves}")
+    console.print(f"{name} now serves {[m for m in args['models'] if m.startswith(name + '@')]}")

@@ -21,6 +21,7 @@ from cluster.cli.common import (
     MissingOpt,
     PortOpt,
     StorageOpt,
+    TlsSelfSignedOpt,
     app,
     command_request,
     connected,
@@ -31,6 +32,7 @@ from cluster.cli.common import (
     preload,
     print_column_notes,
     require_gpu,
+    tls_files,
 )
 from cluster.cli.language import (
     LMBlockSizeOpt,
@@ -62,6 +64,7 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 40,
     workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 2,
     as_json: JsonOpt = False,
+    tls_self_signed: TlsSelfSignedOpt = False,
     host: HostOpt = None,
     port: PortOpt = None,
     home: HomeOpt = None,
@@ -80,9 +83,11 @@ def demo(
     from serving.schemas import AUTH_OFF_WARNING
 
     console.print(f"[yellow]demo: {AUTH_OFF_WARNING}[/]")
+    # TLS only as the self-signed kind: the demo's own queries trust that certificate.
+    tls = tls_files(settings, None, None, None, True) if tls_self_signed else None
     bar = EpochProgress(cfg.epochs, quiet=False)
     with bar.progress, connected(settings):
-        result = run_demo(settings, cfg, on_epoch=bar.epoch, on_step=bar.step)
+        result = run_demo(settings, cfg, on_epoch=bar.epoch, on_step=bar.step, tls=tls)
     result["elapsed_s"] = time.perf_counter() - started
     output(result, as_json, key_values("kiln demo"))
 

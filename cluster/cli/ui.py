@@ -3,6 +3,7 @@ storage (or a cluster's, with --address), without deploying a model (serving/con
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 import typer
@@ -11,11 +12,16 @@ from cluster.cli.common import (
     AddressOpt,
     HomeOpt,
     StorageOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    TlsSelfSignedOpt,
     app,
     check_port,
     connected,
     console,
     load_settings,
+    tls_files,
 )
 
 DEFAULT_PORT = 8080
@@ -30,6 +36,10 @@ def ui(
     auth: Annotated[
         bool, typer.Option(help="Ask for an API key (kiln keys create) and show what it may see.")
     ] = True,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
+    tls_self_signed: TlsSelfSignedOpt = False,
     address: AddressOpt = None,
     home: HomeOpt = None,
     storage: StorageOpt = None,
@@ -43,10 +53,32 @@ def ui(
     from serving.schemas import AUTH_OFF_WARNING
 
     settings = load_settings(address=address, home=home, storage=storage)
+    tls = tls_files(settings, tls_cert, tls_key, tls_ca, tls_self_signed)
     check_port(host, port)
     with connected(settings):
         application = build_console_app(registry_for(settings), auth=auth)
         if not auth:
             console.print(f"[yellow]{AUTH_OFF_WARNING}[/yellow]")
-        console.print(f"Kiln console at http://{host}:{port}/ui (Ctrl-C stops it)")
-        uvicorn.run(application, host=host, port=port, log_level="warning")
+        if tls is None:
+            console.print(f"Kiln console at http://{host}:{port}/ui (Ctrl-C stops it)")
+            uvicorn.run(application, host=host, port=port, log_level="warning")
+            return
+        # The console on a loopback port behind the TLS frontend, as kiln serve (cluster/tls.py).
+        from cluster.runtime import free_port
+        from cluster.tls import TlsFrontend
+
+        inner = free_port()
+        config = uvicorn.Config(application, host="127.0.0.1", port=inner, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        frontend = TlsFrontend(tls, host, port, inner).start()
+        console.print(f"Kiln console at https://{host}:{port}/ui (Ctrl-C stops it)")
+        try:
+            while thread.is_alive():
+                thread.join(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            frontend.stop()
+            server.should_exit = True

@@ -1,0 +1,150 @@
+"""Masking of the prediction log (serving/logmask.py): the text patterns, the keyed hash, and
+the replica's log written to real storage by the FeedbackStore's code, searched byte by byte.
+No Ray: the store's actor handle is stood in for by its service object."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from actors.feedback import FeedbackService
+from serving.logmask import LogMask, luhn_ok, mask_text, parse_fields
+from serving.predlog import Logged, PredictionLog
+
+KEY = bytes(range(32))
+
+
+@pytest.mark.parametrize(
+    "text, kind",
+    [
+        ("write to jane.doe+kiln@example.co.uk today", "EMAIL"),
+        ("call +44 20 7946 0958 now", "PHONE"),
+        ("call (555) 123-4567 now", "PHONE"),
+        ("call 555-123-4567 now", "PHONE"),
+        ("call 4155552671", "PHONE"),
+        ("card 4111 1111 1111 1111 exp 12/29", "CARD"),
+        ("card 5500-0000-0000-0004", "CARD"),
+        ("card 378282246310005", "CARD"),
+    ],
+)
+def test_sensitive_values_are_tagged(text: str, kind: str) -> None:
+    masked = mask_text(text, KEY)
+    assert masked is not None and f"<{kind}:" in masked
+    digits_or_mail = [w for w in text.split() if "@" in w or sum(c.isdigit() for c in w) >= 7]
+    for word in digits_or_mail:
+        assert word.strip("(),.") not in masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "order 4111 1111 1111 1112 shipped",  # 16 digits, fails Luhn: no card
+        "version 3.11.4 and 2026-12-07",
+        "the answer is 42, x=1234",
+        "no mail here @ all",
+    ],
+)
+def test_ordinary_text_is_kept(text: str) -> None:
+    assert mask_text(text, KEY) == text
+
+
+def test_equal_values_get_equal_tags_and_another_key_another() -> None:
+    one = mask_text("a@b.org and A@B.org", KEY)
+    assert one is not None
+    tags = [w for w in one.split() if w.startswith("<EMAIL:")]
+    assert len(tags) == 2 and tags[0] == tags[1]  # the address's case does not matter
+    other = mask_text("a@b.org", bytes(32))
+    assert other is not None and other not in one
+
+
+def test_luhn() -> None:
+    assert luhn_ok("4111111111111111") and luhn_ok("79927398713")
+    assert not luhn_ok("4111111111111112")
+
+
+def test_parse_fields() -> None:
+    assert parse_fields(["b,a", "c", " a "]) == ["a", "b", "c"]
+    assert parse_fields(None) == []
+
+
+def test_masked_inputs_hash_alike_dropped_inputs_are_gone() -> None:
+    mask = LogMask(KEY, frozenset({"income"}), frozenset({"age"})).for_model(
+        "churn", 1, ["age", "income", "city"]
+    )
+    x = np.array([[30, 50_000, 2], [31, 50_000, 1], [32, 61_000, 2]], dtype=np.float32)
+    out = mask.mask_inputs("churn", 1, x)
+    assert np.isnan(out[:, 0]).all()
+    assert out[0, 1] == out[1, 1] != out[2, 1]  # equal values stay equal
+    assert not np.isin(x[:, 1], out[:, 1]).any()
+    assert (out[:, 2] == x[:, 2]).all()  # other inputs as they were
+    assert (out[:, 1] < 2**24).all() and (out[:, 1] == np.round(out[:, 1])).all()
+    assert x[0, 1] == 50_000  # the request's own array is not touched
+    assert mask.mask_inputs("other", 1, x) is x
+
+
+class StoreHandle:
+    """FeedbackService behind `.append.remote(...)` as the replica calls it."""
+
+    def __init__(self, service: FeedbackService) -> None:
+        self.service = service
+        self.append = self._method("append")
+        self.append_usage = self._method("append_usage")
+
+    def _method(self, name: str) -> Any:
+        service = self.service
+
+        class Remote:
+            @staticmethod
+            def remote(*args: Any) -> Any:
+                async def call() -> Any:
+                    return getattr(service, name)(*args)
+
+                return call()
+
+        return Remote()
+
+
+SECRET_INCOME = 987_654.3125  # exact in float32: its 4 bytes are what a leak would show
+SECRET_AGE = 77_123.5
+VISIBLE_SCORE = 123_457.25  # not masked: the byte search must find it (the search works)
+
+
+def every_byte(root: Path) -> list[tuple[Path, bytes]]:
+    return [(p, p.read_bytes()) for p in root.rglob("*") if p.is_file()]
+
+
+def test_no_masked_value_reaches_the_storage_files(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    service = FeedbackService(str(storage))
+    mask = LogMask(KEY, frozenset({"income"}), frozenset({"age"}))
+    names = ["age", "income", "score"]
+    log = PredictionLog(
+        lambda: [StoreHandle(service)],
+        masker=lambda item: mask.for_model(item.model, item.version, names).apply(item),
+    )
+    x = np.array(
+        [[SECRET_AGE, SECRET_INCOME, VISIBLE_SCORE], [SECRET_AGE, SECRET_INCOME, 1.0]],
+        dtype=np.float32,
+    )
+
+    async def scenario() -> int:
+        log.record(Logged("churn", 1, "req-1", 1.7e9, 200, 1.0, 2, x, np.array([0.0, 1.0])))
+        return await log.flush()
+
+    assert asyncio.run(scenario()) == 2
+    files = every_byte(storage)
+    parquet = [p for p, _ in files if p.suffix == ".parquet"]
+    assert parquet, "the log wrote no Parquet file"
+    visible = np.float32(VISIBLE_SCORE).tobytes()
+    assert any(visible in data for _, data in files), "the byte search cannot see values"
+    for secret in (SECRET_INCOME, SECRET_AGE):
+        needle = np.float32(secret).tobytes()
+        assert not any(needle in data for _, data in files), f"{secret} reached {storage}"
+    inputs = [row for p in parquet for row in pq.read_table(p).column("inputs").to_pylist()]
+    assert all(np.isnan(row[0]) for row in inputs)
+    assert inputs[0][1] == inputs[1][1] != SECRET_INCOME
