@@ -12,6 +12,8 @@
 | KILN_TLS_CERT    | --tls-cert  | unset: plain HTTP (cluster/tls.py) |
 | KILN_TLS_KEY     | --tls-key   | unset                           |
 | KILN_TLS_CA      | --tls-ca    | unset: no client certificates   |
+| KILN_ENCRYPT     |             | off: seal new storage files (docs/security.md) |
+| KILN_MASTER_KEY  |             | unset: the master key (file, hex/base64, aws-kms:ID) |
 | KILN_PRICE_CPU_HOUR  |         | 0.0504 USD (actors/monitor.py)  |
 | KILN_PRICE_GPU_HOUR  |         | 1.006 USD (actors/monitor.py)   |
 """
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
     """FeedbackStore actors the prediction log spreads over (one per few busy replicas)."""
     kiln_api_key: str | None = Field(None, repr=False)
     """An admin API key to act as in registry changes; unset: the local user ("local")."""
+    kiln_encrypt: bool = False
+    """Encrypt every file Kiln writes to its storage (AES-256-GCM, a data key per file wrapped
+    by KILN_MASTER_KEY); a store that holds encrypted files stays encrypted."""
 
     kiln_tls_cert: str | None = None
     """Server certificate (PEM) for every HTTP endpoint Kiln opens; with kiln_tls_key."""

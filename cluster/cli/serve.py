@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from typing import TYPE_CHECKING, Annotated, Any
@@ -14,6 +15,7 @@ from cluster.cli.common import (
     AddressOpt,
     HomeOpt,
     HostOpt,
+    JsonOpt,
     KeyOpt,
     PortOpt,
     StorageOpt,
@@ -27,6 +29,7 @@ from cluster.cli.common import (
     console,
     first_pydantic_error,
     load_settings,
+    output,
     require_cluster,
     tls_files,
 )
@@ -134,6 +137,14 @@ def serve(
     dry_run: Annotated[
         bool, typer.Option(help="SLO: print the candidates and the choice, deploy nothing.")
     ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object: the --dry-run choice, the --emit-config path, or "
+            "where the models are served once they are.",
+        ),
+    ] = False,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
     tls_ca: TlsCaOpt = None,
@@ -186,7 +197,7 @@ def serve(
         dry_run=dry_run,
     )
     if slo is not None:
-        chosen = choose_for_slo(settings, models[0], slo, key, dry_run, backend)
+        chosen = choose_for_slo(settings, models[0], slo, key, dry_run, backend, as_json)
         if dry_run:
             return
         models = serve_args["models"] = [chosen.candidate.ref]
@@ -196,8 +207,12 @@ def serve(
         from cluster.serving_control import write_serve_config
 
         write_serve_config(emit_config, serve_args, settings)
-        console.print(
-            f"wrote {emit_config}: serve deploy {emit_config}, or a RayService's serveConfigV2"
+        output(
+            {"config": emit_config},
+            as_json,
+            lambda r: (
+                f"wrote {r['config']}: serve deploy {r['config']}, or a RayService's serveConfigV2"
+            ),
         )
         return
     tls = tls_files(settings, tls_cert, tls_key, tls_ca, tls_self_signed)
@@ -223,6 +238,8 @@ def serve(
         registry = registry_for(settings)
         serve_args.pop("models")
         url = deploy_models(settings, models, key=key, tls=tls, **serve_args)
+        if as_json:
+            print(json.dumps({"models": models, "url": url}), flush=True)
         console.print(
             f"serving {', '.join(models)} at {url}  (POST {url}/v1/models/<name>:predict)"
         )
@@ -311,7 +328,13 @@ def slo_request(models: list[str], serve_args: dict[str, Any], **options: Any) -
 
 
 def choose_for_slo(
-    settings: Settings, name: str, slo: SLO, key: str | None, dry_run: bool, backend: str = "auto"
+    settings: Settings,
+    name: str,
+    slo: SLO,
+    key: str | None,
+    dry_run: bool,
+    backend: str = "auto",
+    as_json: bool = False,
 ) -> Verdict:
     """Judge every profiled version of `name` against `slo` (each backend it was profiled on,
     or only `backend` unless auto), print the candidates, audit the decision and return the
@@ -347,7 +370,19 @@ def choose_for_slo(
             },
         )
     unprofiled = [r["ref"] for r in rows if not r["profiles"]]
-    if choice.verdicts or unprofiled:
+    if as_json and chosen is not None and dry_run:
+        summary = {
+            "dry_run": True,
+            "chosen": chosen.candidate.ref,
+            "backend": chosen.candidate.backend,
+            "replicas": chosen.prediction.replicas,
+            "message": choice.message,
+            "candidates": [v.to_dict() for v in choice.verdicts],
+            "unprofiled": unprofiled,
+        }
+        print(json.dumps(summary, default=str), flush=True)
+        return chosen
+    if (choice.verdicts or unprofiled) and not as_json:
         Console().print(slo_table(choice, slo, unprofiled))
     if chosen is None:
         raise KilnError(choice.message)
@@ -418,6 +453,7 @@ def deploy(
     canary_weight: Annotated[
         int, typer.Option(help="Percent of the bare name's traffic it takes, 0-100.")
     ] = 10,
+    as_json: JsonOpt = False,
     address: AddressOpt = None,
     key: KeyOpt = None,
 ) -> None:
@@ -428,33 +464,42 @@ def deploy(
     settings = require_cluster(load_settings(address=address), "kiln deploy")
     with connected(settings):
         deploy_canary(settings, name, version, canary_weight, key)
-    console.print(f"{name}@{version} takes {canary_weight}% of {name}'s traffic (alias canary)")
+    output(
+        {"model": name, "version": version, "canary_weight": canary_weight},
+        as_json,
+        lambda r: f"{name}@{version} takes {canary_weight}% of {name}'s traffic (alias canary)",
+    )
 
 
 @app.command()
 def promote(
     name: Annotated[str, typer.Argument(help="A served model's name.")],
+    as_json: JsonOpt = False,
     address: AddressOpt = None,
     key: KeyOpt = None,
 ) -> None:
     """The canary becomes production and takes all traffic (no failed request)."""
-    switch_traffic("promote", name, address, key)
+    switch_traffic("promote", name, address, key, as_json)
 
 
 @app.command()
 def rollback(
     name: Annotated[str, typer.Argument(help="A served model's name.")],
+    as_json: JsonOpt = False,
     address: AddressOpt = None,
     key: KeyOpt = None,
 ) -> None:
     """Drop a live canary; without one, serve the previous production version again."""
-    switch_traffic("rollback", name, address, key)
+    switch_traffic("rollback", name, address, key, as_json)
 
 
-def switch_traffic(action: str, name: str, address: str | None, key: str | None) -> None:
+def switch_traffic(
+    action: str, name: str, address: str | None, key: str | None, as_json: bool = False
+) -> None:
     from cluster import serving_control
 
     settings = require_cluster(load_settings(address=address), f"kiln {action}")
     with connected(settings):
         args = getattr(serving_control, action)(settings, name, key)
-    console.print(f"{name} now serves {[m for m in args['models'] if m.startswith(name + '@')]}")
+    serves = [m for m in args["models"] if m.startswith(name + "@")]
+    output({"model": name, "serves": serves}, as_json, lambda r: f"{name} now serves {serves}")
