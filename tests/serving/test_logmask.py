@@ -5,6 +5,7 @@ No Ray: the store's actor handle is stood in for by its service object."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,25 @@ def test_no_masked_value_reaches_the_storage_files(tmp_path: Path) -> None:
     inputs = [row for p in parquet for row in pq.read_table(p).column("inputs").to_pylist()]
     assert all(np.isnan(row[0]) for row in inputs)
     assert inputs[0][1] == inputs[1][1] != SECRET_INCOME
+
+
+@dataclass
+class TextEntry:
+    """The fields a language model's log entry carries (predlog's LoggedText has these)."""
+
+    model: str
+    version: int
+    prompt: str
+    completions: list[str]
+
+
+def test_language_model_text_is_masked_only_with_log_mask_text() -> None:
+    entry = TextEntry(
+        "lm", 1, "mail bob@corp.example or call +1 415 555 2671", ["card 4111-1111-1111-1111"]
+    )
+    masked = LogMask(KEY, text=True).apply(entry)
+    assert "bob@corp.example" not in masked.prompt and "<EMAIL:" in masked.prompt
+    assert "555 2671" not in masked.prompt and "<PHONE:" in masked.prompt
+    assert masked.completions == [f"card {mask_text('4111-1111-1111-1111', KEY)}"]
+    assert entry.prompt.startswith("mail bob@")  # the request's own entry is not touched
+    assert LogMask(KEY, frozenset({"x"})).apply(entry) is entry  # no --log-mask-text: as is
