@@ -66,6 +66,36 @@ PREDICTION_SCHEMA = pa.schema(
 """One row per predicted instance (status 200), or per failed request (its status, no inputs).
 `prediction` is the class index for a classifier (see the version's spec) or the value."""
 
+TEXT_PREDICTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("request_id", pa.string()),
+        ("ts", pa.float64()),
+        ("version", pa.int32()),
+        ("status", pa.int16()),
+        ("latency_ms", pa.float32()),
+        ("endpoint", pa.string()),
+        ("choice", pa.int16()),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("ttft_ms", pa.float32()),
+        ("inter_token_ms", pa.list_(pa.float32())),
+        ("queue_depth", pa.int32()),
+        ("kv_cache_usage", pa.float32()),
+    ]
+)
+"""A language model's log: one row per choice of a generation, id `<response id>-<choice>`.
+`prompt` (the text the model read: a chat is rendered by its template) and `completion` hold
+the only free text, so a masking step finds it there. `prompt_tokens` and the latencies
+(`ttft_ms`, `inter_token_ms`: the gaps between the request's tokens) are the request's, on
+choice 0 only (null on the others); `completion_tokens` are the choice's own. `queue_depth`
+and `kv_cache_usage` are the engine's as the request finished."""
+TEXT_COLUMNS = ("prompt", "completion")
+"""The free-text columns of TEXT_PREDICTION_SCHEMA."""
+
 LABEL_SCHEMA = pa.schema([("id", pa.string()), ("ts", pa.float64()), ("label", pa.string())])
 """A label as JSON text (a class label as the caller sent it, or a number); latest wins."""
 
@@ -363,13 +393,17 @@ def read_window(
     since_ts: float,
     until_ts: float | None = None,
     with_inputs: bool = True,
+    schema: pa.Schema = PREDICTION_SCHEMA,
 ) -> pa.Table:
     """The logged rows of `model` in [since_ts, until_ts), one per id, each with its latest
-    label (null when none). Labels may come any time after their prediction."""
+    label (null when none). Labels may come any time after their prediction. A language
+    model's rows are read with `schema=TEXT_PREDICTION_SCHEMA` (`with_inputs` False leaves
+    out the inputs, or the texts)."""
     store = ArtifactStore(storage_uri)
-    columns = [f.name for f in PREDICTION_SCHEMA if with_inputs or f.name != "inputs"]
+    left_out = ("inputs",) + TEXT_COLUMNS
+    columns = [f.name for f in schema if with_inputs or f.name not in left_out]
     tables = read_kind(store, model, "predictions", since_ts, columns)
-    schema = pa.schema([PREDICTION_SCHEMA.field(c) for c in columns])
+    schema = pa.schema([schema.field(c) for c in columns])
     if not tables:
         return schema.empty_table().append_column("label", pa.array([], pa.string()))
     table = pa.concat_tables(tables)

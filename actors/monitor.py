@@ -182,7 +182,12 @@ def build_report(
     window_s: float,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """Everything about model `name` over the last `window_s` seconds, per logged version."""
+    """Everything about model `name` over the last `window_s` seconds, per logged version
+    (a language model's figures: actors/language_monitor.py)."""
+    from actors.language_monitor import is_language_model, language_report
+
+    if is_language_model(records):
+        return language_report(storage_uri, name, records, window_s, now)
     until = now if now is not None else time.time()
     since = until - window_s
     table = read_window(storage_uri, name, since, until)
@@ -227,7 +232,12 @@ def time_series(
     now: float | None = None,
 ) -> dict[int, dict[str, list[float | None]]]:
     """Per version, per time bucket: requests/s, p99 latency, and accuracy (R² for a
-    regressor) from the feedback on the bucket's predictions."""
+    regressor) from the feedback on the bucket's predictions (a language model's series:
+    actors/language_monitor.py)."""
+    from actors.language_monitor import is_language_model, language_time_series
+
+    if is_language_model(records):
+        return language_time_series(storage_uri, name, window_s, buckets, now)
     until = now if now is not None else time.time()
     since = until - window_s
     table = read_window(storage_uri, name, since, until, with_inputs=False)
@@ -302,6 +312,12 @@ class QualityGauges:
             description="Replica cost per 1,000 predictions over the last hour (USD).",
             tag_keys=("model", "version"),  # type: ignore[arg-type]
         )
+        self.lm_cost = metrics.Gauge(
+            "kiln_lm_cost_per_1000_output_tokens_usd",
+            description="A language model's replica cost per 1,000 output tokens over the "
+            "last hour (USD).",
+            tag_keys=("model", "version"),  # type: ignore[arg-type]
+        )
 
     def update(self, registry: Any) -> int:
         """One pass over the models logged in the last hour; returns how many it reported."""
@@ -335,9 +351,12 @@ class QualityGauges:
             self.drift.set(feature["psi"], {**tags, "feature": feature["feature"]})
         if drift.get("reference"):
             self.drifted.set(len(drift.get("drifted_features") or []), tags)
-        cost = entry["cost"]["per_1000_predictions"]
+        cost = entry["cost"].get("per_1000_predictions")
         if cost is not None:
             self.cost.set(cost, tags)
+        lm_cost = entry["cost"].get("per_1000_output_tokens")
+        if lm_cost is not None:
+            self.lm_cost.set(lm_cost, tags)
 
 
 def run_gauges(storage_uri: str, stop: Any) -> None:

@@ -8,6 +8,11 @@ of their shard (actors/feedback.py `shard_of`), after this replica has flushed i
 so a caller who sends feedback right after its prediction finds the id whichever replica it
 reaches next, as long as the same one served it; another replica's rows arrive within its
 flush interval (one second).
+
+A language model's generations are labelled by the `id` their OpenAI answer carried (its
+first choice) or `<id>-<i>` (choice i of an `n` > 1 answer). Its label is free: a score
+(a finite number), a corrected or preferred text (a string), true/false, or a JSON object
+(say `{"score": 4, "text": "..."}`), stored as its JSON text.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from actors.feedback import shard_of
 from serving.schemas import RequestError
 
 MAX_FEEDBACK_IDS = 10_000
+MAX_TEXT_LABEL_CHARS = 100_000
+"""The longest JSON text a language model's label may take (a corrected completion)."""
+RESPONSE_ID_PREFIXES = ("cmpl-", "chatcmpl-")
 
 
 def type_word(value: Any) -> str:
@@ -67,6 +75,43 @@ def label_texts(labels: list[Any], spec: dict[str, Any]) -> list[str]:
                 f"{shown_classes}",
             )
         out.append(json.dumps(known))
+    return out
+
+
+def text_label_texts(labels: list[Any]) -> list[str]:
+    """A language model's labels as stored (JSON text), or a 422 naming the first bad one."""
+    out = []
+    for i, label in enumerate(labels):
+        kind = type_word(label)
+        if kind == "null" or kind == "array":
+            raise RequestError(
+                422,
+                f"labels[{i}] is {kind}; label a generation with a score (a number), a "
+                'corrected text (a string), true/false or an object like {"score": 4}',
+            )
+        if kind == "number" and not math.isfinite(label):
+            raise RequestError(422, f"labels[{i}] is not a finite number")
+        try:
+            text = json.dumps(label, allow_nan=False)
+        except ValueError as exc:  # a NaN or Infinity inside an object
+            raise RequestError(422, f"labels[{i}] holds a number that is not finite") from exc
+        if len(text) > MAX_TEXT_LABEL_CHARS:
+            raise RequestError(
+                422, f"labels[{i}] is {len(text)} characters; at most {MAX_TEXT_LABEL_CHARS}"
+            )
+        out.append(text)
+    return out
+
+
+def generation_row_ids(ids: list[str]) -> list[str]:
+    """Logged row ids of a language model's answers: an answer's own `id` is its first choice
+    (`<id>-0`); `<id>-<i>` names choice i; anything else stays as it is (and is unknown)."""
+    out = []
+    for row_id in ids:
+        prefix = next((p for p in RESPONSE_ID_PREFIXES if row_id.startswith(p)), None)
+        if prefix is not None and "-" not in row_id[len(prefix) :]:
+            row_id = f"{row_id}-0"
+        out.append(row_id)
     return out
 
 

@@ -382,7 +382,10 @@ class ModelHost:
         return self.log_mask.apply(item)
 
     def served_model_names(self) -> list[str]:
-        return sorted({r.record.name for r in self.served.replicas.values()})
+        """The names this replica serves, language models included (its usage rows: cost)."""
+        served = self.served
+        replicas = [*served.replicas.values(), *served.language.values()]
+        return sorted({r.record.name for r in replicas})
 
     def check_health(self) -> None:
         """Raises unless every loaded model can run a forward pass. Also starts the prediction

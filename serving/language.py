@@ -20,7 +20,8 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,39 @@ DEFAULT_CHAT_TEMPLATE = (
 """Kiln's chat format for a model without a template of its own (docs/openai.md)."""
 RECENT_REQUESTS = 1000
 """Requests the latency percentiles are taken over."""
+KEPT_FINISHED = 256
+"""Finished requests whose latencies wait for their route to ask (the prediction log)."""
+
+
+class FinishedRequests:
+    """Hands a finished request's latencies (the engine thread's `on_finish`) to whoever asks
+    for them by id (the route logging it), in whichever order the two come: the answer's last
+    delta and `on_finish` are not ordered across the threads."""
+
+    def __init__(self, kept: int = KEPT_FINISHED) -> None:
+        self.lock = threading.Lock()
+        self.kept = kept
+        self.finished: OrderedDict[str, RequestMetrics] = OrderedDict()
+        self.waiting: dict[str, Callable[[RequestMetrics], None]] = {}
+
+    def add(self, request_id: str, metrics: RequestMetrics) -> None:
+        with self.lock:
+            callback = self.waiting.pop(request_id, None)
+            if callback is None:
+                self.finished[request_id] = metrics
+                while len(self.finished) > self.kept:  # requests nobody asked about
+                    self.finished.popitem(last=False)
+        if callback is not None:
+            callback(metrics)
+
+    def when_finished(self, request_id: str, callback: Callable[[RequestMetrics], None]) -> None:
+        """Call `callback(metrics)` now if the request has finished, else when it does."""
+        with self.lock:
+            metrics = self.finished.pop(request_id, None)
+            if metrics is None:
+                self.waiting[request_id] = callback
+                return
+        callback(metrics)
 
 
 class LanguageStats:
@@ -59,9 +93,11 @@ class LanguageStats:
         self.started = time.monotonic()
         self.engine: EngineStats | None = None
         self.metrics = LanguageMetrics() if prometheus else None
+        self.finished = FinishedRequests()
 
-    def request_finished(self, _request_id: str, metrics: RequestMetrics) -> None:
+    def request_finished(self, request_id: str, metrics: RequestMetrics) -> None:
         """The engine's callback as a request leaves it (its latencies)."""
+        self.finished.add(request_id, metrics)
         with self.lock:
             self.requests += 1
             if metrics.time_to_first_token_s is not None:

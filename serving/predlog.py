@@ -7,6 +7,9 @@ A flush the store did not acknowledge (a store being restarted, say) stays in th
 goes again with the next one; past `max_buffered_rows` the oldest rows are dropped and
 counted, so a store that stays down costs memory up to a bound, never requests.
 
+A language model's generations are logged as `LoggedText` (one row per choice, the prompt
+and completion texts in their own columns: actors/feedback.py `TEXT_PREDICTION_SCHEMA`).
+
 Every `usage_interval_s` the replica also reports that it was alive, with its CPUs and GPUs
 and the models it serves: the cost per prediction is computed from these rows.
 """
@@ -25,7 +28,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.feedback import PREDICTION_SCHEMA, USAGE_SCHEMA, shard_of, table_to_ipc
+from actors.feedback import (
+    PREDICTION_SCHEMA,
+    TEXT_PREDICTION_SCHEMA,
+    USAGE_SCHEMA,
+    shard_of,
+    table_to_ipc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +57,70 @@ class Logged:
     batch_rows: int
     x: np.ndarray | None  # (N, num_inputs) float32; None for a failed request
     predictions: np.ndarray | None  # (N,) class indices or values
+
+
+@dataclass
+class LoggedText:
+    """One generation of a language model (serving/routes/openai.py), one entry per choice."""
+
+    model: str
+    version: int
+    response_id: str
+    """The `id` the OpenAI answer carries (`cmpl-...`, `chatcmpl-...`)."""
+    ts: float
+    latency_ms: float
+    endpoint: str
+    prompt: str
+    completions: list[str]
+    finish_reasons: list[str | None]
+    prompt_tokens: int
+    completion_tokens: list[int]
+    ttft_ms: float | None = None
+    inter_token_ms: list[float] | None = None
+    queue_depth: int | None = None
+    kv_cache_usage: float | None = None
+    status: int = 200
+
+    def num_rows(self) -> int:
+        return max(1, len(self.completions))
+
+
+def rows_of(item: Logged | LoggedText) -> int:
+    if isinstance(item, LoggedText):
+        return item.num_rows()
+    return len(item.x) if item.x is not None else 1
+
+
+def text_rows_table(items: list[LoggedText]) -> pa.Table:
+    """TEXT_PREDICTION_SCHEMA rows: one per choice; the request's figures on choice 0."""
+    rows: dict[str, list[Any]] = {field.name: [] for field in TEXT_PREDICTION_SCHEMA}
+    for item in items:
+        for choice in range(item.num_rows()):
+            first = choice == 0
+            values = {
+                "id": f"{item.response_id}-{choice}",
+                "request_id": item.response_id,
+                "ts": item.ts,
+                "version": item.version,
+                "status": item.status,
+                "latency_ms": item.latency_ms,
+                "endpoint": item.endpoint,
+                "choice": choice,
+                "prompt": item.prompt,
+                "completion": item.completions[choice] if item.completions else None,
+                "finish_reason": item.finish_reasons[choice] if item.finish_reasons else None,
+                "prompt_tokens": item.prompt_tokens if first else None,
+                "completion_tokens": (
+                    item.completion_tokens[choice] if item.completion_tokens else None
+                ),
+                "ttft_ms": item.ttft_ms if first else None,
+                "inter_token_ms": item.inter_token_ms if first else None,
+                "queue_depth": item.queue_depth,
+                "kv_cache_usage": item.kv_cache_usage,
+            }
+            for key, value in values.items():
+                rows[key].append(value)
+    return pa.table(rows, schema=TEXT_PREDICTION_SCHEMA)
 
 
 def rows_table(items: list[Logged]) -> pa.Table:
@@ -147,7 +220,7 @@ class PredictionLog:
         self.flush_interval_s = flush_interval_s
         self.max_rows = max_rows
         self.max_buffered_rows = max_buffered_rows
-        self.buffer: list[Logged] = []
+        self.buffer: list[Logged | LoggedText] = []
         self.buffered_rows = 0
         self.pending: dict[tuple[str, int], pa.Table] = {}
         """Rows built into tables whose flush has not been acknowledged, by (model, shard)."""
@@ -170,10 +243,10 @@ class PredictionLog:
         """Whether to log the next request (`--log-sample`)."""
         return self.sample >= 1.0 or random.random() < self.sample
 
-    def record(self, item: Logged) -> None:
+    def record(self, item: Logged | LoggedText) -> None:
         """Buffer one request's rows (the only work on the request path)."""
         self.buffer.append(item)
-        self.buffered_rows += len(item.x) if item.x is not None else 1
+        self.buffered_rows += rows_of(item)
         self.start()
         if self.buffered_rows >= self.max_rows:
             self._wake.set()
@@ -189,7 +262,7 @@ class PredictionLog:
         dropped = 0
         while self.buffered_rows > self.max_buffered_rows and self.buffer:
             item = self.buffer.pop(0)
-            rows = len(item.x) if item.x is not None else 1
+            rows = rows_of(item)
             self.buffered_rows -= rows
             dropped += rows
         self.dropped_rows += dropped
@@ -241,19 +314,21 @@ class PredictionLog:
             self.flushed_rows += done
             return done
 
-    def _build_pending(self, items: list[Logged]) -> None:
+    def _build_pending(self, items: list[Logged | LoggedText]) -> None:
         if not items:
             return
         if self.masker is not None:
             items = [self.masker(item) for item in items]
         num_shards = len(self.stores())
-        by_model: dict[str, list[Logged]] = {}
+        by_model: dict[str, list[Any]] = {}
         for item in items:
             by_model.setdefault(item.model, []).append(item)
         for model, model_items in by_model.items():
-            table = rows_table(model_items)
-            request_ids = table.column("request_id").to_pylist()
-            shards = np.array([shard_of(r, num_shards) for r in request_ids])
+            texts = [i for i in model_items if isinstance(i, LoggedText)]
+            table = text_rows_table(texts) if texts else rows_table(model_items)
+            # By the row id, as feedback finds it (a response id `cmpl-x` shards as `cmpl`).
+            row_ids = table.column("id").to_pylist()
+            shards = np.array([shard_of(r, num_shards) for r in row_ids])
             for shard in np.unique(shards).tolist():
                 part = table.filter(pa.array(shards == shard))
                 key = (model, shard)

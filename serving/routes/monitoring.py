@@ -12,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from actors.monitor import build_report, parse_window
 from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
 from serving.errors import ERROR_RESPONSES, actor_failure
-from serving.feedback import check_lengths, label_texts, send_feedback
+from serving.feedback import (
+    check_lengths,
+    generation_row_ids,
+    label_texts,
+    send_feedback,
+    text_label_texts,
+)
 from serving.routes.models import read_json_body
 from serving.schemas import FeedbackRequest, FeedbackResponse
 
@@ -53,14 +59,19 @@ async def feedback(
     name: str, request: Request, host: HostDep, auth: AuthDep, credentials: BearerDep
 ) -> dict[str, Any]:
     await authorize_feedback(name, auth, credentials)
-    _key, replica = host.replica_for(name)
+    language = host.serves_language_model(name)
+    replica = host.language_for(name) if language else host.replica_for(name)[1]
     payload, _booleans = await read_json_body(request, host.args.max_body_bytes)
     try:
         body = FeedbackRequest.model_validate(payload)
     except ValueError as exc:
         raise RequestValidationError(exc.errors()) from exc  # type: ignore[attr-defined]
     check_lengths(body.ids, body.labels)
-    texts = label_texts(body.labels, replica.spec)
+    if language:  # a generation's label: a score, a corrected text, ... (serving/feedback.py)
+        texts = text_label_texts(body.labels)
+        row_ids = generation_row_ids(body.ids)
+    else:
+        texts, row_ids = label_texts(body.labels, replica.spec), body.ids
     if host.log is None:
         raise HTTPException(
             409, "the prediction log is off here (--log-sample 0): feedback has nothing to join"
@@ -69,12 +80,15 @@ async def feedback(
         # This replica's own recent predictions become known first.
         await asyncio.wait_for(host.log.flush(), STORE_TIMEOUT_S)
         answer = await asyncio.wait_for(
-            send_feedback(host.log.stores(), replica.record.name, body.ids, texts),
+            send_feedback(host.log.stores(), replica.record.name, row_ids, texts),
             STORE_TIMEOUT_S,
         )
     except (TimeoutError, ray.exceptions.RayError) as exc:
         # A repeated label is harmless: a 503 with Retry-After invites sending the same again.
         raise actor_failure(exc, "the feedback store") from exc
+    if language:  # unknown ids as the caller sent them
+        sent = dict(zip(row_ids, body.ids, strict=True))
+        answer["unknown_ids"] = [sent.get(i, i) for i in answer["unknown_ids"]]
     if host.metrics is not None and answer["accepted"]:
         host.metrics.feedback.inc(answer["accepted"], {"model": replica.record.name})
     return answer
@@ -85,12 +99,17 @@ async def metrics(
     name: str, host: HostDep, _: Authorized, window: str = Query("1h")
 ) -> dict[str, Any]:
     """Per served version over the window: traffic, latency, quality from feedback, drift,
-    cost (actors/monitor.py)."""
+    cost (actors/monitor.py). A language model: the answering replica's live figures, and the
+    window's logged ones under `window` (actors/language_monitor.py)."""
     seconds = window_seconds(window)
-    if host.serves_language_model(name):
-        return language_report(host, name)
-    _key, replica = host.replica_for(name)
-    model = replica.record.name
+    language = host.serves_language_model(name)
+    if language:
+        live = language_report(host, name)
+        if host.registry is None:  # nothing logged without a registry (route tests)
+            return live
+        model = live["model"]
+    else:
+        model = host.replica_for(name)[1].record.name
     registry = host.registry
     if registry is None:  # a host built without Ray (route tests): nothing was logged
         raise HTTPException(409, "this server keeps no prediction log (it has no registry)")
@@ -100,7 +119,10 @@ async def metrics(
     except ray.exceptions.RayError as exc:
         raise actor_failure(exc, "the model registry") from exc
     # Reading Parquet and computing drift take milliseconds to seconds: off the event loop.
-    return await asyncio.to_thread(build_report, storage_uri, model, records, seconds)
+    report = await asyncio.to_thread(build_report, storage_uri, model, records, seconds)
+    if language:  # this replica's live figures, and every replica's logged ones in the window
+        return {**live, "window": report}
+    return report
 
 
 def language_report(host: HostDep, name: str) -> dict[str, Any]:

@@ -13,25 +13,45 @@ held back by the engine, so a stop string never reaches the client. With
 `stream_options.include_usage`, a chunk with `choices: []` and the usage comes just before
 `[DONE]`; every other chunk has `usage: null`. A client that disconnects aborts its request,
 which frees its KV slot within one engine step.
+
+Logging: a finished generation goes into the prediction log (sampled as `--log-sample` says),
+one row per choice with id `<response id>-<choice index>`, so `POST /v1/models/NAME:feedback`
+labels it by the `id` the answer carried (serving/routes/monitoring.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.dependencies import AuthDep, HostDep
-from serving.engine import Delta, GenerationRequest, QueueFull, RequestHandle, TokenLogprob
+from serving.engine import (
+    Delta,
+    GenerationRequest,
+    QueueFull,
+    RequestHandle,
+    RequestMetrics,
+    TokenLogprob,
+)
 from serving.jsonbody import parse_json
+from serving.predlog import LoggedText
 from serving.schemas import RequestError
 from training.errors import KilnError
 
@@ -114,6 +134,20 @@ class Message(BaseModel):
         return self.content or ""
 
 
+NUMBER_FIELDS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_logprobs",
+)
+"""Request fields that take numbers (and `logprobs` of a completion; a chat's is a boolean)."""
+
+
 class Sampling(BaseModel):
     """The parameters both endpoints share (OpenAI's names and defaults)."""
 
@@ -131,6 +165,25 @@ class Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
+    number_fields: ClassVar[tuple[str, ...]] = NUMBER_FIELDS
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_booleans_for_numbers(cls, data: Any) -> Any:
+        """JSON true/false is not a number here (pydantic would read true as 1), as on the
+        predict routes; token ids in a prompt are checked the same way."""
+        if not isinstance(data, dict):
+            return data
+        for key in cls.number_fields:
+            if isinstance(data.get(key), bool):
+                raise ValueError(f"{key} is {str(data[key]).lower()}; send a number")
+        prompt = data.get("prompt")
+        if isinstance(prompt, list) and any(
+            isinstance(t, bool) or (isinstance(t, list) and any(isinstance(u, bool) for u in t))
+            for t in prompt
+        ):
+            raise ValueError("prompt holds true/false; token ids are integers")
+        return data
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -142,6 +195,7 @@ class Sampling(BaseModel):
 
 
 class CompletionBody(Sampling):
+    number_fields: ClassVar[tuple[str, ...]] = (*NUMBER_FIELDS, "logprobs")
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
@@ -287,10 +341,26 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The body's JSON schema for /openapi.json, its nested models written in place: a
+    `#/$defs/...` reference means nothing inside an OpenAPI document (clients and the
+    schemathesis fuzz could not read the bodies)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "content": {"application/json": {"schema": inline(schema)}},
         }
     }
 
@@ -298,12 +368,14 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 @router.post("/v1/completions", responses=OPENAI_ERRORS, openapi_extra=body_schema(CompletionBody))
 async def completions(request: Request, host: HostDep, auth: AuthDep) -> Any:
     """OpenAI's legacy completions: continue a prompt (text or token ids)."""
+    started = time.perf_counter()
     body: CompletionBody = await read_body(request, CompletionBody, host.args.max_body_bytes)
     replica = await authorized_replica(host, auth, request, body.model)
     if body.echo:
         raise OpenAIError(400, "echo is not supported: the answer holds the completion", "echo")
     try:
-        prompt_ids = replica.prompt_ids(body.the_prompt())
+        prompt = body.the_prompt()
+        prompt_ids = replica.prompt_ids(prompt)
     except (KilnError, ValueError) as exc:
         raise OpenAIError(400, str(exc), "prompt") from exc
     top = body.logprobs or 0
@@ -311,22 +383,25 @@ async def completions(request: Request, host: HostDep, auth: AuthDep) -> Any:
     generation = generation_request(body, prompt_ids, body.max_tokens or 16, logprobs, top)
     handle = submit(replica, generation)
     shape = CompletionShape(replica, body.model, generation.request_id, body.n)
+    log = GenerationLog(host, replica, shape, "completions", prompt, started)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streamed(request, handle, shape, include_usage, replica)
-    return await answered(request, handle, shape, replica)
+        return streamed(request, handle, shape, include_usage, replica, log)
+    return await answered(request, handle, shape, replica, log)
 
 
 @router.post("/v1/chat/completions", responses=OPENAI_ERRORS, openapi_extra=body_schema(ChatBody))
 async def chat_completions(request: Request, host: HostDep, auth: AuthDep) -> Any:
     """OpenAI's chat completions: answer a conversation, rendered by the model's template."""
+    started = time.perf_counter()
     body: ChatBody = await read_body(request, ChatBody, host.args.max_body_bytes)
     replica = await authorized_replica(host, auth, request, body.model)
     if not body.messages:
         raise OpenAIError(400, "messages is empty; send at least one message", "messages")
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = replica.prompt_ids(replica.chat_prompt(messages))
+        prompt = replica.chat_prompt(messages)
+        prompt_ids = replica.prompt_ids(prompt)
     except (KilnError, ValueError) as exc:
         raise OpenAIError(400, str(exc), "messages") from exc
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -335,16 +410,106 @@ async def chat_completions(request: Request, host: HostDep, auth: AuthDep) -> An
     )
     handle = submit(replica, generation)
     shape = ChatShape(replica, body.model, generation.request_id, body.n)
+    log = GenerationLog(host, replica, shape, "chat.completions", prompt, started)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return streamed(request, handle, shape, include_usage, replica)
-    return await answered(request, handle, shape, replica)
+        return streamed(request, handle, shape, include_usage, replica, log)
+    return await answered(request, handle, shape, replica, log)
 
 
 # ----------------------------------------------------------------------------- answers
 
 
-async def answered(request: Request, handle: RequestHandle, shape: Any, replica: Any) -> Any:
+class GenerationLog:
+    """What the prediction log keeps of one generation, when `--log-sample` picks it: the
+    prompt, each choice's completion, tokens, and the engine's latencies for the request."""
+
+    def __init__(
+        self, host: Any, replica: Any, shape: Any, endpoint: str, prompt: Any, started: float
+    ) -> None:
+        log = getattr(host, "log", None)
+        self.log = log if log is not None and log.sampled() else None
+        self.replica, self.shape, self.endpoint, self.started = replica, shape, endpoint, started
+        self.prompt = prompt
+        self.texts: dict[int, list[str]] = {}
+        self.finish_reasons: dict[int, str | None] = {}
+        self.tokens: dict[int, int] = {}
+
+    def add(self, delta: Delta) -> None:
+        """A streamed delta's text and tokens, kept for the log."""
+        if self.log is None or delta.finish_reason == "abort":
+            return
+        self.texts.setdefault(delta.index, []).append(delta.text)
+        self.tokens[delta.index] = self.tokens.get(delta.index, 0) + len(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.finish_reasons[delta.index] = delta.finish_reason
+
+    def add_result(self, result: Any) -> None:
+        for choice in result.choices:
+            self.texts[choice.index] = [choice.text]
+            self.tokens[choice.index] = len(choice.token_ids)
+            self.finish_reasons[choice.index] = choice.finish_reason
+
+    def finish(self, usage: Any) -> None:
+        """Log the generation once the engine has told its latencies (see FinishedRequests)."""
+        if self.log is None:
+            return
+        prompt = self.prompt
+        if isinstance(prompt, list):  # token ids: logged as the text they decode to
+            prompt = self.replica.tokenizer.decode(prompt)
+        indices = sorted(self.texts)
+        record = self.replica.record
+        item = LoggedText(
+            model=record.name,
+            version=record.version,
+            response_id=self.shape.id,
+            ts=time.time(),
+            latency_ms=(time.perf_counter() - self.started) * 1000.0,
+            endpoint=self.endpoint,
+            prompt=str(prompt),
+            completions=["".join(self.texts[i]) for i in indices],
+            finish_reasons=[self.finish_reasons.get(i) for i in indices],
+            prompt_tokens=int(usage.prompt_tokens),
+            completion_tokens=choice_tokens(
+                [self.tokens.get(i, 0) for i in indices],
+                [self.finish_reasons.get(i) for i in indices],
+                int(usage.completion_tokens),
+            ),
+        )
+        engine = self.replica.stats.engine
+        if engine is not None:
+            item.queue_depth = engine.num_waiting
+            item.kv_cache_usage = engine.kv_blocks_used / max(engine.kv_blocks_total, 1)
+        loop, log = asyncio.get_running_loop(), self.log
+
+        def with_metrics(metrics: RequestMetrics) -> None:  # any thread
+            ttft = metrics.time_to_first_token_s
+            item.ttft_ms = None if ttft is None else ttft * 1000.0
+            item.inter_token_ms = [gap * 1000.0 for gap in metrics.inter_token_s]
+            loop.call_soon_threadsafe(log.record, item)
+
+        self.replica.stats.finished.when_finished(self.shape.request_id, with_metrics)
+
+
+def choice_tokens(counts: list[int], finish_reasons: list[str | None], total: int) -> list[int]:
+    """Each choice's generated tokens, summing to the usage's: a choice's visible tokens leave
+    out the stop token it ended on, which the usage counts (one per choice that stopped)."""
+    found = list(counts)
+    missing = total - sum(found)
+    for i, reason in enumerate(finish_reasons):
+        if missing <= 0:
+            break
+        if reason == "stop":
+            found[i] += 1
+            missing -= 1
+    if found and missing > 0:
+        found[0] += missing
+    return found
+
+
+async def answered(
+    request: Request, handle: RequestHandle, shape: Any, replica: Any, log: GenerationLog
+) -> Any:
     """The whole answer as one JSON body (the request is aborted if the client leaves)."""
     try:
         result = await handle.result()
@@ -354,11 +519,18 @@ async def answered(request: Request, handle: RequestHandle, shape: Any, replica:
         if not handle.done:
             handle.abort()
     replica.stats.add_usage(result.usage.prompt_tokens, result.usage.completion_tokens)
+    log.add_result(result)
+    log.finish(result.usage)
     return JSONResponse(shape.full(result))
 
 
 def streamed(
-    request: Request, handle: RequestHandle, shape: Any, include_usage: bool, replica: Any
+    request: Request,
+    handle: RequestHandle,
+    shape: Any,
+    include_usage: bool,
+    replica: Any,
+    log: GenerationLog,
 ) -> StreamingResponse:
     async def events() -> AsyncIterator[bytes]:
         usage = None
@@ -368,11 +540,13 @@ def streamed(
             async for delta in handle:
                 if delta.usage is not None:
                     usage = delta.usage
+                log.add(delta)
                 chunk = shape.chunk(delta)
                 if chunk is not None:
                     yield sse(chunk)
             if usage is not None:
                 replica.stats.add_usage(usage.prompt_tokens, usage.completion_tokens)
+                log.finish(usage)
                 if include_usage:
                     yield sse(shape.usage_chunk(usage))
             yield b"data: [DONE]\n\n"
@@ -406,6 +580,7 @@ class CompletionShape:
 
     def __init__(self, replica: Any, model: str, request_id: str, n: int = 1) -> None:
         self.replica, self.model, self.n = replica, model, n
+        self.request_id = request_id
         self.id, self.created = f"cmpl-{request_id}", int(time.time())
 
     def head(self) -> dict[str, Any]:
