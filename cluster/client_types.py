@@ -315,7 +315,9 @@ def ids_of(ids: Any) -> list[str]:
     Series / array of them."""
     if isinstance(ids, Predictions):
         return list(ids.ids)
-    if hasattr(ids, "columns") and "id" in list(ids.columns):
+    if hasattr(ids, "column_names"):  # the Table predict returned
+        ids = ids.column("id")
+    elif hasattr(ids, "columns") and "id" in list(ids.columns):  # the DataFrame
         ids = ids["id"]
     if hasattr(ids, "to_pylist"):
         return [str(i) for i in ids.to_pylist()]

@@ -5,10 +5,12 @@ regressor), the parameters, the bytes stored, each backend's latency profile, wh
 came from (lineage parent and compression steps) and whether it is on the Pareto front of score
 against batch-1 p50 latency (its fastest backend). Parameters are counted from the weights
 file's safetensors header, without torch and without reading the tensors: the network body's
-tensors, where an int8 layer's weight counts as its int8 tensor and its scales and zero
-points are not parameters. `kiln models compare`, the SLO choice of `kiln serve` and the
-console's variants page (serving/console/) read the same rows; it lives in serving/ because
-the console runs in the Serve replica. Catalog and storage reads only: no Ray.
+tensors (a language model's: all of them), where an int8 layer's weight counts as its int8
+tensor and its scales and zero points are not parameters. A language model's score is its
+held-out perplexity (lower is better) beside its generation tokens/s and stored bytes.
+`kiln models compare`, the SLO choice of `kiln serve` and the console's variants page
+(serving/console/) read the same rows; it lives in serving/ because the console runs in the
+Serve replica. Catalog and storage reads only: no Ray.
 """
 
 from __future__ import annotations
@@ -180,9 +182,13 @@ def safetensors_header(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
 
 
 def parameters_in(header: dict[str, Any]) -> int:
-    """Elements of the body's tensors, quantisation scales and zero points left out."""
+    """Elements of the body's tensors, quantisation scales and zero points left out. A
+    language model's weights carry Hugging Face names (`model.layers.0...`, no `body.`):
+    all of its tensors count, its int8 layers' `weight_scale` left out."""
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    body = any(name.startswith(BODY_PREFIX) for name in tensors)
     return sum(
         math.prod(entry["shape"])
-        for name, entry in header.items()
-        if name.startswith(BODY_PREFIX) and not name.endswith(NOT_PARAMETERS)
+        for name, entry in tensors.items()
+        if (name.startswith(BODY_PREFIX) or not body) and not name.endswith(NOT_PARAMETERS)
     )

@@ -85,15 +85,17 @@ def test_an_arrow_table_in_gives_a_table_out_and_nan_is_missing(kiln, served_dig
     table = pa.table({f"f{i}": x[:10, i] for i in range(64)})
     found = kiln.predict(NAME, table)
     assert isinstance(found, pa.Table)
-    assert found.column("prediction").to_pylist() == raw_predict(
-        served_digits, x[:10].tolist()
-    )["predictions"]
+    assert (
+        found.column("prediction").to_pylist()
+        == raw_predict(served_digits, x[:10].tolist())["predictions"]
+    )
     holed = x[:3].copy()
     holed[:, 5] = np.nan
     with_null = [[None if np.isnan(v) else v for v in row] for row in holed.tolist()]
-    assert kiln.predict(NAME, holed).predictions == raw_predict(served_digits, with_null)[
-        "predictions"
-    ]
+    assert (
+        kiln.predict(NAME, holed).predictions
+        == raw_predict(served_digits, with_null)["predictions"]
+    )
 
 
 def test_many_rows_go_in_batches_answered_by_one_version(kiln, served_digits, digits_rows):
