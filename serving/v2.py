@@ -14,12 +14,12 @@ Predictions of string classes are BYTES, of boolean ones BOOL.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from serving.inputs import columns_to_inputs
 from serving.jsonbody import parse_json, shown
@@ -517,7 +517,7 @@ def build_response(
     reply: dict[str, Any] = {"model_name": name, "model_version": str(version), "id": request_id}
     if parameters:
         reply["parameters"] = parameters
-    header = json.dumps({**reply, "outputs": outputs}).encode()
+    header = orjson.dumps({**reply, "outputs": outputs})  # a quarter of json.dumps' time
     if not tails:
         return header, None
     return header + b"".join(tails), str(len(header))
