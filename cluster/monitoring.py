@@ -3,7 +3,8 @@
 The report itself is actors/monitor.py (the metrics endpoint answers the same); this module
 reads it from the storage the prediction log is written to, with the versions' records from
 the registry, and draws it: requests/s, p99 latency and live quality from feedback, one line
-per version, and each version's most drifted inputs.
+per version, and each version's most drifted inputs. A language model's PNG shows
+requests/s, time to first token p99, output tokens/s and the mean score from feedback.
 """
 
 from __future__ import annotations
@@ -53,11 +54,19 @@ def write_plot(kiln: Any, name: str, window: str, report: dict[str, Any], path: 
     if not series:
         raise KilnError(f"no plot for {name}: nothing was logged in the last {window}")
     figure, axes = plt.subplots(2, 2, figsize=FIGURE_SIZE_IN, dpi=FIGURE_DPI)
+    language = report.get("kind") == "lm"
     panels = [
         (axes[0, 0], "requests_per_s", "requests/s"),
         (axes[0, 1], "p99_ms", "p99 latency (ms)"),
         (axes[1, 0], "quality", "live accuracy (R² for a regressor), from feedback"),
     ]
+    if language:
+        panels = [
+            (axes[0, 0], "requests_per_s", "requests/s"),
+            (axes[0, 1], "ttft_p99_ms", "time to first token p99 (ms)"),
+            (axes[1, 0], "output_tokens_per_s", "output tokens/s"),
+            (axes[1, 1], "quality", "mean score from feedback"),
+        ]
     for version, data in series.items():
         minutes = [(t - report["until"]) / 60 for t in data["t"]]
         for axis, key, _title in panels:
@@ -71,7 +80,8 @@ def write_plot(kiln: Any, name: str, window: str, report: dict[str, Any], path: 
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=8)
-    drift_panel(axes[1, 1], report)
+    if not language:
+        drift_panel(axes[1, 1], report)
     figure.suptitle(f"{name}: last {window}")
     figure.tight_layout()
     out = Path(path)

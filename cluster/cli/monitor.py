@@ -29,8 +29,61 @@ def figure(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def pair(values: dict[str, Any], first: str, second: str, digits: int = 1) -> str:
+    a, b = values.get(first), values.get(second)
+    if a is None and b is None:
+        return ""
+    return f"{figure(a, digits)} / {figure(b, digits)}"
+
+
+def language_table(report: dict[str, Any]) -> Group:
+    """A language model: one row per figure, one column per version (a dozen figures fit a
+    terminal this way; actors/language_monitor.py)."""
+    table = Table(title=f"{report['model']}: last {report['window_s'] / 60:g} min")
+    versions = report["versions"]
+    table.add_column("")
+    for entry in versions:
+        table.add_column(f"@{entry['version']}", justify="right")
+
+    def cost(entry: dict[str, Any]) -> str:
+        value = entry["cost"]["per_1000_output_tokens"]
+        return "" if value is None else f"${value:.5f}"
+
+    rows = (
+        ("requests", lambda e: str(e["requests"])),
+        ("requests/s", lambda e: f"{e['requests_per_s']:.2f}"),
+        ("prompt / output tokens", lambda e: f"{e['prompt_tokens']} / {e['completion_tokens']}"),
+        ("output tokens/s", lambda e: f"{e['output_tokens_per_s']:.2f}"),
+        ("TTFT p50 / p99 ms", lambda e: pair(e["time_to_first_token_ms"], "p50", "p99")),
+        ("inter-token p50 / p99 ms", lambda e: pair(e["inter_token_latency_ms"], "p50", "p99")),
+        ("queue depth mean / max", lambda e: pair(e["queue_depth"], "mean", "max")),
+        ("KV-cache use mean / max", lambda e: pair(e["kv_cache_usage"], "mean", "max", 2)),
+        ("labelled (mean score)", labelled),
+        ("$ per 1k output tokens", cost),
+    )
+    for label, shown in rows:
+        table.add_row(label, *(shown(entry) for entry in versions))
+    notes = []
+    if not versions:
+        notes.append("nothing logged in this window (is the model served, with --log-sample > 0?)")
+    prices = report["prices_usd"]
+    notes.append(
+        f"prices: ${prices['cpu_hour']}/CPU-h, ${prices['gpu_hour']}/GPU-h "
+        "(KILN_PRICE_CPU_HOUR, KILN_PRICE_GPU_HOUR)"
+    )
+    return Group(table, *notes)
+
+
+def labelled(entry: dict[str, Any]) -> str:
+    feedback = entry["feedback"]
+    score = feedback.get("mean_score")
+    return f"{feedback['labelled_rows']}" + ("" if score is None else f" ({score:.3g})")
+
+
 def report_table(report: dict[str, Any]) -> Group:
     """One row per version, then the drifted inputs and confusion matrices below it."""
+    if report.get("kind") == "lm":
+        return language_table(report)
     table = Table(title=f"{report['model']}: last {report['window_s'] / 60:g} min")
     for column in (
         "version",
@@ -116,7 +169,9 @@ def monitor(
     storage: StorageOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """Traffic, latency, live quality from feedback, drift and cost of a served model."""
+    """Traffic, latency, live quality from feedback, drift and cost of a served model (for a
+    language model: tokens, time to first token, inter-token latency, tokens/s, queue, KV
+    cache and cost per 1,000 output tokens)."""
     from cluster.monitoring import window_s, write_plot
 
     window_s(window)  # a bad --window is one line before anything is read

@@ -187,14 +187,21 @@ def profile_rows(profiles: list[dict[str, Any]]) -> list[dict]:
     ]
 
 
+NOT_CURVES = ("epoch", "step", "tokens_seen", "lr", "tokens_per_s", "num_workers", "grad_sync")
+"""History keys that are positions or settings, not curves (a language model's history is by
+`step`, with its tokens seen and learning rate beside the losses)."""
+
+
 def curves_chart(history: Any) -> dict[str, Any] | None:
-    """Per-epoch training curves: losses on the left axis, accuracy/R² on the right."""
+    """Training curves: losses on the left axis, accuracy/R² (a language model: perplexity)
+    on the right; by epoch, or by step for a history without epochs (a language model's)."""
     if not isinstance(history, list) or not history:
         return None
-    keys = sorted({k for h in history if isinstance(h, dict) for k in h if k != "epoch"})
+    entries = [h if isinstance(h, dict) else {} for h in history]
+    keys = sorted({k for h in entries for k in h if k not in NOT_CURVES})
     datasets = []
     for i, key in enumerate(keys):
-        values = [finite(h.get(key)) if isinstance(h, dict) else None for h in history]
+        values = [finite(h.get(key)) for h in entries]
         if all(v is None for v in values):
             continue
         datasets.append(
@@ -207,8 +214,18 @@ def curves_chart(history: Any) -> dict[str, Any] | None:
         )
     if not datasets:
         return None
-    epochs = [h.get("epoch", i) if isinstance(h, dict) else i for i, h in enumerate(history)]
-    return {"kind": "curves", "labels": epochs, "datasets": datasets}
+    by_step = not any("epoch" in h for h in entries) and any("step" in h for h in entries)
+    position = "step" if by_step else "epoch"
+    labels = [h.get(position, i) for i, h in enumerate(entries)]
+    scores = {d["label"] for d in datasets if d["yAxisID"] == "score"}
+    score_title = "perplexity" if scores and all("perplexity" in k for k in scores) else None
+    return {
+        "kind": "curves",
+        "labels": labels,
+        "datasets": datasets,
+        "x_title": position,
+        "score_title": score_title or "accuracy / R²",
+    }
 
 
 def version_view(
@@ -260,18 +277,30 @@ def variants_chart(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def monitor_view(report: dict[str, Any], series: dict[int, dict[str, list]]) -> dict[str, Any]:
     """Cards per version (`actors.monitor.build_report`) and the charts over time
-    (`actors.monitor.time_series`)."""
+    (`actors.monitor.time_series`); a language model's cards and charts are its own
+    (tokens, time to first token, inter-token latency, queue, KV cache, cost per token)."""
     versions = report["versions"]
-    return {
-        "report": report,
-        "versions": versions,
-        "total_requests": sum(v["requests"] for v in versions),
-        "drift": drift_rows(versions),
-        "charts": {
+    language = report.get("kind") == "lm"
+    if language:
+        charts = {
+            "requests": series_chart(series, "requests_per_s", "requests/s"),
+            "ttft": series_chart(series, "ttft_p99_ms", "time to first token p99 (ms)"),
+            "tokens": series_chart(series, "output_tokens_per_s", "output tokens/s"),
+            "quality": series_chart(series, "quality", "mean score from feedback"),
+        }
+    else:
+        charts = {
             "requests": series_chart(series, "requests_per_s", "requests/s"),
             "latency": series_chart(series, "p99_ms", "p99 latency (ms)"),
             "quality": series_chart(series, "quality", "accuracy / R² from feedback"),
-        },
+        }
+    return {
+        "report": report,
+        "language": language,
+        "versions": versions,
+        "total_requests": sum(v["requests"] for v in versions),
+        "drift": [] if language else drift_rows(versions),
+        "charts": charts,
     }
 
 

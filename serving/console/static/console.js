@@ -105,10 +105,10 @@ function lineDatasets(list, extra) {
 const builders = {
   curves(spec) {
     return { type: "line", data: { labels: spec.labels, datasets: lineDatasets(spec.datasets) },
-      options: baseOptions({ scales: { x: { title: { display: true, text: "epoch" } },
+      options: baseOptions({ scales: { x: { title: { display: true, text: spec.x_title || "epoch" } },
         loss: { type: "linear", position: "left", title: { display: true, text: "loss" } },
         score: { type: "linear", position: "right", grid: { drawOnChartArea: false },
-                 title: { display: true, text: "accuracy / R²" } } } }) };
+                 title: { display: true, text: spec.score_title || "accuracy / R²" } } } }) };
   },
   series(spec) {
     return { type: "line", data: { labels: spec.t.map(fmtTime), datasets: lineDatasets(spec.datasets) },

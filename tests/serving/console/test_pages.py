@@ -147,3 +147,84 @@ def test_a_chart_in_an_attribute_cannot_close_it():
     assert "'><script>" not in html
     start = html.index("data-chart='") + len("data-chart='")
     assert json.loads(html[start : html.index("'", start)]) == chart
+
+
+def test_a_language_models_curves_are_by_step_with_perplexity_on_the_right():
+    """An LM's history is by step, beside tokens seen and the learning rate: the chart draws
+    its losses and perplexity over steps, not positions or settings on the score axis."""
+    history = [
+        {"step": 10, "tokens_seen": 5120, "train_loss": 5.0, "val_loss": 5.2,
+         "val_perplexity": 181.0, "lr": 0.003},
+        {"step": 20, "tokens_seen": 10240, "train_loss": 4.1, "val_loss": 4.4,
+         "val_perplexity": 81.0, "lr": 0.002},
+    ]  # fmt: skip
+    chart = pages.curves_chart(history)
+    axes = {d["label"]: d["yAxisID"] for d in chart["datasets"]}
+    assert axes == {"train_loss": "loss", "val_loss": "loss", "val_perplexity": "score"}
+    assert chart["labels"] == [10, 20] and chart["x_title"] == "step"
+    assert chart["score_title"] == "perplexity"
+    html = templates.get_template("version.html").render(
+        name="m", **{**pages.version_view(record(1), {}, [], []), "curves": chart}
+    )
+    start = html.index("data-chart='") + len("data-chart='")
+    assert json.loads(html[start : html.index("'", start)])["x_title"] == "step"
+
+
+def lm_report() -> dict:
+    entry = {
+        "version": 3,
+        "kind": "lm",
+        "requests": 7,
+        "requests_per_s": 0.1,
+        "error_rate": 0.0,
+        "prompt_tokens": 70,
+        "completion_tokens": 140,
+        "output_tokens_per_s": 2.3,
+        "time_to_first_token_ms": {"p50": 12.5, "p99": 40.0},
+        "inter_token_latency_ms": {"p50": 3.25, "p99": 9.5},
+        "latency_ms": {"p50": 50.0, "p99": 90.0},
+        "queue_depth": {"mean": 0.5, "max": 2.0},
+        "kv_cache_usage": {"mean": 0.125, "max": 0.5},
+        "feedback": {"labelled_rows": 2, "scored_rows": 2, "mean_score": 4.5},
+        "cost": {"usd": 0.01, "per_1000_output_tokens": 0.0714},
+    }
+    return {
+        "model": "m",
+        "kind": "lm",
+        "window_s": 3600.0,
+        "prices_usd": {"cpu_hour": 0.05, "gpu_hour": 1.0, "as_of": "2025"},
+        "versions": [entry],
+    }
+
+
+def test_the_monitor_fragment_of_a_language_model_shows_its_serving_numbers():
+    series = {
+        3: {
+            "t": [1.0, 2.0],
+            "requests_per_s": [0.1, 0.2],
+            "p99_ms": [80.0, 90.0],
+            "ttft_p99_ms": [30.0, 40.0],
+            "output_tokens_per_s": [2.0, 2.5],
+            "quality": [None, 4.5],
+        }
+    }
+    view = pages.monitor_view(lm_report(), series)
+    assert view["language"] and view["total_requests"] == 7 and view["drift"] == []
+    assert set(view["charts"]) == {"requests", "ttft", "tokens", "quality"}
+    assert view["charts"]["ttft"]["datasets"][0]["data"] == [30.0, 40.0]
+    html = templates.get_template("monitor.html").render(
+        name="m", window="1h", refresh_s=10, rendered_at=0, **view
+    )
+    for shown in (
+        'class="card lm"',
+        "12.5 / 40",  # time to first token p50 / p99
+        "3.25 / 9.5",  # inter-token latency
+        "70 / 140",  # prompt / completion tokens
+        "0.5 / 2",  # queue depth
+        "0.125 / 0.5",  # KV-cache use
+        "$0.0714",  # per 1,000 output tokens
+        "mean score 4.5",
+        'id="tokens-chart"',
+    ):
+        assert shown in html, shown
+    assert "mean batch rows" not in html and "cost per 1,000 predictions" not in html
