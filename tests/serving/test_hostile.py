@@ -3,7 +3,8 @@ V2 routes, each answered 4xx with `{"error": "..."}` that quotes the input only 
 
 Real replicas (tests/serving/test_tabular_serving.py: `churn` trained on a table, `renewal`
 with an integer input, `old` without recorded inputs) behind the real routes; no Ray. Every
-route Kiln adds joins this table and tests/serving/test_fuzz.py.
+route Kiln adds joins this table and tests/serving/test_fuzz.py. The OpenAI routes have their
+own table (`LM_HOSTILE`, against a tiny trained language model), answered in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 
 import pytest
 
+from tests.serving.lm_fixtures import language_replica  # noqa: F401 (a fixture)
 from tests.serving.test_routes import no_overrides_left  # noqa: F401 (autouse fixture)
 from tests.serving.test_tabular_serving import client, replicas  # noqa: F401 (fixtures)
 
@@ -127,3 +129,100 @@ def test_64_levels_are_allowed(client):  # noqa: F811
     reply = client.post(OLD_V1, content=nested, headers={"content-type": "application/json"})
     assert reply.status_code == 422  # parsed (64 levels), then refused as not a row of numbers
     assert "nested" not in reply.json()["error"]
+
+
+# ---------------------------------------------------------------------------- the OpenAI routes
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+def completion(**fields) -> str:
+    return json.dumps({"model": "tiny-lm", "prompt": "kiln", **fields})
+
+
+def chat(messages, **fields) -> str:
+    return json.dumps({"model": "tiny-lm", "messages": messages, **fields})
+
+
+LM_HOSTILE = [
+    # (id, path, body, status, fragment of error.message, error.param)
+    ("prompt nested 100,000 deep", COMPLETIONS, b'{"model": "tiny-lm", "prompt": ' + DEEP + b"}",
+     400, "nested deeper", None),
+    ("messages nested 100,000 deep", CHAT, b'{"model": "tiny-lm", "messages": ' + DEEP + b"}",
+     400, "nested deeper", None),
+    ("5,000-character role", CHAT, chat([{"role": LONG, "content": "hi"}]), 400, "unknown role",
+     "messages.0.role"),
+    ("5,000-character model", COMPLETIONS, json.dumps({"model": LONG, "prompt": "x"}), 400,
+     "at most 200 characters", "model"),
+    ("token id past 64 bits", COMPLETIONS, completion(prompt=[99999999999999999999999]), 400,
+     "outside the model's vocabulary", "prompt"),
+    ("negative token id", COMPLETIONS, completion(prompt=[-1]), 400, "outside the model's",
+     "prompt"),
+    ("booleans as token ids", COMPLETIONS, completion(prompt=[True, 5]), 400, "true/false",
+     None),
+    ("a boolean for max_tokens", COMPLETIONS, completion(max_tokens=True), 400,
+     "max_tokens is true", None),
+    ("a boolean for temperature", COMPLETIONS, completion(temperature=False), 400,
+     "temperature is false", None),
+    ("max_tokens 10**30", COMPLETIONS, completion(max_tokens=10**30), 400, "context is 64 tokens",
+     "max_tokens"),
+    ("temperature 1e400", COMPLETIONS, b'{"model": "tiny-lm", "prompt": "k", "temperature": 1e400}',
+     400, "less than or equal to 2", "temperature"),
+    ("n 1000", COMPLETIONS, completion(n=1000), 400, "less than or equal to 16", "n"),
+    ("five stop strings", COMPLETIONS, completion(stop=["a"] * 5), 400, "at most 4", "stop"),
+    ("logprobs 10**30", COMPLETIONS, completion(logprobs=10**30), 400, "less than or equal to 5",
+     "logprobs"),
+    ("a 50,000-character prompt", COMPLETIONS, completion(prompt=LONG * 10), 400,
+     "context is 64 tokens", "max_tokens"),
+    ("an image content part", CHAT, chat([{"role": "user", "content": [{"type": "image_url"}]}]),
+     400, "only text content parts", "messages"),
+    ("no messages", CHAT, chat([]), 400, "messages is empty", "messages"),
+    ("messages a string", CHAT, chat("nope"), 400, "valid list", "messages"),
+    ("a bare string", CHAT, b'"hello"', 400, "must be a JSON object", None),
+    ("not UTF-8", CHAT, b'{"model": "tiny-lm", "messages": [["\xff\xfe"]]}', 400, "not valid JSON",
+     None),
+    ("an empty body", COMPLETIONS, b"", 400, "not valid JSON", None),
+    ("echo", COMPLETIONS, completion(echo=True), 400, "echo is not supported", "echo"),
+    ("an unknown model", COMPLETIONS, json.dumps({"model": "nosuch", "prompt": "x"}), 404,
+     "does not exist", "model"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def lm_client(language_replica):  # noqa: F811
+    from serving.host import ModelHost, Served
+    from serving.routing import Router
+    from serving.schemas import ServeArgs
+    from tests.serving.test_routes import client_for
+
+    host = ModelHost(ServeArgs(models=["tiny-lm"]), registry=None)
+    router = Router()
+    router.add(language_replica.record.ref, default=True)
+    host.served = Served({}, router, {language_replica.record.ref: language_replica})
+    return client_for(host)
+
+
+@pytest.mark.parametrize(
+    "path,body,status,fragment,param",
+    [case[1:] for case in LM_HOSTILE],
+    ids=[c[0] for c in LM_HOSTILE],
+)
+def test_hostile_input_to_the_openai_routes_gets_a_4xx_in_openai_shape(
+    lm_client, path, body, status, fragment, param
+):
+    content = body.encode() if isinstance(body, str) else body
+    reply = lm_client.post(path, content=content, headers={"content-type": "application/json"})
+    assert reply.status_code == status, reply.text[:300]
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"] and error["param"] == param, error
+    assert len(error["message"]) < 600 and LONG not in error["message"]
+
+
+def test_hostile_feedback_on_a_language_model_is_a_422(lm_client):
+    bad = (([None], "is null"), ([[1, 2]], "is array"), (["x" * 200_000], "at most"))
+    for labels, fragment in bad:
+        reply = lm_client.post(
+            "/v1/models/tiny-lm:feedback", json={"ids": ["cmpl-a"], "labels": labels}
+        )
+        assert reply.status_code == 422 and fragment in reply.json()["error"], reply.text[:300]
