@@ -171,3 +171,36 @@ def test_language_model_text_is_masked_only_with_log_mask_text() -> None:
     assert masked.completions == [f"card {mask_text('4111-1111-1111-1111', KEY)}"]
     assert entry.prompt.startswith("mail bob@")  # the request's own entry is not touched
     assert LogMask(KEY, frozenset({"x"})).apply(entry) is entry  # no --log-mask-text: as is
+
+
+def test_no_masked_text_reaches_the_storage_files(tmp_path: Path) -> None:
+    from serving.predlog import LoggedText
+
+    storage = tmp_path / "storage"
+    service = FeedbackService(str(storage))
+    log = PredictionLog(lambda: [StoreHandle(service)], masker=LogMask(KEY, text=True).apply)
+    secrets = ["zelda.quintero@example.org", "+44 20 7946 0958", "4111 1111 1111 1111"]
+    entry = LoggedText(
+        model="lm",
+        version=1,
+        response_id="cmpl-7",
+        ts=1.7e9,
+        latency_ms=3.0,
+        endpoint="completions",
+        prompt=f"Xylophonic invoice for {secrets[0]}, phone {secrets[1]}",
+        completions=[f"paid with card {secrets[2]}"],
+        finish_reasons=["stop"],
+        prompt_tokens=9,
+        completion_tokens=[6],
+    )
+
+    async def scenario() -> int:
+        log.record(entry)
+        return await log.flush()
+
+    assert asyncio.run(scenario()) == 1
+    files = every_byte(storage)
+    assert any(b"Xylophonic" in data for _, data in files), "the byte search cannot see text"
+    for secret in secrets:
+        assert not any(secret.encode() in data for _, data in files), f"{secret} reached storage"
+    assert not any(b"zelda" in data or b"7946" in data for _, data in files)
