@@ -13,6 +13,7 @@ refused key gets 401 with a Bearer challenge, a live key without `predict:<model
 """
 
 import logging
+import os
 from typing import Any
 
 import ray
@@ -38,7 +39,16 @@ logger = logging.getLogger(__name__)
 # loop in another thread: measured, the cross-thread hand-offs cost 0.8 ms of a 2 ms request.
 # Serve's own health and control calls then share the loop with forward passes; one pass
 # blocks it for milliseconds at most against a 30 s health-check timeout.
-REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep at a barrier instead of spinning
+# (libgomp spins ~300k rounds by default). A replica computing on 2 threads of a busy host
+# otherwise burns its cores on threads waiting for a sibling the OS has descheduled: one decode
+# step of lm_spec("small") at 32 rows took 2.5-3.5 s spinning against 0.29-0.47 s passive and
+# 0.18-0.29 s on one thread (load avg 25, 2 cores; /work/notes/h2-lm-perf.md). The caller's
+# own OMP_WAIT_POLICY, when set, wins.
+REPLICA_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+}
 
 api = FastAPI(
     title="Kiln",

@@ -1243,6 +1243,9 @@ class Engine:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
     def run_forever(self) -> None:
+        # torch's thread count is process-wide (the replica sets it to its num_cpus); said once
+        # here because this thread is the one computing.
+        logger.info("Engine thread computing on %d torch threads.", torch.get_num_threads())
         while True:
             with self.work:
                 while not self.stopping and not self.has_work():
