@@ -106,6 +106,9 @@ class KilnServer:
         else:
             logger.warning(AUTH_OFF_WARNING)
         self.console = Console(self.host.registry, self.auth, served_explainer(self.host))
+        # Here too, not only at import: Serve rebuilds the ingress app in the replica from a
+        # pickle without importing this module, and /ui then had no console (a 500).
+        console_routes.use_console(replica_console)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's live update (`user_config`): see ModelHost.reconfigure."""
