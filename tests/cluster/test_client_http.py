@@ -16,13 +16,21 @@ from cluster.errors import BadRequestError, KilnError, NotFoundError
 from cluster.http_client import AsyncKiln, RetryPolicy
 
 NAME = "digits-mlp"
+LM_NAME = "client-lm"
 
 
 @pytest.fixture(scope="module")
 def served_digits(trained_digits, settings_session, registry_session):
-    from cluster.serving_control import deploy_models
+    """digits-mlp and a tiny language model, served by one app (keys are tested end to end
+    in tests/e2e/test_client_user.py)."""
+    import ray
 
-    return deploy_models(settings_session, [NAME], auth=False)
+    from cluster.serving_control import deploy_models
+    from tests.serving.lm_fixtures import tiny_lm_files
+
+    files, spec = tiny_lm_files()
+    ray.get(registry_session.register.remote(LM_NAME, files, spec, {"perplexity": 10.0}, {}))
+    return deploy_models(settings_session, [NAME, LM_NAME], auth=False)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +162,35 @@ def test_the_async_twin_answers_the_same(served_digits, digits_rows):
     rows, frame, report = asyncio.run(calls())
     assert rows.predictions == frame["prediction"].tolist() == raw["predictions"]
     assert report.model == NAME and report.kind == "tabular"
+
+
+def test_completions_and_chat_equal_the_raw_openai_answers(kiln, served_digits):
+    greedy = {"max_tokens": 8, "temperature": 0}
+    raw = httpx.post(
+        f"{served_digits}/v1/completions",
+        json={"model": LM_NAME, "prompt": "kiln", **greedy},
+        timeout=60,
+    ).json()
+    done = kiln.complete(LM_NAME, "kiln", **greedy)
+    assert done.text == raw["choices"][0]["text"] and done.usage == raw["usage"]
+    assert done.finish_reason == raw["choices"][0]["finish_reason"]
+    messages = [{"role": "user", "content": "kiln"}]
+    raw_chat = httpx.post(
+        f"{served_digits}/v1/chat/completions",
+        json={"model": LM_NAME, "messages": messages, **greedy},
+        timeout=60,
+    ).json()
+    whole = kiln.chat(LM_NAME, messages, **greedy)
+    assert whole == raw_chat["choices"][0]["message"]["content"]
+    pieces = list(kiln.chat(LM_NAME, messages, stream=True, **greedy))
+    assert "".join(pieces) == whole and len(pieces) >= 1
+    assert kiln.metrics(LM_NAME).kind == "lm"
+    with pytest.raises(BadRequestError, match="max_tokens"):
+        kiln.complete(LM_NAME, "kiln", max_tokens=10**6)
+
+    async def streamed() -> str:
+        async with AsyncKiln(url=served_digits) as client:
+            stream = await client.chat(LM_NAME, messages, stream=True, **greedy)
+            return "".join([piece async for piece in stream])
+
+    assert asyncio.run(streamed()) == whole
