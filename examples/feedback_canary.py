@@ -3,8 +3,8 @@
 Shows: a model served on a (local) Ray cluster, traffic that has drifted from its training
 data (digits shifted one pixel), the true labels sent back with `Kiln.feedback()`, `kiln
 retrain` training the served version further on them and deploying the result as a 50%
-canary, then `Kiln.metrics()` comparing the two versions on live traffic. About 5-8 minutes
-on 2 cores.
+canary, then `Kiln.metrics()` comparing the two versions on live traffic. About 13 minutes
+on a busy 2-core machine (load avg 30-60).
 
     python examples/feedback_canary.py      # RAY_ADDRESS: your cluster; unset: a private one
 

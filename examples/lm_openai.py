@@ -4,8 +4,8 @@ Shows: `kiln train --model lm` on text (the Python standard library's json packa
 byte-level BPE tokenizer and a small Llama-style decoder, trained with Ray Train), an API key
 from Python, `kiln serve` answering the OpenAI API, then the stock `openai` package with
 `base_url` and the Kiln key: a chat answer streamed piece by piece, and the same answer from
-`Kiln.chat(stream=True)`. About 2-4 minutes on 2 cores. The model is tiny and trained for 40
-steps: it writes Python-looking text, not sense.
+`Kiln.chat(stream=True)`. About 6 minutes on a busy 2-core machine (load avg ~35). The model
+is tiny and trained for 40 steps: it writes Python-looking text, not sense.
 
     python examples/lm_openai.py            # KILN_HOME, KILN_HTTP_PORT as for `kiln`
 

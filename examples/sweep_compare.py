@@ -3,7 +3,7 @@
 Shows: a quick baseline (`kiln train`, logistic regression by L-BFGS), a Ray Tune sweep of an
 MLP over learning rate and λ with ASHA stopping the weak trials early (`kiln tune`), then
 `Kiln().compare()` from Python: every version's test accuracy, parameters, bytes on disk and
-measured latency side by side. About 3-6 minutes on 2 cores.
+measured latency side by side. About 2.5 minutes on a busy 2-core machine (load avg ~40).
 
     python examples/sweep_compare.py        # KILN_HOME as for `kiln`
 

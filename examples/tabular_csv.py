@@ -2,7 +2,8 @@
 
 Shows: `kiln train` on your own table (string labels, named columns), `kiln serve`, then
 `Kiln(url=...).predict()` with a pandas DataFrame in and a DataFrame out, on rows the model
-never saw. About 1-2 minutes on 2 cores (most of it Ray and Serve starting).
+never saw. About 3 minutes on a 2-core machine that other jobs kept busy (load avg ~30),
+most of it Ray and Serve starting.
 
     python examples/tabular_csv.py          # KILN_HOME, KILN_HTTP_PORT as for `kiln`
 
