@@ -158,10 +158,12 @@ def tls_files(
         settings.kiln_home.expanduser().resolve(),
     )
     if files is not None and self_signed:
-        console.print(
-            f"self-signed certificate {files.cert} (trust it with --cacert)", soft_wrap=True
-        )
-        console.print(f"SHA-256 fingerprint {fingerprint(files.cert)}", soft_wrap=True)
+        # Plain text: rich would turn ":CD:" inside a fingerprint into an emoji.
+        for line in (
+            f"self-signed certificate {files.cert} (trust it with --cacert)",
+            f"SHA-256 fingerprint {fingerprint(files.cert)}",
+        ):
+            console.print(line, soft_wrap=True, emoji=False, markup=False, highlight=False)
     return files
 
 

@@ -200,3 +200,16 @@ def test_bad_options_are_one_line(tmp_path: Path, pki: dict[str, Path]) -> None:
         tls_from_options(str(pki["server.pem"]), None, None, True, tmp_path)
     with pytest.raises(KilnError, match="--tls-cert"):
         tls_from_options(None, None, str(pki["ca.pem"]), False, tmp_path)
+
+
+def test_the_fingerprint_is_printed_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cluster.tls
+    from cluster.cli.common import tls_files
+    from cluster.settings import Settings
+
+    monkeypatch.setattr(cluster.tls, "fingerprint", lambda _: "04:CA:85:CD:12:[B]")
+    files = tls_files(Settings(kiln_home=tmp_path), None, None, None, self_signed=True)
+    assert files is not None and files.cert.is_file()
+    assert "SHA-256 fingerprint 04:CA:85:CD:12:[B]" in capsys.readouterr().err  # no :cd: emoji
