@@ -202,7 +202,7 @@ def test_the_metrics_route_reports_the_language_model(served, lm_home):
 
 def test_the_python_client_chats_and_streams(served, lm_home):
     from cluster.client import Kiln
-    from cluster.errors import NotFoundError
+    from cluster.errors import AuthError, NotFoundError
 
     kiln = Kiln(home=str(lm_home["home"]), key=lm_home["keys"]["all"], use_ray=False)
     try:
@@ -217,3 +217,30 @@ def test_the_python_client_chats_and_streams(served, lm_home):
         assert missing.value.http_status == 404
     finally:
         kiln.close()
+    with Kiln(url=served.url, key=lm_home["keys"]["all"]) as kiln:
+        done = kiln.complete("pylm", "def ", max_tokens=12, temperature=0)
+        offline = kiln_json(
+            served.env, "generate", "pylm", "--prompt", "def ", "--max-tokens", "12"
+        )
+        assert done.text == offline["text"] and done.usage["completion_tokens"] <= 12
+        assert kiln.metrics("pylm").kind == "lm"
+    with Kiln(url=served.url, key=lm_home["keys"]["other"]) as kiln:
+        with pytest.raises(AuthError, match="lacks scope predict:pylm"):
+            kiln.complete("pylm", "def ")
+
+
+def test_the_async_client_streams_the_same_text(served, lm_home):
+    import asyncio
+
+    from cluster.http_client import AsyncKiln
+
+    messages = [{"role": "user", "content": "import json"}]
+
+    async def chat() -> tuple[str, list[str]]:
+        async with AsyncKiln(url=served.url, key=lm_home["keys"]["all"]) as kiln:
+            whole = await kiln.chat("pylm", messages, max_tokens=10, temperature=0)
+            stream = await kiln.chat("pylm", messages, stream=True, max_tokens=10, temperature=0)
+            return whole, [piece async for piece in stream]
+
+    whole, pieces = asyncio.run(chat())
+    assert "".join(pieces) == whole and len(pieces) >= 1
