@@ -297,8 +297,7 @@ def bench_kiln(name: str, folder: Path, prompts: list[str], args: argparse.Names
     home = Path(tempfile.mkdtemp(prefix="kiln-generate-bench-"))
     # Ray runs its workers, Serve replicas too, at nice 15 (RayConfig worker_niceness), below
     # every other process: transformers serve and generate() run at nice 0. On an idle machine
-    # that changes nothing; on a shared one `--kiln-niceness 0` puts Kiln on equal footing
-    # (twice on a machine at load 20-45, kiln serve then failed to start: HAProxyManager died).
+    # that changes nothing; on a shared one `--kiln-niceness 0` puts Kiln on equal footing.
     env = kiln_env(home, free_port(), RAY_worker_niceness=str(args.kiln_niceness))
     done = kiln(env, "models", "import", f"hf:{folder}", "--name", name, timeout_s=START_TIMEOUT_S)
     if done.returncode != 0:
@@ -574,9 +573,11 @@ def bench_int8(
     for prompt in ids[: args.serial_prompts]:
         for name, engine in engines.items():
             rates[name].append(engine_c1(engine, prompt, args.max_tokens)[1])
-    window_ids = [i for p in ids[args.serial_prompts :] for i in p] or [i for p in ids for i in p]
-    count = min(16, len(window_ids) // 129)
-    windows = np.array(window_ids[: count * 129], dtype=np.int64).reshape(count, 129)
+    held_out = [i for p in ids[args.serial_prompts :] for i in p]
+    window_ids = held_out if len(held_out) >= 129 else [i for p in ids for i in p]
+    length = min(129, len(window_ids))  # --quick's few prompts may hold fewer tokens
+    count = min(16, len(window_ids) // length)
+    windows = np.array(window_ids[: count * length], dtype=np.int64).reshape(count, length)
     with torch.inference_mode():
         before, after = perplexity_of(fp32, windows), perplexity_of(int8, windows)
     fp32_rate, int8_rate = statistics.median(rates["fp32"]), statistics.median(rates["int8"])
