@@ -276,7 +276,9 @@ def log_mask_of(args: ServeArgs) -> LogMask:
     if wanted and not secret:
         logger.warning("no log mask key given: masked values hash differently after a restart")
     key = bytes.fromhex(secret) if secret else os.urandom(32)
-    return LogMask(key, frozenset(args.log_mask), frozenset(args.log_drop), text=args.log_mask_text)
+    return LogMask(
+        key, frozenset(args.log_mask), frozenset(args.log_drop), text=args.log_mask_text
+    )
 
 
 class ModelHost:

@@ -25,8 +25,8 @@ import pyarrow.fs as pafs
 
 from actors.registry import ROBUSTNESS_BACKEND, version_dir
 from serving.slo import pareto_front
-
 from training.encryption import KEY_SUFFIX, decrypt_with_env_key, is_sealed
+
 WEIGHTS_FILE = "model.safetensors"
 """As training/artifacts.py names it (imported from there, this module would import torch)."""
 BODY_PREFIX = "body."
@@ -65,9 +65,9 @@ def version_row(
 ) -> dict[str, Any]:
     name, number = version["name"], int(version["version"])
     folder = f"{root}/{version_dir(name, number)}"
-    metric = score_metric(version["spec"])
     robustness = profiles.get(ROBUSTNESS_BACKEND, {}).get("reports", {})
     profiles = {b: p for b, p in profiles.items() if b != ROBUSTNESS_BACKEND}
+    metric = score_metric(version["spec"])
     fastest = min(profiles, key=lambda b: profiles[b]["b1_p50_ms"], default=None)
     return {
         "ref": f"{name}@{number}",
@@ -84,11 +84,10 @@ def version_row(
         "compression": compression_label(version["lineage"].get("compression")),
         "pareto": None,
         "tokens_per_s": version["metrics"].get("generate_tokens_per_s"),
-    }
         "robustness": robustness_summary(robustness),
+    }
 
 
-def score_metric(spec: dict[str, Any]) -> str:
 def robustness_summary(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """A version's `kiln evaluate --attack` reports, weakest attack first."""
     keep = ("attack", "epsilon", "steps", "clean_accuracy", "attacked_accuracy", "rows")
@@ -96,6 +95,7 @@ def robustness_summary(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any
     return sorted(rows, key=lambda r: (r["attack"], r["epsilon"]))
 
 
+def score_metric(spec: dict[str, Any]) -> str:
     """The score a version is compared by: test accuracy, R², or a language model's held-out
     perplexity (lower is better)."""
     if spec.get("kind") == "lm":
