@@ -256,8 +256,11 @@ def serve(
         console.print("Ctrl-C stops")
         # SIGTERM (a service manager, `kill`, a container stop) stops it as Ctrl-C does: an
         # orderly Serve and Ray shutdown, not a zombie raylet (RAY_NOTES). Background jobs of
-        # a non-interactive shell start with SIGINT ignored, so SIGTERM is their only stop.
+        # a non-interactive shell start with SIGINT ignored, which Python keeps: Ctrl-C (or
+        # `kill -INT`) would then wait until the benchmark or test that sent it gives up and
+        # kills the group (seen: 60 s, then SIGKILL). Both signals stop it, as uvicorn does.
         signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
         try:
             while True:
                 time.sleep(3600)

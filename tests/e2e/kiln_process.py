@@ -50,6 +50,10 @@ def kiln_json(env: dict[str, str], *args: str, timeout_s: float = 300) -> dict[s
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class KilnServe:
     """`kiln serve ARGS` in its own process group, stopped with Ctrl-C."""
@@ -60,6 +64,8 @@ class KilnServe:
     process: subprocess.Popen | None = None
     ray_processes: dict[int, float] = field(default_factory=dict)
     """pid -> create time of every process under `kiln serve` seen while it ran."""
+    sigint_ignored: bool = False
+    """Start it as a script's background job starts: with SIGINT ignored (inherited)."""
 
     @property
     def url(self) -> str:
@@ -74,6 +80,7 @@ class KilnServe:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=ignore_sigint if self.sigint_ignored else None,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -161,6 +161,19 @@ def test_sigterm_stops_serve_as_ctrl_c_does(served):
     assert "stopping" in served.log()
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_serve_started_with_sigint_ignored(trained_home, tmp_path):
+    """A script's background job inherits SIGINT ignored; `kill -INT` still stops kiln serve
+    (it waited for the sender's SIGKILL, 60 s later, in a benchmark run that way)."""
+    env = kiln_env(trained_home["home"], free_port())
+    server = KilnServe(env, ["dgm"], tmp_path / "serve.log", sigint_ignored=True).start()
+    try:
+        assert server.interrupt(timeout_s=45) == 0
+        assert server.survivors() == []
+    finally:
+        server.kill()
+
+
 def test_a_busy_port_is_one_line_before_ray_starts(trained_home):
     import socket
 
