@@ -54,6 +54,7 @@ test-all: install browser
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python .ci/typecheck_tree.py >/dev/null
 	$(BIN)/mypy
 
 bench: install

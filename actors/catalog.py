@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.errors import KilnError, NotFoundError
+from kiln.training.errors import KilnError, NotFoundError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,31}$")

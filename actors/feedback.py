@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from actors.registry import NAMESPACE
-from actors.storage import ArtifactStore
+from kiln.actors.registry import NAMESPACE
+from kiln.actors.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class FeedbackStore(FeedbackService):
         super().__init__(storage_uri, shard, num_shards)
         self._stop = threading.Event()
         if shard == 0:
-            from actors.monitor import run_gauges
+            from kiln.actors.monitor import run_gauges
 
             threading.Thread(
                 target=run_gauges, args=(storage_uri, self._stop), daemon=True, name="gauges"

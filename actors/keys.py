@@ -16,8 +16,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.catalog import NAME_PATTERN
-from training.errors import KilnError
+from kiln.actors.catalog import NAME_PATTERN
+from kiln.training.errors import KilnError
 
 SECRET_PREFIX = "kiln"
 KEY_ID_BYTES = 6  # 12 hex characters: unique enough to index, short enough to type

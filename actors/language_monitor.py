@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.catalog import VersionRecord
-from actors.feedback import TEXT_PREDICTION_SCHEMA, read_usage, read_window
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.feedback import TEXT_PREDICTION_SCHEMA, read_usage, read_window
 
 
 def is_language_model(records: dict[int, VersionRecord]) -> bool:
@@ -104,7 +104,7 @@ def language_report(
     now: float | None = None,
 ) -> dict[str, Any]:
     """A language model's report over the last `window_s` seconds, per logged version."""
-    from actors.monitor import PRICES_DATE, costs, prices
+    from kiln.actors.monitor import PRICES_DATE, costs, prices
 
     until = now if now is not None else time.time()
     since = until - window_s

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 LINEAGE_FIELDS = (
     "dataset_uri",
@@ -68,7 +68,7 @@ def _git(root: Path, *args: str) -> str:
 
 def dataset_sha256(uri: str) -> str:
     """sha256 of a dataset's content: file bytes, a built-in table, or synthetic parameters."""
-    from actors.sources import load_sklearn, parse_synthetic
+    from kiln.actors.sources import load_sklearn, parse_synthetic
 
     hasher = hashlib.sha256()
     if uri.startswith("synthetic:"):

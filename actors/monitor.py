@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.catalog import VersionRecord
-from actors.feedback import read_usage, read_window
-from actors.registry import artifact_path
-from actors.storage import ArtifactStore
-from training.drift import REFERENCE_FILE, DriftReference, drift_summary
-from training.metrics import confusion_matrix, metrics_from_confusion, regression_metrics
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.feedback import read_usage, read_window
+from kiln.actors.registry import artifact_path
+from kiln.actors.storage import ArtifactStore
+from kiln.training.drift import REFERENCE_FILE, DriftReference, drift_summary
+from kiln.training.metrics import confusion_matrix, metrics_from_confusion, regression_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def load_reference(storage_uri: str, record: VersionRecord) -> DriftReference | 
     """The version's drift reference (checked against its sha256), or None if it has none."""
     if REFERENCE_FILE not in record.artifacts:
         return None
-    from training.artifacts import verify_files
+    from kiln.training.artifacts import verify_files
 
     data = ArtifactStore(storage_uri).read(
         artifact_path(record.name, record.version, REFERENCE_FILE)
@@ -184,7 +184,7 @@ def build_report(
 ) -> dict[str, Any]:
     """Everything about model `name` over the last `window_s` seconds, per logged version
     (a language model's figures: actors/language_monitor.py)."""
-    from actors.language_monitor import is_language_model, language_report
+    from kiln.actors.language_monitor import is_language_model, language_report
 
     if is_language_model(records):
         return language_report(storage_uri, name, records, window_s, now)
@@ -234,7 +234,7 @@ def time_series(
     """Per version, per time bucket: requests/s, p99 latency, and accuracy (R² for a
     regressor) from the feedback on the bucket's predictions (a language model's series:
     actors/language_monitor.py)."""
-    from actors.language_monitor import is_language_model, language_time_series
+    from kiln.actors.language_monitor import is_language_model, language_time_series
 
     if is_language_model(records):
         return language_time_series(storage_uri, name, window_s, buckets, now)
@@ -323,7 +323,7 @@ class QualityGauges:
         """One pass over the models logged in the last hour; returns how many it reported."""
         import ray
 
-        from actors.feedback import MONITORING_DIR, USAGE_MODEL
+        from kiln.actors.feedback import MONITORING_DIR, USAGE_MODEL
 
         store = ArtifactStore(self.storage_uri)
         reported = 0
@@ -363,7 +363,7 @@ def run_gauges(storage_uri: str, stop: Any) -> None:
     """The gauge loop (a daemon thread of the FeedbackStore's shard 0) until `stop` is set."""
     import ray
 
-    from actors.registry import NAMESPACE, REGISTRY_NAME
+    from kiln.actors.registry import NAMESPACE, REGISTRY_NAME
 
     gauges = QualityGauges(storage_uri)
     while not stop.wait(GAUGE_INTERVAL_S):

@@ -27,7 +27,7 @@ from typing import Any
 
 import ray
 
-from actors.catalog import (
+from kiln.actors.catalog import (
     ACTIVE,
     ARCHIVED,
     LOCAL_ACTOR,
@@ -36,7 +36,7 @@ from actors.catalog import (
     VersionRecord,
     validate_name,
 )
-from actors.keys import (
+from kiln.actors.keys import (
     ADMIN,
     KDF,
     KeyCheck,
@@ -46,10 +46,10 @@ from actors.keys import (
     secret_matches,
     with_last_use,
 )
-from actors.lineage import normalize_lineage
-from actors.startup import wait_started
-from actors.storage import ArtifactStore
-from training.errors import KilnError, NotFoundError
+from kiln.actors.lineage import normalize_lineage
+from kiln.actors.startup import wait_started
+from kiln.actors.storage import ArtifactStore
+from kiln.training.errors import KilnError, NotFoundError
 
 REGISTRY_NAME = "kiln-registry"
 NAMESPACE = "kiln"
@@ -73,7 +73,7 @@ def artifact_path(name: str, version: int, filename: str) -> str:
 def check_artifacts(files: dict[str, bytes], spec: dict[str, Any]) -> None:
     """Refuse, before anything is stored, files that Kiln could not load without pickle."""
     # Imported here: torch is heavy, and catalog-only commands (kiln models list) skip it.
-    from training.artifacts import SPEC_FILE, WEIGHTS_FILE, model_from_files
+    from kiln.training.artifacts import SPEC_FILE, WEIGHTS_FILE, model_from_files
 
     for filename, data in files.items():
         check_added_file(filename, data)
@@ -122,7 +122,7 @@ class RegistryService:
         A training run calls this as it starts, so the import overlaps loading the data rather
         than delaying the first registration; catalog-only commands never pay it.
         """
-        import training.artifacts  # noqa: F401
+        import kiln.training.artifacts  # noqa: F401
 
     # ------------------------------------------------------------------ identity
 
@@ -495,7 +495,7 @@ def start_registry(db_path: str, storage_uri: str, detached: bool = False) -> An
 def read_verified_files(storage_uri: str, record: VersionRecord) -> dict[str, bytes]:
     """Every artifact of a version, each checked against its catalog sha256: the bytes on
     storage first (the ciphertext, on an encrypted store), then the plaintext."""
-    from training.artifacts import verify_files
+    from kiln.training.artifacts import verify_files
 
     store = ArtifactStore(storage_uri)
     files = {}

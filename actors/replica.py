@@ -8,7 +8,7 @@ Two backends run the forward pass: torch (the model rebuilt from spec.json and s
 and ONNX Runtime (the version's model.onnx, from `kiln export`; an ONNX Runtime session with
 one intra-op thread per CPU of the replica). Both take the same raw inputs and give the same
 (N, K) float32 outputs, so everything above `forward` (V1, V2, batching, health) is shared.
-`auto` picks ONNX Runtime when the version has model.onnx (training.export.serving_backend).
+`auto` picks ONNX Runtime when the version has model.onnx (kiln.training.export.serving_backend).
 """
 
 from __future__ import annotations
@@ -21,13 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.catalog import VersionRecord
-from actors.registry import read_verified_files
-from training.artifacts import SPEC_FILE, model_from_files
-from training.evaluate import outputs_to_predictions, predict_outputs, softmax
-from training.export import ONNX_FILE, ONNXRUNTIME, PLATFORMS, TORCH, OnnxModel, serving_backend
-from training.models import num_inputs
-from training.tabular import Encoding
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.registry import read_verified_files
+from kiln.training.artifacts import SPEC_FILE, model_from_files
+from kiln.training.evaluate import outputs_to_predictions, predict_outputs, softmax
+from kiln.training.export import (
+    ONNX_FILE,
+    ONNXRUNTIME,
+    PLATFORMS,
+    TORCH,
+    OnnxModel,
+    serving_backend,
+)
+from kiln.training.models import num_inputs
+from kiln.training.tabular import Encoding
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import pyarrow as pa
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.registry import NAMESPACE
-from actors.sources import ColumnPlan, SourceSpec, check_source, open_shard, task_of_labels
-from actors.startup import wait_started
-from training.data import (
+from kiln.actors.registry import NAMESPACE
+from kiln.actors.sources import ColumnPlan, SourceSpec, check_source, open_shard, task_of_labels
+from kiln.actors.startup import wait_started
+from kiln.training.data import (
     batch_categories,
     batch_features,
     batch_inputs,
@@ -32,11 +32,11 @@ from training.data import (
     encode_labels,
     fetch_shard_batches,
 )
-from training.drift import bin_counts, quantile_edges
-from training.errors import KilnError
-from training.linear import CrossMoments, LooBasis, softmax_sums, squared_sums
-from training.preprocess import feature_moments
-from training.tabular import CATEGORICAL, CategoryCounts, Encoding, InputColumn
+from kiln.training.drift import bin_counts, quantile_edges
+from kiln.training.errors import KilnError
+from kiln.training.linear import CrossMoments, LooBasis, softmax_sums, squared_sums
+from kiln.training.preprocess import feature_moments
+from kiln.training.tabular import CATEGORICAL, CategoryCounts, Encoding, InputColumn
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class ShardStore:
         """sha256 of the whole source (the lineage's dataset hash), computed in a process that
         has the source's readers loaded already: a task of its own was one more worker
         starting beside the load (1.4 s of a 2.5 s registration on a 2-core machine)."""
-        from actors.lineage import dataset_sha256
+        from kiln.actors.lineage import dataset_sha256
 
         return dataset_sha256(self.source.uri)
 
@@ -801,8 +801,11 @@ def describe_dataset(name: str) -> dict[str, list[dict[str, Any]]]:
 
 def list_datasets() -> list[dict[str, Any]]:
     """Every named dataset with its URI, shards, rows and bytes per split (text datasets:
-    documents and tokens per split, `actors.text.text_dataset_summary`)."""
-    from actors.text import TEXT_SPLIT, text_dataset_summary  # actors.text imports this module
+    documents and tokens per split, `kiln.actors.text.text_dataset_summary`)."""
+    from kiln.actors.text import (  # kiln.actors.text imports this module
+        TEXT_SPLIT,
+        text_dataset_summary,
+    )
 
     names = {n.split(":")[1] for n in _dataset_actor_names()}
     out = []

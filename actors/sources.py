@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from training.data import make_batch, numpy_of
-from training.errors import KilnError
-from training.tabular import CATEGORICAL, NUMERIC, canonical
+from kiln.training.data import make_batch, numpy_of
+from kiln.training.errors import KilnError
+from kiln.training.tabular import CATEGORICAL, NUMERIC, canonical
 
 if TYPE_CHECKING:
     import pyarrow.dataset as pads
@@ -531,7 +531,8 @@ def missing_error(spec: SourceSpec, column: str, count: int) -> KilnError:
 
 
 def canonical_strings(column: pa.ChunkedArray) -> pa.Array:
-    """A column as canonical category strings (training.tabular.canonical), null where missing."""
+    """A column as canonical category strings (kiln.training.tabular.canonical), null where
+    missing."""
     values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if pa.types.is_dictionary(values.type):
         values = values.cast(values.type.value_type)

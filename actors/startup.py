@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 POLL_S = 0.25
 
@@ -99,7 +99,8 @@ def actor_info(handle: Any) -> dict[str, Any]:
 
 def died_cause(exc: BaseException) -> str:
     """The error that ended a creation task: the last line of the remote traceback that names
-    an exception (`ModuleNotFoundError: No module named 'training.data'`), not Ray's wrapper."""
+    an exception (`ModuleNotFoundError: No module named 'kiln.training.data'`), not Ray's
+    wrapper."""
     lines = [line.strip() for line in str(exc).splitlines()]
     named = [
         line

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from training import encryption as enc
-from training.errors import CorruptArtifactError, KilnError
+from kiln.training import encryption as enc
+from kiln.training.errors import CorruptArtifactError, KilnError
 
 MARKER_FILE = ".kiln-encryption.json"
 """At the storage root of an encrypted store: the id of its master key (never the key)."""

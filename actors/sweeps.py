@@ -27,8 +27,8 @@ import json
 import logging
 from typing import Any
 
-from actors.storage import ArtifactStore
-from training.errors import KilnError, NotFoundError
+from kiln.actors.storage import ArtifactStore
+from kiln.training.errors import KilnError, NotFoundError
 
 logger = logging.getLogger(__name__)
 

@@ -36,17 +36,17 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.registry import NAMESPACE
-from actors.shards import (
+from kiln.actors.registry import NAMESPACE
+from kiln.actors.shards import (
     actor_name,
     find_dataset_actors,
     reach_nodes,
     release_freed_memory,
     shard_targets,
 )
-from actors.sources import shard_bounds
-from actors.startup import wait_started
-from training.errors import KilnError, check_options
+from kiln.actors.sources import shard_bounds
+from kiln.actors.startup import wait_started
+from kiln.training.errors import KilnError, check_options
 
 TEXT_SCHEME = "text:"
 TEXT_SPLIT = "text"
@@ -616,7 +616,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def tokenize_chunks(tokenizer: Any, chunks: list[pa.Array], dtype: np.dtype) -> np.ndarray:
     """One token stream of every document of `chunks` in order, eos after each: (N,) dtype."""
-    from training.tokenizer import encode_documents
+    from kiln.training.tokenizer import encode_documents
 
     parts = [encode_documents(tokenizer, chunk.to_pylist()).astype(dtype) for chunk in chunks]
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
@@ -700,7 +700,7 @@ class TextShardStore:
     def tokenize(self, tokenizer_json: bytes) -> dict[str, int]:
         """Tokenise this store's documents here, eos after each, into one stream per split put
         in the object store; returns the tokens per split. Runs again with a new tokenizer."""
-        from training.tokenizer import tokenizer_from_bytes
+        from kiln.training.tokenizer import tokenizer_from_bytes
 
         tokenizer = tokenizer_from_bytes(tokenizer_json)
         dtype = token_dtype(tokenizer.get_vocab_size())

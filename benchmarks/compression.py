@@ -76,7 +76,7 @@ REFUSED: dict[str, str] = {}
 
 def train_defaults() -> dict[str, Any]:
     """`kiln train`'s options at their defaults, as a user who types none gets them."""
-    from cluster.cli.train import train
+    from kiln.cli.train import train
 
     skip = {"resume", "as_json", "address", "home", "storage"}
     return {
@@ -87,8 +87,8 @@ def train_defaults() -> dict[str, Any]:
 
 
 def kiln_train(settings: Any, registry: Any, data: str, name: str, **options: Any) -> Any:
-    from cluster.pipeline import train_and_register
-    from cluster.requests import TrainRequest
+    from kiln.pipeline import train_and_register
+    from kiln.requests import TrainRequest
 
     request = TrainRequest.from_options(
         **{**train_defaults(), "data": data, "register": name, **options}
@@ -98,9 +98,9 @@ def kiln_train(settings: Any, registry: Any, data: str, name: str, **options: An
 
 def make_variants(settings: Any, registry: Any, model: str, smoke: bool) -> dict[str, Any]:
     """fp32 (trained), int8, prune50, distill, onnx (fp32 export), onnx_int8, student alone."""
-    from cluster.exporting import ExportRequest, export_version
-    from cluster.variants import CompressRequest, compress_and_register
-    from training.errors import KilnError
+    from kiln.exporting import ExportRequest, export_version
+    from kiln.training.errors import KilnError
+    from kiln.variants import CompressRequest, compress_and_register
 
     setup = MODELS[model]
     data = SMOKE_WIDE_DATA if smoke and model == "wide" else setup["data"]
@@ -138,10 +138,10 @@ def forward_of(settings: Any, record: Any, backend: str) -> tuple[Any, int]:
     """A one-thread forward function over raw inputs, and the model's input width."""
     import torch
 
-    from actors.registry import read_verified_files
-    from training.artifacts import model_from_files
-    from training.export import ONNX_FILE, OnnxModel
-    from training.models import num_inputs
+    from kiln.actors.registry import read_verified_files
+    from kiln.training.artifacts import model_from_files
+    from kiln.training.export import ONNX_FILE, OnnxModel
+    from kiln.training.models import num_inputs
 
     files = read_verified_files(settings.storage_uri, record)
     model, spec = model_from_files(files)
@@ -195,7 +195,7 @@ def latencies(
 def served_rps(settings: Any, refs: dict[str, str], duration_s: int) -> dict[str, Any]:
     """wrk at 64 connections against each ref served alone (2 replicas of 1 CPU)."""
     from benchmarks.serve_throughput import ensure_wrk, run_wrk
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     ensure_wrk()
     row = ", ".join(["0.5"] * 512)
@@ -228,7 +228,7 @@ def served_rps(settings: Any, refs: dict[str, str], duration_s: int) -> dict[str
 def pca_matches(settings: Any, registry: Any) -> dict[str, Any]:
     from sklearn.decomposition import PCA
 
-    from actors.sources import SourceSpec, load_sklearn, split_rows
+    from kiln.actors.sources import SourceSpec, load_sklearn, split_rows
 
     record = kiln_train(
         settings, registry, "sklearn:digits", "bench-digits-pca", model="logistic", pca=0.95
@@ -249,7 +249,7 @@ def pca_matches(settings: Any, registry: Any) -> dict[str, Any]:
 
 
 def summary_row(record: Any, lat: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    from actors.storage import ArtifactStore  # noqa: F401 (sizes come from the catalog row)
+    from kiln.actors.storage import ArtifactStore  # noqa: F401 (sizes come from the catalog row)
 
     metrics = record.metrics
     steps = record.lineage.get("compression") or []
@@ -268,8 +268,8 @@ def summary_row(record: Any, lat: dict[str, Any], base: dict[str, Any]) -> dict[
 
 
 def artifact_bytes(settings: Any, record: Any, backend: str) -> int:
-    from actors.registry import artifact_path
-    from actors.storage import ArtifactStore
+    from kiln.actors.registry import artifact_path
+    from kiln.actors.storage import ArtifactStore
 
     store = ArtifactStore(settings.storage_uri)
     names = ["model.onnx"] if backend == "onnxruntime" else ["model.safetensors"]
@@ -279,9 +279,9 @@ def artifact_bytes(settings: Any, record: Any, backend: str) -> int:
 def model_report(
     settings: Any, records: dict[str, Any], rounds: int, smoke: bool
 ) -> dict[str, Any]:
-    from actors.registry import read_verified_files
-    from training.artifacts import model_from_files
-    from training.compress import count_parameters
+    from kiln.actors.registry import read_verified_files
+    from kiln.training.artifacts import model_from_files
+    from kiln.training.compress import count_parameters
 
     backends = {"onnx": "onnxruntime", "onnx_int8": "onnxruntime"}
     measured = [v for v in records if v != "student_alone"]
@@ -399,8 +399,8 @@ def main() -> None:
 
     import ray
 
-    from cluster.runtime import registry_for, serve_env, shutdown_ray
-    from cluster.settings import Settings
+    from kiln.runtime import registry_for, serve_env, shutdown_ray
+    from kiln.settings import Settings
 
     os.environ.update(serve_env())
     settings = Settings(

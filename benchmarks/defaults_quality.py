@@ -29,8 +29,8 @@ from sklearn.preprocessing import StandardScaler
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.sources import SourceSpec, read_shard  # noqa: E402
-from training.data import batches_to_arrays  # noqa: E402
+from kiln.actors.sources import SourceSpec, read_shard  # noqa: E402
+from kiln.training.data import batches_to_arrays  # noqa: E402
 
 CASES = [
     ("digits", "mlp"),
@@ -54,7 +54,7 @@ def kiln_train(dataset: str, model: str, seed: int, home: Path) -> dict:
     if seed:
         args += ["--seed", str(seed)]
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "kiln.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

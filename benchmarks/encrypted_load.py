@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from actors.registry import RegistryService, read_verified_files  # noqa: E402
 from benchmarks.engine_step import smollm_spec  # noqa: E402
-from training import encryption as enc  # noqa: E402
-from training.artifacts import model_from_files, model_to_files  # noqa: E402
-from training.lm import build_lm, lm_spec  # noqa: E402
-from training.models import build_model  # noqa: E402
+from kiln.actors.registry import RegistryService, read_verified_files  # noqa: E402
+from kiln.training import encryption as enc  # noqa: E402
+from kiln.training.artifacts import model_from_files, model_to_files  # noqa: E402
+from kiln.training.lm import build_lm, lm_spec  # noqa: E402
+from kiln.training.models import build_model  # noqa: E402
 
 DIGITS_SPEC = {
     "kind": "mlp",

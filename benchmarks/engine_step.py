@@ -4,7 +4,7 @@ Two random-init Llamas: `lm_spec("small")` (8 layers, dim 288, vocab 8192) and S
 shape (30 layers, dim 576, 9 heads, 3 KV heads, MLP 1536, vocab 49152, tied embeddings). The
 work: 32 prompts of 32-256 random tokens, each asking for 64-128 greedy tokens (no stop, so
 every request generates all of them). Output tokens per second of:
-  - the engine (`serving.engine.Engine`, no HTTP) at concurrency 1, 8 and 32: a closed loop
+  - the engine (`kiln.serving.engine.Engine`, no HTTP) at concurrency 1, 8 and 32: a closed loop
     keeps that many requests in flight, submitting the next as one finishes;
   - transformers' `generate()` one request at a time on the same weights
     (`LlamaForCausalLM`, attn_implementation="sdpa"), the baseline a plain server would be;
@@ -41,15 +41,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from serving.engine import (  # noqa: E402
+from kiln.serving.engine import (  # noqa: E402
     Engine,
     EngineConfig,
     GenerationRequest,
     RequestHandle,
     RequestMetrics,
 )
-from training.hf_io import hf_config  # noqa: E402
-from training.lm import CausalLM, build_lm, lm_spec  # noqa: E402
+from kiln.training.hf_io import hf_config  # noqa: E402
+from kiln.training.lm import CausalLM, build_lm, lm_spec  # noqa: E402
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 Work = list[tuple[list[int], int]]

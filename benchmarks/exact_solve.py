@@ -28,12 +28,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from actors.shards import load_dataset  # noqa: E402
-from actors.sources import SourceSpec  # noqa: E402
-from cluster.convex import fit_exact, path_moments, scaling_of  # noqa: E402
-from cluster.pipeline import make_spec  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.linear import r2_score, raw_weights  # noqa: E402
+from kiln.actors.shards import load_dataset  # noqa: E402
+from kiln.actors.sources import SourceSpec  # noqa: E402
+from kiln.convex import fit_exact, path_moments, scaling_of  # noqa: E402
+from kiln.pipeline import make_spec  # noqa: E402
+from kiln.training.config import TrainConfig  # noqa: E402
+from kiln.training.linear import r2_score, raw_weights  # noqa: E402
 
 
 def cli_fit(home: str) -> dict:
@@ -41,7 +41,7 @@ def cli_fit(home: str) -> dict:
     env.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "train", "--data", "sklearn:diabetes"]
+        [sys.executable, "-m", "kiln.cli", "train", "--data", "sklearn:diabetes"]
         + ["--model", "ridge", "--json"],
         cwd=ROOT,
         env=env,

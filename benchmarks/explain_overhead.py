@@ -36,7 +36,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.serve_throughput import ensure_wrk, model_files, run_wrk  # noqa: E402
-from serving.explain import EXPLAIN_IN_ENV  # noqa: E402
+from kiln.serving.explain import EXPLAIN_IN_ENV  # noqa: E402
 
 MODEL = "bench-light"
 CONNECTIONS = 64
@@ -74,9 +74,9 @@ class ExplainEverySecond:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from cluster.runtime import registry_for, serve_env, shutdown_ray
-    from cluster.serving_control import deploy_models
-    from cluster.settings import Settings
+    from kiln.runtime import registry_for, serve_env, shutdown_ray
+    from kiln.serving_control import deploy_models
+    from kiln.settings import Settings
 
     os.environ.update(serve_env())
     os.environ[EXPLAIN_IN_ENV] = args.explain_in  # replicas inherit it from Ray's start

@@ -10,7 +10,7 @@ standardisation, and is scored on the same held-out test split (20%, seed 0: 360
     `fedavg_gap_vs_central` is central's accuracy minus FedAvg's after 30 rounds (mean of
     the seeds).
   - flower: the same partition (Kiln's partitioner, seed 0), the same model, initial weights
-    and local training (`federated.local.local_update`, called from a Flower NumPyClient), 20
+    and local training (`kiln.federated.local.local_update`, called from a Flower NumPyClient), 20
     rounds of Flower's FedAvg in its Ray simulation engine (`flwr[simulation]`, in its own venv
     .venv-bench-flwr because it pins ray 2.55: see benchmarks/federated_flower.py), against
     Kiln's first 20 rounds of the seed-0 run (the same as a 20-round run: rounds are seeded).
@@ -63,8 +63,8 @@ LOCAL_EPOCHS = 5
 
 
 def federate(settings: Any, registry: Any, **options: Any) -> dict[str, Any]:
-    from actors.sources import SourceSpec
-    from cluster.federation import FederateRequest, federate_and_register
+    from kiln.actors.sources import SourceSpec
+    from kiln.federation import FederateRequest, federate_and_register
 
     seed = options.pop("seed", 0)
     request = FederateRequest(
@@ -94,9 +94,9 @@ def central(settings: Any, registry: Any, seed: int) -> float:
     """`kiln train --data sklearn:digits --seed SEED` at the CLI's defaults."""
     import typer
 
-    from cluster.cli import app
-    from cluster.pipeline import train_and_register
-    from cluster.requests import TrainRequest, option_names
+    from kiln.cli import app
+    from kiln.pipeline import train_and_register
+    from kiln.requests import TrainRequest, option_names
 
     command = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
     defaults = {p.name: p.default for p in command.params}
@@ -202,8 +202,8 @@ def main() -> None:
 
     import ray
 
-    from cluster.runtime import registry_for
-    from cluster.settings import Settings
+    from kiln.runtime import registry_for
+    from kiln.settings import Settings
 
     home = Path(tempfile.mkdtemp(prefix="kiln-bench-fed-"))
     settings = Settings(kiln_home=home)

@@ -5,7 +5,7 @@ replace Kiln's 2.60), with Kiln's torch and numpy reached through a .pth file an
 repository on PYTHONPATH. The problem is Kiln's, piece by piece: the spec (model and
 standardisation) that `kiln federate` built, written by the caller to --spec; Kiln's
 Dirichlet(0.5) partitioner with the same seed; the same initial weights; each client's local
-training is `federated.local.local_update`, the function Kiln's FederatedClient calls. Only
+training is `kiln.federated.local.local_update`, the function Kiln's FederatedClient calls. Only
 the framework differs: Flower's ClientApp/ServerApp, its FedAvg, its Ray simulation engine
 (one CPU per virtual client, Flower's own resource model).
 
@@ -46,11 +46,11 @@ def client_arrays(spec: dict[str, Any], index: int, seed: int) -> tuple[np.ndarr
     """Client `index`'s rows, dealt exactly as a Kiln FederatedClient deals them."""
     key = f"client-{index}"
     if key not in CACHE:
-        from actors.sources import SourceSpec, open_shard
-        from federated.partition import PartitionSpec, partition_rows
-        from training.data import batch_labels, batches_to_arrays
-        from training.loop import label_targets
-        from training.tabular import Encoding
+        from kiln.actors.sources import SourceSpec, open_shard
+        from kiln.federated.partition import PartitionSpec, partition_rows
+        from kiln.training.data import batch_labels, batches_to_arrays
+        from kiln.training.loop import label_targets
+        from kiln.training.tabular import Encoding
 
         batches = list(open_shard(SourceSpec(uri=DATA, seed=seed), "train", 0, 1).batches)
         labels = np.concatenate([batch_labels(b) for b in batches])
@@ -79,11 +79,11 @@ def main() -> None:
     from flwr.server.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    from actors.sources import SourceSpec, open_shard
-    from federated.local import LocalPlan, initial_weights, local_update, model_with_weights
-    from training.data import batches_to_arrays, encode_labels
-    from training.evaluate import evaluate_model
-    from training.tabular import Encoding
+    from kiln.actors.sources import SourceSpec, open_shard
+    from kiln.federated.local import LocalPlan, initial_weights, local_update, model_with_weights
+    from kiln.training.data import batches_to_arrays, encode_labels
+    from kiln.training.evaluate import evaluate_model
+    from kiln.training.tabular import Encoding
 
     with open(args.spec) as handle:
         spec = json.load(handle)

@@ -4,7 +4,7 @@ Issue 31's performance section, in one run on one machine. A random-init
 `transformers.LlamaForCausalLM` of SmolLM-135M's shape (30 layers, dim 576, 9 heads, 3 KV heads,
 MLP 1536, vocab 49152, tied embeddings; `benchmarks/engine_step.py` builds it) is saved as a
 Hugging Face folder with a byte-level BPE `tokenizer.json` trained on the Python standard
-library's sources (`training.tokenizer.train_bpe`, to the model's vocabulary size). The config
+library's sources (`kiln.training.tokenizer.train_bpe`, to the model's vocabulary size). The config
 has no eos token, so no server stops early: every answer is `--max-tokens` tokens long (128).
 The prompts are real text: 64 windows of 32-256 tokens of stdlib sources (files and offsets
 from a fixed seed), each one decoding to a string that encodes back to the same ids; every arm
@@ -92,12 +92,12 @@ import transformers  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from benchmarks.engine_step import cpu_flags, hf_model, smollm_spec  # noqa: E402
-from cluster.runtime import free_port  # noqa: E402
-from serving.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from kiln.runtime import free_port  # noqa: E402
+from kiln.serving.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from kiln.training.lm import build_lm, lm_spec  # noqa: E402
+from kiln.training.lm_compress import perplexity_of, quantize_lm  # noqa: E402
+from kiln.training.tokenizer import tokenizer_to_bytes, train_bpe  # noqa: E402
 from tests.e2e.kiln_process import KilnServe, kiln, kiln_env  # noqa: E402
-from training.lm import build_lm, lm_spec  # noqa: E402
-from training.lm_compress import perplexity_of, quantize_lm  # noqa: E402
-from training.tokenizer import tokenizer_to_bytes, train_bpe  # noqa: E402
 
 TARGETS = {
     "vs_hf_generate_c32": (">=", 4.0),

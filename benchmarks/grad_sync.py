@@ -1,6 +1,6 @@
 """Gradient sync of several workers on one node: Kiln's shared-memory average against DDP.
 
-The same fits (`cluster.pipeline.fit`, MLP 32-128-64-10, batch 256, 3 epochs, Adam) on the same
+The same fits (`kiln.pipeline.fit`, MLP 32-128-64-10, batch 256, 3 epochs, Adam) on the same
 resident shards, at each worker count and `grad_accum`, once with `--grad-sync auto` (shared
 memory, training/grad_sync.py) and once with `--grad-sync ddp` (DDP over gloo). Worker counts
 above the machine's cores are the oversubscribed case (ranks that wait must leave the CPU to
@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ray  # noqa: E402
 
-from actors.shards import load_dataset  # noqa: E402
-from actors.sources import SourceSpec  # noqa: E402
 from benchmarks.train_throughput import steady_rows_per_s  # noqa: E402
-from cluster.pipeline import fit, make_spec  # noqa: E402
-from cluster.settings import Settings  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from kiln.actors.shards import load_dataset  # noqa: E402
+from kiln.actors.sources import SourceSpec  # noqa: E402
+from kiln.pipeline import fit, make_spec  # noqa: E402
+from kiln.settings import Settings  # noqa: E402
+from kiln.training.config import TrainConfig  # noqa: E402
 
 
 def arm(data: Any, settings: Settings, **options: Any) -> tuple[float, float, str]:

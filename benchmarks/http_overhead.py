@@ -37,10 +37,10 @@ NAME = "overhead-light"
 def measure(duration_s: int) -> dict[str, Any]:
     import ray
 
-    from cluster.profiling import measure_version
-    from cluster.runtime import registry_for, serve_env, shutdown_ray
-    from cluster.serving_control import deploy_models
-    from cluster.settings import Settings
+    from kiln.profiling import measure_version
+    from kiln.runtime import registry_for, serve_env, shutdown_ray
+    from kiln.serving_control import deploy_models
+    from kiln.settings import Settings
 
     os.environ.update(serve_env())
     settings = Settings(

@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 
-from actors.shards import load_dataset  # noqa: E402
-from actors.sources import SourceSpec  # noqa: E402
-from cluster.pipeline import solve_convex  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from kiln.actors.shards import load_dataset  # noqa: E402
+from kiln.actors.sources import SourceSpec  # noqa: E402
+from kiln.pipeline import solve_convex  # noqa: E402
+from kiln.training.config import TrainConfig  # noqa: E402
 
 TOL = 1e-6
 
@@ -47,7 +47,7 @@ def ddp_lbfgs(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.nn import functional as F
 
-    from training.data import batches_to_arrays, encode_labels, fetch_shard_batches
+    from kiln.training.data import batches_to_arrays, encode_labels, fetch_shard_batches
 
     torch.set_num_threads(1)
     rank = ray.train.get_context().get_world_rank()

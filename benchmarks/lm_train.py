@@ -76,7 +76,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from actors.text import (  # noqa: E402
+from kiln.actors.text import (  # noqa: E402
     TextDataset,
     TextSourceSpec,
     load_text_dataset,
@@ -84,18 +84,18 @@ from actors.text import (  # noqa: E402
     token_dtype,
     tokenize_dataset,
 )
-from cluster.lm_pipeline import (  # noqa: E402
+from kiln.lm_pipeline import (  # noqa: E402
     TOKENIZER_SAMPLE_BYTES,
     final_model,
     fit_lm,
     model_spec,
 )
-from cluster.settings import Settings  # noqa: E402
-from training.lm import build_lm  # noqa: E402
-from training.lm_config import LMTrainConfig, lr_at  # noqa: E402
-from training.lm_data import eval_windows, sample_windows  # noqa: E402
-from training.lm_loop import autocast, make_optimizer, use_bf16, validation_sums  # noqa: E402
-from training.tokenizer import tokenizer_to_bytes, train_bpe  # noqa: E402
+from kiln.settings import Settings  # noqa: E402
+from kiln.training.lm import build_lm  # noqa: E402
+from kiln.training.lm_config import LMTrainConfig, lr_at  # noqa: E402
+from kiln.training.lm_data import eval_windows, sample_windows  # noqa: E402
+from kiln.training.lm_loop import autocast, make_optimizer, use_bf16, validation_sums  # noqa: E402
+from kiln.training.tokenizer import tokenizer_to_bytes, train_bpe  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS = f"text:{STDLIB}/*.py"
@@ -559,9 +559,9 @@ def compare_arms(args: argparse.Namespace, settings: Settings, out: dict[str, An
 def long_run(args: argparse.Namespace, settings: Settings, out: dict[str, Any]) -> None:
     """The whole stdlib at --size small for --max-minutes on 2 workers, through the path of
     `kiln train --model lm` (train_lm_and_register), its perplexity curve drawn to `--png`."""
-    from cluster.cli.language import plot_perplexity
-    from cluster.lm_pipeline import LMTrainRequest, train_lm_and_register
-    from cluster.runtime import registry_for
+    from kiln.cli.language import plot_perplexity
+    from kiln.lm_pipeline import LMTrainRequest, train_lm_and_register
+    from kiln.runtime import registry_for
 
     train = LMTrainConfig(
         size=args.size,

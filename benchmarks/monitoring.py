@@ -39,7 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def logged_items(requests: int, rows: int = 1) -> list[Any]:
-    from serving.predlog import Logged
+    from kiln.serving.predlog import Logged
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(requests, rows, 64)).astype(np.float32)
@@ -54,8 +54,8 @@ def store_capacity(flushes: int = 30, rows: int = 1000) -> dict[str, float]:
     """Rows/s one store writes (in-process and through the actor), and the replica's share."""
     import ray
 
-    from actors.feedback import FeedbackService, feedback_stores, table_to_ipc
-    from serving.predlog import PredictionLog, rows_table
+    from kiln.actors.feedback import FeedbackService, feedback_stores, table_to_ipc
+    from kiln.serving.predlog import PredictionLog, rows_table
 
     items = logged_items(flushes * rows)
     log = PredictionLog(lambda: [])
@@ -103,9 +103,9 @@ def serving_overhead(rounds: int, duration_s: int) -> dict[str, Any]:
     """wrk at c64 on the light model, monitoring on and off alternately."""
     import ray
 
-    from cluster.runtime import registry_for
-    from cluster.serving_control import deploy_models
-    from cluster.settings import Settings
+    from kiln.runtime import registry_for
+    from kiln.serving_control import deploy_models
+    from kiln.settings import Settings
 
     settings = Settings(
         kiln_home=Path(tempfile.mkdtemp(prefix="kiln-monitor-bench-")), kiln_http_port=8432
@@ -164,7 +164,7 @@ def main() -> None:
     ensure_wrk()
     import ray
 
-    from cluster.runtime import serve_env, shutdown_ray
+    from kiln.runtime import serve_env, shutdown_ray
 
     os.environ.update(serve_env())
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

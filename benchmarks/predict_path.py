@@ -80,14 +80,14 @@ class FakeStore:
 
 def build_host(log: bool, metrics: bool, home: Path) -> Any:
     """A ModelHost serving the light model from a registry in `home` (no Ray)."""
-    from actors.registry import RegistryService
-    from actors.replica import ModelReplica
     from benchmarks.serve_throughput import model_files
-    from serving.host import ModelHost, Served
-    from serving.metrics import ServingMetrics
-    from serving.predlog import PredictionLog
-    from serving.routing import Router
-    from serving.schemas import ServeArgs
+    from kiln.actors.registry import RegistryService
+    from kiln.actors.replica import ModelReplica
+    from kiln.serving.host import ModelHost, Served
+    from kiln.serving.metrics import ServingMetrics
+    from kiln.serving.predlog import PredictionLog
+    from kiln.serving.routing import Router
+    from kiln.serving.schemas import ServeArgs
 
     if not (home / "registry.db").exists():
         service = RegistryService(str(home / "registry.db"), str(home / "store"), recover=False)
@@ -172,11 +172,11 @@ def main() -> None:
 
     import torch
 
-    import serving.dependencies as replica_module
-    import serving.host as host_module
-    from actors.keys import KeyCheck
-    from serving.app import api
-    from serving.auth import BearerAuth
+    import kiln.serving.dependencies as replica_module
+    import kiln.serving.host as host_module
+    from kiln.actors.keys import KeyCheck
+    from kiln.serving.app import api
+    from kiln.serving.auth import BearerAuth
 
     torch.set_num_threads(1)
     # Every pass inline (Serve's batch queue needs a replica context): as an idle replica runs

@@ -103,9 +103,9 @@ def main() -> None:
     ensure_wrk()
     import ray
 
-    from cluster.runtime import registry_for, serve_env, shutdown_ray
-    from cluster.serving_control import deploy_models
-    from cluster.settings import Settings
+    from kiln.runtime import registry_for, serve_env, shutdown_ray
+    from kiln.serving_control import deploy_models
+    from kiln.settings import Settings
 
     os.environ.update(serve_env())
     settings = Settings(

@@ -134,8 +134,8 @@ def threads_for(kind: str) -> int:
 
 
 def model_files(kind: str) -> dict[str, bytes]:
-    from training.artifacts import model_to_files
-    from training.models import build_model, set_standardization
+    from kiln.training.artifacts import model_to_files
+    from kiln.training.models import build_model, set_standardization
 
     torch.manual_seed(0)
     spec = {**SPECS[kind], "mean": [0.0] * 64, "std": [1.0] * 64}
@@ -151,9 +151,9 @@ def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) 
     """Runs in its own process: Serve's proxy mode is fixed when Ray starts."""
     import ray
 
-    from cluster.runtime import registry_for, serve_env, shutdown_ray
-    from cluster.serving_control import deploy_models
-    from cluster.settings import Settings
+    from kiln.runtime import registry_for, serve_env, shutdown_ray
+    from kiln.serving_control import deploy_models
+    from kiln.settings import Settings
 
     os.environ.update(serve_env() if proxy == "ha" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"})
     settings = Settings(
@@ -189,10 +189,10 @@ def tls_side(connections: int, duration_s: int, rounds: int) -> dict[str, Any]:
     import ray
     from ray.serve.context import _get_global_client
 
-    from cluster.runtime import registry_for, serve_env, shutdown_ray
-    from cluster.serving_control import deploy_models
-    from cluster.settings import Settings
-    from cluster.tls import TlsFiles, self_signed_files
+    from kiln.runtime import registry_for, serve_env, shutdown_ray
+    from kiln.serving_control import deploy_models
+    from kiln.settings import Settings
+    from kiln.tls import TlsFiles, self_signed_files
 
     os.environ.update(serve_env())
     home = Path(tempfile.mkdtemp(prefix="kiln-tls-bench-"))
@@ -254,8 +254,8 @@ def plain_app() -> Any:
     so each `--workers` process builds its own; the kind and threads come in the environment)."""
     from fastapi import FastAPI
 
-    from training.artifacts import model_from_files
-    from training.evaluate import outputs_to_predictions, predict_outputs
+    from kiln.training.artifacts import model_from_files
+    from kiln.training.evaluate import outputs_to_predictions, predict_outputs
 
     torch.set_num_threads(int(os.environ["KILN_BENCH_THREADS"]))
     model, spec = model_from_files(model_files(os.environ["KILN_BENCH_KIND"]))
@@ -310,7 +310,7 @@ def plain_side(kind: str, levels: list[int], duration_s: int, workers: int) -> d
 
 def offline_rows_per_s(kind: str, threads: int, seconds: float = 3.0) -> float:
     """Batched forward passes (batch 64) in this process with `threads` torch threads."""
-    from training.artifacts import model_from_files
+    from kiln.training.artifacts import model_from_files
 
     torch.set_num_threads(threads)
     model, _ = model_from_files(model_files(kind))

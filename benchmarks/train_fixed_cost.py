@@ -21,12 +21,12 @@ from typing import Any
 STARTED = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors.sources import SourceSpec  # noqa: E402
-from cluster.pipeline import train_and_register  # noqa: E402
-from cluster.requests import TrainRequest  # noqa: E402
-from cluster.runtime import init_ray, registry_for, shutdown_ray  # noqa: E402
-from cluster.settings import Settings  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from kiln.actors.sources import SourceSpec  # noqa: E402
+from kiln.pipeline import train_and_register  # noqa: E402
+from kiln.requests import TrainRequest  # noqa: E402
+from kiln.runtime import init_ray, registry_for, shutdown_ray  # noqa: E402
+from kiln.settings import Settings  # noqa: E402
+from kiln.training.config import TrainConfig  # noqa: E402
 
 IMPORTED = time.perf_counter()
 

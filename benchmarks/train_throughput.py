@@ -48,14 +48,14 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from actors.shards import ShardStore, load_dataset  # noqa: E402
-from actors.sources import SourceSpec  # noqa: E402
-from cluster.pipeline import fit, make_spec  # noqa: E402
-from cluster.settings import Settings  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import encode_labels  # noqa: E402
-from training.loop import make_optimizer, run_epoch, shard_batches  # noqa: E402
-from training.models import build_model, set_standardization  # noqa: E402
+from kiln.actors.shards import ShardStore, load_dataset  # noqa: E402
+from kiln.actors.sources import SourceSpec  # noqa: E402
+from kiln.pipeline import fit, make_spec  # noqa: E402
+from kiln.settings import Settings  # noqa: E402
+from kiln.training.config import TrainConfig  # noqa: E402
+from kiln.training.data import encode_labels  # noqa: E402
+from kiln.training.loop import make_optimizer, run_epoch, shard_batches  # noqa: E402
+from kiln.training.models import build_model, set_standardization  # noqa: E402
 
 
 class PeakMemory:
@@ -136,7 +136,7 @@ def plain_torch_rows_per_s(data, cfg: TrainConfig, threads: int) -> float:
     model = build_model(spec)
     set_standardization(model, spec)
     optimizer = make_optimizer(model, cfg)
-    from training.loop import LoopConfig
+    from kiln.training.loop import LoopConfig
 
     loop_cfg = LoopConfig(train=cfg, spec=spec, shards=[], num_train_rows=len(x))
     rates = []

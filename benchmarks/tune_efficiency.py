@@ -47,17 +47,17 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
-from actors.shards import load_dataset, load_shards  # noqa: E402
-from actors.sources import SourceSpec, read_shard  # noqa: E402
-from cluster.pipeline import make_spec  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import batch_features, encode_labels  # noqa: E402
-from training.loop import RowChunks  # noqa: E402
-from tuning.config import SweepConfig  # noqa: E402
-from tuning.report import write_reports  # noqa: E402
-from tuning.space import SearchSpace  # noqa: E402
-from tuning.trainable import TrialContext  # noqa: E402
-from tuning.tuner import run_tuner, summarise  # noqa: E402
+from kiln.actors.shards import load_dataset, load_shards  # noqa: E402
+from kiln.actors.sources import SourceSpec, read_shard  # noqa: E402
+from kiln.pipeline import make_spec  # noqa: E402
+from kiln.training.config import TrainConfig  # noqa: E402
+from kiln.training.data import batch_features, encode_labels  # noqa: E402
+from kiln.training.loop import RowChunks  # noqa: E402
+from kiln.tuning.config import SweepConfig  # noqa: E402
+from kiln.tuning.report import write_reports  # noqa: E402
+from kiln.tuning.space import SearchSpace  # noqa: E402
+from kiln.tuning.trainable import TrialContext  # noqa: E402
+from kiln.tuning.tuner import run_tuner, summarise  # noqa: E402
 
 
 class MemorySampler:
@@ -122,7 +122,7 @@ def tune_floor(points: int, epochs: int, storage: str) -> dict[str, Any]:
     first report is what any sweep pays before a trial's own code runs."""
     from ray import tune
 
-    from tuning.tuner import trial_resources
+    from kiln.tuning.tuner import trial_resources
 
     resources, _ = trial_resources(1)
     first: list[float] = []

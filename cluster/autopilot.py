@@ -33,11 +33,11 @@ import pyarrow as pa
 import ray
 from scipy import stats
 
-from actors.feedback import MONITORING_DIR, read_window
-from actors.monitor import quality
-from actors.registry import NAMESPACE
-from actors.storage import ArtifactStore
-from training.errors import KilnError, check_options
+from kiln.actors.feedback import MONITORING_DIR, read_window
+from kiln.actors.monitor import quality
+from kiln.actors.registry import NAMESPACE
+from kiln.actors.storage import ArtifactStore
+from kiln.training.errors import KilnError, check_options
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class AutopilotService:
     """The loop's logic; the actor below runs `step` on a thread every `check_every_s`."""
 
     def __init__(self, config: dict[str, Any], settings: dict[str, Any]) -> None:
-        from cluster.settings import Settings
+        from kiln.settings import Settings
 
         self.config = AutopilotConfig(**config)
         self.settings = Settings(**settings)
@@ -211,7 +211,7 @@ class AutopilotService:
 
     def decide(self, action: str, target: str, detail: dict[str, Any]) -> None:
         """Record a decision in the state and the registry's audit."""
-        from cluster.runtime import registry_for
+        from kiln.runtime import registry_for
 
         entry = {"at": time.time(), "action": action, "target": target, **detail}
         self.state.decisions.append(entry)
@@ -229,8 +229,8 @@ class AutopilotService:
         return self.maybe_retrain()
 
     def maybe_retrain(self) -> str:
-        from cluster.retrain import RetrainRequest, retrain_and_register
-        from cluster.runtime import registry_for
+        from kiln.retrain import RetrainRequest, retrain_and_register
+        from kiln.runtime import registry_for
 
         table = read_window(
             self.settings.storage_uri, self.config.name, self.state.cutoff_ts, with_inputs=False
@@ -278,7 +278,7 @@ class AutopilotService:
         return f"canary {self.state.canary_ref} deployed"
 
     def drifted(self) -> list[str]:
-        from actors.monitor import build_report
+        from kiln.actors.monitor import build_report
 
         records = self.records()
         since_s = max(60.0, time.time() - self.state.cutoff_ts)
@@ -289,13 +289,13 @@ class AutopilotService:
         return sorted(set(names))
 
     def records(self) -> dict[int, Any]:
-        from cluster.runtime import registry_for
+        from kiln.runtime import registry_for
 
         registry = registry_for(self.settings)
         return {r.version: r for r in ray.get(registry.list_versions.remote(self.config.name))}
 
     def judge_canary(self) -> str:
-        from cluster.serving_control import promote, rollback
+        from kiln.serving_control import promote, rollback
 
         assert self.state.canary_ref and self.state.production_ref
         canary = int(self.state.canary_ref.rpartition("@")[2])

@@ -1,6 +1,6 @@
 """The Python client: what the `kiln models|keys|audit` commands do, from a script or notebook.
 
-    from cluster.client import Kiln
+    from kiln.client import Kiln
     k = Kiln()                          # embedded: the catalog under KILN_HOME, no Ray started
     k = Kiln(address="auto")            # a cluster: every call goes to its Registry actor
     k.alias("digits-mlp", 3, "production")
@@ -42,13 +42,13 @@ from typing import Any
 
 import ray
 
-from actors.catalog import VersionRecord, parse_model_ref, parse_version_ref, validate_name
-from actors.keys import parse_duration_s, parse_grace_s
-from actors.registry import RegistryService
-from cluster.http_client import RetryPolicy, ServingCalls
-from cluster.options import COMMAND_OPTIONS
-from cluster.settings import Settings
-from training.errors import KilnError
+from kiln.actors.catalog import VersionRecord, parse_model_ref, parse_version_ref, validate_name
+from kiln.actors.keys import parse_duration_s, parse_grace_s
+from kiln.actors.registry import RegistryService
+from kiln.http_client import RetryPolicy, ServingCalls
+from kiln.options import COMMAND_OPTIONS
+from kiln.settings import Settings
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Kiln(ServingCalls):
             self._connect(home_given=home is not None)
 
     def _connect(self, home_given: bool) -> None:
-        from cluster.runtime import init_ray, registry_for
+        from kiln.runtime import init_ray, registry_for
 
         self._started_ray = init_ray(self.settings)
         self._registry = registry_for(self.settings)
@@ -213,7 +213,7 @@ class Kiln(ServingCalls):
     def compare(self, name: str) -> list[dict[str, Any]]:
         """`kiln models compare NAME`: every active version's score, parameters, bytes, latency
         per backend, lineage and Pareto flag (cluster/compare.py)."""
-        from cluster.compare import compare_rows
+        from kiln.compare import compare_rows
 
         versions = self.versions(name)
         profiles = self._call("profiles", name)
@@ -229,7 +229,7 @@ class Kiln(ServingCalls):
         With Ray it runs in a Ray task holding `num_cpus` CPUs, as at registration; an
         embedded client without Ray measures in this process with as many torch threads.
         """
-        from cluster.profiling import measure_version, profile_version
+        from kiln.profiling import measure_version, profile_version
 
         record = self.resolve(ref)
         storage_uri = self._call("get_storage_uri")
@@ -281,8 +281,8 @@ class Kiln(ServingCalls):
         fp32 joins the version, `quantize="int8"` registers a new version. Returns the
         `kiln export --json` summary. It loads the version's dataset into ShardStore actors,
         so an embedded client starts a local Ray for the call."""
-        from cluster.exporting import ExportRequest, export_version
-        from cluster.runtime import ray_session, registry_for
+        from kiln.exporting import ExportRequest, export_version
+        from kiln.runtime import ray_session, registry_for
 
         with flags_as_keywords():
             request = ExportRequest(
@@ -379,7 +379,7 @@ class Kiln(ServingCalls):
     def monitor(self, name: str, window: str = "1h") -> dict[str, Any]:
         """What `kiln monitor NAME --json` prints: per logged version, traffic, latency,
         quality from feedback, drift and cost over the window (actors/monitor.py)."""
-        from cluster.monitoring import model_report
+        from kiln.monitoring import model_report
 
         return model_report(self, name, window)
 
@@ -387,9 +387,9 @@ class Kiln(ServingCalls):
 
     @property
     def jobs(self) -> Any:
-        """The cluster's Jobs API client (cluster.jobs.JobsClient), made on first use."""
+        """The cluster's Jobs API client (kiln.jobs.JobsClient), made on first use."""
         if self._jobs is None:
-            from cluster.jobs import JobsClient
+            from kiln.jobs import JobsClient
 
             self._jobs = JobsClient(self.jobs_address, self.token)
         return self._jobs
@@ -441,7 +441,7 @@ class Kiln(ServingCalls):
 
     def job_result(self, job_id: str) -> dict[str, Any]:
         """The JSON summary a finished `--json` job printed (train: model, version, metrics)."""
-        from cluster.jobs import last_json_line
+        from kiln.jobs import last_json_line
 
         info = self.jobs.info(job_id)
         if info.status != "SUCCEEDED":

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.errors import BadRequestError
+from kiln.errors import BadRequestError
 
 __all__ = [
     "Completion",

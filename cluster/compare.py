@@ -10,9 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from serving.slo import Candidate
-from serving.variants import compare_rows
-from training.errors import KilnError
+from kiln.serving.slo import Candidate
+from kiln.serving.variants import compare_rows
+from kiln.training.errors import KilnError
 
 __all__ = ["compare_rows", "slo_candidates", "write_plot"]
 

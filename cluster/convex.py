@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from actors.shards import (
+from kiln.actors.shards import (
     ShardSet,
     reduce_feature_moments,
     reduce_linear_moments,
     reduce_loss_sums,
 )
-from training.config import TrainConfig
-from training.linear import (
+from kiln.training.config import TrainConfig
+from kiln.training.linear import (
     CrossMoments,
     LbfgsResult,
     RidgePath,
@@ -42,8 +42,8 @@ from training.linear import (
     solve_ridge,
     standard_system,
 )
-from training.models import KilnModel, linear_model, num_outputs
-from training.tabular import Encoding
+from kiln.training.models import KilnModel, linear_model, num_outputs
+from kiln.training.tabular import Encoding
 
 logger = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from actors.shards import load_shards
-from actors.sources import SourceSpec
-from cluster.pipeline import ProgressFn, train_and_register
-from cluster.requests import TrainRequest
-from cluster.runtime import registry_for
-from cluster.serving_control import deploy_models
-from cluster.settings import Settings
-from cluster.tls import TlsFiles
-from training.config import TrainConfig
+from kiln.actors.shards import load_shards
+from kiln.actors.sources import SourceSpec
+from kiln.pipeline import ProgressFn, train_and_register
+from kiln.requests import TrainRequest
+from kiln.runtime import registry_for
+from kiln.serving_control import deploy_models
+from kiln.settings import Settings
+from kiln.tls import TlsFiles
+from kiln.training.config import TrainConfig
 
 DEMO_DATA = "sklearn:digits"
 DEMO_MODEL_NAME = "digits-mlp"

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.storage import ArtifactStore
-from cluster.settings import Settings
-from training import encryption as enc
-from training.errors import KilnError
+from kiln.actors.storage import ArtifactStore
+from kiln.settings import Settings
+from kiln.training import encryption as enc
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

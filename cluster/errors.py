@@ -19,7 +19,7 @@ OpenAI's error shape on the language-model routes).
 
 from __future__ import annotations
 
-from training.errors import KilnError, NotFoundError
+from kiln.training.errors import KilnError, NotFoundError
 
 __all__ = [
     "AuthError",

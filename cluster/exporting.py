@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from actors.catalog import VersionRecord
-from cluster.runtime import unwrapped_errors
-from cluster.settings import Settings
-from training.data import encode_labels
-from training.errors import KilnError
-from training.export import (
+from kiln.actors.catalog import VersionRecord
+from kiln.runtime import unwrapped_errors
+from kiln.settings import Settings
+from kiln.training.data import encode_labels
+from kiln.training.errors import KilnError
+from kiln.training.export import (
     ONNX_FILE,
     ONNX_INT8,
     ONNX_INT8_METHOD,
@@ -44,7 +44,7 @@ from training.export import (
     onnx_metrics,
     onnxruntime_version,
 )
-from training.tabular import Encoding
+from kiln.training.tabular import Encoding
 
 FORMATS = ("onnx",)
 QUANTIZE_CHOICES = (ONNX_INT8,)
@@ -146,10 +146,10 @@ def export_version(
 ) -> Exported:
     """The whole of `kiln export` (see the module docstring)."""
     # Imported here: torch is heavy, and `kiln export` checks its request before Ray starts.
-    from actors.registry import read_verified_files
-    from cluster.profiling import profile_at_registration
-    from cluster.variants import lineage_data
-    from training.artifacts import model_from_files
+    from kiln.actors.registry import read_verified_files
+    from kiln.profiling import profile_at_registration
+    from kiln.training.artifacts import model_from_files
+    from kiln.variants import lineage_data
 
     started = time.perf_counter()
     step = on_step or (lambda _: None)
@@ -219,10 +219,10 @@ def register_int8(
     dataset: Any,
 ) -> VersionRecord:
     """The int8 export as a new version of the parent's model (see the module docstring)."""
-    from cluster.pipeline import register_model
-    from cluster.variants import variant_lineage
-    from training.artifacts import sha256_hex
-    from training.compress import count_parameters
+    from kiln.pipeline import register_model
+    from kiln.training.artifacts import sha256_hex
+    from kiln.training.compress import count_parameters
+    from kiln.variants import variant_lineage
 
     headline = {f"test_{k}": metrics[k] for k in ("accuracy", "r2") if k in metrics}
     compression = {
@@ -236,7 +236,7 @@ def register_int8(
         "parameters": count_parameters(model),
         **headline,
     }
-    from cluster.references import reference_files
+    from kiln.references import reference_files
 
     lineage = variant_lineage(parent, [compression], dataset)
     variant_spec = {**spec, "onnx_quantized": ONNX_INT8}

@@ -36,14 +36,11 @@ import ray
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from actors.catalog import VersionRecord, validate_name
-from actors.lineage import code_version, dataset_sha256
-from actors.shards import FeatureStats, ShardSet, looks_like_dataset_name
-from actors.sources import SourceSpec, check_source
-from cluster.pipeline import make_spec, register_model
-from cluster.requests import unique_name
-from cluster.settings import Settings
-from federated.client import (
+from kiln.actors.catalog import VersionRecord, validate_name
+from kiln.actors.lineage import code_version, dataset_sha256
+from kiln.actors.shards import FeatureStats, ShardSet, looks_like_dataset_name
+from kiln.actors.sources import SourceSpec, check_source
+from kiln.federated.client import (
     ClientConfig,
     ClientUpdate,
     FederatedClient,
@@ -51,14 +48,17 @@ from federated.client import (
     RoundRequest,
     train_rows,
 )
-from federated.local import LocalPlan, initial_weights, model_with_weights
-from federated.partition import PartitionSpec, check_partition_fits
-from federated.privacy import DPConfig, dp_config, epsilon_spent, noisy_mean
-from federated.secagg import round_context, unmasked_sum
-from federated.strategy import FedAdam, FedAvg, FedProx, parse_strategy
-from training.config import MODEL_KINDS, OPTIMIZERS, TrainConfig, require_choice
-from training.encryption import read_local, write_local
-from training.errors import KilnError
+from kiln.federated.local import LocalPlan, initial_weights, model_with_weights
+from kiln.federated.partition import PartitionSpec, check_partition_fits
+from kiln.federated.privacy import DPConfig, dp_config, epsilon_spent, noisy_mean
+from kiln.federated.secagg import round_context, unmasked_sum
+from kiln.federated.strategy import FedAdam, FedAvg, FedProx, parse_strategy
+from kiln.pipeline import make_spec, register_model
+from kiln.requests import unique_name
+from kiln.settings import Settings
+from kiln.training.config import MODEL_KINDS, OPTIMIZERS, TrainConfig, require_choice
+from kiln.training.encryption import read_local, write_local
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

@@ -35,14 +35,14 @@ from typing import Any, Literal, overload
 
 import httpx
 
-from cluster import client_types as types
-from cluster.client_types import (
+from kiln import client_types as types
+from kiln.client_types import (
     Completion,
     Explanations,
     FeedbackResult,
     MetricsReport,
 )
-from cluster.errors import KilnError, UnavailableError, error_for_status
+from kiln.errors import KilnError, UnavailableError, error_for_status
 
 __all__ = ["AsyncKiln", "RetryPolicy", "ServingCalls"]
 
@@ -382,7 +382,7 @@ def timed_out(url: str, call: Call, timeout_s: float) -> UnavailableError:
 def default_url(url: str | None) -> str:
     if url is not None:
         return url
-    from cluster.settings import Settings
+    from kiln.settings import Settings
 
     settings = Settings()
     return f"http://{settings.kiln_http_host}:{settings.kiln_http_port}"
@@ -533,7 +533,7 @@ class AsyncKiln:
         retry: RetryPolicy | None = None,
     ) -> None:
         if key is None:
-            from cluster.settings import Settings
+            from kiln.settings import Settings
 
             key = Settings().kiln_api_key
         self.url = default_url(url).rstrip("/")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import logging
 import math
 from typing import Any
 
-from actors.shards import Dataset, reduce_loo_errors, reduce_loss_sums
-from cluster.convex import (
+from kiln.actors.shards import Dataset, reduce_loo_errors, reduce_loss_sums
+from kiln.convex import (
     fit_exact,
     fit_full_batch,
     handles_of,
@@ -30,12 +30,12 @@ from cluster.convex import (
     ridge_path_of,
     scaling_of,
 )
-from cluster.pipeline import make_spec, spec_with_stats
-from training.config import TrainConfig
-from training.linear import raw_weights
-from training.tabular import Encoding
-from tuning.space import LogRange
-from tuning.tuner import TrialSummary
+from kiln.pipeline import make_spec, spec_with_stats
+from kiln.training.config import TrainConfig
+from kiln.training.linear import raw_weights
+from kiln.training.tabular import Encoding
+from kiln.tuning.space import LogRange
+from kiln.tuning.tuner import TrialSummary
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.catalog import VersionRecord
-from actors.registry import read_verified_files
-from training.errors import KilnError
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.registry import read_verified_files
+from kiln.training.errors import KilnError
 
 HF_SCHEME = "hf:"
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,9 +47,9 @@ def default_import_name(folder: Path) -> str:
 
 def import_hf(client: Any, uri: str, name: str | None = None) -> VersionRecord:
     """Register a local Hugging Face causal-LM folder as a new version of `name`."""
-    from training.artifacts import model_to_files
-    from training.hf_io import read_hf_folder
-    from training.lm import context_length, load_lm, num_parameters
+    from kiln.training.artifacts import model_to_files
+    from kiln.training.hf_io import read_hf_folder
+    from kiln.training.lm import context_length, load_lm, num_parameters
 
     folder = hf_folder_of(uri)
     spec, state, tokenizer_json, extras = read_hf_folder(folder)
@@ -94,8 +94,8 @@ def generation_speed(model: Any, spec: dict[str, Any]) -> float:
     beside perplexity."""
     import torch
 
-    from training.generate import generate
-    from training.lm import context_length
+    from kiln.training.generate import generate
+    from kiln.training.lm import context_length
 
     prompt = list(range(3, 3 + min(SPEED_PROMPT_TOKENS, context_length(spec) // 2)))
     new = min(SPEED_NEW_TOKENS, context_length(spec) - len(prompt) - 1)
@@ -131,8 +131,8 @@ def require_language_model(record: VersionRecord) -> None:
 
 def load_version_lm(client: Any, ref: str) -> LoadedLM:
     """A language-model version's verified files, loaded (no code from them runs)."""
-    from training.artifacts import model_from_files
-    from training.tokenizer import tokenizer_from_bytes
+    from kiln.training.artifacts import model_from_files
+    from kiln.training.tokenizer import tokenizer_from_bytes
 
     record = client.resolve(ref)
     require_language_model(record)
@@ -145,8 +145,8 @@ def load_version_lm(client: Any, ref: str) -> LoadedLM:
 
 def export_hf(client: Any, ref: str, out_dir: str) -> dict[str, Any]:
     """Write a language-model version as a folder `transformers` loads unchanged."""
-    from training.compress import is_quantized
-    from training.hf_io import write_hf_folder
+    from kiln.training.compress import is_quantized
+    from kiln.training.hf_io import write_hf_folder
 
     loaded = load_version_lm(client, ref)
     if is_quantized(loaded.spec):
@@ -181,9 +181,9 @@ def generate_text(
     """`kiln generate`: one prompt's completion (without the prompt) and its speed."""
     import torch
 
-    from training.generate import check_prompt, generate
-    from training.lm import context_length
-    from training.tokenizer import prompt_token_ids
+    from kiln.training.generate import check_prompt, generate
+    from kiln.training.lm import context_length
+    from kiln.training.tokenizer import prompt_token_ids
 
     if max_tokens < 1:
         raise KilnError(f'Got "{max_tokens}" for --max-tokens. Use 1 or more.')

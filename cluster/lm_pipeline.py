@@ -23,16 +23,16 @@ import numpy as np
 import ray
 from ray.util.queue import Queue
 
-from actors.catalog import VersionRecord
-from actors.lineage import code_version
-from actors.registry import read_verified_files
-from cluster.language import generation_speed
-from cluster.pipeline import fit_with_progress, run_config, scaling
-from cluster.settings import Settings
-from training.checkpoints import load_tensors
-from training.errors import KilnError
-from training.lm_config import LMTrainConfig
-from training.tokenizer import PROMPT_PREFIX_KEY
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.lineage import code_version
+from kiln.actors.registry import read_verified_files
+from kiln.language import generation_speed
+from kiln.pipeline import fit_with_progress, run_config, scaling
+from kiln.settings import Settings
+from kiln.training.checkpoints import load_tensors
+from kiln.training.errors import KilnError
+from kiln.training.lm_config import LMTrainConfig
+from kiln.training.tokenizer import PROMPT_PREFIX_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class LMOutcome:
 def load_corpus(request: LMTrainRequest) -> Any:
     """The corpus in TextShardStore actors: a named dataset, or the URI loaded now (one store
     per worker, so each worker reads its own)."""
-    from actors.shards import looks_like_dataset_name
-    from actors.text import TextSourceSpec, attach_text_dataset, load_text_dataset
+    from kiln.actors.shards import looks_like_dataset_name
+    from kiln.actors.text import TextSourceSpec, attach_text_dataset, load_text_dataset
 
     if looks_like_dataset_name(request.data):
         found = attach_text_dataset(request.data)
@@ -104,7 +104,7 @@ def corpus_tokenizer(
 ) -> tuple[bytes, dict[str, Any], str]:
     """(tokenizer.json, the special-token ids, where it came from): trained on a sample of
     the corpus, or the tokenizer of `--tokenizer REF`."""
-    from training.tokenizer import tokenizer_to_bytes, train_bpe
+    from kiln.training.tokenizer import tokenizer_to_bytes, train_bpe
 
     ref = request.train.tokenizer
     if ref:
@@ -114,7 +114,7 @@ def corpus_tokenizer(
             raise KilnError(f"{record.ref} has no tokenizer.json; pick a language-model version")
         ids = {k: record.spec.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         return files["tokenizer.json"], ids, record.ref
-    from actors.text import sample_for_tokenizer
+    from kiln.actors.text import sample_for_tokenizer
 
     sample = sample_for_tokenizer(dataset, TOKENIZER_SAMPLE_BYTES)
     tokenizer = train_bpe(sample, request.train.vocab_size)
@@ -127,13 +127,13 @@ def corpus_tokenizer(
 
 
 def vocabulary_size(tokenizer_json: bytes) -> int:
-    from training.tokenizer import tokenizer_from_bytes
+    from kiln.training.tokenizer import tokenizer_from_bytes
 
     return int(tokenizer_from_bytes(tokenizer_json).get_vocab_size(with_added_tokens=True))
 
 
 def model_spec(cfg: LMTrainConfig, vocab_size: int, special_ids: dict[str, Any]) -> dict[str, Any]:
-    from training.lm import lm_spec
+    from kiln.training.lm import lm_spec
 
     if cfg.block_size is not None and cfg.block_size > MAX_BLOCK_SIZE:
         raise KilnError(
@@ -181,10 +181,10 @@ def fit_lm(
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Ray Train's TorchTrainer over `lm_train_func`; returns its result and rank 0's
     evaluations (streamed to `on_eval` as they come)."""
-    from cluster.resources import worker_cpus
-    from training.config import TrainConfig
-    from training.lm_loop import lm_train_func
-    from training.loop import KilnTorchTrainer
+    from kiln.resources import worker_cpus
+    from kiln.training.config import TrainConfig
+    from kiln.training.lm_loop import lm_train_func
+    from kiln.training.loop import KilnTorchTrainer
 
     def make_trainer(progress: Queue) -> Any:
         cpus = worker_cpus(TrainConfig(workers=cfg.workers, cpus_per_worker=cfg.cpus_per_worker))
@@ -207,8 +207,8 @@ def fit_lm(
 
 def final_model(checkpoint: Any, spec: dict[str, Any]) -> Any:
     """The weights of the run's last checkpoint, loaded into the spec's model."""
-    from training.lm import load_lm
-    from training.lm_loop import WEIGHTS_FILE
+    from kiln.training.lm import load_lm
+    from kiln.training.lm_loop import WEIGHTS_FILE
 
     if checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
@@ -246,9 +246,9 @@ def train_lm_and_register(
     on_step: StepFn | None = None,
 ) -> LMOutcome:
     """The whole path from text to a registered language-model version."""
-    from actors.text import tokenize_dataset, unigram_perplexity
-    from training.artifacts import model_to_files
-    from training.hf_io import default_generation_config, default_tokenizer_config
+    from kiln.actors.text import tokenize_dataset, unigram_perplexity
+    from kiln.training.artifacts import model_to_files
+    from kiln.training.hf_io import default_generation_config, default_tokenizer_config
 
     started = time.perf_counter()
     step = on_step or (lambda _: None)

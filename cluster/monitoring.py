@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from actors.monitor import build_report, parse_window, time_series
-from training.errors import KilnError
+from kiln.actors.monitor import build_report, parse_window, time_series
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

@@ -22,30 +22,30 @@ import ray
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.catalog import VersionRecord
-from actors.lineage import code_version
-from actors.shards import (
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.lineage import code_version
+from kiln.actors.shards import (
     Dataset,
     FeatureStats,
     ShardSet,
     load_shards,
 )
-from cluster.convex import fit_convex, lbfgs_warning, with_pca
-from cluster.profiling import profile_at_registration, warm_profiler
-from cluster.references import reference_files
-from cluster.requests import TrainRequest, run_record_path
-from cluster.resident import resident_data
-from cluster.resources import worker_cpus
-from cluster.settings import Settings
-from training.artifacts import model_to_files
-from training.checkpoints import BEST_WEIGHTS_FILE, load_tensors
-from training.config import TrainConfig
-from training.convergence import minibatch_convergence
-from training.data import encode_labels
-from training.errors import KilnError
-from training.evaluate import evaluate_model
-from training.models import KilnModel, build_model, set_standardization, validate_spec
-from training.tabular import Encoding, feature_scaling
+from kiln.convex import fit_convex, lbfgs_warning, with_pca
+from kiln.profiling import profile_at_registration, warm_profiler
+from kiln.references import reference_files
+from kiln.requests import TrainRequest, run_record_path
+from kiln.resident import resident_data
+from kiln.resources import worker_cpus
+from kiln.settings import Settings
+from kiln.training.artifacts import model_to_files
+from kiln.training.checkpoints import BEST_WEIGHTS_FILE, load_tensors
+from kiln.training.config import TrainConfig
+from kiln.training.convergence import minibatch_convergence
+from kiln.training.data import encode_labels
+from kiln.training.errors import KilnError
+from kiln.training.evaluate import evaluate_model
+from kiln.training.models import KilnModel, build_model, set_standardization, validate_spec
+from kiln.training.tabular import Encoding, feature_scaling
 
 if TYPE_CHECKING:  # Ray Train (1-2 s of imports) loads only for a minibatch fit
     import ray.train
@@ -160,7 +160,7 @@ def fit(
     that exists under the storage path resumes that run (Ray Train V2's restore-by-name).
     """
 
-    from training.loop import KilnTorchTrainer, train_func
+    from kiln.training.loop import KilnTorchTrainer, train_func
 
     def make_trainer(progress: Queue) -> Any:
         cpus = worker_cpus(cfg)  # each worker's CPUs, and its torch threads
@@ -475,7 +475,7 @@ def train_and_register(
     """The whole path from a dataset to a registered, evaluated model version.
 
     `lineage_extra` adds lineage fields the caller knows: `parent`, `sweep_id`, `trial_id`.
-    `data`: the run's data when the caller loaded it already (`cluster.resident`); released
+    `data`: the run's data when the caller loaded it already (`kiln.resident`); released
     at the end either way.
     """
     started = time.perf_counter()

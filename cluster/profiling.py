@@ -1,6 +1,6 @@
 """Latency profiles measured in a Ray task shaped like one serving replica, and recorded.
 
-Every registration through `cluster.pipeline.register_model` (trained, tuned and compressed
+Every registration through `kiln.pipeline.register_model` (trained, tuned and compressed
 versions alike) gets a torch profile this way; `kiln models profile REF [--backend ...]`
 measures one again (or for the ONNX Runtime backend). The task holds the CPUs of one serving
 replica (`ServeArgs.num_cpus`, default 1) and runs that many torch threads, and it loads the
@@ -18,12 +18,12 @@ from typing import Any
 
 import ray
 
-from actors.catalog import VersionRecord
-from cluster.runtime import embedded_here, unwrapped_errors
-from cluster.settings import Settings
-from training.errors import KilnError
-from training.export import serving_backend
-from training.profile import ProfileConfig, measure_latency
+from kiln.actors.catalog import VersionRecord
+from kiln.runtime import embedded_here, unwrapped_errors
+from kiln.settings import Settings
+from kiln.training.errors import KilnError
+from kiln.training.export import serving_backend
+from kiln.training.profile import ProfileConfig, measure_latency
 
 DEFAULT_BACKEND = "torch"
 REPLICA_CPUS = 1.0
@@ -50,7 +50,7 @@ def measure_version(
     body; also what an embedded client without Ray runs). The thread count is restored after."""
     import torch
 
-    from actors.replica import ModelReplica
+    from kiln.actors.replica import ModelReplica
 
     threads = profile_threads(num_cpus)
     previous = torch.get_num_threads()
@@ -102,8 +102,8 @@ def profile_version(
 
 def import_profiler() -> None:
     """What a measurement imports (torch, the replica, ONNX Runtime's wrapper): about 3 s."""
-    import actors.replica  # noqa: F401
-    import training.profile  # noqa: F401
+    import kiln.actors.replica  # noqa: F401
+    import kiln.training.profile  # noqa: F401
 
 
 def warm_profiler() -> None:
@@ -152,10 +152,10 @@ def run_measurement(
 def registry_handle(target: Settings | str) -> Any:
     """The Registry actor: from the settings, or the named one already running."""
     if isinstance(target, Settings):
-        from cluster.runtime import registry_for
+        from kiln.runtime import registry_for
 
         return registry_for(target)
-    from actors.registry import NAMESPACE, REGISTRY_NAME
+    from kiln.actors.registry import NAMESPACE, REGISTRY_NAME
 
     return ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
 

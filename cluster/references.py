@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from actors.shards import ShardSet, reduce_drift_reference
-from training.drift import REFERENCE_FILE, SAMPLE_ROWS, build_reference
-from training.evaluate import outputs_to_predictions, predict_outputs
-from training.tabular import Encoding
+from kiln.actors.shards import ShardSet, reduce_drift_reference
+from kiln.training.drift import REFERENCE_FILE, SAMPLE_ROWS, build_reference
+from kiln.training.evaluate import outputs_to_predictions, predict_outputs
+from kiln.training.tabular import Encoding
 
 logger = logging.getLogger(__name__)
 

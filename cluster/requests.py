@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.catalog import validate_name
-from actors.sources import SourceSpec
-from cluster.settings import Settings
-from training.config import TrainConfig
-from training.errors import KilnError
-from tuning.config import SweepConfig
-from tuning.space import SearchSpace, default_l2_range, load_space_file
+from kiln.actors.catalog import validate_name
+from kiln.actors.sources import SourceSpec
+from kiln.settings import Settings
+from kiln.training.config import TrainConfig
+from kiln.training.errors import KilnError
+from kiln.tuning.config import SweepConfig
+from kiln.tuning.space import SearchSpace, default_l2_range, load_space_file
 
 
 def unique_name(prefix: str) -> str:

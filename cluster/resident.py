@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
-from actors.sources import SourceSpec, source_rows
-from cluster.requests import TrainRequest
-from cluster.resources import worker_cpus
-from training.errors import KilnError
+from kiln.actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
+from kiln.actors.sources import SourceSpec, source_rows
+from kiln.requests import TrainRequest
+from kiln.resources import worker_cpus
+from kiln.training.errors import KilnError
 
 
 def resident_data(request: TrainRequest) -> Dataset:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ray
 
-from training.config import TrainConfig
-from training.errors import KilnError
+from kiln.training.config import TrainConfig
+from kiln.training.errors import KilnError
 
 
 def resolve_cpus_per_worker(

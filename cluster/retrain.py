@@ -27,24 +27,24 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.catalog import VersionRecord, validate_name
-from actors.feedback import read_window
-from actors.lineage import code_version
-from actors.monitor import parse_window, quality
-from actors.registry import read_verified_files
-from actors.shards import Dataset, RowBatches
-from cluster.pipeline import ProgressFn, StepFn, evaluate_on, fit, load_best_model, register_model
-from cluster.references import reference_files
-from cluster.requests import unique_name
-from cluster.settings import Settings
-from cluster.variants import LINEAGE_DATA_FIELDS, lineage_data
-from training.artifacts import WEIGHTS_FILE, model_from_files
-from training.config import TrainConfig
-from training.data import inputs_to_batch
-from training.errors import KilnError, check_options
-from training.evaluate import outputs_to_predictions, predict_outputs
-from training.models import num_inputs
-from training.tabular import Encoding
+from kiln.actors.catalog import VersionRecord, validate_name
+from kiln.actors.feedback import read_window
+from kiln.actors.lineage import code_version
+from kiln.actors.monitor import parse_window, quality
+from kiln.actors.registry import read_verified_files
+from kiln.actors.shards import Dataset, RowBatches
+from kiln.pipeline import ProgressFn, StepFn, evaluate_on, fit, load_best_model, register_model
+from kiln.references import reference_files
+from kiln.requests import unique_name
+from kiln.settings import Settings
+from kiln.training.artifacts import WEIGHTS_FILE, model_from_files
+from kiln.training.config import TrainConfig
+from kiln.training.data import inputs_to_batch
+from kiln.training.errors import KilnError, check_options
+from kiln.training.evaluate import outputs_to_predictions, predict_outputs
+from kiln.training.models import num_inputs
+from kiln.training.tabular import Encoding
+from kiln.variants import LINEAGE_DATA_FIELDS, lineage_data
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class Feedback:
 
 def served_ref(name: str) -> str | None:
     """The ref that answers NAME's bare-name traffic now, if a Kiln app serves NAME."""
-    from cluster.serving_control import current_args, served_stable_refs
+    from kiln.serving_control import current_args, served_stable_refs
 
     try:
         args = current_args()
@@ -284,7 +284,7 @@ def retrain_and_register(
             ray.kill(handle)
     deployed = None
     if request.deploy and served_ref(parent.name) is not None:
-        from cluster.serving_control import deploy_canary
+        from kiln.serving_control import deploy_canary
 
         step("deploying the canary")
         deploy_canary(settings, parent.name, record.version, request.canary_weight, request.key)

@@ -13,10 +13,10 @@ from typing import Any
 
 import ray
 
-from actors.registry import read_verified_files
-from cluster.settings import Settings
-from training.errors import KilnError
-from training.robustness import AttackRequest, check_attackable, robustness_report
+from kiln.actors.registry import read_verified_files
+from kiln.settings import Settings
+from kiln.training.errors import KilnError
+from kiln.training.robustness import AttackRequest, check_attackable, robustness_report
 
 __all__ = ["AttackRequest", "evaluate_robustness"]
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def evaluate_robustness(
     settings: Settings, ref: str, request: AttackRequest, key: str | None = None
 ) -> dict[str, Any]:
-    from cluster.runtime import ray_session, registry_for, unwrapped_errors
+    from kiln.runtime import ray_session, registry_for, unwrapped_errors
 
     with ray_session(settings), unwrapped_errors():
         registry = registry_for(settings)
@@ -46,10 +46,10 @@ def evaluate_robustness(
 
 
 def attack_version(settings: Settings, record: Any, request: AttackRequest) -> dict[str, Any]:
-    from cluster.variants import lineage_data
-    from training.artifacts import model_from_files
-    from training.data import encode_labels
-    from training.tabular import Encoding
+    from kiln.training.artifacts import model_from_files
+    from kiln.training.data import encode_labels
+    from kiln.training.tabular import Encoding
+    from kiln.variants import lineage_data
 
     model, spec = model_from_files(read_verified_files(settings.storage_uri, record))
     data = lineage_data(settings, record)

@@ -14,9 +14,9 @@ from typing import Any
 
 import ray
 
-from actors.registry import NAMESPACE, start_registry
-from cluster.settings import Settings
-from training.errors import KilnError
+from kiln.actors.registry import NAMESPACE, start_registry
+from kiln.settings import Settings
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def open_encryption(settings: Settings) -> None:
     encryption on, KILN_ENCRYPT is set for the workers this process starts (Ray Train's
     checkpoints are sealed in the worker); a cluster's nodes need KILN_MASTER_KEY themselves.
     """
-    from actors.storage import ArtifactStore
-    from training.encryption import ENCRYPT_ENV
+    from kiln.actors.storage import ArtifactStore
+    from kiln.training.encryption import ENCRYPT_ENV
 
     if ArtifactStore(settings.storage_uri, encrypt=settings.kiln_encrypt).encrypted:
         os.environ[ENCRYPT_ENV] = "1"

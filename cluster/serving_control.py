@@ -9,14 +9,14 @@ import httpx
 import ray
 from ray import serve
 
-from actors.catalog import VersionRecord
-from cluster.runtime import free_port, registry_for, unwrapped_errors
-from cluster.settings import Settings
-from cluster.tls import TlsFiles, TlsFrontend
-from serving.app import build_app
-from serving.schemas import AUTH_OFF_WARNING, ServeArgs, is_canary_weight
-from training.errors import KilnError
-from training.export import serving_backend
+from kiln.actors.catalog import VersionRecord
+from kiln.runtime import free_port, registry_for, unwrapped_errors
+from kiln.serving.app import build_app
+from kiln.serving.schemas import AUTH_OFF_WARNING, ServeArgs, is_canary_weight
+from kiln.settings import Settings
+from kiln.tls import TlsFiles, TlsFrontend
+from kiln.training.errors import KilnError
+from kiln.training.export import serving_backend
 
 APP_NAME = "kiln"
 TLS_ON_CLUSTER = (
@@ -77,7 +77,7 @@ def public_host(host: str) -> str:
 
 def resolve_all(registry: Any, refs: list[str], backend: str = "auto") -> list[VersionRecord]:
     """Resolve every reference through the Registry actor (its KilnError, unwrapped) and check
-    that `backend` can serve each version (training.export.serving_backend)."""
+    that `backend` can serve each version (kiln.training.export.serving_backend)."""
     with unwrapped_errors():
         records: list[VersionRecord] = ray.get([registry.resolve.remote(ref) for ref in refs])
     for ref, record in zip(refs, records, strict=True):
@@ -194,7 +194,7 @@ def serve_config(serve_args: dict[str, Any], settings: Settings) -> dict[str, An
             {
                 "name": APP_NAME,
                 "route_prefix": "/",
-                "import_path": "serving.app:build_app",
+                "import_path": "kiln.serving.app:build_app",
                 "args": args,
             }
         ],

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

@@ -21,16 +21,16 @@ from typing import Any
 import ray
 from safetensors.torch import load as load_safetensors
 
-from actors.catalog import VersionRecord
-from actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
-from actors.sweeps import publish_sweep
-from cluster.lambda_sweep import (
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
+from kiln.actors.sweeps import publish_sweep
+from kiln.lambda_sweep import (
     NOT_SEARCHED,
     logistic_path_trials,
     ridge_path_trials,
     with_l2,
 )
-from cluster.pipeline import (
+from kiln.pipeline import (
     StepFn,
     data_hash,
     evaluate_on,
@@ -41,16 +41,16 @@ from cluster.pipeline import (
     release_data,
     spec_with_stats,
 )
-from cluster.requests import SweepRequest, sweeps_folder
-from cluster.settings import Settings
-from training.config import TrainConfig
-from training.convergence import minibatch_convergence
-from training.errors import KilnError
-from training.models import KilnModel, build_model, set_standardization
-from tuning.config import SweepConfig
-from tuning.report import json_safe, sweep_summary, write_path_reports, write_reports
-from tuning.trainable import TrialContext, refit_weights, trial_spec, trial_train_config
-from tuning.tuner import ResultFn, TrialSummary, best_trial, run_tuner, summarise
+from kiln.requests import SweepRequest, sweeps_folder
+from kiln.settings import Settings
+from kiln.training.config import TrainConfig
+from kiln.training.convergence import minibatch_convergence
+from kiln.training.errors import KilnError
+from kiln.training.models import KilnModel, build_model, set_standardization
+from kiln.tuning.config import SweepConfig
+from kiln.tuning.report import json_safe, sweep_summary, write_path_reports, write_reports
+from kiln.tuning.trainable import TrialContext, refit_weights, trial_spec, trial_train_config
+from kiln.tuning.tuner import ResultFn, TrialSummary, best_trial, run_tuner, summarise
 
 logger = logging.getLogger(__name__)
 

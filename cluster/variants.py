@@ -29,12 +29,12 @@ from typing import Any, cast
 import ray
 from safetensors.torch import save as save_safetensors
 
-from actors.catalog import VersionRecord, validate_name
-from actors.lineage import code_version
-from actors.registry import read_verified_files
-from actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
-from actors.sources import SourceSpec
-from cluster.pipeline import (
+from kiln.actors.catalog import VersionRecord, validate_name
+from kiln.actors.lineage import code_version
+from kiln.actors.registry import read_verified_files
+from kiln.actors.shards import Dataset, attach_dataset, load_dataset, looks_like_dataset_name
+from kiln.actors.sources import SourceSpec
+from kiln.pipeline import (
     ProgressFn,
     StepFn,
     evaluate_on,
@@ -43,12 +43,12 @@ from cluster.pipeline import (
     load_eval_set,
     register_model,
 )
-from cluster.references import reference_files
-from cluster.requests import unique_name
-from cluster.settings import Settings
-from training.artifacts import model_from_files, model_to_files
-from training.checkpoints import state_tensors
-from training.compress import (
+from kiln.references import reference_files
+from kiln.requests import unique_name
+from kiln.settings import Settings
+from kiln.training.artifacts import model_from_files, model_to_files
+from kiln.training.checkpoints import state_tensors
+from kiln.training.compress import (
     check_distillation,
     check_fraction,
     count_parameters,
@@ -58,10 +58,10 @@ from training.compress import (
     quantize_model,
     student_spec,
 )
-from training.config import TrainConfig
-from training.errors import KilnError
-from training.loop import train_func
-from training.models import KilnModel
+from kiln.training.config import TrainConfig
+from kiln.training.errors import KilnError
+from kiln.training.loop import train_func
+from kiln.training.models import KilnModel
 
 logger = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ def no_corpus_error(record: VersionRecord) -> KilnError:
 
 def held_out_text(parent: VersionRecord, data: str | None) -> HeldOutText:
     """The corpus and split a version's final evaluation read (`--data` replaces the corpus)."""
-    from training.lm import context_length
+    from kiln.training.lm import context_length
 
     lineage = parent.lineage
     config = lineage.get("train_config") or {}
@@ -497,7 +497,7 @@ def held_out_text(parent: VersionRecord, data: str | None) -> HeldOutText:
 def load_held_out_text(held_out: HeldOutText) -> Any:
     """The corpus in TextShardStores: a named dataset, or the URI loaded with the version's
     split (documents go to the validation split by a seeded hash of their text)."""
-    from actors.text import TextSourceSpec, attach_text_dataset, load_text_dataset
+    from kiln.actors.text import TextSourceSpec, attach_text_dataset, load_text_dataset
 
     if looks_like_dataset_name(held_out.data):
         found = attach_text_dataset(held_out.data)
@@ -519,7 +519,7 @@ def lm_held_out_windows(dataset: Any, held_out: HeldOutText) -> tuple[Any, str]:
     never saw this corpus, the training documents too when the validation ones hold none."""
     import numpy as np
 
-    from training.lm_loop import fetch_streams, my_shards, validation_batches
+    from kiln.training.lm_loop import fetch_streams, my_shards, validation_batches
 
     world, block = held_out.workers, held_out.block_size
     for split in ("val", "train"):
@@ -547,10 +547,10 @@ def compress_lm_and_register(
     step_to: StepFn,
 ) -> Compressed:
     """`kiln compress --quantize int8` of a language model (see the module docstring)."""
-    from actors.text import tokenize_dataset
-    from cluster.language import TOKENIZER_FILE, generation_speed
-    from training.lm import num_parameters
-    from training.lm_compress import perplexity_of, perplexity_step, quantize_lm
+    from kiln.actors.text import tokenize_dataset
+    from kiln.language import TOKENIZER_FILE, generation_speed
+    from kiln.training.lm import num_parameters
+    from kiln.training.lm_compress import perplexity_of, perplexity_step, quantize_lm
 
     started = time.perf_counter()
     files = read_verified_files(settings.storage_uri, parent)

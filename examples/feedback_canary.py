@@ -26,8 +26,9 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
-from kiln import Kiln
 from sklearn.datasets import load_digits
+
+from kiln import Kiln
 
 NAME = "digits-live"
 PORT = os.environ.get("KILN_HTTP_PORT", "8000")

@@ -21,8 +21,9 @@ import sysconfig
 import time
 
 import httpx
-from kiln import Kiln
 from openai import OpenAI
+
+from kiln import Kiln
 
 PORT = os.environ.get("KILN_HTTP_PORT", "8000")
 URL = f"http://127.0.0.1:{PORT}"

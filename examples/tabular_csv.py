@@ -18,8 +18,9 @@ import subprocess
 import time
 
 import httpx
-from kiln import Kiln
 from sklearn.datasets import load_wine
+
+from kiln import Kiln
 
 PORT = os.environ.get("KILN_HTTP_PORT", "8000")
 URL = f"http://127.0.0.1:{PORT}"

@@ -23,17 +23,17 @@ import pyarrow as pa
 import ray
 import torch
 
-from actors.shards import FeatureStats, batch_stats
-from actors.sources import ColumnPlan, SourceSpec, open_shard
-from federated.local import LocalPlan, local_update, model_with_weights
-from federated.partition import PartitionSpec, partition_rows
-from federated.privacy import clip_to_norm
-from federated.secagg import masked_update, new_private_key, public_bytes
-from training.data import ROW_ID, batch_labels, batches_to_arrays, encode_labels
-from training.errors import KilnError
-from training.evaluate import evaluate_model
-from training.loop import label_targets
-from training.tabular import Encoding
+from kiln.actors.shards import FeatureStats, batch_stats
+from kiln.actors.sources import ColumnPlan, SourceSpec, open_shard
+from kiln.federated.local import LocalPlan, local_update, model_with_weights
+from kiln.federated.partition import PartitionSpec, partition_rows
+from kiln.federated.privacy import clip_to_norm
+from kiln.federated.secagg import masked_update, new_private_key, public_bytes
+from kiln.training.data import ROW_ID, batch_labels, batches_to_arrays, encode_labels
+from kiln.training.errors import KilnError
+from kiln.training.evaluate import evaluate_model
+from kiln.training.loop import label_targets
+from kiln.training.tabular import Encoding
 
 logger = logging.getLogger(__name__)
 

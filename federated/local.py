@@ -1,5 +1,5 @@
 """A client's local training in plain torch: start from the global weights, run E epochs over
-its own rows with the same per-step code as `kiln train` (training.loop), return the update.
+its own rows with the same per-step code as `kiln train` (kiln.training.loop), return the update.
 
 No Ray here: the FederatedClient actor calls `local_update`, and the tests call it directly.
 FedProx's proximal term mu/2·||w - w_global||² enters as its gradient, mu·(w - w_global),
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import TrainConfig
-from training.loop import LoopConfig, make_optimizer, run_epoch, shard_batches
-from training.models import KilnModel, build_model, set_standardization
+from kiln.training.config import TrainConfig
+from kiln.training.loop import LoopConfig, make_optimizer, run_epoch, shard_batches
+from kiln.training.models import KilnModel, build_model, set_standardization
 
 logger = logging.getLogger(__name__)
 

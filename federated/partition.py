@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

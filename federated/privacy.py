@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

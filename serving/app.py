@@ -21,17 +21,17 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from actors.registry import NAMESPACE, REGISTRY_NAME
-from serving.auth import BearerAuth, KeyCache
-from serving.console import routes as console_routes
-from serving.console.data import Console, served_explainer
-from serving.dependencies import serving_replica
-from serving.errors import add_error_handlers
-from serving.host import ModelHost
-from serving.lean import LeanPredict
-from serving.routes import explain, inference, models, monitoring, openai
-from serving.schemas import AUTH_OFF_WARNING, LIVE_FIELDS, ServeArgs
-from training.errors import KilnError
+from kiln.actors.registry import NAMESPACE, REGISTRY_NAME
+from kiln.serving.auth import BearerAuth, KeyCache
+from kiln.serving.console import routes as console_routes
+from kiln.serving.console.data import Console, served_explainer
+from kiln.serving.dependencies import serving_replica
+from kiln.serving.errors import add_error_handlers
+from kiln.serving.host import ModelHost
+from kiln.serving.lean import LeanPredict
+from kiln.serving.routes import explain, inference, models, monitoring, openai
+from kiln.serving.schemas import AUTH_OFF_WARNING, LIVE_FIELDS, ServeArgs
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class KilnServer:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve config entry point: `import_path: serving.app:build_app`."""
+    """Serve config entry point: `import_path: kiln.serving.app:build_app`."""
     try:
         parsed = ServeArgs(**args)
         autoscaling = parsed.autoscaling()

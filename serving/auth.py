@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 from fastapi import HTTPException
 
-from actors.keys import KeyCheck, key_id_of
+from kiln.actors.keys import KeyCheck, key_id_of
 
 DEFAULT_TTL_S = 5.0
 DEFAULT_USE_REPORT_S = 30.0

@@ -14,8 +14,8 @@ from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from serving.auth import BearerAuth
-from serving.host import ModelHost
+from kiln.serving.auth import BearerAuth
+from kiln.serving.host import ModelHost
 
 # Reads the header only; whether the key is live and allowed is the registry's call (below).
 bearer = HTTPBearer(

@@ -1,6 +1,7 @@
 """The generation engine behind Kiln's OpenAI-compatible routes: continuous batching in plain torch.
 
-Why it exists: `training.generate` decodes a fixed batch offline; a server receives requests one
+Why it exists: `kiln.training.generate` decodes a fixed batch offline; a server receives requests
+one
 by one, each with its own length, sampling settings and stops, and must not make a new request
 wait for the batch in flight. So the engine batches at the level of one model step (iteration-
 level, "continuous" batching): a request joins the running batch at the next step and leaves
@@ -23,7 +24,7 @@ so single figures move by 10-20%; benchmarks/engine_step.py takes each arm's bes
   59.2 against 11.8 and 26.1. At one request the two run the same matmuls; in a batch the
   engine is 5-6x `generate()` and 2.3-7x transformers' own continuous batching on CPU.
 - **KV memory: contiguous slots, block accounting on top.** The physical cache is
-  `training.lm.KVCache` with one row (slot) per running sequence, each a full context; the
+  `kiln.training.lm.KVCache` with one row (slot) per running sequence, each a full context; the
   block manager reserves `ceil((prompt + max_tokens) / 16)` blocks of a `kv_cache_tokens`
   budget at admission. A decode step runs over the slot rows `[0, highest busy slot]` as a
   zero-copy view, so attention reads the cache in place. A paged pool (one tensor of 16-token
@@ -87,9 +88,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from training import lm
-from training.errors import KilnError, check_options
-from training.generate import TextDecoder, default_stop_ids
+from kiln.training import lm
+from kiln.training.errors import KilnError, check_options
+from kiln.training.generate import TextDecoder, default_stop_ids
 
 FinishReason = Literal["stop", "length", "abort"]
 """OpenAI's "stop" and "length"; "abort" only reaches a handle whose request was aborted."""
@@ -1025,7 +1026,7 @@ def keep_top_k_top_p(
 ) -> torch.Tensor:
     """Scores (S, V) with, per row, all but the top_k highest (0: all; ties kept) and then all
     but the fewest likeliest whose probabilities reach top_p set to -inf: the same rules as
-    `training.generate.keep_top_k` and `keep_top_p`, for rows of different settings."""
+    `kiln.training.generate.keep_top_k` and `keep_top_p`, for rows of different settings."""
     sorted_scores, order = scores.sort(dim=-1, descending=True)  # (S, V)
     vocab_size = scores.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)  # (S,)

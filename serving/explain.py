@@ -18,7 +18,8 @@ The worker explains with the version's torch model rebuilt from its checksum-ver
 spec.json and model.safetensors, whatever the replica's backend: for an ONNX Runtime version
 these are the weights its model.onnx was exported from, so its attributions explain the served
 answers (which the route takes from the served backend). An ONNX int8 version has no torch twin
-of its int8 weights and answers 422 (training.explain.check_explainable). GradientSHAP draws its
+of its int8 weights and answers 422 (kiln.training.explain.check_explainable). GradientSHAP draws
+its
 baselines from the version's reference.safetensors (tensor `sample`, raw training rows) when it
 has one.
 """
@@ -52,16 +53,16 @@ from pydantic import (
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_numpy_safetensors
 
-from actors.catalog import VersionRecord
-from actors.registry import artifact_path, read_verified_files
-from actors.replica import ModelReplica
-from actors.storage import ArtifactStore
-from serving.errors import RETRY_AFTER_S, actor_failure
-from serving.schemas import INSTANCES_SCHEMA, RequestError
-from training.artifacts import model_from_files, sha256_hex
-from training.drift import REFERENCE_FILE
-from training.errors import CorruptArtifactError, KilnError
-from training.explain import (
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.registry import artifact_path, read_verified_files
+from kiln.actors.replica import ModelReplica
+from kiln.actors.storage import ArtifactStore
+from kiln.serving.errors import RETRY_AFTER_S, actor_failure
+from kiln.serving.schemas import INSTANCES_SCHEMA, RequestError
+from kiln.training.artifacts import model_from_files, sha256_hex
+from kiln.training.drift import REFERENCE_FILE
+from kiln.training.errors import CorruptArtifactError, KilnError
+from kiln.training.explain import (
     DEFAULT_STEPS,
     METHODS,
     ExplainConfig,
@@ -70,7 +71,7 @@ from training.explain import (
     check_explainable,
     explain_rows,
 )
-from training.models import KilnModel
+from kiln.training.models import KilnModel
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ def read_reference(storage_uri: str, record: VersionRecord) -> np.ndarray | None
 
 
 def explained_from_files(files: dict[str, bytes]) -> ExplainedVersion:
-    """A version's verified files (actors.registry.read_verified_files) as an ExplainedVersion."""
+    """A version's verified files (kiln.actors.registry.read_verified_files) as an
+    ExplainedVersion."""
     model, spec = model_from_files(files)
     sample = reference_sample(files[REFERENCE_FILE]) if REFERENCE_FILE in files else None
     return ExplainedVersion(without_grad(model), spec, sample)

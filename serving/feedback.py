@@ -21,8 +21,8 @@ import json
 import math
 from typing import Any
 
-from actors.feedback import shard_of
-from serving.schemas import RequestError
+from kiln.actors.feedback import shard_of
+from kiln.serving.schemas import RequestError
 
 MAX_FEEDBACK_IDS = 10_000
 MAX_TEXT_LABEL_CHARS = 100_000

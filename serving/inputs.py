@@ -1,5 +1,5 @@
 """A request's values as a model's raw inputs: the checks V1 and V2 share for a model trained
-on a table (`training.tabular.Encoding`). Pure numpy, no Ray."""
+on a table (`kiln.training.tabular.Encoding`). Pure numpy, no Ray."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.schemas import RequestError
-from training.tabular import BadInput, Encoding
+from kiln.serving.schemas import RequestError
+from kiln.training.tabular import BadInput, Encoding
 
 
 def rows_to_inputs(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serving.schemas import RequestError
+from kiln.serving.schemas import RequestError
 
 MAX_JSON_DEPTH = 64
 QUOTE_LIMIT = 64

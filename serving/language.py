@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from actors.catalog import VersionRecord
-from actors.registry import read_verified_files
-from serving.engine import Engine, EngineConfig, EngineStats, RequestMetrics
-from training.artifacts import model_from_files
-from training.errors import KilnError
-from training.tokenizer import prompt_token_ids
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.registry import read_verified_files
+from kiln.serving.engine import Engine, EngineConfig, EngineStats, RequestMetrics
+from kiln.training.artifacts import model_from_files
+from kiln.training.errors import KilnError
+from kiln.training.tokenizer import prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class LanguageReplica:
         config: EngineConfig | None = None,
         prometheus: bool = False,
     ) -> None:
-        from training.tokenizer import tokenizer_from_bytes
+        from kiln.training.tokenizer import tokenizer_from_bytes
 
         files = read_verified_files(storage_uri, record)
         model, spec = model_from_files(files)

@@ -31,15 +31,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving import v2
-from serving.auth import BearerAuth
-from serving.dependencies import check_predict_key, get_auth, get_host
-from serving.errors import http_error, request_error, validation_error
-from serving.host import ModelHost, logged_failures, parse_instances
-from serving.ids import request_id
-from serving.jsonbody import may_hold_booleans, parse_json
-from serving.routes.inference import v2_replica
-from serving.schemas import PredictRequest, RequestError
+from kiln.serving import v2
+from kiln.serving.auth import BearerAuth
+from kiln.serving.dependencies import check_predict_key, get_auth, get_host
+from kiln.serving.errors import http_error, request_error, validation_error
+from kiln.serving.host import ModelHost, logged_failures, parse_instances
+from kiln.serving.ids import request_id
+from kiln.serving.jsonbody import may_hold_booleans, parse_json
+from kiln.serving.routes.inference import v2_replica
+from kiln.serving.schemas import PredictRequest, RequestError
 
 V1_PREFIX, V1_SUFFIX = "/v1/models/", ":predict"
 V2_PREFIX, V2_SUFFIX, V2_VERSIONS = "/v2/models/", "/infer", "/versions/"

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actors.feedback import (
+from kiln.actors.feedback import (
     PREDICTION_SCHEMA,
     TEXT_PREDICTION_SCHEMA,
     USAGE_SCHEMA,

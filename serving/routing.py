@@ -12,7 +12,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from serving.schemas import is_canary_weight
+from kiln.serving.schemas import is_canary_weight
 
 
 @dataclass(frozen=True)

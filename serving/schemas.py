@@ -30,7 +30,7 @@ INSTANCES_SCHEMA: dict[str, Any] = {
 class PredictRequest(BaseModel):
     """TF-Serving / KServe V1 row format: rows of values, or objects of values by input name."""
 
-    # Checked against the model's inputs by serving.host.parse_rows (its errors name the input
+    # Checked against the model's inputs by kiln.serving.host.parse_rows (its errors name the input
     # and the fix); typing the values here would cost more than the conversion that follows
     # (validating 64 rows of 64 floats: 80 us as list[list[float]], 150 us as the union the
     # schema documents, 3 us as list[Any]).

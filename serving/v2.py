@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serving.inputs import columns_to_inputs
-from serving.jsonbody import parse_json, shown
-from serving.schemas import RequestError
-from training.tabular import NUMERIC, Encoding, InputColumn
+from kiln.serving.inputs import columns_to_inputs
+from kiln.serving.jsonbody import parse_json, shown
+from kiln.serving.schemas import RequestError
+from kiln.training.tabular import NUMERIC, Encoding, InputColumn
 
 INPUT_NAME = "features"
 DTYPES = {

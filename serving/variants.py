@@ -23,9 +23,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from actors.registry import ROBUSTNESS_BACKEND, version_dir
-from serving.slo import pareto_front
-from training.encryption import KEY_SUFFIX, decrypt_with_env_key, is_sealed
+from kiln.actors.registry import ROBUSTNESS_BACKEND, version_dir
+from kiln.serving.slo import pareto_front
+from kiln.training.encryption import KEY_SUFFIX, decrypt_with_env_key, is_sealed
 
 WEIGHTS_FILE = "model.safetensors"
 """As training/artifacts.py names it (imported from there, this module would import torch)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.runtime import free_port  # noqa: F401 (tests import it from here)
+from kiln.runtime import free_port  # noqa: F401 (tests import it from here)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")  # as Kiln sets it
@@ -41,8 +41,8 @@ def tiny_model_files(seed: int = 0) -> dict[str, bytes]:
     """A small MLP as its real artifacts (safetensors + spec.json), distinct per seed."""
     import torch
 
-    from training.artifacts import model_to_files
-    from training.models import build_model
+    from kiln.training.artifacts import model_to_files
+    from kiln.training.models import build_model
 
     torch.manual_seed(seed)
     return model_to_files(build_model(TINY_SPEC), TINY_SPEC)
@@ -52,7 +52,7 @@ def tiny_model_files(seed: int = 0) -> dict[str, bytes]:
 def ray_local() -> Iterator[None]:
     import ray
 
-    from cluster.runtime import serve_env
+    from kiln.runtime import serve_env
 
     # Serve in the tests runs as `kiln` runs it on the embedded Ray (HAProxy ingress); only
     # this Ray's processes see the setting, not the multi-node tests' own clusters.
@@ -74,14 +74,14 @@ def ray_local() -> Iterator[None]:
             else:
                 os.environ[key] = value
     yield
-    from cluster.runtime import shutdown_ray
+    from kiln.runtime import shutdown_ray
 
     shutdown_ray()
 
 
 @pytest.fixture(scope="session")
 def settings_session(tmp_path_factory: pytest.TempPathFactory):
-    from cluster.settings import Settings
+    from kiln.settings import Settings
 
     home = tmp_path_factory.mktemp("kiln-home")
     return Settings(kiln_home=home, kiln_http_port=free_port())
@@ -89,7 +89,7 @@ def settings_session(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def registry_session(ray_local, settings_session):
-    from cluster.runtime import registry_for
+    from kiln.runtime import registry_for
 
     return registry_for(settings_session)
 
@@ -97,10 +97,10 @@ def registry_session(ray_local, settings_session):
 @pytest.fixture(scope="session")
 def trained_digits(ray_local, settings_session, registry_session):
     """An MLP trained on digits by 2 Ray Train workers and registered (shared by many tests)."""
-    from actors.sources import SourceSpec
-    from cluster.pipeline import train_and_register
-    from cluster.requests import TrainRequest
-    from training.config import TrainConfig
+    from kiln.actors.sources import SourceSpec
+    from kiln.pipeline import train_and_register
+    from kiln.requests import TrainRequest
+    from kiln.training.config import TrainConfig
 
     cfg = TrainConfig(model="mlp", workers=2, epochs=8, batch_size=32, lr=2e-3)
     request = TrainRequest(
@@ -111,6 +111,6 @@ def trained_digits(ray_local, settings_session, registry_session):
 
 @pytest.fixture
 def tmp_home(tmp_path: Path):
-    from cluster.settings import Settings
+    from kiln.settings import Settings
 
     return Settings(kiln_home=tmp_path / "home")

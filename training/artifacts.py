@@ -14,9 +14,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from training.compress import is_quantized, load_quantized, quantized_state
-from training.errors import CorruptArtifactError
-from training.models import KilnModel, build_model
+from kiln.training.compress import is_quantized, load_quantized, quantized_state
+from kiln.training.errors import CorruptArtifactError
+from kiln.training.models import KilnModel, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "spec.json"
@@ -54,8 +54,8 @@ def model_from_files(files: dict[str, bytes]) -> tuple[KilnModel, dict[str, Any]
     try:
         state = load_safetensors(files[WEIGHTS_FILE])
         if is_language_model(spec):
-            from training.lm import load_lm
-            from training.lm_compress import load_quantized_lm
+            from kiln.training.lm import load_lm
+            from kiln.training.lm_compress import load_quantized_lm
 
             if is_quantized(spec):  # int8 layers: int8 weights and their scales
                 return load_quantized_lm(spec, state), spec  # type: ignore[return-value]
@@ -76,8 +76,8 @@ def lm_to_files(model: Any, spec: dict[str, Any]) -> dict[str, bytes]:
     Hugging Face key names (a tied lm_head left out) and config.json, so the version's folder
     is one `transformers` opens (tokenizer files are added by whoever has the tokenizer). An
     int8 model keeps the names, its Linear weights int8 beside their `.weight_scale`."""
-    from training.hf_io import export_tensors, hf_config
-    from training.lm_compress import quantized_lm_state
+    from kiln.training.hf_io import export_tensors, hf_config
+    from kiln.training.lm_compress import quantized_lm_state
 
     if is_quantized(spec):
         state = quantized_lm_state(model, spec)

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from training.encryption import read_local, write_local
+from kiln.training.encryption import read_local, write_local
 
 WEIGHTS_FILE = "model.safetensors"
 BEST_WEIGHTS_FILE = "best.safetensors"

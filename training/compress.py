@@ -30,8 +30,8 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as qdynamic
 from torch.nn import functional as F
 
-from training.errors import CorruptArtifactError, KilnError
-from training.models import CNN_CHANNELS, KilnModel, SmallCNN, build_model, set_standardization
+from kiln.training.errors import CorruptArtifactError, KilnError
+from kiln.training.models import CNN_CHANNELS, KilnModel, SmallCNN, build_model, set_standardization
 
 QUANTIZATION_METHOD = "dynamic-int8"
 INT8_SUFFIX = ".weight_int8"

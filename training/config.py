@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 MODEL_KINDS = ("linear", "ridge", "logistic", "mlp", "cnn")
 

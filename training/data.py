@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from training.tabular import NUMERIC, Encoding
+from kiln.training.tabular import NUMERIC, Encoding
 
 ROW_ID = "row_id"
 FEATURES = "features"

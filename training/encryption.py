@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from training.errors import CorruptArtifactError, KilnError
+from kiln.training.errors import CorruptArtifactError, KilnError
 
 MAGIC = b"KILNAE1\n"
 KEY_SUFFIX = ".kkey"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.metrics import classification_metrics, regression_metrics
+from kiln.training.metrics import classification_metrics, regression_metrics
 
 
 @torch.inference_mode()

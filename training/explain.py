@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.compress import is_quantized
-from training.errors import KilnError
-from training.models import KilnModel
-from training.tabular import CATEGORICAL, NUMERIC, Encoding
+from kiln.training.compress import is_quantized
+from kiln.training.errors import KilnError
+from kiln.training.models import KilnModel
+from kiln.training.tabular import CATEGORICAL, NUMERIC, Encoding
 
 logger = logging.getLogger(__name__)
 

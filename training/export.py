@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 if TYPE_CHECKING:
-    from training.models import KilnModel
+    from kiln.training.models import KilnModel
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME, OUTPUT_NAME = "inputs", "outputs"
@@ -82,7 +82,7 @@ def onnx_bytes(model: KilnModel, spec: dict[str, Any]) -> bytes:
     (batch, num_outputs) float32, the batch dimension dynamic (the dynamo exporter)."""
     import torch
 
-    from training.models import num_inputs
+    from kiln.training.models import num_inputs
 
     model = model.eval()  # the encoding layer and dropout act as in serving
     example = torch.zeros((EXAMPLE_ROWS, num_inputs(spec)), dtype=torch.float32)
@@ -156,7 +156,7 @@ def onnxruntime_version() -> str:
 
 class OnnxModel:
     """An ONNX Runtime session over ONNX bytes, with Kiln's forward: (N, num_inputs) float32
-    raw inputs -> (N, K) float32 raw outputs, as `training.evaluate.predict_outputs` gives."""
+    raw inputs -> (N, K) float32 raw outputs, as `kiln.training.evaluate.predict_outputs` gives."""
 
     def __init__(self, data: bytes, num_threads: int = 1, gpu: str = "off") -> None:
         import onnxruntime as ort
@@ -250,7 +250,7 @@ def check_onnx(
 ) -> dict[str, Any]:
     """Run `onnx_data` and the torch model on rows x (raw inputs); the comparison as a dict,
     or a KilnError when it misses its bar (fp32, or int8 with `quantized`)."""
-    from training.evaluate import predict_outputs
+    from kiln.training.evaluate import predict_outputs
 
     if len(x) == 0:
         raise KilnError("no rows to check the ONNX model on: the version's test split is empty")
@@ -309,9 +309,9 @@ def onnx_metrics(
     onnx_data: bytes, spec: dict[str, Any], x: np.ndarray, labels: np.ndarray
 ) -> dict[str, Any]:
     """Test metrics of an ONNX model run by ONNX Runtime, with the keys evaluation gives
-    (`training.evaluate.evaluate_model`): labels are class indices or values."""
-    from training.evaluate import outputs_to_predictions
-    from training.metrics import classification_metrics, regression_metrics
+    (`kiln.training.evaluate.evaluate_model`): labels are class indices or values."""
+    from kiln.training.evaluate import outputs_to_predictions
+    from kiln.training.metrics import classification_metrics, regression_metrics
 
     predictions = outputs_to_predictions(OnnxModel(onnx_data).forward(x), spec)
     if spec["task"] == "classification":

@@ -17,8 +17,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from training import lm
-from training.errors import KilnError, check_options
+from kiln.training import lm
+from kiln.training.errors import KilnError, check_options
 
 FinishReason = Literal["stop", "length"]
 

@@ -2,7 +2,7 @@
 
 A folder that `save_pretrained` wrote (config.json, safetensors weights, tokenizer files) is the
 interchange format: `read_hf_folder` turns one into a Kiln spec and a state dict that
-`training.lm.load_lm` runs unchanged, and `write_hf_folder` writes the same files back, so
+`kiln.training.lm.load_lm` runs unchanged, and `write_hf_folder` writes the same files back, so
 `transformers.AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` open a
 Kiln model as they would any other. Only safetensors are read: pickle weights
 (`pytorch_model.bin`) can run code when loaded, so they are refused by name.
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training import lm
-from training.errors import KilnError
+from kiln.training import lm
+from kiln.training.errors import KilnError
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

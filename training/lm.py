@@ -4,7 +4,7 @@ Kiln trains, imports and serves causal language models from one file, readable l
 a Llama-style transformer (RMSNorm, rotary positions, SwiGLU, grouped-query attention) that
 also runs Mistral and Qwen2 checkpoints, and GPT-2. Parameter names equal the keys of
 `transformers`' `LlamaForCausalLM` / `GPT2LMHeadModel` state dicts, so a safetensors file moves
-between Kiln and Hugging Face with no renaming (`training.hf_io`). The spec is the model's
+between Kiln and Hugging Face with no renaming (`kiln.training.hf_io`). The spec is the model's
 `config.json` dict plus `"kind": "lm"`.
 
 The KV cache (`KVCache`) is contiguous per sequence: one preallocated
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.errors import KilnError, check_options
+from kiln.training.errors import KilnError, check_options
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -42,7 +42,7 @@ ROPE_TYPES = ("default", "llama3")
 GPT2_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 """GPT-2's `activation_function` values and the `approximate=` of torch's GELU for each."""
 SPECIAL_TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
-"""The ids `training.tokenizer.train_bpe` gives <|bos|>, <|eos|> and <|pad|>."""
+"""The ids `kiln.training.tokenizer.train_bpe` gives <|bos|>, <|eos|> and <|pad|>."""
 MIN_VOCAB_SIZE = 259
 """256 bytes and the 3 special tokens."""
 

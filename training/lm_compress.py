@@ -47,9 +47,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from training.compress import QUANTIZATION_METHOD, SCALE_SUFFIX, is_quantized
-from training.errors import CorruptArtifactError, KilnError
-from training.lm import (
+from kiln.training.compress import QUANTIZATION_METHOD, SCALE_SUFFIX, is_quantized
+from kiln.training.errors import CorruptArtifactError, KilnError
+from kiln.training.lm import (
     CausalLM,
     Conv1D,
     Rotary,

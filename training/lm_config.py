@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from training.config import GPU_MODES, GRAD_SYNCS, require_choice
-from training.errors import KilnError
+from kiln.training.config import GPU_MODES, GRAD_SYNCS, require_choice
+from kiln.training.errors import KilnError
 
 SIZES = ("tiny", "small", "base")
 STRATEGIES = ("ddp", "fsdp")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from training.errors import KilnError, check_options
+from kiln.training.errors import KilnError, check_options
 
 logger = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from training.checkpoints import load_tensors, save_tensors
-from training.encryption import read_local, write_local
-from training.lm import build_lm, ties_embeddings
-from training.lm_config import LMTrainConfig, lr_at
-from training.lm_data import eval_windows, sample_windows
-from training.loop import all_reduce_sum, prepare_for_sync, worker_identity, worker_threads
+from kiln.training.checkpoints import load_tensors, save_tensors
+from kiln.training.encryption import read_local, write_local
+from kiln.training.lm import build_lm, ties_embeddings
+from kiln.training.lm_config import LMTrainConfig, lr_at
+from kiln.training.lm_data import eval_windows, sample_windows
+from kiln.training.loop import all_reduce_sum, prepare_for_sync, worker_identity, worker_threads
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -443,7 +443,7 @@ def lm_train_func(config: dict[str, Any]) -> None:
 
 
 def worker_threads_for(train: LMTrainConfig, local_workers: int) -> int:
-    from training.config import TrainConfig
+    from kiln.training.config import TrainConfig
 
     return worker_threads(TrainConfig(cpus_per_worker=train.cpus_per_worker), local_workers)
 

@@ -27,32 +27,32 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 from torch.nn import functional as F
 
-from training.checkpoints import (
+from kiln.training.checkpoints import (
     LoopState,
     TrainingState,
     load_training_checkpoint,
     save_training_checkpoint,
     state_tensors,
 )
-from training.compress import distillation_loss
-from training.config import TrainConfig
-from training.data import (
+from kiln.training.compress import distillation_loss
+from kiln.training.config import TrainConfig
+from kiln.training.data import (
     batch_inputs,
     batch_labels,
     batches_to_arrays,
     encode_labels,
     fetch_shard_batches,
 )
-from training.grad_sync import (
+from kiln.training.grad_sync import (
     SharedMemoryGradSync,
     broadcast_from_rank0,
     choose_grad_sync,
     open_shared_grad_sync,
 )
-from training.losses import l2_penalty, objective
-from training.metrics import metrics_from_confusion, regression_metrics_from_sums
-from training.models import build_model, num_inputs, set_standardization
-from training.tabular import Encoding
+from kiln.training.losses import l2_penalty, objective
+from kiln.training.metrics import metrics_from_confusion, regression_metrics_from_sums
+from kiln.training.models import build_model, num_inputs, set_standardization
+from kiln.training.tabular import Encoding
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 

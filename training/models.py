@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import MODEL_KINDS
-from training.errors import KilnError
-from training.tabular import Encoding
+from kiln.training.config import MODEL_KINDS
+from kiln.training.errors import KilnError
+from kiln.training.tabular import Encoding
 
 REGRESSION_KINDS = ("linear", "ridge")
 CNN_CHANNELS = (32, 64)
@@ -38,7 +38,7 @@ class Standardize(nn.Module):
 
 class Encode(nn.Module):
     """Raw inputs (numeric values with NaN for missing, categorical slots) -> features: the
-    torch twin of `training.tabular.Encoding.expand`, placed by the same index arrays.
+    torch twin of `kiln.training.tabular.Encoding.expand`, placed by the same index arrays.
 
     Its buffers are not saved with the weights: they come from the spec (`inputs`), which is
     checksummed with them. Without inputs (a model trained before they were recorded) it is

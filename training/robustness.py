@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.errors import KilnError, check_options
+from kiln.training.errors import KilnError, check_options
 
 ATTACKS = ("fgsm", "pgd")
 BATCH_ROWS = 512

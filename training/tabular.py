@@ -14,7 +14,7 @@ Categories are compared as canonical strings (`canonical`): "lima", "true"/"fals
 booleans, "3" for the integer 3, so a value reads the same from Parquet, CSV or JSON.
 
 numpy only: the ShardStore actors (exact and L-BFGS solvers) and serving's request parsing
-import it. Its torch twin is `training.models.Encode`; both place columns with the same index
+import it. Its torch twin is `kiln.training.models.Encode`; both place columns with the same index
 arrays (`Encoding.layout`).
 """
 

@@ -3,7 +3,7 @@
 A tokenizer is a `tokenizer.json` any tool can open, so a model Kiln trains leaves it with the
 tokenizer it was trained with. Byte-level BPE starts from the 256 byte values, so every text
 encodes (no unknown token) and decodes back to itself. The special tokens take the first ids,
-which `training.lm.lm_spec` writes into the model's config: <|bos|> 0, <|eos|> 1, <|pad|> 2.
+which `kiln.training.lm.lm_spec` writes into the model's config: <|bos|> 0, <|eos|> 1, <|pad|> 2.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from training.errors import KilnError, check_options
+from kiln.training.errors import KilnError, check_options
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)

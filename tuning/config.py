@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.config import require_choice
-from training.errors import KilnError
-from tuning.space import SearchSpace, grid_size
+from kiln.training.config import require_choice
+from kiln.training.errors import KilnError
+from kiln.tuning.space import SearchSpace, grid_size
 
 SCHEDULERS = ("asha", "hyperband", "pbt", "none")
 SEARCHES = ("random", "grid", "optuna")

@@ -26,7 +26,7 @@ matplotlib.use("Agg")  # headless: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tuning.tuner import TrialSummary  # noqa: E402
+from kiln.tuning.tuner import TrialSummary  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from training.config import OPTIMIZERS, TrainConfig
-from training.errors import KilnError
+from kiln.training.config import OPTIMIZERS, TrainConfig
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

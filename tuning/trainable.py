@@ -25,14 +25,14 @@ import torch
 from ray import tune
 from safetensors.torch import save as save_safetensors
 
-from training.checkpoints import (
+from kiln.training.checkpoints import (
     TrainingState,
     load_training_checkpoint,
     save_training_checkpoint,
     state_tensors,
 )
-from training.config import TrainConfig
-from training.loop import (
+from kiln.training.config import TrainConfig
+from kiln.training.loop import (
     KilnTorchTrainer,
     LoopConfig,
     make_lr_scheduler,
@@ -45,9 +45,9 @@ from training.loop import (
     validation_metrics,
     validation_sums,
 )
-from training.models import build_model, set_standardization
-from training.tabular import Encoding
-from tuning.space import decode_l2
+from kiln.training.models import build_model, set_standardization
+from kiln.training.tabular import Encoding
+from kiln.tuning.space import decode_l2
 
 logger = logging.getLogger(__name__)
 

@@ -25,16 +25,16 @@ from ray.tune.schedulers import (
     TrialScheduler,
 )
 
-from training.errors import KilnError
-from tuning.asha import PromotingASHA
-from tuning.config import SweepConfig
-from tuning.space import (
+from kiln.training.errors import KilnError
+from kiln.tuning.asha import PromotingASHA
+from kiln.tuning.config import SweepConfig
+from kiln.tuning.space import (
     decode_l2,
     grid_configs,
     param_space,
     pbt_mutations,
 )
-from tuning.trainable import TrialContext, run_trial
+from kiln.tuning.trainable import TrialContext, run_trial
 
 logger = logging.getLogger(__name__)
 

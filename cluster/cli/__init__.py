@@ -18,24 +18,24 @@ from typer._click import exceptions as click_errors  # typer vendors click since
 
 # Importing the command modules registers their commands, in this order, on the apps.
 # isort: off
-from cluster.cli import train  # noqa: E402,F401
-from cluster.cli import serve  # noqa: E402,F401
-from cluster.cli import data  # noqa: E402,F401
-from cluster.cli import registry  # noqa: E402,F401
-from cluster.cli import compress  # noqa: E402,F401
-from cluster.cli import export  # noqa: E402,F401
-from cluster.cli import explain  # noqa: E402,F401
-from cluster.cli import federate  # noqa: E402,F401
-from cluster.cli import jobs  # noqa: E402,F401
-from cluster.cli import monitor  # noqa: E402,F401
-from cluster.cli import retrain  # noqa: E402,F401
-from cluster.cli import autopilot  # noqa: E402,F401
-from cluster.cli import ui  # noqa: E402,F401
-from cluster.cli import security  # noqa: E402,F401
+from kiln.cli import train  # noqa: E402,F401
+from kiln.cli import serve  # noqa: E402,F401
+from kiln.cli import data  # noqa: E402,F401
+from kiln.cli import registry  # noqa: E402,F401
+from kiln.cli import compress  # noqa: E402,F401
+from kiln.cli import export  # noqa: E402,F401
+from kiln.cli import explain  # noqa: E402,F401
+from kiln.cli import federate  # noqa: E402,F401
+from kiln.cli import jobs  # noqa: E402,F401
+from kiln.cli import monitor  # noqa: E402,F401
+from kiln.cli import retrain  # noqa: E402,F401
+from kiln.cli import autopilot  # noqa: E402,F401
+from kiln.cli import ui  # noqa: E402,F401
+from kiln.cli import security  # noqa: E402,F401
 
 # isort: on
-from cluster.cli.common import DEBUG, app, console
-from training.errors import KilnError
+from kiln.cli.common import DEBUG, app, console
+from kiln.training.errors import KilnError
 
 __all__ = ["app", "main", "user_error"]
 

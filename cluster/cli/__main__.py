@@ -1,5 +1,5 @@
-"""`python -m cluster.cli`."""
+"""`python -m kiln.cli`."""
 
-from cluster.cli import run
+from kiln.cli import run
 
 run()

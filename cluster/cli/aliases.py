@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from cluster.cli.common import console
-from training.errors import KilnError
+from kiln.cli.common import console
+from kiln.training.errors import KilnError
 
 T = TypeVar("T")
 

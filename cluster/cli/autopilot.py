@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     JsonOpt,
@@ -20,7 +20,7 @@ from cluster.cli.common import (
     load_settings,
     output,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 ACTIONS = ("status", "stop")
 
@@ -54,7 +54,7 @@ def autopilot(
     """Feedback -> retrain -> canary -> promote or roll back, as a detached actor."""
     import ray
 
-    from cluster.autopilot import AutopilotConfig, find_autopilot, start_autopilot
+    from kiln.autopilot import AutopilotConfig, find_autopilot, start_autopilot
 
     if target in ACTIONS and name is None:
         raise KilnError(f"Give the model: kiln autopilot {target} NAME.")

@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster.settings import Settings
-from training.errors import KilnError
+from kiln.settings import Settings
+from kiln.training.errors import KilnError
 
 if TYPE_CHECKING:
-    from cluster.tls import TlsFiles
+    from kiln.tls import TlsFiles
 
 app = typer.Typer(
     name="kiln",
@@ -148,7 +148,7 @@ def tls_files(
 ) -> TlsFiles | None:
     """The TLS files of the --tls-* options (each over its KILN_TLS_* setting), checked; None
     for plain HTTP. A self-signed certificate's path and SHA-256 fingerprint are printed."""
-    from cluster.tls import fingerprint, tls_from_options
+    from kiln.tls import fingerprint, tls_from_options
 
     files = tls_from_options(
         None if self_signed else (cert or settings.kiln_tls_cert),
@@ -196,7 +196,7 @@ def preload(*modules: str) -> None:
 
 @contextmanager
 def connected(settings: Settings) -> Iterator[None]:
-    from cluster.runtime import ray_session
+    from kiln.runtime import ray_session
 
     where = settings.ray_address or "an embedded local Ray"
     with console.status(f"starting {where}"):
@@ -266,7 +266,7 @@ def output(value: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
 
 def print_column_notes(summary: dict[str, Any]) -> None:
     """The lines a user must not miss: columns left out, rows dropped."""
-    from actors.sources import ignored_line
+    from kiln.actors.sources import ignored_line
 
     line = ignored_line(list((summary.get("ignored") or {}).items()))
     if line:
@@ -303,7 +303,7 @@ def command_request(
     `from_options`) takes the ones it names. The sources are checked here, so a typo in --data
     fails before Ray starts.
     """
-    from cluster.requests import option_names
+    from kiln.requests import option_names
 
     if values["resume"]:
         request = load_saved(settings, values["resume"])
@@ -322,7 +322,7 @@ def check_in_catalog(settings: Settings, request: Any) -> None:
     """A request on one version (`kiln compress`, `kiln export`): its `ref` resolves in this
     KILN_HOME's SQLite catalog and `request.check_against(record)` accepts the version, before
     the embedded Ray starts."""
-    from cluster.client import Kiln
+    from kiln.client import Kiln
 
     with Kiln(settings=settings, use_ray=False) as kiln:
         request.check_against(kiln.resolve(request.ref))
@@ -330,8 +330,8 @@ def check_in_catalog(settings: Settings, request: Any) -> None:
 
 def check_sources(request: Any) -> None:
     """A typo in --data or --eval-data fails here, before Ray starts."""
-    from actors.shards import looks_like_dataset_name
-    from actors.sources import SourceSpec, check_source
+    from kiln.actors.shards import looks_like_dataset_name
+    from kiln.actors.sources import SourceSpec, check_source
 
     if not looks_like_dataset_name(request.data):
         check_source(request.source)
@@ -356,7 +356,7 @@ def open_client(
     key: str | None = None,
 ) -> Iterator[Any]:
     """The Python client the registry commands run on (in-process unless --address)."""
-    from cluster.client import Kiln
+    from kiln.client import Kiln
 
     settings = load_settings(address=address, storage=storage)
     where = settings.ray_address

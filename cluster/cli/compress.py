@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     EpochProgress,
     HomeOpt,
@@ -74,8 +74,8 @@ def compress(
     storage: StorageOpt = None,
 ) -> None:
     """Distil, prune and/or quantise a registered version into a new, smaller version."""
-    from cluster.cli.aliases import renamed
-    from cluster.variants import CompressRequest
+    from kiln.cli.aliases import renamed
+    from kiln.variants import CompressRequest
 
     started = time.perf_counter()
     request = CompressRequest(
@@ -95,11 +95,11 @@ def compress(
     settings = load_settings(address=address, home=home, storage=storage)
     if settings.embedded:
         check_in_catalog(settings, request)  # from the SQLite catalog, before Ray starts
-    preload("cluster.variants", "training.loop")
+    preload("kiln.variants", "kiln.training.loop")
     bar = EpochProgress(None if request.trains else 0, quiet=as_json)
     with bar.progress, connected(settings):
-        from cluster.runtime import registry_for
-        from cluster.variants import compress_and_register
+        from kiln.runtime import registry_for
+        from kiln.variants import compress_and_register
 
         done = compress_and_register(settings, request, registry_for(settings), bar.epoch, bar.step)
         bar.step("shutting down")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     CategoricalOpt,
     FeaturesOpt,
@@ -23,7 +23,7 @@ from cluster.cli.common import (
     print_column_notes,
     require_cluster,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 
 @data_app.command("load")
@@ -54,10 +54,10 @@ def data_load(
     address: AddressOpt = None,
 ) -> None:
     """Load a dataset into named, detached ShardStore actors on a cluster."""
-    from actors.catalog import NAME_PATTERN
-    from actors.shards import load_dataset
-    from actors.sources import check_source
-    from cluster.requests import source_from_options
+    from kiln.actors.catalog import NAME_PATTERN
+    from kiln.actors.shards import load_dataset
+    from kiln.actors.sources import check_source
+    from kiln.requests import source_from_options
 
     if not NAME_PATTERN.match(name):
         raise KilnError(
@@ -101,7 +101,7 @@ def load_text(
     address: str | None,
 ) -> None:
     """`kiln data load text:...`: a corpus into named, detached TextShardStore actors."""
-    from actors.text import TextSourceSpec, list_text_files, load_text_dataset
+    from kiln.actors.text import TextSourceSpec, list_text_files, load_text_dataset
 
     spec = TextSourceSpec(
         uri=uri,
@@ -131,7 +131,7 @@ def load_text(
 @data_app.command("ls")
 def data_ls(as_json: JsonOpt = False, address: AddressOpt = None) -> None:
     """Datasets resident on the cluster."""
-    from actors.shards import list_datasets
+    from kiln.actors.shards import list_datasets
 
     settings = require_cluster(load_settings(address=address), "kiln data ls")
     with connected(settings):
@@ -165,7 +165,7 @@ def data_show(
     address: AddressOpt = None,
 ) -> None:
     """A dataset's shards: rows (text: documents and tokens) and bytes of each."""
-    from actors.shards import describe_dataset
+    from kiln.actors.shards import describe_dataset
 
     settings = require_cluster(load_settings(address=address), "kiln data show")
     with connected(settings):
@@ -196,7 +196,7 @@ def data_drop(
     address: AddressOpt = None,
 ) -> None:
     """Release a dataset's ShardStore actors."""
-    from actors.shards import drop_dataset
+    from kiln.actors.shards import drop_dataset
 
     settings = require_cluster(load_settings(address=address), "kiln data drop")
     with connected(settings):

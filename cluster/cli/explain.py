@@ -21,7 +21,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     JsonOpt,
@@ -31,7 +31,7 @@ from cluster.cli.common import (
     open_client,
     output,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,8 +83,8 @@ def explain(
     storage: StorageOpt = None,
 ) -> None:
     """Attribute a version's prediction to its inputs (Captum), sorted by size."""
-    from training.explain import ExplainConfig, explain_rows
-    from training.models import num_inputs
+    from kiln.training.explain import ExplainConfig, explain_rows
+    from kiln.training.models import num_inputs
 
     started = time.perf_counter()
     check_options(instance, row, data, plot)
@@ -96,8 +96,8 @@ def explain(
     x = read_instances(spec, instance) if instance is not None else read_row(spec, data, row)
     if x.shape[1] != num_inputs(spec):  # a synthetic set of another width
         raise KilnError(f"{ref} takes {num_inputs(spec)} values a row; got {x.shape[1]}")
-    from serving.explain import load_explained
-    from training.evaluate import predict_outputs
+    from kiln.serving.explain import load_explained
+    from kiln.training.evaluate import predict_outputs
 
     with console.status(f"explaining {record.ref} ({method})"):
         explained = load_explained(storage_uri, record)
@@ -144,9 +144,9 @@ def class_text(label: Any) -> str:
 
 def read_instances(spec: dict[str, Any], text: str) -> np.ndarray:
     """--instance JSON as raw inputs (N, num_inputs), checked as :predict checks a body."""
-    from serving.host import numeric_rows
-    from serving.schemas import RequestError
-    from training.tabular import Encoding
+    from kiln.serving.host import numeric_rows
+    from kiln.serving.schemas import RequestError
+    from kiln.training.tabular import Encoding
 
     try:
         value = json.loads(text)
@@ -169,9 +169,9 @@ def read_instances(spec: dict[str, Any], text: str) -> np.ndarray:
 
 def read_row(spec: dict[str, Any], data: str | None, row: int | None) -> np.ndarray:
     """Row N of a dataset as the version's raw inputs (1, num_inputs)."""
-    from actors.sources import load_file_table, load_sklearn, parse_synthetic, synthetic_rows
-    from training.data import batch_features
-    from training.tabular import Encoding
+    from kiln.actors.sources import load_file_table, load_sklearn, parse_synthetic, synthetic_rows
+    from kiln.training.data import batch_features
+    from kiln.training.tabular import Encoding
 
     assert data is not None and row is not None  # check_options
     if data.startswith("synthetic:"):
@@ -215,8 +215,8 @@ def explain_result(
     ref: str, spec: dict[str, Any], x: np.ndarray, outputs: np.ndarray, explanations: list
 ) -> dict[str, Any]:
     """The command's result: the HTTP answer's fields, plus each row's values as given."""
-    from training.evaluate import outputs_to_predictions
-    from training.explain import FeatureSpace
+    from kiln.training.evaluate import outputs_to_predictions
+    from kiln.training.explain import FeatureSpace
 
     predicted = outputs_to_predictions(outputs, spec).tolist()
     if spec["task"] == "classification":
@@ -233,7 +233,7 @@ def explain_result(
 
 def shown_values(spec: dict[str, Any], raw: np.ndarray) -> list[Any]:
     """A row's raw inputs as a person reads them: numbers, category names, null if missing."""
-    from training.tabular import CATEGORICAL, MISSING, OTHER, Encoding
+    from kiln.training.tabular import CATEGORICAL, MISSING, OTHER, Encoding
 
     encoding = Encoding.from_spec(spec)
     shown: list[Any] = []

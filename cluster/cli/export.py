@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     JsonOpt,
@@ -23,7 +23,7 @@ from cluster.cli.common import (
     output,
     preload,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 
 @app.command()
@@ -52,7 +52,7 @@ def export(
 ) -> None:
     """Export a registered version to ONNX, checked against torch on its test rows; a language
     model to a Hugging Face folder (--format hf --out DIR)."""
-    from cluster.exporting import ExportRequest
+    from kiln.exporting import ExportRequest
 
     started = time.perf_counter()
     if format == "hf" or out is not None:
@@ -64,8 +64,8 @@ def export(
         check_in_catalog(settings, request)  # from the SQLite catalog, before Ray starts
     preload("onnxscript")  # the exporter's import (seconds), beside Ray's start
     with connected(settings):
-        from cluster.exporting import export_version
-        from cluster.runtime import registry_for
+        from kiln.exporting import export_version
+        from kiln.runtime import registry_for
 
         with console.status("exporting") as status:
             done = export_version(
@@ -87,7 +87,7 @@ def export_hf_folder(
     key: str | None,
 ) -> None:
     """`kiln export REF --format hf --out DIR`: read from the catalog, no Ray started."""
-    from cluster.language import export_hf
+    from kiln.language import export_hf
 
     if format != "hf":
         raise KilnError(f"Got --out with --format {format}. --out is for --format hf.")

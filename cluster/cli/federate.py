@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     JsonOpt,
@@ -24,7 +24,7 @@ from cluster.cli.common import (
     output,
     preload,
 )
-from cluster.requests import parse_hidden
+from kiln.requests import parse_hidden
 
 
 @app.command()
@@ -90,10 +90,10 @@ def federate(
     storage: StorageOpt = None,
 ) -> None:
     """Train one model over client actors that never hand over a row, then register it."""
-    from actors.sources import SourceSpec, check_source
-    from cluster.cli.aliases import renamed
-    from cluster.federation import FederateRequest, load_request
-    from training.errors import KilnError
+    from kiln.actors.sources import SourceSpec, check_source
+    from kiln.cli.aliases import renamed
+    from kiln.federation import FederateRequest, load_request
+    from kiln.training.errors import KilnError
 
     started = time.perf_counter()
     settings = load_settings(address=address, home=home, storage=storage)
@@ -127,11 +127,11 @@ def federate(
             name=renamed(register, name, "--register", "--name", default="federated"),
         )
         check_source(request.source)  # a typo in --data fails before Ray starts
-    preload("cluster.federation")
+    preload("kiln.federation")
     progress = RoundProgress(request.rounds, quiet=as_json)
     with progress.progress, connected(settings):
-        from cluster.federation import federate_and_register
-        from cluster.runtime import registry_for
+        from kiln.federation import federate_and_register
+        from kiln.runtime import registry_for
 
         done = federate_and_register(settings, request, registry_for(settings), progress.round)
     output(

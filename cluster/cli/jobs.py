@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     DEBUG,
     JobsAddressOpt,
     JsonOpt,
@@ -20,7 +20,7 @@ from cluster.cli.common import (
     output,
     short_time,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 # ----------------------------------------------------------------------------- jobs
 
@@ -42,7 +42,7 @@ def submit(
     token: TokenOpt = None,
 ) -> None:
     """Run a command on the cluster as a Ray Job, with this checkout as its working_dir."""
-    from cluster.jobs import JobsClient, parse_env
+    from kiln.jobs import JobsClient, parse_env
 
     quiet_ray_logs()
     client = JobsClient(address, token)
@@ -72,14 +72,14 @@ def jobs_list(
     as_json: JsonOpt = False, address: JobsAddressOpt = None, token: TokenOpt = None
 ) -> None:
     """Every job of the cluster, oldest first."""
-    from cluster.jobs import JobsClient
+    from kiln.jobs import JobsClient
 
     jobs = JobsClient(address, token).list()
     output([j.to_dict() for j in jobs], as_json, jobs_table)
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> Table:
-    from cluster.client import iso_time
+    from kiln.client import iso_time
 
     table = Table("id", "status", "started (UTC)", "ended", "entrypoint")
     for j in jobs:
@@ -101,7 +101,7 @@ def jobs_logs(
     token: TokenOpt = None,
 ) -> None:
     """A job's output (driver stdout and stderr)."""
-    from cluster.jobs import JobsClient
+    from kiln.jobs import JobsClient
 
     client = JobsClient(address, token)
     chunks = client.follow(job_id) if follow else iter([client.logs(job_id)])
@@ -118,7 +118,7 @@ def jobs_stop(
     token: TokenOpt = None,
 ) -> None:
     """Stop a running job (SIGTERM to its driver, then SIGKILL)."""
-    from cluster.jobs import JobsClient
+    from kiln.jobs import JobsClient
 
     client = JobsClient(address, token)
     if not client.stop(job_id):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     EpochProgress,
     HomeOpt,
@@ -29,9 +29,9 @@ from cluster.cli.common import (
     preload,
     require_gpu,
 )
-from cluster.options import LM_TRAIN_OPTIONS
-from cluster.settings import Settings
-from training.errors import KilnError
+from kiln.options import LM_TRAIN_OPTIONS
+from kiln.settings import Settings
+from kiln.training.errors import KilnError
 
 PANEL = "Language models (--model lm)"
 
@@ -153,9 +153,9 @@ def check_option_families(values: dict[str, Any]) -> None:
 
 def lm_request(values: dict[str, Any]) -> Any:
     """The `kiln train --model lm` request, checked before Ray starts."""
-    from actors.catalog import NAME_PATTERN
-    from cluster.lm_pipeline import LMTrainRequest
-    from training.lm_config import LMTrainConfig
+    from kiln.actors.catalog import NAME_PATTERN
+    from kiln.lm_pipeline import LMTrainRequest
+    from kiln.training.lm_config import LMTrainConfig
 
     check_option_families(values)
     given = given_on_command_line(values)
@@ -206,13 +206,13 @@ class EvalProgress(EpochProgress):
 def train_language_model(
     settings: Settings, values: dict[str, Any], as_json: bool, started: float
 ) -> None:
-    from cluster.runtime import registry_for
+    from kiln.runtime import registry_for
 
     request = lm_request(values)
-    preload("cluster.lm_pipeline", "training.lm_loop")
+    preload("kiln.lm_pipeline", "kiln.training.lm_loop")
     bar = EvalProgress(None, quiet=False)
     with bar.progress, connected(settings):
-        from cluster.lm_pipeline import train_lm_and_register
+        from kiln.lm_pipeline import train_lm_and_register
 
         if request.train.gpu == "on":
             require_gpu()
@@ -283,7 +283,7 @@ def generate(
     key: KeyOpt = None,
 ) -> None:
     """Continue a prompt with a language model, offline (KV cache; prints tokens/s)."""
-    from cluster.language import generate_text
+    from kiln.language import generate_text
 
     with open_client(address, home, storage, key) as client:
         result = generate_text(
@@ -316,8 +316,8 @@ def models_import(
     key: KeyOpt = None,
 ) -> None:
     """Register a local Hugging Face causal LM (Llama, Mistral, Qwen2, GPT-2; safetensors)."""
-    from cluster.cli.aliases import renamed
-    from cluster.language import import_hf
+    from kiln.cli.aliases import renamed
+    from kiln.language import import_hf
 
     register = renamed(register, name, "--register", "--name")
     with open_client(address, home, storage, key) as client:

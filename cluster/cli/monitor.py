@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     JsonOpt,
@@ -172,7 +172,7 @@ def monitor(
     """Traffic, latency, live quality from feedback, drift and cost of a served model (for a
     language model: tokens, time to first token, inter-token latency, tokens/s, queue, KV
     cache and cost per 1,000 output tokens)."""
-    from cluster.monitoring import window_s, write_plot
+    from kiln.monitoring import window_s, write_plot
 
     window_s(window)  # a bad --window is one line before anything is read
     with open_client(address, home, storage, key) as kiln:

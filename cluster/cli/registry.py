@@ -9,8 +9,8 @@ import typer
 from rich.json import JSON
 from rich.table import Table
 
-from actors.keys import UNUSED_WARNING_DAYS
-from cluster.cli.common import (
+from kiln.actors.keys import UNUSED_WARNING_DAYS
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     JsonOpt,
@@ -27,7 +27,7 @@ from cluster.cli.common import (
     short_metrics,
     short_time,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 
 @models_app.command("list")
@@ -61,7 +61,7 @@ def models_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def versions_table(rows: list[dict[str, Any]]) -> Table:
-    from cluster.client import iso_time
+    from kiln.client import iso_time
 
     table = Table("version", "status", "aliases", "created", "creator", "metrics")
     for v in rows:
@@ -115,7 +115,7 @@ def models_compare(
     with open_client(address, home, storage) as client:
         rows = client.compare(name)
     if plot:
-        from cluster.compare import write_plot
+        from kiln.compare import write_plot
 
         try:
             write_plot(rows, plot, name)
@@ -201,13 +201,13 @@ def models_profile(
     key: KeyOpt = None,
 ) -> None:
     """Measure a version's latency profile in a Ray task and record it (replacing the last)."""
-    from cluster.client import Kiln
+    from kiln.client import Kiln
 
     if num_cpus <= 0:
         raise KilnError(f'Got "{num_cpus}" for --num-cpus. Use a positive number.')
     settings = load_settings(address=address, home=home, storage=storage)
     if settings.embedded:  # a missing version is one line from the catalog, before Ray starts
-        from training.export import serving_backend
+        from kiln.training.export import serving_backend
 
         with Kiln(settings=settings, use_ray=False) as local:
             record = local.resolve(ref)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     EpochProgress,
     HomeOpt,
@@ -51,7 +51,7 @@ def retrain(
     key: KeyOpt = None,
 ) -> None:
     """Train the served version further on its labelled feedback and deploy it as a canary."""
-    from cluster.retrain import RetrainRequest
+    from kiln.retrain import RetrainRequest
 
     request = RetrainRequest(
         name=name,
@@ -66,11 +66,11 @@ def retrain(
         key=key,
     )
     settings = load_settings(address=address, home=home, storage=storage)
-    preload("cluster.retrain", "training.loop")
+    preload("kiln.retrain", "kiln.training.loop")
     bar = EpochProgress(request.epochs, quiet=as_json)
     with bar.progress, connected(settings):
-        from cluster.retrain import retrain_and_register
-        from cluster.runtime import registry_for
+        from kiln.retrain import retrain_and_register
+        from kiln.runtime import registry_for
 
         done = retrain_and_register(settings, request, registry_for(settings), bar.epoch, bar.step)
         bar.step("shutting down")

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     JsonOpt,
@@ -21,7 +21,7 @@ from cluster.cli.common import (
     load_settings,
     output,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 
 @keys_app.command("new-master")
@@ -29,7 +29,7 @@ def keys_new_master(
     path: Annotated[Path, typer.Argument(help="File to write the new 256-bit key to (0600).")],
 ) -> None:
     """Write a new random master key for encryption at rest (KILN_MASTER_KEY=FILE)."""
-    from training.encryption import LocalMasterKey, new_master_key_text, parse_key_text
+    from kiln.training.encryption import LocalMasterKey, new_master_key_text, parse_key_text
 
     if path.exists():
         raise KilnError(f'Got "{path}" for PATH, which exists. Give a new file name.')
@@ -59,8 +59,8 @@ def keys_rotate_master(
     KILN_MASTER_KEY holds the current key. Safe to stop midway: run it again to finish. Then
     set KILN_MASTER_KEY to the new key.
     """
-    from cluster.encryption import rotate_master
-    from training.encryption import master_key_from
+    from kiln.encryption import rotate_master
+    from kiln.training.encryption import master_key_from
 
     settings = load_settings(home=home, storage=storage)
     new = master_key_from(new_key)
@@ -92,7 +92,7 @@ def evaluate(
 ) -> None:
     """Accuracy under an adversarial attack next to clean accuracy, on the version's test
     split; stored with the version (kiln models compare, the console's model page)."""
-    from cluster.robustness import AttackRequest, evaluate_robustness
+    from kiln.robustness import AttackRequest, evaluate_robustness
 
     request = AttackRequest(attack=attack, epsilon=epsilon, steps=steps)
     settings = load_settings(address=address, home=home, storage=storage)

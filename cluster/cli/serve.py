@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     HostOpt,
@@ -33,11 +33,11 @@ from cluster.cli.common import (
     require_cluster,
     tls_files,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 if TYPE_CHECKING:
-    from cluster.settings import Settings
-    from serving.slo import SLO, Choice, Verdict
+    from kiln.serving.slo import SLO, Choice, Verdict
+    from kiln.settings import Settings
 
 
 @app.command()
@@ -157,8 +157,8 @@ def serve(
     key: KeyOpt = None,
 ) -> None:
     """Serve registered models over HTTP (blocks until Ctrl-C on the embedded Ray)."""
-    from serving.logmask import parse_fields
-    from serving.schemas import AUTH_OFF_WARNING
+    from kiln.serving.logmask import parse_fields
+    from kiln.serving.schemas import AUTH_OFF_WARNING
 
     if not models:
         raise KilnError("Give one or more models to serve, e.g. kiln serve digits-mlp@production.")
@@ -204,7 +204,7 @@ def serve(
         serve_args["num_replicas"] = chosen.prediction.replicas
         backend = serve_args["backend"] = chosen.candidate.backend  # the one its profile timed
     if emit_config:
-        from cluster.serving_control import write_serve_config
+        from kiln.serving_control import write_serve_config
 
         write_serve_config(emit_config, serve_args, settings)
         output(
@@ -222,7 +222,7 @@ def serve(
             raise KilnError(f"{', '.join(sorted(both))}: give a field to --log-mask or --log-drop")
         serve_args["log_mask_key"] = mask_key(settings)
     if tls is not None and not settings.embedded:
-        from cluster.serving_control import TLS_ON_CLUSTER
+        from kiln.serving_control import TLS_ON_CLUSTER
 
         raise KilnError(TLS_ON_CLUSTER)
     if settings.embedded:
@@ -230,8 +230,8 @@ def serve(
         # A busy port is one line now, not Serve's HAProxy failing after Ray has started.
         check_port(settings.kiln_http_host, settings.kiln_http_port)
     with connected(settings):
-        from cluster.runtime import registry_for
-        from cluster.serving_control import deploy_models
+        from kiln.runtime import registry_for
+        from kiln.serving_control import deploy_models
 
         # Held for the command's life as well as detached (cluster/runtime.py::registry_for):
         # the replicas and FeedbackStores find the registry by name while this command serves.
@@ -274,7 +274,7 @@ def mask_key(settings: Settings) -> str:
     import os
     from pathlib import Path
 
-    from serving.logmask import load_mask_key
+    from kiln.serving.logmask import load_mask_key
 
     given = os.environ.get("KILN_LOG_MASK_KEY")
     if given:
@@ -293,7 +293,7 @@ def interrupt(_signum: int, _frame: Any) -> None:
 def slo_request(models: list[str], serve_args: dict[str, Any], **options: Any) -> SLO | None:
     """The SLO of `kiln serve NAME --slo-p99-ms X --min-accuracy Y ...`, checked; None without
     one. One bare NAME; the SLO sets the replicas, so autoscaling options do not combine."""
-    from serving.slo import SLO
+    from kiln.serving.slo import SLO
 
     given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v not in (None, False)]
     if not given:
@@ -344,9 +344,9 @@ def choose_for_slo(
     chosen verdict (KilnError, exit 2, when none qualifies).
 
     On an embedded home it reads the SQLite catalog directly: no Ray is started for it."""
-    from cluster.client import Kiln
-    from cluster.compare import slo_candidates
-    from serving.slo import choose
+    from kiln.client import Kiln
+    from kiln.compare import slo_candidates
+    from kiln.serving.slo import choose
 
     with Kiln(settings=settings, key=key, use_ray=not settings.embedded) as kiln:
         rows = kiln.compare(name)
@@ -428,8 +428,8 @@ def check_refs(settings: Any, refs: list[str], backend: str = "auto") -> None:
     """Every reference resolves in this KILN_HOME's catalog and can run on `backend` (read
     directly: the embedded Ray is not started for a model that does not exist). On a cluster,
     `deploy_models` asks the Registry actor the same before it deploys."""
-    from cluster.client import Kiln
-    from training.export import serving_backend
+    from kiln.client import Kiln
+    from kiln.training.export import serving_backend
 
     with Kiln(settings=settings, use_ray=False) as kiln:
         for ref in refs:
@@ -439,7 +439,7 @@ def check_refs(settings: Any, refs: list[str], backend: str = "auto") -> None:
 
 def validated_serve_args(**values: Any) -> dict[str, Any]:
     """The serve arguments, checked before Ray starts (one line per mistake)."""
-    from serving.schemas import ServeArgs
+    from kiln.serving.schemas import ServeArgs
 
     try:
         parsed = ServeArgs(**values)
@@ -461,7 +461,7 @@ def deploy(
     key: KeyOpt = None,
 ) -> None:
     """Canary: send --canary-weight% of NAME's traffic to NAME@--version, live."""
-    from cluster.serving_control import check_canary_weight, deploy_canary
+    from kiln.serving_control import check_canary_weight, deploy_canary
 
     check_canary_weight(canary_weight)
     settings = require_cluster(load_settings(address=address), "kiln deploy")
@@ -499,7 +499,7 @@ def rollback(
 def switch_traffic(
     action: str, name: str, address: str | None, key: str | None, as_json: bool = False
 ) -> None:
-    from cluster import serving_control
+    from kiln import serving_control
 
     settings = require_cluster(load_settings(address=address), f"kiln {action}")
     with connected(settings):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     CategoricalOpt,
     EpochProgress,
@@ -34,7 +34,7 @@ from cluster.cli.common import (
     require_gpu,
     tls_files,
 )
-from cluster.cli.language import (
+from kiln.cli.language import (
     LMBlockSizeOpt,
     LMDimOpt,
     LMEvalEveryOpt,
@@ -71,8 +71,8 @@ def demo(
     storage: StorageOpt = None,
 ) -> None:
     """Digits -> shards -> Ray Train (2 workers) -> registry -> Ray Serve -> HTTP, locally."""
-    from cluster.demo import run_demo
-    from training.config import TrainConfig
+    from kiln.demo import run_demo
+    from kiln.training.config import TrainConfig
 
     started = time.perf_counter()
     cfg = TrainConfig(model="mlp", workers=workers, epochs=epochs, lr=2e-3, batch_size=32, l2=1.0)
@@ -80,7 +80,7 @@ def demo(
     if not settings.embedded:
         console.print("[yellow]kiln demo runs on an embedded Ray; ignoring RAY_ADDRESS[/]")
         settings = settings.model_copy(update={"ray_address": None})
-    from serving.schemas import AUTH_OFF_WARNING
+    from kiln.serving.schemas import AUTH_OFF_WARNING
 
     console.print(f"[yellow]demo: {AUTH_OFF_WARNING}[/]")
     # TLS only as the self-signed kind: the demo's own queries trust that certificate.
@@ -209,8 +209,8 @@ def train(
     storage: StorageOpt = None,
 ) -> None:
     """Train a model with Ray Train on resident shards, evaluate it and register it."""
-    from cluster.requests import TrainRequest, load_run_request
-    from cluster.runtime import registry_for
+    from kiln.requests import TrainRequest, load_run_request
+    from kiln.runtime import registry_for
 
     started = time.perf_counter()
     settings = load_settings(address=address, home=home, storage=storage)
@@ -221,10 +221,10 @@ def train(
         "train", settings, locals(), TrainRequest.from_options, load_run_request
     )
     minibatch = request.train.resolved_solver == "minibatch"
-    preload("cluster.pipeline", *(["training.loop"] if minibatch else []))
+    preload("kiln.pipeline", *(["kiln.training.loop"] if minibatch else []))
     bar = EpochProgress(request.train.epochs if minibatch else 0, quiet=False)
     with bar.progress, connected(settings):
-        from cluster.resident import resident_data
+        from kiln.resident import resident_data
 
         if request.train.gpu == "on":
             require_gpu()
@@ -234,7 +234,7 @@ def train(
         registry.prepare_checks.remote()
         bar.step("loading shards")
         resident = resident_data(request)
-        from cluster.pipeline import train_and_register  # preloaded while Ray started
+        from kiln.pipeline import train_and_register  # preloaded while Ray started
 
         outcome = train_and_register(
             settings, request, registry, bar.epoch, bar.step, data=resident
@@ -292,7 +292,7 @@ class SweepTable:
         self.refresh()
 
     def result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
-        from tuning.tuner import trial_hyperparameters
+        from kiln.tuning.tuner import trial_hyperparameters
 
         self.rows[trial_id] = {
             "config": trial_hyperparameters(config),
@@ -406,18 +406,18 @@ def tune(
     storage: StorageOpt = None,
 ) -> None:
     """Sweep hyperparameters with Ray Tune on resident shards; register the best model."""
-    from cluster.requests import SweepRequest, load_sweep_request
-    from cluster.runtime import registry_for
+    from kiln.requests import SweepRequest, load_sweep_request
+    from kiln.runtime import registry_for
 
     started = time.perf_counter()
-    preload("cluster.tune_pipeline")
+    preload("kiln.tune_pipeline")
     settings = load_settings(address=address, home=home, storage=storage)
     request = command_request(
         "tune", settings, locals(), SweepRequest.from_options, load_sweep_request
     )
     table = SweepTable(request.sweep.metric, quiet=as_json)
     with table, connected(settings):
-        from cluster.tune_pipeline import tune_and_register  # preloaded while Ray started
+        from kiln.tune_pipeline import tune_and_register  # preloaded while Ray started
 
         outcome = tune_and_register(
             settings,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cluster.cli.common import (
+from kiln.cli.common import (
     AddressOpt,
     HomeOpt,
     StorageOpt,
@@ -48,9 +48,9 @@ def ui(
     at http://HOST:PORT/ui until Ctrl-C."""
     import uvicorn
 
-    from cluster.runtime import registry_for
-    from serving.console.standalone import build_console_app
-    from serving.schemas import AUTH_OFF_WARNING
+    from kiln.runtime import registry_for
+    from kiln.serving.console.standalone import build_console_app
+    from kiln.serving.schemas import AUTH_OFF_WARNING
 
     settings = load_settings(address=address, home=home, storage=storage)
     tls = tls_files(settings, tls_cert, tls_key, tls_ca, tls_self_signed)
@@ -64,8 +64,8 @@ def ui(
             uvicorn.run(application, host=host, port=port, log_level="warning")
             return
         # The console on a loopback port behind the TLS frontend, as kiln serve (cluster/tls.py).
-        from cluster.runtime import free_port
-        from cluster.tls import TlsFrontend
+        from kiln.runtime import free_port
+        from kiln.tls import TlsFrontend
 
         inner = free_port()
         config = uvicorn.Config(application, host="127.0.0.1", port=inner, log_level="warning")

@@ -4,9 +4,9 @@ The site is built from docs/ (`mkdocs build -f docs/mkdocs/mkdocs.yml`); three p
 files there but generated here on every build, so they cannot drift from the code:
 
 - `reference/cli.md`: every `kiln` command and option with its help, walked from the click
-  command tree that typer builds from `cluster.cli.app` (hidden commands and options left out);
+  command tree that typer builds from `kiln.cli.app` (hidden commands and options left out);
 - `reference/http.md`: every route of the served FastAPI app, from the same OpenAPI document
-  that `GET /openapi.json` serves (built from `serving.app.api` without starting Ray), and
+  that `GET /openapi.json` serves (built from `kiln.serving.app.api` without starting Ray), and
   `reference/openapi.json` beside it;
 - the plots under `benchmarks/results/` become `assets/benchmarks/...` in the site, and a page's
   `../benchmarks/results/X.png` link (right on GitHub) is pointed at them.
@@ -32,7 +32,7 @@ def cli_markdown() -> str:
     """The CLI reference: one section per command, its usage, help and options table."""
     import typer.main
 
-    from cluster.cli import app
+    from kiln.cli import app
 
     root = typer.main.get_command(app)
     lines = [
@@ -101,7 +101,7 @@ def cell(text: str) -> str:
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document the served app answers at /openapi.json (no Ray started)."""
-    from serving.app import api
+    from kiln.serving.app import api
 
     return api.openapi()
 

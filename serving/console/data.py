@@ -22,18 +22,18 @@ import numpy as np
 import ray
 from fastapi import HTTPException
 
-from actors.catalog import VersionRecord
-from actors.keys import KeyCheck
-from actors.monitor import build_report, time_series
-from actors.sweeps import list_sweeps, read_sweep
-from serving.auth import BearerAuth
-from serving.errors import actor_failure
-from serving.explain import ExplainedVersion, check_finite, load_explained, read_reference
-from serving.schemas import RequestError
-from serving.variants import compare_rows
-from training.errors import KilnError, NotFoundError
-from training.evaluate import outputs_to_predictions, predict_outputs
-from training.explain import ExplainConfig, Explanation, explain_rows
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.keys import KeyCheck
+from kiln.actors.monitor import build_report, time_series
+from kiln.actors.sweeps import list_sweeps, read_sweep
+from kiln.serving.auth import BearerAuth
+from kiln.serving.errors import actor_failure
+from kiln.serving.explain import ExplainedVersion, check_finite, load_explained, read_reference
+from kiln.serving.schemas import RequestError
+from kiln.serving.variants import compare_rows
+from kiln.training.errors import KilnError, NotFoundError
+from kiln.training.evaluate import outputs_to_predictions, predict_outputs
+from kiln.training.explain import ExplainConfig, Explanation, explain_rows
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class Console:
 def served_explainer(host: Any) -> ServedExplain:
     """Explanations of a version this replica serves, by the same explainers as `:explain`
     (serving/explain.py: off the replica's event loop); None for a version not served here."""
-    from serving.explain import explainers_for
+    from kiln.serving.explain import explainers_for
 
     async def explain(
         record: VersionRecord, x: np.ndarray, config: ExplainConfig

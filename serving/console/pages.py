@@ -9,9 +9,9 @@ import math
 import re
 from typing import Any
 
-from actors.catalog import VersionRecord
-from actors.registry import ROBUSTNESS_BACKEND
-from serving.variants import robustness_summary
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.registry import ROBUSTNESS_BACKEND
+from kiln.serving.variants import robustness_summary
 
 HEADLINE_METRICS = ("accuracy", "r2", "macro_f1", "mse")
 """The first of these a version's metrics hold is its headline on the models page."""
@@ -276,8 +276,8 @@ def variants_chart(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def monitor_view(report: dict[str, Any], series: dict[int, dict[str, list]]) -> dict[str, Any]:
-    """Cards per version (`actors.monitor.build_report`) and the charts over time
-    (`actors.monitor.time_series`); a language model's cards and charts are its own
+    """Cards per version (`kiln.actors.monitor.build_report`) and the charts over time
+    (`kiln.actors.monitor.time_series`); a language model's cards and charts are its own
     (tokens, time to first token, inter-token latency, queue, KV cache, cost per token)."""
     versions = report["versions"]
     language = report.get("kind") == "lm"

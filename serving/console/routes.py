@@ -26,14 +26,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.monitor import parse_window
-from serving.console import pages
-from serving.console.data import Console
-from serving.dependencies import BearerDep
-from serving.explain import MAX_EXPLAIN_STEPS
-from training.errors import KilnError
-from training.explain import METHODS, ExplainConfig, FeatureSpace
-from training.models import num_inputs
+from kiln.actors.monitor import parse_window
+from kiln.serving.console import pages
+from kiln.serving.console.data import Console
+from kiln.serving.dependencies import BearerDep
+from kiln.serving.explain import MAX_EXPLAIN_STEPS
+from kiln.training.errors import KilnError
+from kiln.training.explain import METHODS, ExplainConfig, FeatureSpace
+from kiln.training.models import num_inputs
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"

@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 
-from actors.keys import KeyCheck
-from serving.auth import BearerAuth, KeyCache
-from serving.console import routes
-from serving.console.data import Console
-from serving.errors import add_error_handlers
+from kiln.actors.keys import KeyCheck
+from kiln.serving.auth import BearerAuth, KeyCache
+from kiln.serving.console import routes
+from kiln.serving.console.data import Console
+from kiln.serving.errors import add_error_handlers
 
 
 def build_console_app(registry: Any, auth: bool = True) -> FastAPI:

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from serving.dependencies import Authorized, HostDep
-from serving.errors import ERROR_RESPONSES
-from serving.explain import (
+from kiln.serving.dependencies import Authorized, HostDep
+from kiln.serving.errors import ERROR_RESPONSES
+from kiln.serving.explain import (
     MAX_EXPLAIN_INSTANCES,
     Explainers,
     ExplainRequest,
@@ -22,11 +22,11 @@ from serving.explain import (
     explain_response,
     explainers_for,
 )
-from serving.host import parse_rows
-from serving.routes.models import read_json_body
-from serving.schemas import PredictRequest, RequestError
-from training.errors import KilnError
-from training.explain import ExplainConfig
+from kiln.serving.host import parse_rows
+from kiln.serving.routes.models import read_json_body
+from kiln.serving.schemas import PredictRequest, RequestError
+from kiln.training.errors import KilnError
+from kiln.training.explain import ExplainConfig
 
 router = APIRouter()
 

@@ -10,14 +10,14 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from actors.replica import ModelReplica
-from serving import v2
-from serving.dependencies import Authorized, HostDep
-from serving.errors import ERROR_RESPONSES, inline_refs
-from serving.host import ModelHost, logged_failures
-from serving.ids import request_id
-from serving.jsonbody import may_hold_booleans, shown
-from serving.schemas import (
+from kiln.actors.replica import ModelReplica
+from kiln.serving import v2
+from kiln.serving.dependencies import Authorized, HostDep
+from kiln.serving.errors import ERROR_RESPONSES, inline_refs
+from kiln.serving.host import ModelHost, logged_failures
+from kiln.serving.ids import request_id
+from kiln.serving.jsonbody import may_hold_booleans, shown
+from kiln.serving.schemas import (
     V2InferRequest,
     V2InferResponse,
     V2Live,

@@ -9,12 +9,12 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
-from serving.errors import ERROR_RESPONSES
-from serving.host import logged_failures, parse_rows
-from serving.ids import request_id
-from serving.jsonbody import may_hold_booleans, parse_json
-from serving.schemas import ModelInfo, ModelList, OpenAIModel, PredictRequest, PredictResponse
+from kiln.serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
+from kiln.serving.errors import ERROR_RESPONSES
+from kiln.serving.host import logged_failures, parse_rows
+from kiln.serving.ids import request_id
+from kiln.serving.jsonbody import may_hold_booleans, parse_json
+from kiln.serving.schemas import ModelInfo, ModelList, OpenAIModel, PredictRequest, PredictResponse
 
 router = APIRouter()
 

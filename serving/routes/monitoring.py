@@ -9,24 +9,24 @@ import ray
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 
-from actors.monitor import build_report, parse_window
-from serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
-from serving.errors import ERROR_RESPONSES, actor_failure
-from serving.feedback import (
+from kiln.actors.monitor import build_report, parse_window
+from kiln.serving.dependencies import AuthDep, Authorized, BearerDep, HostDep
+from kiln.serving.errors import ERROR_RESPONSES, actor_failure
+from kiln.serving.feedback import (
     check_lengths,
     generation_row_ids,
     label_texts,
     send_feedback,
     text_label_texts,
 )
-from serving.routes.models import read_json_body
-from serving.schemas import FeedbackRequest, FeedbackResponse
+from kiln.serving.routes.models import read_json_body
+from kiln.serving.schemas import FeedbackRequest, FeedbackResponse
 
 router = APIRouter(tags=["monitoring"])
 
 STORE_TIMEOUT_S = 10.0
 """How long a feedback request waits for the FeedbackStore (restarting after a crash, say);
-past it the answer is 503 with Retry-After (serving.errors.actor_failure)."""
+past it the answer is 503 with Retry-After (kiln.serving.errors.actor_failure)."""
 
 
 def window_seconds(text: str) -> float:
@@ -128,8 +128,8 @@ async def metrics(
 def language_report(host: HostDep, name: str) -> dict[str, Any]:
     """A served language model's numbers on this replica (serving/language.py) and its cost
     per 1,000 output tokens at this replica's CPUs and GPUs since it started."""
-    from actors.monitor import prices
-    from serving.host import assigned_gpus
+    from kiln.actors.monitor import prices
+    from kiln.serving.host import assigned_gpus
 
     replica = host.language_for(name)
     report = replica.stats.report()

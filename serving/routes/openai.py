@@ -41,8 +41,8 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.dependencies import AuthDep, HostDep
-from serving.engine import (
+from kiln.serving.dependencies import AuthDep, HostDep
+from kiln.serving.engine import (
     Delta,
     GenerationRequest,
     QueueFull,
@@ -50,10 +50,10 @@ from serving.engine import (
     RequestMetrics,
     TokenLogprob,
 )
-from serving.jsonbody import parse_json
-from serving.predlog import LoggedText
-from serving.schemas import RequestError
-from training.errors import KilnError
+from kiln.serving.jsonbody import parse_json
+from kiln.serving.predlog import LoggedText
+from kiln.serving.schemas import RequestError
+from kiln.training.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ code on a temp SQLite file and a temp artifact folder."""
 import pytest
 from onnx import TensorProto, helper
 
-from actors.registry import RegistryService, artifact_path, read_verified_files
+from kiln.actors.registry import RegistryService, artifact_path, read_verified_files
+from kiln.training.errors import CorruptArtifactError, KilnError, NotFoundError
 from tests.actors.test_registry_service import register
-from training.errors import CorruptArtifactError, KilnError, NotFoundError
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 import pytest
 
-from actors.catalog import Catalog, VersionRecord
-from training.errors import KilnError
+from kiln.actors.catalog import Catalog, VersionRecord
+from kiln.training.errors import KilnError
 
 
 def register(catalog: Catalog, name: str) -> int:

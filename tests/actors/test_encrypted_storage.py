@@ -16,13 +16,13 @@ import pyarrow as pa
 import pytest
 from safetensors.torch import load as load_safetensors
 
-from actors.feedback import parquet_bytes
-from actors.registry import RegistryService, read_verified_files, version_dir
-from actors.storage import MARKER_FILE, ArtifactStore
+from kiln.actors.feedback import parquet_bytes
+from kiln.actors.registry import RegistryService, read_verified_files, version_dir
+from kiln.actors.storage import MARKER_FILE, ArtifactStore
+from kiln.training import encryption as enc
+from kiln.training.errors import CorruptArtifactError, KilnError
 from tests.conftest import TINY_SPEC, tiny_model_files
 from tests.e2e.kiln_process import KILN
-from training import encryption as enc
-from training.errors import CorruptArtifactError, KilnError
 
 LOGGED_VALUE = "4242.123456789"
 """An input value no other file holds, logged as a prediction log row would hold it."""
@@ -110,9 +110,9 @@ def test_encryption_requested_without_a_key_is_one_line(tmp_path, monkeypatch):
 ROTATE_SLOWLY = textwrap.dedent(
     """
     import sys, time
-    from cluster.encryption import rotate_master
-    from cluster.settings import Settings
-    from training.encryption import master_key_from
+    from kiln.encryption import rotate_master
+    from kiln.settings import Settings
+    from kiln.training.encryption import master_key_from
 
     def tick(path):
         print(path, flush=True)

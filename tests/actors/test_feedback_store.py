@@ -18,16 +18,16 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from actors import feedback
-from actors.feedback import (
+from kiln.actors import feedback
+from kiln.actors.feedback import (
     USAGE_SCHEMA,
     FeedbackService,
     read_window,
     shard_of,
     table_to_ipc,
 )
-from actors.monitor import costs, quality
-from serving.predlog import Logged, PredictionLog, rows_table
+from kiln.actors.monitor import costs, quality
+from kiln.serving.predlog import Logged, PredictionLog, rows_table
 
 
 def logged(request_id: str, rows: int = 3, version: int = 1, ts: float | None = None) -> Logged:

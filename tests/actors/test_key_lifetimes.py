@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.keys import UNUSED_WARNING_DAYS, parse_grace_s, with_last_use
-from actors.registry import RegistryService
-from training.errors import KilnError
+from kiln.actors.keys import UNUSED_WARNING_DAYS, parse_grace_s, with_last_use
+from kiln.actors.registry import RegistryService
+from kiln.training.errors import KilnError
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors.keys import (
+from kiln.actors.keys import (
     hash_secret,
     key_id_of,
     new_key,
@@ -11,7 +11,7 @@ from actors.keys import (
     scope_allows,
     secret_matches,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 
 def test_a_new_key_carries_its_id_and_only_its_hash_is_derived():

@@ -4,9 +4,9 @@ import sqlite3
 
 import pytest
 
-from actors.catalog import Catalog, VersionRecord
-from actors.registry import RegistryService
-from training.errors import KilnError, NotFoundError
+from kiln.actors.catalog import Catalog, VersionRecord
+from kiln.actors.registry import RegistryService
+from kiln.training.errors import KilnError, NotFoundError
 
 
 def register(catalog: Catalog, name: str = "m") -> int:

@@ -11,9 +11,9 @@ import time
 import pytest
 import ray
 
-from actors.registry import Registry, read_verified_files
+from kiln.actors.registry import Registry, read_verified_files
+from kiln.training.artifacts import model_from_files
 from tests.conftest import TINY_SPEC, tiny_model_files, wait_for
-from training.artifacts import model_from_files
 
 NUM_WRITERS = 8
 PER_WRITER = 25

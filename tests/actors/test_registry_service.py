@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from actors.registry import RegistryService, read_verified_files, version_dir
+from kiln.actors.registry import RegistryService, read_verified_files, version_dir
+from kiln.training.artifacts import WEIGHTS_FILE, model_from_files
+from kiln.training.errors import CorruptArtifactError, KilnError
 from tests.conftest import TINY_SPEC, tiny_model_files, wait_for
-from training.artifacts import WEIGHTS_FILE, model_from_files
-from training.errors import CorruptArtifactError, KilnError
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_a_pickle_offered_as_weights_is_refused_at_registration(registry, tmp_pa
 
 
 def test_a_pickle_swapped_in_on_disk_is_refused_and_never_executed(registry, tmp_path):
-    from actors.replica import ModelReplica
+    from kiln.actors.replica import ModelReplica
 
     record = register(registry)
     marker = tmp_path / "pwned-at-load"

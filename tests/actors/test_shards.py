@@ -5,8 +5,8 @@ import pytest
 import ray
 from sklearn.datasets import load_digits
 
-from actors.shards import load_shards
-from actors.sources import SourceSpec, split_indices
+from kiln.actors.shards import load_shards
+from kiln.actors.sources import SourceSpec, split_indices
 from tests.conftest import wait_for
 
 
@@ -68,8 +68,8 @@ def kill_and_wait_for_reload(victim) -> None:
 
 
 def test_a_killed_shard_actor_reloads_and_every_row_is_read_exactly_once(ray_local):
-    from actors.sources import synthetic_split_range
-    from training.data import fetch_shard_batches
+    from kiln.actors.sources import synthetic_split_range
+    from kiln.training.data import fetch_shard_batches
 
     source = SourceSpec(uri="synthetic:classification?rows=30000&features=4&classes=3&seed=5")
     shards = load_shards(source, "train", 3)
@@ -88,9 +88,9 @@ def test_a_killed_shard_actor_reloads_and_every_row_is_read_exactly_once(ray_loc
 
 
 def test_a_named_dataset_is_shared_listed_and_dropped(ray_local):
-    from actors.shards import attach_dataset, drop_dataset, list_datasets, load_dataset
+    from kiln.actors.shards import attach_dataset, drop_dataset, list_datasets, load_dataset
+    from kiln.training.errors import KilnError
     from tests.conftest import wait_for
-    from training.errors import KilnError
 
     source = SourceSpec(uri="sklearn:wine", val_fraction=0.2)
     loaded = load_dataset(source, 2, name="wine-shared", detached=True)
@@ -118,7 +118,8 @@ def test_a_shard_process_imports_neither_torch_nor_scipy_nor_sklearn():
     import sys
 
     probe = (
-        "import sys, actors.shards; print(sorted({'torch', 'scipy', 'sklearn'} & set(sys.modules)))"
+        "import sys, kiln.actors.shards; print(sorted({'torch', 'scipy', 'sklearn'} & "
+        "set(sys.modules)))"
     )
     found = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
@@ -127,9 +128,9 @@ def test_a_shard_process_imports_neither_torch_nor_scipy_nor_sklearn():
 
 
 def test_categorical_columns_survive_a_killed_shard_with_every_row_once(ray_local, tmp_path):
-    from actors.sources import load_file_table
+    from kiln.actors.sources import load_file_table
+    from kiln.training.data import batch_categories, fetch_shard_batches
     from tests.tables import customers, write_csv
-    from training.data import batch_categories, fetch_shard_batches
 
     path = write_csv(customers(3000, seed=7, missing=0.1), tmp_path / "holes.csv")
     source = SourceSpec(uri=str(path), test_fraction=0.0)
@@ -159,8 +160,8 @@ def test_categorical_columns_survive_a_killed_shard_with_every_row_once(ray_loca
 
 
 def test_a_bad_table_fails_with_its_own_message_not_an_actor_death(ray_local, tmp_path):
+    from kiln.training.errors import KilnError
     from tests.tables import customers, write_csv
-    from training.errors import KilnError
 
     path = write_csv(customers(300, seed=8, missing=0.1), tmp_path / "holes.csv")
     with pytest.raises(KilnError, match=r'^Column "churn" of .* missing values and --missing'):

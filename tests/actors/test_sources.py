@@ -6,10 +6,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from actors import sources
-from actors.sources import SourceSpec, check_source, read_shard, shard_bounds, split_indices
-from training.data import batches_to_arrays
-from training.errors import KilnError
+from kiln.actors import sources
+from kiln.actors.sources import SourceSpec, check_source, read_shard, shard_bounds, split_indices
+from kiln.training.data import batches_to_arrays
+from kiln.training.errors import KilnError
 
 
 def all_rows(spec: SourceSpec, split: str, num_shards: int):
@@ -191,7 +191,7 @@ def declaring_rows(path, rows: int) -> None:
     [(10**15, "declares 1,000,000,000,000,000 rows"), (2**40, "declares 1,099,511,627,776")],
 )
 def test_a_parquet_file_declaring_absurd_rows_gets_one_clear_error(tmp_path, rows, fragment):
-    from actors.sources import load_file_table
+    from kiln.actors.sources import load_file_table
 
     path = tmp_path / "hostile.parquet"
     declaring_rows(path, rows)

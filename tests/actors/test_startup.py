@@ -9,7 +9,7 @@ import time
 import pytest
 import ray
 
-from actors.startup import ActorStartError, died_cause, wait_started
+from kiln.actors.startup import ActorStartError, died_cause, wait_started
 from tests.conftest import wait_for
 
 
@@ -80,9 +80,9 @@ def test_an_actor_that_crashes_after_starting_is_restarted() -> None:
 
 @pytest.mark.usefixtures("ray_local")
 def test_the_method_s_own_kiln_error_is_not_a_start_failure() -> None:
-    from actors.shards import start_shard
-    from actors.sources import SourceSpec
-    from training.errors import KilnError
+    from kiln.actors.shards import start_shard
+    from kiln.actors.sources import SourceSpec
+    from kiln.training.errors import KilnError
 
     # A file gone after the driver's check is the shard's own error (kept for `ready`).
     source = SourceSpec(uri="/nonexistent/h6-startup.csv", label="y")
@@ -99,12 +99,12 @@ def test_died_cause_is_the_last_exception_line() -> None:
     text = (
         "The actor died because of an error raised in its creation task, ray::S.__init__()\n"
         "  At least one of the input arguments for this task could not be computed:\n"
-        "ray.exceptions.RaySystemError: System error: No module named 'training.data'\n"
+        "ray.exceptions.RaySystemError: System error: No module named 'kiln.training.data'\n"
         "traceback: Traceback (most recent call last):\n"
         '  File "/x/actors/sources.py", line 26, in <module>\n'
-        "    from training.data import make_batch, numpy_of\n"
-        "ModuleNotFoundError: No module named 'training.data'; 'training' is not a package\n"
+        "    from kiln.training.data import make_batch, numpy_of\n"
+        "ModuleNotFoundError: No module named 'kiln.training.data'; 'training' is not a package\n"
     )
     assert died_cause(RuntimeError(text)) == (
-        "ModuleNotFoundError: No module named 'training.data'; 'training' is not a package"
+        "ModuleNotFoundError: No module named 'kiln.training.data'; 'training' is not a package"
     )

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from actors.storage import ArtifactStore
-from actors.sweeps import list_sweeps, publish_sweep, read_sweep
-from training.errors import KilnError, NotFoundError
+from kiln.actors.storage import ArtifactStore
+from kiln.actors.sweeps import list_sweeps, publish_sweep, read_sweep
+from kiln.training.errors import KilnError, NotFoundError
 
 
 def summary(sweep_id: str, created_at: float) -> dict:

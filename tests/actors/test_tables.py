@@ -7,13 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors.shards import FeatureStats, ShardSet, batch_stats
-from actors.sources import SourceSpec, check_source, open_shard, plan_columns, table_columns
+from kiln.actors.shards import FeatureStats, ShardSet, batch_stats
+from kiln.actors.sources import SourceSpec, check_source, open_shard, plan_columns, table_columns
+from kiln.training.config import TrainConfig
+from kiln.training.data import batches_to_arrays
+from kiln.training.errors import KilnError
+from kiln.training.tabular import Encoding
 from tests.tables import customers, write_csv
-from training.config import TrainConfig
-from training.data import batches_to_arrays
-from training.errors import KilnError
-from training.tabular import Encoding
 
 
 def mixed_table(rows: int = 40) -> pa.Table:
@@ -88,7 +88,7 @@ def test_csv_empty_cells_are_missing_and_rows_without_a_label_are_dropped(tmp_pa
     path = write_csv(table, tmp_path / "holes.csv")
     spec = SourceSpec(uri=str(path))
     check_source(spec)
-    from actors.sources import load_file_table
+    from kiln.actors.sources import load_file_table
 
     columns = table_columns(load_file_table(str(path)), spec)
     assert columns.dropped_rows == table.column("churn").null_count > 0
@@ -148,7 +148,7 @@ def test_encoded_features_equal_scikit_learns_imputed_scaled_one_hot_columns(tmp
     from sklearn.impute import SimpleImputer
     from sklearn.preprocessing import StandardScaler
 
-    from cluster.pipeline import make_spec
+    from kiln.pipeline import make_spec
 
     path = write_csv(customers(800, seed=6, missing=0.1), tmp_path / "holes.csv")
     spec = SourceSpec(uri=str(path), test_fraction=0.0)

@@ -11,7 +11,7 @@ import ray
 from ray.experimental import get_object_locations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from actors.text import (
+from kiln.actors.text import (
     TextSourceSpec,
     list_text_files,
     load_documents,
@@ -22,8 +22,8 @@ from actors.text import (
     unigram_perplexity,
     unigram_perplexity_of,
 )
-from training.errors import KilnError
-from training.tokenizer import encode_documents, tokenizer_to_bytes
+from kiln.training.errors import KilnError
+from kiln.training.tokenizer import encode_documents, tokenizer_to_bytes
 
 STDLIB_JSON = f"text:{sysconfig.get_paths()['stdlib']}/json/*.py"
 
@@ -61,7 +61,7 @@ def test_stores_load_their_own_files_and_a_sample_follows_their_bytes(ray_local,
     dataset = load_text_dataset(spec, 2, name="text-uneven")
     try:
         assert [s["train"]["documents"] for s in dataset.stats] == [200, 600]
-        from actors.shards import describe_dataset, list_datasets
+        from kiln.actors.shards import describe_dataset, list_datasets
 
         listed = {d["name"]: d for d in list_datasets()}["text-uneven"]
         assert listed["kind"] == "text" and listed["shards"] == 2
@@ -75,7 +75,7 @@ def test_stores_load_their_own_files_and_a_sample_follows_their_bytes(ray_local,
         assert 2.7 < from_b / from_a < 3.3
         assert len(set(sample)) == len(sample)  # drawn without replacement
     finally:
-        from actors.shards import drop_dataset
+        from kiln.actors.shards import drop_dataset
 
         assert drop_dataset("text-uneven") == 2
 

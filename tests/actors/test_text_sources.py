@@ -10,7 +10,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from actors.text import (
+from kiln.actors.text import (
     ShardPart,
     TextFile,
     TextSourceSpec,
@@ -26,7 +26,7 @@ from actors.text import (
     token_dtype,
     unigram_perplexity_of,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 
 def write(path: Path, data: str | bytes) -> Path:
@@ -289,7 +289,7 @@ def test_a_text_store_process_imports_neither_torch_nor_scipy_nor_sklearn():
     import sys
 
     probe = (
-        "import sys, actors.text, training.tokenizer; "
+        "import sys, kiln.actors.text, kiln.training.tokenizer; "
         "print(sorted({'torch', 'scipy', 'sklearn'} & set(sys.modules)))"
     )
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
@@ -318,7 +318,7 @@ def test_unigram_perplexity_is_the_vocabulary_for_uniform_tokens():
 def test_kiln_data_refuses_text_mistakes_in_one_line_before_ray(
     args, fragment, tmp_path, monkeypatch, capsys
 ):
-    from cluster.cli import main
+    from kiln.cli import main
 
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -330,7 +330,7 @@ def test_kiln_data_refuses_text_mistakes_in_one_line_before_ray(
 
 
 def test_text_datasets_list_with_documents_and_tokens():
-    from cluster.cli.data import datasets_table, shards_table
+    from kiln.cli.data import datasets_table, shards_table
 
     def store(index: int) -> dict:
         return {
@@ -344,7 +344,7 @@ def test_text_datasets_list_with_documents_and_tokens():
         }
 
     described = [store(0), store(1)]
-    from actors.text import text_dataset_summary
+    from kiln.actors.text import text_dataset_summary
 
     summary = text_dataset_summary("corpus", described)
     assert summary["documents"] == {"train": 6, "val": 2} and summary["bytes"] == 800

@@ -33,16 +33,16 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from actors.registry import NAMESPACE  # noqa: E402
-from actors.shards import load_dataset  # noqa: E402
-from actors.sources import SourceSpec  # noqa: E402
-from cluster.pipeline import train_and_register  # noqa: E402
-from cluster.requests import TrainRequest  # noqa: E402
-from cluster.runtime import registry_for  # noqa: E402
-from cluster.serving_control import APP_NAME, deploy_models  # noqa: E402
-from cluster.settings import Settings  # noqa: E402
+from kiln.actors.registry import NAMESPACE  # noqa: E402
+from kiln.actors.shards import load_dataset  # noqa: E402
+from kiln.actors.sources import SourceSpec  # noqa: E402
+from kiln.pipeline import train_and_register  # noqa: E402
+from kiln.requests import TrainRequest  # noqa: E402
+from kiln.runtime import registry_for  # noqa: E402
+from kiln.serving_control import APP_NAME, deploy_models  # noqa: E402
+from kiln.settings import Settings  # noqa: E402
+from kiln.training.config import TrainConfig  # noqa: E402
 from tests.conftest import free_port, wait_for  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
 
 NODE_ARGS: dict[str, Any] = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
 
@@ -65,7 +65,7 @@ def worker_node(cluster: Cluster, node_id: str) -> Any:
 
 
 def shards_spread() -> dict[str, Any]:
-    from actors.shards import gather_shard_set, respread, start_shard
+    from kiln.actors.shards import gather_shard_set, respread, start_shard
 
     data = load_dataset(SourceSpec(uri="sklearn:iris", val_fraction=0.0), 3)
     try:

@@ -8,10 +8,10 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.autopilot import AutopilotConfig, compare_accuracy, compare_r2
+from kiln.autopilot import AutopilotConfig, compare_accuracy, compare_r2
+from kiln.training.errors import KilnError
 from tests.cluster.test_retrain import shift_right
 from tests.conftest import wait_for
-from training.errors import KilnError
 
 
 def test_a_clearly_better_canary_is_promoted_and_a_worse_one_rolled_back():
@@ -114,12 +114,12 @@ def test_autopilot_recovers_accuracy_on_shifted_traffic(
 ):
     import ray
 
-    from actors.feedback import feedback_stores, read_window
-    from actors.registry import read_verified_files
-    from actors.shards import load_shards
-    from actors.sources import SourceSpec
-    from cluster.autopilot import start_autopilot
-    from cluster.serving_control import deploy_models
+    from kiln.actors.feedback import feedback_stores, read_window
+    from kiln.actors.registry import read_verified_files
+    from kiln.actors.shards import load_shards
+    from kiln.actors.sources import SourceSpec
+    from kiln.autopilot import start_autopilot
+    from kiln.serving_control import deploy_models
 
     parent = trained_digits.record
     files = read_verified_files(settings_session.storage_uri, parent)

@@ -6,8 +6,8 @@ import sys
 import pytest
 from ray.exceptions import RayTaskError
 
-from cluster.cli import main, user_error
-from training.errors import KilnError
+from kiln.cli import main, user_error
+from kiln.training.errors import KilnError
 
 CASES = [
     (["train", "--data", "sklearn:nope"], "sklearn:nope"),
@@ -88,7 +88,7 @@ def test_bad_input_is_one_line_with_nonzero_exit(args, fragment, tmp_path, monke
 def run_kiln(args, tmp_path):
     env = {"KILN_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "kiln.cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -138,12 +138,12 @@ def test_an_error_wrapped_by_ray_is_unwrapped_to_the_kiln_error():
 
 
 def test_the_cli_prints_a_kiln_error_defined_anywhere_as_one_line(monkeypatch, capsys):
-    import cluster.cli
+    import kiln.cli
 
     def fail(*_: object, **__: object) -> None:
         raise RuntimeError("wrapped") from ExtensionError('Got "x" for --thing. Use y.')
 
-    monkeypatch.setattr(cluster.cli, "app", fail)
+    monkeypatch.setattr(kiln.cli, "app", fail)
     with pytest.raises(SystemExit) as exited:
         main(["anything"])
     assert exited.value.code == 2

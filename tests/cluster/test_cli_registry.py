@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from actors.registry import RegistryService
-from cluster.cli import main
+from kiln.actors.registry import RegistryService
+from kiln.cli import main
 from tests.conftest import TINY_SPEC, tiny_model_files
 
 

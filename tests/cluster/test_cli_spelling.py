@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import typer.main
 
-from cluster.cli import app
+from kiln.cli import app
 from tests.cluster.test_compare import home, kiln, no_ray, slo, wide_console  # noqa: F401
 
 # Commands that register a version under a name the caller may choose.
@@ -74,7 +74,7 @@ def test_every_command_that_prints_a_result_takes_json() -> None:
 
 
 def test_an_old_spelling_still_works_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
-    from cluster.cli.aliases import renamed
+    from kiln.cli.aliases import renamed
 
     assert renamed(None, "mine", "--register", "--register-as") == "mine"
     assert "--register-as is now --register" in capsys.readouterr().err
@@ -84,8 +84,8 @@ def test_an_old_spelling_still_works_with_a_note(capsys: pytest.CaptureFixture[s
 
 
 def test_both_spellings_with_different_values_is_one_line() -> None:
-    from cluster.cli.aliases import renamed
-    from training.errors import KilnError
+    from kiln.cli.aliases import renamed
+    from kiln.training.errors import KilnError
 
     with pytest.raises(KilnError, match="they are one option now"):
         renamed("a", "b", "--register", "--register-as")

@@ -7,14 +7,14 @@ import sys
 import numpy as np
 from sklearn.linear_model import Ridge
 
-from actors.shards import load_dataset
-from actors.sources import SourceSpec
+from kiln.actors.shards import load_dataset
+from kiln.actors.sources import SourceSpec
 
 
 def kiln(home, *args):
     env = {"KILN_HOME": str(home), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args, "--json"],
+        [sys.executable, "-m", "kiln.cli", *args, "--json"],
         capture_output=True,
         text=True,
         env=env,

@@ -2,9 +2,9 @@
 
 import pytest
 
-from cluster.client import Kiln
+from kiln.client import Kiln
+from kiln.training.errors import KilnError, NotFoundError
 from tests.conftest import TINY_SPEC, tiny_model_files
-from training.errors import KilnError, NotFoundError
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 from sklearn.datasets import load_digits
 
-from cluster.client import Kiln
-from cluster.client_types import Explanations, FeedbackResult, Predictions
-from cluster.errors import BadRequestError, KilnError, NotFoundError
-from cluster.http_client import AsyncKiln, RetryPolicy
+from kiln.client import Kiln
+from kiln.client_types import Explanations, FeedbackResult, Predictions
+from kiln.errors import BadRequestError, KilnError, NotFoundError
+from kiln.http_client import AsyncKiln, RetryPolicy
 
 NAME = "digits-mlp"
 LM_NAME = "client-lm"
@@ -25,7 +25,7 @@ def served_digits(trained_digits, settings_session, registry_session):
     in tests/e2e/test_client_user.py)."""
     import ray
 
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
     from tests.serving.lm_fixtures import tiny_lm_files
 
     files, spec = tiny_lm_files()

@@ -15,8 +15,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from cluster.client import Kiln
-from cluster.errors import (
+from kiln.client import Kiln
+from kiln.errors import (
     AuthError,
     BadRequestError,
     KilnError,
@@ -26,7 +26,7 @@ from cluster.errors import (
     UnavailableError,
     error_for_status,
 )
-from cluster.http_client import AsyncKiln, RetryPolicy, parse_retry_after
+from kiln.http_client import AsyncKiln, RetryPolicy, parse_retry_after
 from tests.conftest import free_port
 
 PREDICTED = {"predictions": [7], "model": "m", "model_version": 2, "ids": ["abc-0"]}

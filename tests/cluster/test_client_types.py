@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from cluster.client_types import (
+from kiln.client_types import (
     Predictions,
     as_rows,
     ids_of,
@@ -17,8 +17,8 @@ from cluster.client_types import (
     merge_predictions,
     shaped_predictions,
 )
-from cluster.errors import BadRequestError
-from cluster.http_client import stream_piece
+from kiln.errors import BadRequestError
+from kiln.http_client import stream_piece
 
 ANSWERS = [
     {"predictions": ["yes", "no"], "model": "churn", "model_version": 3, "ids": ["a-0", "a-1"]},

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from actors.registry import RegistryService, version_dir
-from cluster.cli import main
+from kiln.actors.registry import RegistryService, version_dir
+from kiln.cli import main
 from tests.conftest import TINY_SPEC, tiny_model_files
 
 STUDENT_SPEC = {**TINY_SPEC, "hidden": [4]}
@@ -40,16 +40,16 @@ def profile(b1: float, b64: float) -> dict:
 def model_files(spec: dict, seed: int) -> dict[str, bytes]:
     import torch
 
-    from training.artifacts import model_to_files
-    from training.models import build_model
+    from kiln.training.artifacts import model_to_files
+    from kiln.training.models import build_model
 
     torch.manual_seed(seed)
     return model_to_files(build_model(spec), spec)
 
 
 def int8_files() -> tuple[dict[str, bytes], dict]:
-    from training.artifacts import model_from_files, model_to_files
-    from training.compress import quantize_model
+    from kiln.training.artifacts import model_from_files, model_to_files
+    from kiln.training.compress import quantize_model
 
     model, spec = model_from_files(tiny_model_files(0))
     quantized, quantized_spec = quantize_model(model, spec)
@@ -98,8 +98,8 @@ def no_ray(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr("cluster.runtime.init_ray", refuse)
-    monkeypatch.setattr("cluster.runtime.ray_session", refuse)
+    monkeypatch.setattr("kiln.runtime.init_ray", refuse)
+    monkeypatch.setattr("kiln.runtime.ray_session", refuse)
 
 
 def kiln(capsys, *args: str) -> tuple[int, str, str]:
@@ -190,8 +190,8 @@ def test_compare_errors_are_one_line(capsys, home, tmp_path, monkeypatch, args, 
 
 
 def test_an_embedded_client_profiles_in_process_and_records_it(tmp_path, no_ray):
-    from cluster.client import Kiln
-    from cluster.settings import Settings
+    from kiln.client import Kiln
+    from kiln.settings import Settings
 
     settings = Settings(kiln_home=tmp_path / "home")
     with Kiln(settings=settings, use_ray=False) as client:
@@ -282,7 +282,7 @@ def test_a_registration_gets_a_profile_and_a_failed_one_keeps_the_version(
 ):
     import ray
 
-    from cluster.profiling import profile_at_registration
+    from kiln.profiling import profile_at_registration
 
     record = trained_digits.record
     rows = ray.get(registry_session.profiles.remote(record.name, record.version))
@@ -298,7 +298,7 @@ def test_a_registration_gets_a_profile_and_a_failed_one_keeps_the_version(
     )
     weights = Path(settings_session.storage_uri) / version_dir("unprofiled", broken.version)
     (weights / "model.safetensors").write_bytes(b"not the registered bytes")
-    with caplog.at_level(logging.WARNING, logger="cluster.profiling"):
+    with caplog.at_level(logging.WARNING, logger="kiln.profiling"):
         assert profile_at_registration(registry_session, broken) is None
     assert f"measure it with kiln models profile {broken.ref}" in caplog.text
     assert ray.get(registry_session.resolve.remote(broken.ref)).version == broken.version

@@ -11,13 +11,13 @@ import pytest
 import ray
 from safetensors.torch import load as load_safetensors
 
-from actors.registry import artifact_path, read_verified_files
-from actors.replica import ModelReplica
-from actors.storage import ArtifactStore
-from cluster.variants import CompressRequest, compress_and_register
-from training.artifacts import WEIGHTS_FILE, model_from_files, model_to_files
-from training.errors import CorruptArtifactError, KilnError
-from training.models import build_model
+from kiln.actors.registry import artifact_path, read_verified_files
+from kiln.actors.replica import ModelReplica
+from kiln.actors.storage import ArtifactStore
+from kiln.training.artifacts import WEIGHTS_FILE, model_from_files, model_to_files
+from kiln.training.errors import CorruptArtifactError, KilnError
+from kiln.training.models import build_model
+from kiln.variants import CompressRequest, compress_and_register
 
 
 def compress(settings, registry, ref: str, **options):
@@ -129,10 +129,10 @@ def test_distillation_against_the_same_student_trained_alone(
     easy task, and a teacher whose outputs on its own training rows are nearly one-hot): 2.5
     points below on the run recorded in the notes. The figure is printed; the test fails if
     distillation costs more than 5 points, i.e. if the teacher's outputs are misread."""
-    from actors.sources import SourceSpec
-    from cluster.pipeline import train_and_register
-    from cluster.requests import TrainRequest
-    from training.config import TrainConfig
+    from kiln.actors.sources import SourceSpec
+    from kiln.pipeline import train_and_register
+    from kiln.requests import TrainRequest
+    from kiln.training.config import TrainConfig
 
     teacher = parent
     distilled = compress(

@@ -35,7 +35,7 @@ def serve_app_args(serve_config: dict[str, Any]) -> dict[str, Any]:
 
     schema = ServeDeploySchema.model_validate(serve_config)
     (application,) = schema.applications
-    assert application.import_path == "serving.app:build_app"
+    assert application.import_path == "kiln.serving.app:build_app"
     return application.args
 
 
@@ -92,14 +92,14 @@ def test_local_yaml_lists_its_machines():
 
 
 def test_serve_yaml_is_a_valid_serve_config_for_kiln():
-    from serving.schemas import ServeArgs
+    from kiln.serving.schemas import ServeArgs
 
     args = serve_app_args(load("serve.yaml"))
     assert ServeArgs(**args).auth is True  # a cluster endpoint never serves without keys
 
 
 def test_rayservice_has_kuberay_shape_and_a_valid_serve_config():
-    from serving.schemas import ServeArgs
+    from kiln.serving.schemas import ServeArgs
 
     service = load("kuberay-rayservice.yaml")
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"

@@ -24,7 +24,7 @@ def test_demo_trains_serves_and_matches_accuracy(tmp_path):
         [
             sys.executable,
             "-m",
-            "cluster.cli",
+            "kiln.cli",
             "demo",
             "--json",
             "--port",

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from actors.registry import RegistryService
+from kiln.actors.registry import RegistryService
+from kiln.training.explain import training_mean
+from kiln.training.tabular import Encoding
 from tests.cluster.test_cli_registry import kiln, kiln_json
 from tests.conftest import TINY_SPEC, tiny_model_files
 from tests.serving.test_tabular_serving import CHURN, CHURN_WEIGHT, linear_files
 from tests.tables import customers, write_csv
-from training.explain import training_mean
-from training.tabular import Encoding
 
 CUSTOMER = {"age": 31, "income": 52000, "city": "lima", "plan": "pro"}
 
@@ -122,8 +122,8 @@ def test_a_model_without_inputs_takes_a_row_of_numbers(capsys, home):
 
 
 def test_a_synthetic_row_is_read_as_training_reads_it(capsys, home):
-    from actors.sources import parse_synthetic, synthetic_rows
-    from training.data import batch_features
+    from kiln.actors.sources import parse_synthetic, synthetic_rows
+    from kiln.training.data import batch_features
 
     uri = "synthetic:classification?rows=20&features=4&classes=3"
     result = kiln_json(capsys, "explain", "tiny", "--row", "5", "--data", uri, "--home", home)
@@ -163,8 +163,8 @@ def test_an_unknown_version_is_one_line(capsys, home):
 
 
 def test_the_options_name_what_the_library_takes():
-    from cluster.cli import explain as command
-    from training import explain as library
+    from kiln.cli import explain as command
+    from kiln.training import explain as library
 
     assert command.METHODS == library.METHODS
     assert (command.INTEGRATED_GRADIENTS, command.DEFAULT_STEPS) == (

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.registry import RegistryService
-from cluster.cli import main
+from kiln.actors.registry import RegistryService
+from kiln.cli import main
 from tests.actors.test_add_artifact import identity_onnx
 from tests.conftest import TINY_SPEC, tiny_model_files
 
@@ -33,9 +33,9 @@ def home(tmp_path) -> Path:
     m@2) and m@4 (a torch int8 variant, as kiln compress --quantize int8 registers it)."""
     import torch
 
-    from training.artifacts import model_to_files
-    from training.compress import quantize_model
-    from training.models import build_model
+    from kiln.training.artifacts import model_to_files
+    from kiln.training.compress import quantize_model
+    from kiln.training.models import build_model
 
     service = RegistryService(str(tmp_path / "registry.db"), str(tmp_path / "storage"))
     service.register("m", tiny_model_files(), TINY_SPEC, {}, {})
@@ -87,7 +87,7 @@ def test_the_already_exported_refusal_names_the_stored_checksum(home, monkeypatc
 def kiln(home: Path, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
     env = {"KILN_HOME": str(home), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "kiln.cli", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from cluster.client import Kiln, command_args
-from cluster.jobs import jobs_address, last_json_line, new_job_id, parse_env, resolve_token
+from kiln.client import Kiln, command_args
+from kiln.jobs import jobs_address, last_json_line, new_job_id, parse_env, resolve_token
+from kiln.training.errors import KilnError
 from tests.cluster.headnode import Head, ray_head
 from tests.conftest import free_port, wait_for
-from training.errors import KilnError
 
 TRAIN = [
     "kiln",
@@ -65,7 +65,7 @@ def client(head: Head, monkeypatch: pytest.MonkeyPatch) -> Kiln:
 
 def kiln(head: Head, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "kiln.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -168,7 +168,7 @@ def test_jobs_list_logs_and_stop(head):
     submitted = kiln(head, "submit", "--address", head.address, "--json", "--", *sleeper)
     assert submitted.returncode == 0, submitted.stderr
     job_id = json.loads(submitted.stdout.strip().splitlines()[-1])["job_id"]
-    from cluster.jobs import JobsClient
+    from kiln.jobs import JobsClient
 
     jobs = JobsClient(head.address, head.token_path.read_text())
     assert wait_for(lambda: "sleeping" in jobs.logs(job_id), timeout_s=60, interval_s=0.3)
@@ -193,7 +193,7 @@ def test_a_wrong_or_missing_token_is_one_clear_line(head, tmp_path):
     assert wrong.stderr.count("\n") == 1 and "refused this token" in wrong.stderr
     env = {**head.env, "RAY_AUTH_TOKEN_PATH": "", "HOME": str(tmp_path)}  # no token anywhere
     missing = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "jobs", "list", "--address", head.address],
+        [sys.executable, "-m", "kiln.cli", "jobs", "list", "--address", head.address],
         capture_output=True,
         text=True,
         env=env,

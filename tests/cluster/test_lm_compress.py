@@ -14,13 +14,13 @@ from typing import Any, cast
 import pytest
 from safetensors.torch import load as load_safetensors
 
-from actors.catalog import VersionRecord
-from actors.registry import read_verified_files
-from cluster.variants import CompressRequest, compress_and_register
-from serving.variants import compare_rows
-from training.artifacts import WEIGHTS_FILE, model_from_files
-from training.errors import KilnError
-from training.lm import lm_spec
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.registry import read_verified_files
+from kiln.serving.variants import compare_rows
+from kiln.training.artifacts import WEIGHTS_FILE, model_from_files
+from kiln.training.errors import KilnError
+from kiln.training.lm import lm_spec
+from kiln.variants import CompressRequest, compress_and_register
 
 CORPUS = f"text:{Path(sysconfig.get_paths()['stdlib'])}/json/*.py"
 
@@ -28,8 +28,8 @@ CORPUS = f"text:{Path(sysconfig.get_paths()['stdlib'])}/json/*.py"
 @pytest.fixture(scope="module")
 def trained_lm(ray_local, settings_session, registry_session):
     """`kiln train --model lm` in-process: 2 workers, a 384-token BPE, 40 steps."""
-    from cluster.lm_pipeline import LMTrainRequest, train_lm_and_register
-    from training.lm_config import LMTrainConfig
+    from kiln.lm_pipeline import LMTrainRequest, train_lm_and_register
+    from kiln.training.lm_config import LMTrainConfig
 
     cfg = LMTrainConfig(
         workers=2, vocab_size=384, block_size=32, layers=2, dim=64, batch_size=8, max_steps=40
@@ -42,8 +42,8 @@ def trained_lm(ray_local, settings_session, registry_session):
 def test_int8_language_model_records_its_perplexity_change_and_generates(
     trained_lm, settings_session, registry_session
 ):
-    from training.generate import generate
-    from training.tokenizer import tokenizer_from_bytes
+    from kiln.training.generate import generate
+    from kiln.training.tokenizer import tokenizer_from_bytes
 
     request = CompressRequest(ref=trained_lm.ref, quantize="int8")
     done = compress_and_register(settings_session, request, registry_session)

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from actors.feedback import FeedbackService, table_to_ipc
-from actors.registry import RegistryService
-from serving.predlog import Logged, rows_table
+from kiln.actors.feedback import FeedbackService, table_to_ipc
+from kiln.actors.registry import RegistryService
+from kiln.serving.predlog import Logged, rows_table
 from tests.cluster.test_cli_registry import kiln, kiln_json
 from tests.conftest import TINY_SPEC, tiny_model_files
 
@@ -75,7 +75,7 @@ def test_monitor_errors_are_one_line(capsys, home, args, fragment):
 @pytest.fixture
 def lm_home(tmp_path):
     """Language model `lm` with 6 logged generations, 2 of them labelled with a score."""
-    from serving.predlog import LoggedText, text_rows_table
+    from kiln.serving.predlog import LoggedText, text_rows_table
     from tests.serving.lm_fixtures import untrained_lm_files
 
     home = tmp_path / "home"

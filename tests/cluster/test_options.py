@@ -7,10 +7,10 @@ import sys
 import pytest
 import typer
 
-from cluster.cli import app
-from cluster.client import command_args
-from cluster.options import COMMAND_OPTIONS
-from training.errors import KilnError
+from kiln.cli import app
+from kiln.client import command_args
+from kiln.options import COMMAND_OPTIONS
+from kiln.training.errors import KilnError
 
 
 def real_options(command: str) -> set[str]:
@@ -38,7 +38,7 @@ def test_the_client_submits_only_commands_in_the_table():
 def test_the_client_imports_nothing_from_the_cli():
     probe = (
         "import json, sys\n"
-        "from cluster.client import command_args\n"
+        "from kiln.client import command_args\n"
         "command_args('train', {'epochs': 3})\n"
         "print(json.dumps(sorted(sys.modules)))"
     )
@@ -47,11 +47,11 @@ def test_the_client_imports_nothing_from_the_cli():
             [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
         ).stdout
     )
-    assert not [m for m in loaded if m == "cluster.cli" or m.startswith(("cluster.cli.", "typer"))]
+    assert not [m for m in loaded if m == "kiln.cli" or m.startswith(("kiln.cli.", "typer"))]
 
 
 def tune_options(**changes):
-    from cluster.requests import SweepRequest, option_names
+    from kiln.requests import SweepRequest, option_names
 
     base = dict.fromkeys(option_names(SweepRequest.from_options))
     base.update(
@@ -65,7 +65,7 @@ def tune_options(**changes):
 
 
 def test_tune_checks_val_fraction_before_it_reads_anything_else():
-    from cluster.requests import SweepRequest
+    from kiln.requests import SweepRequest
 
     bad = tune_options(val_fraction=0.0, space="/no/such/space.yaml", scheduler="nope")
     with pytest.raises(KilnError, match='Got "0.0" for --val-fraction.*e.g. 0.15'):
@@ -76,7 +76,7 @@ def test_tune_checks_val_fraction_before_it_reads_anything_else():
 
 
 def test_output_prints_one_json_line_or_the_rendered_text(capsys):
-    from cluster.cli.common import output
+    from kiln.cli.common import output
 
     output({"a": 1.5}, True, lambda _: "never")
     assert json.loads(capsys.readouterr().out) == {"a": 1.5}

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.jobs import last_json_line
+from kiln.jobs import last_json_line
 from tests.cluster.headnode import dashboard_up
 from tests.conftest import free_port, wait_for
 
@@ -118,7 +118,7 @@ def ray_cli(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
 def kiln(token_path: Path, *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "KILN_"))}
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "kiln.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,

@@ -5,8 +5,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from actors.sources import SKLEARN_MAX_ROWS, SourceSpec, source_rows
-from cluster.resident import ROWS_PER_CONVEX_SHARD, convex_shards
+from kiln.actors.sources import SKLEARN_MAX_ROWS, SourceSpec, source_rows
+from kiln.resident import ROWS_PER_CONVEX_SHARD, convex_shards
 
 
 def test_source_rows_without_reading_rows(tmp_path):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.resources import resolve_cpus_per_worker
-from training.errors import KilnError
+from kiln.resources import resolve_cpus_per_worker
+from kiln.training.errors import KilnError
 
 
 def test_default_is_ray_trains_one_cpu_per_worker():

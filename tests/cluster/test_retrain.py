@@ -6,12 +6,12 @@ import time
 import numpy as np
 import pytest
 
-from actors.feedback import FeedbackService, table_to_ipc
-from cluster.retrain import RetrainRequest, heldout_mask
-from serving.predlog import Logged, rows_table
-from training.data import batch_inputs, inputs_to_batch
-from training.errors import KilnError
-from training.tabular import Encoding
+from kiln.actors.feedback import FeedbackService, table_to_ipc
+from kiln.retrain import RetrainRequest, heldout_mask
+from kiln.serving.predlog import Logged, rows_table
+from kiln.training.data import batch_inputs, inputs_to_batch
+from kiln.training.errors import KilnError
+from kiln.training.tabular import Encoding
 
 
 def shift_right(x: np.ndarray) -> np.ndarray:
@@ -74,14 +74,14 @@ def test_retrain_on_shifted_feedback_recovers_accuracy(
 ):
     import ray
 
-    from actors.shards import load_shards
-    from actors.sources import SourceSpec
-    from cluster.retrain import retrain_and_register
+    from kiln.actors.shards import load_shards
+    from kiln.actors.sources import SourceSpec
+    from kiln.retrain import retrain_and_register
 
     # A copy under its own name: other tests serve digits-mlp.
     parent = trained_digits.record
     files = {}
-    from actors.registry import read_verified_files
+    from kiln.actors.registry import read_verified_files
 
     files = read_verified_files(settings_session.storage_uri, parent)
     copy = ray.get(

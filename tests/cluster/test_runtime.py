@@ -2,7 +2,7 @@
 
 import json
 
-from cluster.runtime import WORKER_ENV, worker_env_vars
+from kiln.runtime import WORKER_ENV, worker_env_vars
 
 
 def test_worker_env_leaves_out_keys_the_job_runtime_env_sets(monkeypatch):
@@ -23,7 +23,7 @@ import json, sys, tempfile
 from pathlib import Path
 import psutil, ray
 from cluster import runtime
-from cluster.settings import Settings
+from kiln.settings import Settings
 
 runtime.init_ray(Settings(kiln_home=Path(tempfile.mkdtemp())))
 node = runtime.EMBEDDED_NODE[0]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.cli import main
+from kiln.cli import main
 
 
 def run(args, tmp_path, monkeypatch, capsys):
@@ -39,14 +39,14 @@ def test_emitted_config_is_a_valid_serve_deploy_config(tmp_path, monkeypatch, ca
     assert code == 0
     config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     app = config.applications[0]
-    assert app.import_path == "serving.app:build_app" and app.route_prefix == "/"
+    assert app.import_path == "kiln.serving.app:build_app" and app.route_prefix == "/"
     assert app.args["models"] == ["digits-mlp@production"]
     assert (app.args["min_replicas"], app.args["max_replicas"], app.args["rate_limit_per_s"]) == (
         0,
         4,
         50.0,
     )
-    from serving.app import build_app
+    from kiln.serving.app import build_app
 
     # The args build the application as written (Serve has no public getter for the bound
     # deployment of an Application).
@@ -91,8 +91,8 @@ def test_deploying_a_missing_version_fails_from_the_registry_before_serve(
     ray_local, settings_session, registry_session, trained_digits
 ):
     """On a cluster (or from Python) the Registry actor answers first: no failed deployment."""
-    from cluster.serving_control import deploy_models
-    from training.errors import NotFoundError
+    from kiln.serving_control import deploy_models
+    from kiln.training.errors import NotFoundError
 
     with pytest.raises(NotFoundError, match="model digits-mlp has no version 999"):
         deploy_models(settings_session, ["digits-mlp", "digits-mlp@999"], auth=False)

@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from actors.sources import SourceSpec, open_file_dataset, split_rows
-from cluster.pipeline import TrainOutcome, train_and_register
-from cluster.requests import TrainRequest
+from kiln.actors.sources import SourceSpec, open_file_dataset, split_rows
+from kiln.pipeline import TrainOutcome, train_and_register
+from kiln.requests import TrainRequest
 from tests.tables import customers, write_csv
 
 FEATURES = ["age", "income", "city", "plan"]
@@ -22,8 +22,8 @@ FEATURES = ["age", "income", "city", "plan"]
 
 def cli_defaults() -> dict[str, Any]:
     """`kiln train`'s options at their defaults, as a user who types none gets them."""
-    from cluster.cli.train import train
-    from cluster.options import LM_TRAIN_OPTIONS
+    from kiln.cli.train import train
+    from kiln.options import LM_TRAIN_OPTIONS
 
     skip = {"resume", "as_json", "address", "home", "storage", *LM_TRAIN_OPTIONS}
     return {
@@ -148,7 +148,7 @@ def test_no_flags_trains_an_mlp_that_uses_every_column(trained_people, tables):
 
 @pytest.fixture(scope="module")
 def served_people(trained_people, settings_session):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     return deploy_models(settings_session, [trained_people.record.ref], auth=False)
 

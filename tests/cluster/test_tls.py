@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.runtime import free_port
-from cluster.tls import (
+from kiln.runtime import free_port
+from kiln.tls import (
     TlsFiles,
     TlsFrontend,
     fingerprint,
@@ -26,7 +26,7 @@ from cluster.tls import (
     self_signed_files,
     tls_from_options,
 )
-from training.errors import KilnError
+from kiln.training.errors import KilnError
 
 ANSWER = b'{"predictions": [7]}'
 
@@ -205,11 +205,11 @@ def test_bad_options_are_one_line(tmp_path: Path, pki: dict[str, Path]) -> None:
 def test_the_fingerprint_is_printed_as_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import cluster.tls
-    from cluster.cli.common import tls_files
-    from cluster.settings import Settings
+    import kiln.tls
+    from kiln.cli.common import tls_files
+    from kiln.settings import Settings
 
-    monkeypatch.setattr(cluster.tls, "fingerprint", lambda _: "04:CA:85:CD:12:[B]")
+    monkeypatch.setattr(kiln.tls, "fingerprint", lambda _: "04:CA:85:CD:12:[B]")
     files = tls_files(Settings(kiln_home=tmp_path), None, None, None, self_signed=True)
     assert files is not None and files.cert.is_file()
     assert "SHA-256 fingerprint 04:CA:85:CD:12:[B]" in capsys.readouterr().err  # no :cd: emoji

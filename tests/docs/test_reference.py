@@ -24,7 +24,7 @@ def load_hooks() -> ModuleType:
 
 
 def test_cli_reference_lists_every_command_and_option():
-    from cluster.cli import app
+    from kiln.cli import app
 
     hooks = load_hooks()
     page = hooks.cli_markdown()
@@ -54,7 +54,7 @@ def test_hidden_commands_stay_out_of_the_reference():
 
 
 def test_http_reference_lists_every_route_and_schema():
-    from serving.app import api
+    from kiln.serving.app import api
 
     hooks = load_hooks()
     spec = api.openapi()

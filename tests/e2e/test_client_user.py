@@ -47,7 +47,7 @@ def digits() -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def test_predict_feedback_and_metrics_from_python(served, digits) -> None:
-    from cluster.client import Kiln
+    from kiln.client import Kiln
 
     server, secret = served
     frame, labels = digits
@@ -77,8 +77,8 @@ def test_predict_feedback_and_metrics_from_python(served, digits) -> None:
 
 
 def test_a_refused_key_and_an_unknown_model_are_typed_errors(served, digits) -> None:
-    from cluster.client import Kiln
-    from cluster.errors import AuthError, NotFoundError
+    from kiln.client import Kiln
+    from kiln.errors import AuthError, NotFoundError
 
     server, secret = served
     frame, _ = digits
@@ -98,7 +98,7 @@ def kiln_admin_key(server: KilnServe) -> str:
 
 
 def test_the_async_client_answers_the_same(served, digits) -> None:
-    from cluster.http_client import AsyncKiln
+    from kiln.http_client import AsyncKiln
 
     server, secret = served
     frame, _ = digits

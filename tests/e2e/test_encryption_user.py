@@ -16,10 +16,10 @@ import pytest
 from safetensors.torch import load as load_safetensors
 from sklearn.datasets import load_digits
 
-from actors.storage import ArtifactStore
+from kiln.actors.storage import ArtifactStore
+from kiln.training import encryption as enc
 from tests.conftest import free_port
 from tests.e2e.kiln_process import KilnServe, kiln, kiln_env, kiln_json
-from training import encryption as enc
 
 
 def every_byte(root: Path) -> bytes:

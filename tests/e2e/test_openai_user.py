@@ -201,8 +201,8 @@ def test_the_metrics_route_reports_the_language_model(served, lm_home):
 
 
 def test_the_python_client_chats_and_streams(served, lm_home):
-    from cluster.client import Kiln
-    from cluster.errors import AuthError, NotFoundError
+    from kiln.client import Kiln
+    from kiln.errors import AuthError, NotFoundError
 
     kiln = Kiln(home=str(lm_home["home"]), key=lm_home["keys"]["all"], use_ray=False)
     try:
@@ -232,7 +232,7 @@ def test_the_python_client_chats_and_streams(served, lm_home):
 def test_the_async_client_streams_the_same_text(served, lm_home):
     import asyncio
 
-    from cluster.http_client import AsyncKiln
+    from kiln.http_client import AsyncKiln
 
     messages = [{"role": "user", "content": "import json"}]
 

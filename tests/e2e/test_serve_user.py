@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from serving.schemas import ServeArgs
+from kiln.serving.schemas import ServeArgs
 from tests.conftest import free_port
 from tests.e2e.kiln_process import KilnServe, kiln, kiln_env, kiln_json
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from cluster.tls import fingerprint
+from kiln.tls import fingerprint
 from tests.conftest import free_port
 from tests.e2e.kiln_process import KilnServe, kiln_env, kiln_json
 

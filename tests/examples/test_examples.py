@@ -4,7 +4,7 @@ Each script is started as its own process (`python examples/X.py`) in a fresh fo
 fresh KILN_HOME and a free HTTP port, the `kiln` commands it starts find the installed script
 on PATH, and the last line it prints is a JSON summary whose figures would differ if the path
 it shows broke. Until the `kiln` import package exists (issue 34's rename), the script runs
-with `from kiln import` read as `from cluster.client import`.
+with `from kiln import` read as `from kiln.client import`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def run_example(name: str, workdir: Path, timeout_s: float = 1400) -> dict[str, 
     """Run examples/NAME in `workdir`; its last stdout line, parsed as JSON."""
     script = EXAMPLES / name
     if importlib.util.find_spec("kiln") is None:
-        source = script.read_text().replace("from kiln import", "from cluster.client import")
+        source = script.read_text().replace("from kiln import", "from kiln.client import")
         script = workdir / name
         script.write_text(source)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST", "KILN_"))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.cli import main
+from kiln.cli import main
 
 CASES = [
     (["--data", "sklearn:digits", "--partition", "dirichlet:0"], "alpha must be greater than 0"),

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import ray
 
-from actors.sources import SourceSpec, open_shard
-from federated.privacy import epsilon_spent
-from training.errors import KilnError
+from kiln.actors.sources import SourceSpec, open_shard
+from kiln.federated.privacy import epsilon_spent
+from kiln.training.errors import KilnError
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ DIGITS = SourceSpec(uri="sklearn:digits")
 
 
 def request_for(**changes: Any):
-    from cluster.federation import FederateRequest
+    from kiln.federation import FederateRequest
 
     base: dict[str, Any] = dict(
         data="sklearn:digits",
@@ -37,9 +37,9 @@ def request_for(**changes: Any):
 
 
 def parameters_of(settings, registry, record) -> np.ndarray:
-    from actors.registry import read_verified_files
-    from federated.local import parameter_vector
-    from training.artifacts import model_from_files
+    from kiln.actors.registry import read_verified_files
+    from kiln.federated.local import parameter_vector
+    from kiln.training.artifacts import model_from_files
 
     model, _ = model_from_files(read_verified_files(settings.storage_uri, record))
     return parameter_vector(model)
@@ -48,7 +48,7 @@ def parameters_of(settings, registry, record) -> np.ndarray:
 @pytest.fixture(scope="module")
 def federated_digits(ray_local, settings_session, registry_session):
     """3 iid clients, 3 rounds; the clients' row ids read during round 0 (for coverage)."""
-    from cluster.federation import federate_and_register
+    from kiln.federation import federate_and_register
 
     seen: dict[str, Any] = {}
 
@@ -98,7 +98,7 @@ def test_the_global_model_learns_and_is_registered_with_lineage(federated_digits
 def test_more_clients_than_rows_fails_before_any_client_starts(
     ray_local, settings_session, registry_session
 ):
-    from cluster.federation import federate_and_register
+    from kiln.federation import federate_and_register
 
     with pytest.raises(KilnError, match='Got "2000" for --clients.*1437 rows'):
         federate_and_register(settings_session, request_for(clients=2000), registry_session)
@@ -110,10 +110,10 @@ def test_more_clients_than_rows_fails_before_any_client_starts(
 def test_one_client_one_epoch_equals_kiln_train_for_one_epoch(
     ray_local, settings_session, registry_session
 ):
-    from cluster.federation import federate_and_register
-    from cluster.pipeline import train_and_register
-    from cluster.requests import TrainRequest
-    from training.config import TrainConfig
+    from kiln.federation import federate_and_register
+    from kiln.pipeline import train_and_register
+    from kiln.requests import TrainRequest
+    from kiln.training.config import TrainConfig
 
     fed = federate_and_register(
         settings_session,
@@ -135,7 +135,7 @@ def test_one_client_one_epoch_equals_kiln_train_for_one_epoch(
 
 def parameters_of_init() -> np.ndarray:
     """kiln train's starting weights for digits with seed 0 (the spec's shape is all it needs)."""
-    from federated.local import initial_weights
+    from kiln.federated.local import initial_weights
 
     spec = {
         "kind": "mlp",
@@ -151,7 +151,7 @@ def parameters_of_init() -> np.ndarray:
 def test_secure_aggregation_reaches_the_same_accuracy(
     ray_local, settings_session, registry_session, seed
 ):
-    from cluster.federation import federate_and_register
+    from kiln.federation import federate_and_register
 
     plain = federate_and_register(
         settings_session, request_for(clients=4, seed=seed), registry_session
@@ -174,7 +174,7 @@ def test_secure_aggregation_reaches_the_same_accuracy(
 def test_dp_reports_the_privacy_spent_and_noise_moves_the_model(
     ray_local, settings_session, registry_session
 ):
-    from cluster.federation import federate_and_register
+    from kiln.federation import federate_and_register
 
     quiet = federate_and_register(
         settings_session,
@@ -204,7 +204,7 @@ def test_dp_reports_the_privacy_spent_and_noise_moves_the_model(
 def test_a_client_killed_mid_round_drops_out_and_rejoins(
     ray_local, settings_session, registry_session
 ):
-    from cluster.federation import federate_and_register
+    from kiln.federation import federate_and_register
 
     def kill_client_2(round_index: int, clients: list[Any]) -> None:
         if round_index == 1:
@@ -228,7 +228,7 @@ def test_a_client_killed_mid_round_drops_out_and_rejoins(
 def test_resume_after_the_driver_died_computes_the_uninterrupted_run(
     ray_local, settings_session, registry_session
 ):
-    from cluster.federation import federate_and_register, load_request
+    from kiln.federation import federate_and_register, load_request
 
     class DriverDied(Exception):
         pass

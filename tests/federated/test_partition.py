@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from federated.partition import PartitionSpec, label_counts, partition_rows
-from training.errors import KilnError
+from kiln.federated.partition import PartitionSpec, label_counts, partition_rows
+from kiln.training.errors import KilnError
 
 
 @pytest.fixture(scope="module")

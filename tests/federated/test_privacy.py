@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from federated.privacy import DPConfig, clip_to_norm, dp_config, epsilon_spent, noisy_mean
-from training.errors import KilnError
+from kiln.federated.privacy import DPConfig, clip_to_norm, dp_config, epsilon_spent, noisy_mean
+from kiln.training.errors import KilnError
 
 
 def test_clip_to_norm_scales_only_long_updates() -> None:

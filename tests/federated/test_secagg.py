@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from federated.secagg import (
+from kiln.federated.secagg import (
     FRACTION_BITS,
     dequantize,
     masked_update,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from federated.strategy import FedAdam, FedAvg, FedProx, parse_strategy, weighted_mean
-from training.errors import KilnError
+from kiln.federated.strategy import FedAdam, FedAvg, FedProx, parse_strategy, weighted_mean
+from kiln.training.errors import KilnError
 
 
 def test_weighted_mean_of_uneven_clients_is_the_mean_over_all_rows() -> None:

@@ -22,9 +22,9 @@ CONTEXT = 64
 
 def tiny_lm_files() -> tuple[dict[str, bytes], dict[str, Any]]:
     """The artifacts and spec of a tiny trained Llama with its BPE tokenizer."""
+    from kiln.training.artifacts import model_to_files
+    from kiln.training.tokenizer import tokenizer_to_bytes, train_bpe
     from tests.training.test_hf_io import VOCAB_SIZE, corpus, train_tiny_lm
-    from training.artifacts import model_to_files
-    from training.tokenizer import tokenizer_to_bytes, train_bpe
 
     tokenizer = train_bpe(corpus(), vocab_size=VOCAB_SIZE)
     model, spec = train_tiny_lm(tokenizer, CONTEXT)
@@ -37,8 +37,8 @@ def untrained_lm_files() -> tuple[dict[str, bytes], dict[str, Any]]:
     """A tiny random Llama's artifacts (no tokenizer): for what only reads the catalog."""
     import torch
 
-    from training.artifacts import model_to_files
-    from training.lm import build_lm, lm_spec
+    from kiln.training.artifacts import model_to_files
+    from kiln.training.lm import build_lm, lm_spec
 
     spec = lm_spec("tiny", vocab_size=300, block_size=CONTEXT, layers=1, dim=32)
     torch.manual_seed(0)
@@ -48,9 +48,9 @@ def untrained_lm_files() -> tuple[dict[str, bytes], dict[str, Any]]:
 @pytest.fixture(scope="module")
 def language_replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """`tiny-lm` registered in a registry of its own (no Ray) and loaded with its engine."""
-    from actors.registry import RegistryService
-    from serving.engine import EngineConfig
-    from serving.language import LanguageReplica
+    from kiln.actors.registry import RegistryService
+    from kiln.serving.engine import EngineConfig
+    from kiln.serving.language import LanguageReplica
 
     home: Path = tmp_path_factory.mktemp("lm")
     service = RegistryService(str(home / "registry.db"), str(home / "store"), recover=False)

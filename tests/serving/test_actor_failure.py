@@ -1,11 +1,11 @@
-"""How a failed call to one of Kiln's actors answers (serving.errors.actor_failure): pure,
+"""How a failed call to one of Kiln's actors answers (kiln.serving.errors.actor_failure): pure,
 no Ray cluster. Issue 29: a dead registry answered "restarting" forever."""
 
 from __future__ import annotations
 
 import ray.exceptions
 
-from serving.errors import actor_failure, death_reason
+from kiln.serving.errors import actor_failure, death_reason
 
 DEAD = (
     "The actor died unexpectedly before finishing this task.\n\tclass_name: Registry\n"

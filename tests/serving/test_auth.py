@@ -5,8 +5,8 @@ import asyncio
 import pytest
 from fastapi import HTTPException
 
-from actors.keys import KeyCheck
-from serving.auth import BearerAuth, KeyCache
+from kiln.actors.keys import KeyCheck
+from kiln.serving.auth import BearerAuth, KeyCache
 
 SECRET = "kiln_0123456789ab_abcdefghijklmnop"
 

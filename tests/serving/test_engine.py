@@ -1,4 +1,4 @@
-"""The continuous-batching engine: a request's greedy tokens equal `training.generate`'s alone
+"""The continuous-batching engine: a request's greedy tokens equal `kiln.training.generate`'s alone
 and in a busy batch, chunked prefill changes nothing and stalls nobody, stops (ids, strings,
 the context) end a choice where they should and a stop string never reaches a client, seeded
 sampling ignores its batch companions, the KV budget and the waiting queue hold, an abort frees
@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from serving.engine import (  # noqa: E402
+from kiln.serving.engine import (  # noqa: E402
     KV_BLOCK_TOKENS,
     BlockManager,
     Delta,
@@ -38,12 +38,12 @@ from serving.engine import (  # noqa: E402
     new_request_state,
     pick_device,
 )
+from kiln.training.errors import KilnError  # noqa: E402
+from kiln.training.generate import generate, keep_top_k, keep_top_p  # noqa: E402
+from kiln.training.lm import CausalLM, build_lm, lm_spec  # noqa: E402
+from kiln.training.tokenizer import train_bpe  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 from tests.training.test_hf_io import VOCAB_SIZE, corpus, train_tiny_lm  # noqa: E402
-from training.errors import KilnError  # noqa: E402
-from training.generate import generate, keep_top_k, keep_top_p  # noqa: E402
-from training.lm import CausalLM, build_lm, lm_spec  # noqa: E402
-from training.tokenizer import train_bpe  # noqa: E402
 
 CONTEXT = 64
 Model = tuple[CausalLM, dict[str, Any], Tokenizer]

@@ -10,14 +10,19 @@ import pytest
 import torch
 from safetensors.numpy import save as save_safetensors
 
-from actors.registry import RegistryService
-from actors.replica import ModelReplica
-from serving.app import api
-from serving.explain import MAX_EXPLAIN_INSTANCES, Explainers, ThreadExplainers
-from serving.host import ModelHost, Served
-from serving.routes.explain import get_explainers
-from serving.routing import Router
-from serving.schemas import ServeArgs
+from kiln.actors.registry import RegistryService
+from kiln.actors.replica import ModelReplica
+from kiln.serving.app import api
+from kiln.serving.explain import MAX_EXPLAIN_INSTANCES, Explainers, ThreadExplainers
+from kiln.serving.host import ModelHost, Served
+from kiln.serving.routes.explain import get_explainers
+from kiln.serving.routing import Router
+from kiln.serving.schemas import ServeArgs
+from kiln.training.artifacts import model_from_files
+from kiln.training.drift import REFERENCE_FILE
+from kiln.training.explain import GAUSSIAN_SAMPLE, REFERENCE_SAMPLE, TRAINING_MEAN, training_mean
+from kiln.training.export import ONNX_FILE, onnx_bytes
+from kiln.training.tabular import Encoding
 from tests.conftest import TINY_SPEC, tiny_model_files
 from tests.serving.test_routes import client_for, key_with, no_overrides_left  # noqa: F401
 from tests.serving.test_tabular_serving import (
@@ -27,11 +32,6 @@ from tests.serving.test_tabular_serving import (
     PRICE,
     linear_files,
 )
-from training.artifacts import model_from_files
-from training.drift import REFERENCE_FILE
-from training.explain import GAUSSIAN_SAMPLE, REFERENCE_SAMPLE, TRAINING_MEAN, training_mean
-from training.export import ONNX_FILE, onnx_bytes
-from training.tabular import Encoding
 
 ROWS = [[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 0.5, 2.0], [3.0, 0.0, -2.0, 1.0]]
 REFERENCE_ROWS = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
@@ -75,7 +75,7 @@ def onnx_replicas(store, replicas):
 
 
 def client_of(replicas: dict[str, ModelReplica], root: str | None, monkeypatch, auth=None):
-    monkeypatch.setattr("serving.host.INLINE_FORWARD_S", float("inf"))
+    monkeypatch.setattr("kiln.serving.host.INLINE_FORWARD_S", float("inf"))
     host = ModelHost(ServeArgs(models=["tiny"]), registry=None)
     router = Router()
     for name in replicas:

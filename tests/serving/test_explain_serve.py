@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import ray
 
-from actors.shards import load_shards
-from actors.sources import SourceSpec
-from training.drift import REFERENCE_FILE
-from training.explain import GAUSSIAN_SAMPLE, REFERENCE_SAMPLE
+from kiln.actors.shards import load_shards
+from kiln.actors.sources import SourceSpec
+from kiln.training.drift import REFERENCE_FILE
+from kiln.training.explain import GAUSSIAN_SAMPLE, REFERENCE_SAMPLE
 
 pytestmark = pytest.mark.slow  # a Serve deployment of its own
 
 
 @pytest.fixture(scope="module")
 def served(trained_digits, settings_session, registry_session):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     return deploy_models(settings_session, ["digits-mlp"], auth=True)
 

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from serving.app import api
-from serving.host import ModelHost, Served
-from serving.routing import Router
-from serving.schemas import ServeArgs
+from kiln.serving.app import api
+from kiln.serving.host import ModelHost, Served
+from kiln.serving.routing import Router
+from kiln.serving.schemas import ServeArgs
 from tests.serving.lm_fixtures import LM_NAME, language_replica  # noqa: F401 (a fixture)
 from tests.serving.test_routes import client_for
 from tests.serving.test_tabular_serving import replicas  # noqa: F401 (a fixture)
@@ -48,7 +48,7 @@ def served(replicas, language_replica):  # noqa: F811
 
 @pytest.fixture(autouse=True)
 def routes_on_the_served_models(served, monkeypatch):
-    monkeypatch.setattr("serving.host.INLINE_FORWARD_S", float("inf"))
+    monkeypatch.setattr("kiln.serving.host.INLINE_FORWARD_S", float("inf"))
     client_for(served)  # installs the dependency overrides on `api`
     yield
     api.dependency_overrides.clear()

@@ -190,9 +190,9 @@ LM_HOSTILE = [
 
 @pytest.fixture
 def lm_client(language_replica):  # noqa: F811
-    from serving.host import ModelHost, Served
-    from serving.routing import Router
-    from serving.schemas import ServeArgs
+    from kiln.serving.host import ModelHost, Served
+    from kiln.serving.routing import Router
+    from kiln.serving.schemas import ServeArgs
     from tests.serving.test_routes import client_for
 
     host = ModelHost(ServeArgs(models=["tiny-lm"]), registry=None)

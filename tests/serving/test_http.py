@@ -4,13 +4,13 @@ import httpx
 import numpy as np
 import pytest
 
-from actors.shards import load_shards
-from actors.sources import SourceSpec
+from kiln.actors.shards import load_shards
+from kiln.actors.sources import SourceSpec
 
 
 @pytest.fixture(scope="module")
 def served_digits(trained_digits, settings_session, registry_session):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     # Keys are tested in test_http_auth.py; here every request is about the payload.
     return deploy_models(settings_session, ["digits-mlp"], auth=False)

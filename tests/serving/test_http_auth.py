@@ -13,7 +13,7 @@ ROW = {"instances": [[0.0] * 64]}
 
 @pytest.fixture(scope="module")
 def served_with_auth(trained_digits, settings_session, registry_session):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     return deploy_models(settings_session, ["digits-mlp"], auth=True)
 
@@ -101,8 +101,8 @@ def test_an_expired_key_is_refused(served_with_auth, make_key):
 
 
 def test_deploying_with_a_key_needs_admin(served_with_auth, settings_session, make_key):
-    from cluster.serving_control import deploy_models
-    from training.errors import KilnError
+    from kiln.serving_control import deploy_models
+    from kiln.training.errors import KilnError
 
     with pytest.raises(KilnError, match="lacks the admin scope"):
         deploy_models(settings_session, ["digits-mlp"], key=make_key("predict:*")["secret"])

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import ray
 
-from serving.schemas import ServeArgs
+from kiln.serving.schemas import ServeArgs
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ REPORT_S = 0.5
 def replica_urls(trained_digits, settings_session, registry_session) -> list[str]:
     from ray.serve.context import _get_global_client
 
-    from cluster.serving_control import APP_NAME, deploy_models
+    from kiln.serving_control import APP_NAME, deploy_models
 
     deploy_models(
         settings_session, ["digits-mlp"], auth=True, num_replicas=2, key_use_report_s=REPORT_S

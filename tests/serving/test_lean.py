@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from actors.keys import KeyCheck
-from serving import lean
-from serving.auth import BearerAuth
-from serving.lean import bearer_secret, lean_route
+from kiln.actors.keys import KeyCheck
+from kiln.serving import lean
+from kiln.serving.auth import BearerAuth
+from kiln.serving.lean import bearer_secret, lean_route
 from tests.serving.test_hostile import HOSTILE
 from tests.serving.test_routes import client_for, no_overrides_left  # noqa: F401
 from tests.serving.test_tabular_serving import client, replicas  # noqa: F401 (fixtures)
@@ -143,7 +143,7 @@ def test_auth_answers_the_same_on_both_paths(client, headers, status):  # noqa: 
     host = client.app.dependency_overrides  # the fixture's host, through its override
     import asyncio
 
-    from serving.dependencies import get_host
+    from kiln.serving.dependencies import get_host
 
     the_host = asyncio.run(host[get_host]())
     authed = client_for(the_host, BearerAuth(Registry(check)))

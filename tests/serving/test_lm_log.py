@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from actors.feedback import (
+from kiln.actors.feedback import (
     TEXT_COLUMNS,
     TEXT_PREDICTION_SCHEMA,
     USAGE_SCHEMA,
@@ -20,12 +20,12 @@ from actors.feedback import (
     shard_of,
     table_to_ipc,
 )
-from actors.language_monitor import generation_traffic, language_report, score_of
-from serving.engine import RequestMetrics
-from serving.feedback import generation_row_ids, text_label_texts
-from serving.language import FinishedRequests
-from serving.predlog import LoggedText, PredictionLog, text_rows_table
-from serving.schemas import RequestError
+from kiln.actors.language_monitor import generation_traffic, language_report, score_of
+from kiln.serving.engine import RequestMetrics
+from kiln.serving.feedback import generation_row_ids, text_label_texts
+from kiln.serving.language import FinishedRequests
+from kiln.serving.predlog import LoggedText, PredictionLog, text_rows_table
+from kiln.serving.schemas import RequestError
 
 
 def generation(response_id: str, n: int = 1, version: int = 1, ts: float | None = None, **kw):

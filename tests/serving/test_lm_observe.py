@@ -30,7 +30,7 @@ def registered_lm(ray_local, registry_session) -> Any:
 
 @pytest.fixture(scope="module")
 def served_lm(registered_lm, settings_session) -> str:
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     return deploy_models(settings_session, [LM_NAME], auth=False, lm_max_batch=4)
 
@@ -172,7 +172,7 @@ def test_prometheus_shows_the_lm_series_with_counts(served_lm):
 def test_the_window_report_and_the_metrics_endpoint_show_the_lm_numbers(
     served_lm, settings_session, registry_session
 ):
-    from actors.monitor import build_report
+    from kiln.actors.monitor import build_report
 
     for i in range(2):
         complete(served_lm, f"pots {i}")
@@ -214,7 +214,7 @@ def live_replicas() -> list[str]:
 
 @pytest.mark.slow
 def test_a_language_model_scaled_to_zero_answers_its_first_request(registered_lm, settings_session):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     url = deploy_models(
         settings_session,

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from actors.feedback import FeedbackService
-from serving.logmask import LogMask, luhn_ok, mask_text, parse_fields
-from serving.predlog import Logged, PredictionLog
+from kiln.actors.feedback import FeedbackService
+from kiln.serving.logmask import LogMask, luhn_ok, mask_text, parse_fields
+from kiln.serving.predlog import Logged, PredictionLog
 
 KEY = bytes(range(32))
 
@@ -174,7 +174,7 @@ def test_language_model_text_is_masked_only_with_log_mask_text() -> None:
 
 
 def test_no_masked_text_reaches_the_storage_files(tmp_path: Path) -> None:
-    from serving.predlog import LoggedText
+    from kiln.serving.predlog import LoggedText
 
     storage = tmp_path / "storage"
     service = FeedbackService(str(storage))

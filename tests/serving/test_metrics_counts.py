@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from serving import metrics as metrics_module
-from serving.metrics import ServingMetrics
+from kiln.serving import metrics as metrics_module
+from kiln.serving.metrics import ServingMetrics
 
 
 def test_request_counts_reach_the_counter_added_up_within_the_flush_period(monkeypatch):

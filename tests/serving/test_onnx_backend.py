@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 import ray
 
-from actors.registry import RegistryService, artifact_path, read_verified_files
-from actors.replica import ModelReplica
-from serving.host import ModelHost, Served
-from serving.routing import Router
-from serving.schemas import ServeArgs
+from kiln.actors.registry import RegistryService, artifact_path, read_verified_files
+from kiln.actors.replica import ModelReplica
+from kiln.serving.host import ModelHost, Served
+from kiln.serving.routing import Router
+from kiln.serving.schemas import ServeArgs
+from kiln.training.artifacts import model_to_files
+from kiln.training.errors import CorruptArtifactError, KilnError
+from kiln.training.export import ONNX_FILE, onnx_bytes
 from tests.serving.test_routes import client_for, no_overrides_left  # noqa: F401
 from tests.serving.test_tabular_serving import (
     CHURN,
@@ -31,9 +34,6 @@ from tests.serving.test_tabular_serving import (
     linear_files,
 )
 from tests.training.test_export import trained_digits_export
-from training.artifacts import model_to_files
-from training.errors import CorruptArtifactError, KilnError
-from training.export import ONNX_FILE, onnx_bytes
 
 BACKENDS = ("torch", "onnxruntime")
 TOLERANCE = 1e-4
@@ -71,7 +71,7 @@ def store(tmp_path_factory) -> tuple[RegistryService, str]:
 
 
 def rebuilt(files: dict[str, bytes]) -> tuple[Any, dict]:
-    from training.artifacts import model_from_files
+    from kiln.training.artifacts import model_from_files
 
     return model_from_files(files)
 
@@ -88,7 +88,7 @@ def replicas(store) -> dict[str, dict[str, ModelReplica]]:
 
 
 def client_of(replicas: dict[str, ModelReplica], monkeypatch) -> Any:
-    monkeypatch.setattr("serving.host.INLINE_FORWARD_S", float("inf"))
+    monkeypatch.setattr("kiln.serving.host.INLINE_FORWARD_S", float("inf"))
     host = ModelHost(ServeArgs(models=list(replicas), max_instances=50), registry=None)
     router = Router()
     for replica in replicas.values():
@@ -304,7 +304,7 @@ def test_a_tampered_model_onnx_is_refused_at_load(store):
 @pytest.fixture(scope="module")
 def exported_on_ray(trained_digits, settings_session, registry_session):
     """A copy of the shared digits MLP, exported by `kiln export`'s own code on real Ray."""
-    from cluster.exporting import ExportRequest, export_version
+    from kiln.exporting import ExportRequest, export_version
 
     first = trained_digits.record
     files = read_verified_files(settings_session.storage_uri, first)
@@ -332,8 +332,8 @@ def test_export_adds_a_checked_model_onnx_to_the_version(exported_on_ray, regist
 def test_a_second_fp32_export_is_refused_with_the_file_s_sha256(
     exported_on_ray, settings_session, registry_session
 ):
-    from cluster.client import Kiln
-    from cluster.exporting import ExportRequest, export_version
+    from kiln.client import Kiln
+    from kiln.exporting import ExportRequest, export_version
 
     copy, done = exported_on_ray
     sha = done.record.artifacts[ONNX_FILE]
@@ -349,7 +349,7 @@ def test_a_second_fp32_export_is_refused_with_the_file_s_sha256(
 def test_int8_export_registers_a_variant_served_by_onnx_runtime(
     exported_on_ray, settings_session, registry_session
 ):
-    from cluster.exporting import ExportRequest, export_version
+    from kiln.exporting import ExportRequest, export_version
 
     copy, _ = exported_on_ray
     done = export_version(
@@ -378,8 +378,8 @@ def side_by_side(exported_on_ray, settings_session):
     ONNX Runtime."""
     from ray import serve
 
-    from cluster.serving_control import deploy_models
-    from serving.app import build_app
+    from kiln.serving.app import build_app
+    from kiln.serving_control import deploy_models
 
     copy, _ = exported_on_ray
     base = deploy_models(settings_session, [copy.ref], auth=False, backend="torch")
@@ -429,7 +429,7 @@ def test_both_backends_served_side_by_side_answer_alike(side_by_side, exported_o
 
 
 def test_deploy_refuses_a_backend_that_cannot_run_the_version(trained_digits, settings_session):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     ref = trained_digits.record.ref
     with pytest.raises(KilnError, match=f"run `kiln export {ref} --format onnx` first"):

@@ -2,8 +2,8 @@
 
 import json
 
-from serving import v2
-from serving.app import api
+from kiln.serving import v2
+from kiln.serving.app import api
 
 
 def test_every_v1_and_v2_route_has_a_response_schema():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serving.ratelimit import RateLimiter, TokenBucket
+from kiln.serving.ratelimit import RateLimiter, TokenBucket
 
 
 class Clock:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import ray
 
-from actors.replica import ModelReplica
+from kiln.actors.replica import ModelReplica
 from tests.conftest import wait_for
 from tests.serving.load import Load
 
@@ -32,7 +32,7 @@ def rows_and_answers(trained_digits, settings_session):
 def test_a_killed_replica_under_load_loses_under_one_percent(
     trained_digits, settings_session, rows_and_answers
 ):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     rows, answers = rows_and_answers
     url = deploy_models(settings_session, ["digits-mlp"], auth=False, num_replicas=2, num_cpus=0.5)
@@ -55,7 +55,7 @@ def test_a_killed_replica_under_load_loses_under_one_percent(
 def test_autoscaling_adds_replicas_under_load_and_removes_them_after(
     trained_digits, settings_session, rows_and_answers
 ):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     rows, _ = rows_and_answers
     url = deploy_models(

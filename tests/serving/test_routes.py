@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from actors.keys import KeyCheck
-from actors.registry import RegistryService
-from actors.replica import ModelReplica
-from serving.app import api
-from serving.auth import BearerAuth
-from serving.dependencies import get_auth, get_host
-from serving.host import ModelHost, Served
-from serving.ratelimit import RateLimiter
-from serving.routing import Router
-from serving.schemas import ServeArgs
+from kiln.actors.keys import KeyCheck
+from kiln.actors.registry import RegistryService
+from kiln.actors.replica import ModelReplica
+from kiln.serving.app import api
+from kiln.serving.auth import BearerAuth
+from kiln.serving.dependencies import get_auth, get_host
+from kiln.serving.host import ModelHost, Served
+from kiln.serving.ratelimit import RateLimiter
+from kiln.serving.routing import Router
+from kiln.serving.schemas import ServeArgs
 from tests.conftest import TINY_SPEC, tiny_model_files
 
 SECRET = "kiln_0123456789ab_abcdefghijklmnop"
@@ -32,7 +32,7 @@ def tiny_replica(tmp_path_factory) -> ModelReplica:
 @pytest.fixture
 def host(tiny_replica, monkeypatch) -> ModelHost:
     # Every pass runs inline: Serve's batch queue needs a replica context (the Serve tests).
-    monkeypatch.setattr("serving.host.INLINE_FORWARD_S", float("inf"))
+    monkeypatch.setattr("kiln.serving.host.INLINE_FORWARD_S", float("inf"))
     served = ModelHost(ServeArgs(models=["m"]), registry=None)
     router = Router()
     router.add(tiny_replica.record.ref, "production", default=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serving.routing import Router, bucket
+from kiln.serving.routing import Router, bucket
 
 
 @pytest.fixture
@@ -59,9 +59,9 @@ def test_a_sticky_caller_stays_on_one_side_and_the_share_follows_the_weight(rout
 def test_the_bucket_decides_the_side(router, monkeypatch):
     router.add("m@3", default=False)
     router.split("m", "m@3", 30)
-    monkeypatch.setattr("serving.routing.random.random", lambda: 0.2999)
+    monkeypatch.setattr("kiln.serving.routing.random.random", lambda: 0.2999)
     assert router.pick("m") == "m@3"  # bucket 29.99 < 30
-    monkeypatch.setattr("serving.routing.random.random", lambda: 0.30)
+    monkeypatch.setattr("kiln.serving.routing.random.random", lambda: 0.30)
     assert router.pick("m") == "m@2"
     key = next(f"k{i}" for i in range(1000) if bucket(f"k{i}") < 30)
     assert router.pick("m", key) == "m@3"

@@ -7,7 +7,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from serving.schemas import CanarySpec, ServeArgs, is_canary_weight
+from kiln.serving.schemas import CanarySpec, ServeArgs, is_canary_weight
 
 
 @pytest.mark.parametrize(
@@ -25,10 +25,10 @@ def test_the_canary_weight_rule_is_the_schemas(weight, valid):
 
 
 def test_the_schemas_load_without_torch_or_the_serve_app():
-    probe = "import json, sys, serving.schemas; print(json.dumps(sorted(sys.modules)))"
+    probe = "import json, sys, kiln.serving.schemas; print(json.dumps(sorted(sys.modules)))"
     loaded = json.loads(
         subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
         ).stdout
     )
-    assert not {"torch", "ray", "serving.app", "fastapi"} & set(loaded)
+    assert not {"torch", "ray", "kiln.serving.app", "fastapi"} & set(loaded)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from serving.slo import (
+from kiln.serving.slo import (
     SLO,
     Candidate,
     Latency,

@@ -13,18 +13,18 @@ import pytest
 import torch
 import tritonclient.http as triton
 
-from actors.registry import RegistryService
-from actors.replica import ModelReplica
-from serving import v2
-from serving.host import ModelHost, Served
-from serving.routing import Router
-from serving.schemas import ServeArgs
+from kiln.actors.registry import RegistryService
+from kiln.actors.replica import ModelReplica
+from kiln.serving import v2
+from kiln.serving.host import ModelHost, Served
+from kiln.serving.routing import Router
+from kiln.serving.schemas import ServeArgs
+from kiln.training.artifacts import model_to_files
+from kiln.training.evaluate import softmax
+from kiln.training.models import build_model, set_standardization
+from kiln.training.tabular import Encoding
 from tests.conftest import TINY_SPEC, tiny_model_files
 from tests.serving.test_routes import client_for, no_overrides_left  # noqa: F401
-from training.artifacts import model_to_files
-from training.evaluate import softmax
-from training.models import build_model, set_standardization
-from training.tabular import Encoding
 
 CITIES = ["lima", "paris", "tokyo"]
 CHURN_INPUTS = [
@@ -143,7 +143,7 @@ def replicas(tmp_path_factory) -> dict[str, ModelReplica]:
 
 @pytest.fixture
 def client(replicas, monkeypatch):
-    monkeypatch.setattr("serving.host.INLINE_FORWARD_S", float("inf"))
+    monkeypatch.setattr("kiln.serving.host.INLINE_FORWARD_S", float("inf"))
     host = ModelHost(ServeArgs(models=list(replicas), max_instances=50), registry=None)
     router = Router()
     for replica in replicas.values():
@@ -301,7 +301,7 @@ def test_v1_metadata_lists_the_inputs_and_the_label(client):
 
 
 def test_the_openapi_document_describes_rows_and_objects():
-    from serving.app import api
+    from kiln.serving.app import api
 
     operation = api.openapi()["paths"]["/v1/models/{name}:predict"]["post"]
     instances = operation["requestBody"]["content"]["application/json"]["schema"]["properties"][

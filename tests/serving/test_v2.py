@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from serving import v2
-from serving.schemas import RequestError
+from kiln.serving import v2
+from kiln.serving.schemas import RequestError
 
 CLASSIFIER = {"task": "classification", "num_features": 3, "classes": [0, 1, 2]}
 LABELLED = {"task": "classification", "num_features": 3, "classes": ["a", "b"]}

@@ -12,7 +12,7 @@ import ray
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from actors.registry import read_verified_files
+from kiln.actors.registry import read_verified_files
 from tests.conftest import wait_for
 from tests.serving.load import Load
 
@@ -34,7 +34,7 @@ def two_versions(trained_digits, settings_session, registry_session):
 
 @pytest.fixture(scope="module")
 def served_v2(two_versions, settings_session):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     first, _ = two_versions
     return deploy_models(settings_session, [first.ref], auth=False)
@@ -127,7 +127,7 @@ def test_v2_unknown_model_and_bad_json(served_v2):
 
 
 def test_rate_limit_answers_429_with_retry_after(two_versions, settings_session, registry_session):
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     url = deploy_models(
         settings_session, [two_versions[0].ref], auth=True, rate_limit_per_s=0.5, rate_limit_burst=2
@@ -152,7 +152,7 @@ def test_rate_limit_answers_429_with_retry_after(two_versions, settings_session,
 def test_canary_promote_and_rollback_fail_no_request(
     two_versions, settings_session, registry_session
 ):
-    from cluster.serving_control import deploy_canary, deploy_models, promote, rollback
+    from kiln.serving_control import deploy_canary, deploy_models, promote, rollback
 
     first, second = two_versions
     url = deploy_models(settings_session, [first.ref], auth=False)

@@ -9,10 +9,10 @@ import struct
 import pyarrow.fs as pafs
 import torch
 
-from serving.variants import count_parameters, parameters_in
-from training.artifacts import model_to_files
-from training.lm import build_lm, lm_spec
-from training.lm_compress import quantize_lm
+from kiln.serving.variants import count_parameters, parameters_in
+from kiln.training.artifacts import model_to_files
+from kiln.training.lm import build_lm, lm_spec
+from kiln.training.lm_compress import quantize_lm
 
 
 def header_of(weights: bytes) -> dict:

@@ -1,4 +1,4 @@
-"""training.data's Arrow <-> numpy conversions: the same values as pyarrow's own, without
+"""kiln.training.data's Arrow <-> numpy conversions: the same values as pyarrow's own, without
 its pandas import (pure logic, run in a fresh interpreter where pandas matters)."""
 
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from training.data import arrow_of, batch_inputs, batches_to_arrays, make_batch, numpy_of
+from kiln.training.data import arrow_of, batch_inputs, batches_to_arrays, make_batch, numpy_of
 
 ARRAYS = [
     pa.array([1.5, None, 3.0]),
@@ -75,9 +75,9 @@ def test_shard_code_never_imports_pandas():
     in pandas (0.5 s of CPU in every shard process)."""
     code = (
         "import sys\n"
-        "from actors.sources import SourceSpec, open_shard\n"
-        "from actors.shards import batch_stats\n"
-        "from training.data import batches_to_arrays\n"
+        "from kiln.actors.sources import SourceSpec, open_shard\n"
+        "from kiln.actors.shards import batch_stats\n"
+        "from kiln.training.data import batches_to_arrays\n"
         "o = open_shard(SourceSpec(uri='sklearn:wine', test_fraction=0.2), 'train', 0, 2)\n"
         "batches = list(o.batches)\n"
         "[batch_stats(b, o.plan) for b in batches]\n"

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from training.artifacts import (
+from kiln.training.artifacts import (
     SPEC_FILE,
     WEIGHTS_FILE,
     model_from_files,
@@ -13,8 +13,8 @@ from training.artifacts import (
     sha256_hex,
     verify_files,
 )
-from training.errors import CorruptArtifactError
-from training.models import build_model
+from kiln.training.errors import CorruptArtifactError
+from kiln.training.models import build_model
 
 SPEC = {
     "kind": "mlp",

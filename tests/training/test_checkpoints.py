@@ -11,16 +11,16 @@ import pytest
 import safetensors.numpy
 import torch
 
-from training.checkpoints import (
+from kiln.training.checkpoints import (
     LoopState,
     TrainingState,
     load_training_checkpoint,
     save_training_checkpoint,
     state_tensors,
 )
-from training.config import TrainConfig
-from training.loop import make_lr_scheduler, make_optimizer, update_early_stopping
-from training.models import build_model
+from kiln.training.config import TrainConfig
+from kiln.training.loop import make_lr_scheduler, make_optimizer, update_early_stopping
+from kiln.training.models import build_model
 
 SPEC = {"kind": "mlp", "task": "regression", "num_features": 4, "hidden": [8]}
 

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from training.artifacts import SPEC_FILE, WEIGHTS_FILE, model_from_files, model_to_files
-from training.compress import (
+from kiln.training.artifacts import SPEC_FILE, WEIGHTS_FILE, model_from_files, model_to_files
+from kiln.training.compress import (
     count_parameters,
     distillation_loss,
     parse_student,
@@ -20,8 +20,8 @@ from training.compress import (
     quantize_model,
     student_spec,
 )
-from training.errors import CorruptArtifactError, KilnError
-from training.models import build_model, set_standardization
+from kiln.training.errors import CorruptArtifactError, KilnError
+from kiln.training.models import build_model, set_standardization
 
 
 def spec_of(kind: str = "mlp", features: int = 64, classes: int = 10, **extra) -> dict:

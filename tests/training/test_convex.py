@@ -18,16 +18,16 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from actors.registry import read_verified_files
-from actors.sources import SourceSpec
-from cluster.pipeline import train_and_register
-from cluster.requests import SweepRequest, TrainRequest
-from cluster.tune_pipeline import tune_and_register
-from training.artifacts import model_from_files
-from training.config import TrainConfig
-from training.evaluate import predict_outputs, softmax
-from tuning.config import SweepConfig
-from tuning.space import SearchSpace, default_l2_range
+from kiln.actors.registry import read_verified_files
+from kiln.actors.sources import SourceSpec
+from kiln.pipeline import train_and_register
+from kiln.requests import SweepRequest, TrainRequest
+from kiln.training.artifacts import model_from_files
+from kiln.training.config import TrainConfig
+from kiln.training.evaluate import predict_outputs, softmax
+from kiln.tune_pipeline import tune_and_register
+from kiln.tuning.config import SweepConfig
+from kiln.tuning.space import SearchSpace, default_l2_range
 
 # Seed 0 runs in `make test`; the other splits in `make test-slow` (each fit loads its shards
 # into fresh actors, which a loaded 2-core machine starts slowly).
@@ -160,7 +160,7 @@ def test_logistic_sweep_picks_lambda_on_validation_rows(
 
 @pytest.mark.slow  # about 30-60 s: `make test` keeps to about 10 minutes
 def test_cli_train_epochs_1_says_it_did_not_converge(ray_local, tmp_path, monkeypatch, capsys):
-    from cluster.cli import main
+    from kiln.cli import main
 
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     main(["train", "--data", "sklearn:iris", "--model", "mlp", "--epochs", "1", "--json"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from training.drift import (
+from kiln.training.drift import (
     KS_MAX_ROWS,
     DriftReference,
     bin_counts,

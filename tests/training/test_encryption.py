@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from training import encryption as enc
-from training.errors import CorruptArtifactError, KilnError
+from kiln.training import encryption as enc
+from kiln.training.errors import CorruptArtifactError, KilnError
 
 
 @pytest.fixture

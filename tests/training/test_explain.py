@@ -10,8 +10,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from training.errors import KilnError
-from training.explain import (
+from kiln.training.errors import KilnError
+from kiln.training.explain import (
     FEATURE_ABLATION,
     GAUSSIAN_SAMPLE,
     GRADIENT_SHAP,
@@ -25,9 +25,9 @@ from training.explain import (
     gaussian_baselines,
     training_mean,
 )
-from training.linear import CrossMoments, Scaling, raw_weights, solve_ridge, standard_system
-from training.models import build_model, linear_model, set_standardization
-from training.tabular import Encoding
+from kiln.training.linear import CrossMoments, Scaling, raw_weights, solve_ridge, standard_system
+from kiln.training.models import build_model, linear_model, set_standardization
+from kiln.training.tabular import Encoding
 
 SEEDS = [0, 1, 2]
 

@@ -1,4 +1,4 @@
-"""training.export: ONNX export of every model kind, int8, and the checks. No Ray.
+"""kiln.training.export: ONNX export of every model kind, int8, and the checks. No Ray.
 
 Each export runs the real dynamo exporter and ONNX Runtime (2-3 s each here, 5 s for the
 first of a process); the models are built from specs as the registry rebuilds them.
@@ -14,9 +14,8 @@ import onnx
 import pytest
 import torch
 
-from tests.training.test_tabular_encoding import INPUTS
-from training.evaluate import evaluate_model, predict_outputs
-from training.export import (
+from kiln.training.evaluate import evaluate_model, predict_outputs
+from kiln.training.export import (
     FP32_MAX_ABS_DIFF,
     ONNXRUNTIME,
     TORCH,
@@ -29,8 +28,9 @@ from training.export import (
     quantize_onnx,
     serving_backend,
 )
-from training.models import KilnModel, build_model, num_inputs, set_standardization
-from training.tabular import Encoding
+from kiln.training.models import KilnModel, build_model, num_inputs, set_standardization
+from kiln.training.tabular import Encoding
+from tests.training.test_tabular_encoding import INPUTS
 
 TABLE_FEATURES = Encoding.from_spec({"inputs": INPUTS}).num_features  # type: ignore[union-attr]
 
@@ -195,7 +195,7 @@ def trained_digits_mlp(hidden: tuple[int, ...] = (128, 64), steps: int = 300) ->
 def test_int8_keeps_the_first_layer_fp32_when_all_int8_misses_the_bar():
     """A digits MLP trained as kiln train trains one (Adam, batches of 32, 8 epochs): with
     every layer int8 it keeps the class of 99.24% of these rows, under the bar."""
-    from training.errors import KilnError
+    from kiln.training.errors import KilnError
 
     x_train, y_train, x_test, _ = digits_split()
     spec = pixel_spec("mlp", hidden=[128, 64])
@@ -279,7 +279,7 @@ def test_fp32_metrics_through_onnx_runtime_equal_torch_evaluation(digits_export)
 
 
 def test_an_export_that_misses_its_bar_is_refused(digits_export):
-    from training.errors import KilnError
+    from kiln.training.errors import KilnError
 
     model, spec, x_test, _, fp32, _ = digits_export
     other = built(spec, seed=7)  # other weights: what a wrong export would answer
@@ -313,7 +313,7 @@ def test_compare_outputs_bars():
 
 
 def test_serving_backend_resolves_auto_and_refuses_what_cannot_run():
-    from training.errors import KilnError
+    from kiln.training.errors import KilnError
 
     plain, exported = {"model.safetensors": "a"}, {"model.safetensors": "a", "model.onnx": "b"}
     spec, int8 = {"kind": "mlp"}, {"kind": "mlp", "onnx_quantized": "int8"}

@@ -6,17 +6,17 @@ import uuid
 
 import pytest
 
-from actors.shards import load_dataset
-from actors.sources import SourceSpec
-from cluster.pipeline import (
+from kiln.actors.shards import load_dataset
+from kiln.actors.sources import SourceSpec
+from kiln.pipeline import (
     evaluate_on,
     fit,
     load_best_model,
     make_spec,
     train_and_register,
 )
-from cluster.requests import TrainRequest, load_run_request
-from training.config import TrainConfig
+from kiln.requests import TrainRequest, load_run_request
+from kiln.training.config import TrainConfig
 
 
 @pytest.mark.slow  # about 30-60 s: `make test` keeps to about 10 minutes

@@ -16,18 +16,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import PreTrainedModel  # noqa: E402
 
-from tests.training.test_hf_io import VOCAB_SIZE, corpus, hf_model, train_tiny_lm  # noqa: E402
-from training.errors import KilnError  # noqa: E402
-from training.generate import (  # noqa: E402
+from kiln.training.errors import KilnError  # noqa: E402
+from kiln.training.generate import (  # noqa: E402
     SamplingParams,
     generate,
     generate_batch,
     keep_top_p,
     sample_next,
 )
-from training.hf_io import read_hf_folder  # noqa: E402
-from training.lm import CausalLM, load_lm  # noqa: E402
-from training.tokenizer import EOS_ID, train_bpe  # noqa: E402
+from kiln.training.hf_io import read_hf_folder  # noqa: E402
+from kiln.training.lm import CausalLM, load_lm  # noqa: E402
+from kiln.training.tokenizer import EOS_ID, train_bpe  # noqa: E402
+from tests.training.test_hf_io import VOCAB_SIZE, corpus, hf_model, train_tiny_lm  # noqa: E402
 
 NEW_TOKENS = 20
 PROMPTS = [[5, 17, 42], [7] * 11, list(range(30, 55))]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from training.config import TrainConfig
-from training.errors import KilnError
-from training.loop import LoopConfig, make_optimizer, run_epoch
-from training.models import build_model
+from kiln.training.config import TrainConfig
+from kiln.training.errors import KilnError
+from kiln.training.loop import LoopConfig, make_optimizer, run_epoch
+from kiln.training.models import build_model
 
 SPEC = {"kind": "mlp", "task": "classification", "num_features": 6, "classes": [0, 1, 2]}
 
@@ -73,7 +73,7 @@ def test_counts_below_one_are_refused_naming_the_option(field, value, option):
 
 
 def test_equal_steps_cut_every_rank_into_the_same_number_of_batches_each_row_once():
-    from training.loop import shard_batches, steps_per_epoch
+    from kiln.training.loop import shard_batches, steps_per_epoch
 
     cpu = torch.device("cpu")
     sizes = {0: 1000, 1: 300, 2: 2}

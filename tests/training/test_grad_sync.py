@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kiln.training.config import TrainConfig
+from kiln.training.errors import KilnError
+from kiln.training.grad_sync import choose_grad_sync, open_shared_grad_sync, shared_memory_usable
 from tests.conftest import free_port
-from training.config import TrainConfig
-from training.errors import KilnError
-from training.grad_sync import choose_grad_sync, open_shared_grad_sync, shared_memory_usable
 
 needs_shm = pytest.mark.skipif(
     not shared_memory_usable(1 << 20), reason="shared-memory sync needs x86 and /dev/shm"

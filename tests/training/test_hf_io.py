@@ -28,10 +28,10 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from training.errors import KilnError  # noqa: E402
-from training.hf_io import read_hf_folder, write_hf_folder  # noqa: E402
-from training.lm import build_lm, lm_spec, load_lm  # noqa: E402
-from training.tokenizer import (  # noqa: E402
+from kiln.training.errors import KilnError  # noqa: E402
+from kiln.training.hf_io import read_hf_folder, write_hf_folder  # noqa: E402
+from kiln.training.lm import build_lm, lm_spec, load_lm  # noqa: E402
+from kiln.training.tokenizer import (  # noqa: E402
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -214,7 +214,7 @@ def corpus() -> list[str]:
 def train_tiny_lm(tokenizer: Any, context: int = 64) -> tuple[Any, dict[str, Any]]:
     """A 2-layer Llama trained 40 steps on `corpus()`: logits far from flat ties, so greedy
     decoding is a stable thing to compare."""
-    from training.tokenizer import encode_documents
+    from kiln.training.tokenizer import encode_documents
 
     spec = lm_spec("tiny", vocab_size=VOCAB_SIZE, block_size=context, layers=2, dim=64)
     torch.manual_seed(0)

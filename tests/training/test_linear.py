@@ -8,10 +8,10 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.preprocessing import StandardScaler
 
-from training.config import TrainConfig
-from training.convergence import minibatch_convergence
-from training.errors import KilnError
-from training.linear import (
+from kiln.training.config import TrainConfig
+from kiln.training.convergence import minibatch_convergence
+from kiln.training.errors import KilnError
+from kiln.training.linear import (
     CrossMoments,
     RidgePath,
     Scaling,

@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from training import tokenizer as kiln_tokenizer  # noqa: E402
-from training.errors import KilnError  # noqa: E402
-from training.lm import (  # noqa: E402
+from kiln.training import tokenizer as kiln_tokenizer  # noqa: E402
+from kiln.training.errors import KilnError  # noqa: E402
+from kiln.training.lm import (  # noqa: E402
     SPECIAL_TOKEN_IDS,
     CausalLM,
     KVCache,

@@ -19,14 +19,13 @@ from tokenizers import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from serving.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
-from tests.training.test_hf_io import VOCAB_SIZE, corpus  # noqa: E402
-from training.artifacts import WEIGHTS_FILE, model_from_files, model_to_files  # noqa: E402
-from training.compress import is_quantized  # noqa: E402
-from training.errors import CorruptArtifactError, KilnError  # noqa: E402
-from training.generate import generate  # noqa: E402
-from training.lm import build_lm, lm_spec  # noqa: E402
-from training.lm_compress import (  # noqa: E402
+from kiln.serving.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from kiln.training.artifacts import WEIGHTS_FILE, model_from_files, model_to_files  # noqa: E402
+from kiln.training.compress import is_quantized  # noqa: E402
+from kiln.training.errors import CorruptArtifactError, KilnError  # noqa: E402
+from kiln.training.generate import generate  # noqa: E402
+from kiln.training.lm import build_lm, lm_spec  # noqa: E402
+from kiln.training.lm_compress import (  # noqa: E402
     Int8Linear,
     int8_layer,
     logit_cosine,
@@ -34,8 +33,9 @@ from training.lm_compress import (  # noqa: E402
     perplexity_step,
     quantize_lm,
 )
-from training.lm_data import eval_windows  # noqa: E402
-from training.tokenizer import encode_documents, train_bpe  # noqa: E402
+from kiln.training.lm_data import eval_windows  # noqa: E402
+from kiln.training.tokenizer import encode_documents, train_bpe  # noqa: E402
+from tests.training.test_hf_io import VOCAB_SIZE, corpus  # noqa: E402
 
 CONTEXT = 64
 Model = tuple[Any, dict[str, Any], Tokenizer, np.ndarray]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.errors import KilnError
-from training.lm_data import eval_windows, sample_windows
+from kiln.training.errors import KilnError
+from kiln.training.lm_data import eval_windows, sample_windows
 
 
 def numbered_streams(lengths: list[int]) -> list[np.ndarray]:

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from actors.text import TextSourceSpec, load_text_dataset, sample_for_tokenizer, tokenize_dataset
-from cluster.lm_pipeline import final_model, fit_lm, model_spec
-from training.lm_config import LMTrainConfig
-from training.tokenizer import tokenizer_to_bytes, train_bpe
+from kiln.actors.text import (
+    TextSourceSpec,
+    load_text_dataset,
+    sample_for_tokenizer,
+    tokenize_dataset,
+)
+from kiln.lm_pipeline import final_model, fit_lm, model_spec
+from kiln.training.lm_config import LMTrainConfig
+from kiln.training.tokenizer import tokenizer_to_bytes, train_bpe
 
 CORPUS = f"text:{Path(sysconfig.get_paths()['stdlib'])}/json/*.py"
 

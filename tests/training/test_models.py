@@ -5,10 +5,10 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, precision_score, r2_score, recall_score
 
-from training.errors import KilnError
-from training.losses import l2_penalty, objective, penalized_weights
-from training.metrics import classification_metrics, regression_metrics
-from training.models import build_model
+from kiln.training.errors import KilnError
+from kiln.training.losses import l2_penalty, objective, penalized_weights
+from kiln.training.metrics import classification_metrics, regression_metrics
+from kiln.training.models import build_model
 
 
 def spec(kind: str, task: str = "classification", num_features: int = 64) -> dict:

@@ -10,7 +10,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from training.linear import CrossMoments, Scaling, fit_lbfgs, principal_components
+from kiln.training.linear import CrossMoments, Scaling, fit_lbfgs, principal_components
 
 SETS = {"digits": load_digits, "breast_cancer": load_breast_cancer, "diabetes": load_diabetes}
 
@@ -53,7 +53,7 @@ def test_lbfgs_on_the_components_equals_the_fit_on_projected_rows():
 
     def sums_on(rows: np.ndarray):
         def loss_sums(a, c):
-            from training.linear import softmax_sums
+            from kiln.training.linear import softmax_sums
 
             return softmax_sums(rows, labels, a, c)
 
@@ -74,7 +74,7 @@ def test_lbfgs_on_the_components_equals_the_fit_on_projected_rows():
 
 def reference_rows(name: str, seed: int = 0) -> tuple[np.ndarray, ...]:
     """The non-test rows (what the convex solvers fit) and the test rows of Kiln's split."""
-    from actors.sources import SourceSpec, split_rows
+    from kiln.actors.sources import SourceSpec, split_rows
 
     x, y = SETS[name](return_X_y=True)
     spec = SourceSpec(uri=f"sklearn:{name}", seed=seed)

@@ -6,8 +6,8 @@ import types
 import numpy as np
 import pytest
 
-from actors.shards import FeatureStats
-from training.preprocess import array_module, feature_moments
+from kiln.actors.shards import FeatureStats
+from kiln.training.preprocess import array_module, feature_moments
 
 
 def test_numpy_moments_equal_numpy_statistics():

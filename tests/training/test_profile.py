@@ -7,7 +7,7 @@ so the tests check the percentiles, the counts and the time bounds, never the ma
 import numpy as np
 import pytest
 
-from training.profile import ProfileConfig, measure_latency
+from kiln.training.profile import ProfileConfig, measure_latency
 
 
 class FakeModel:
@@ -92,8 +92,8 @@ def test_a_real_model_gives_a_complete_json_ready_profile():
 
     import torch
 
-    from training.evaluate import predict_outputs
-    from training.models import build_model
+    from kiln.training.evaluate import predict_outputs
+    from kiln.training.models import build_model
 
     model = build_model({"kind": "mlp", "task": "classification", "num_features": 4,
                          "classes": [0, 1], "hidden": [8]}).eval()  # fmt: skip

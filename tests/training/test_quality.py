@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from actors.shards import attach_dataset, drop_dataset, load_dataset
-from actors.sources import SourceSpec
-from cluster.pipeline import train_and_register
-from cluster.requests import TrainRequest
-from training.config import TrainConfig
-from training.grad_sync import shared_memory_usable
+from kiln.actors.shards import attach_dataset, drop_dataset, load_dataset
+from kiln.actors.sources import SourceSpec
+from kiln.pipeline import train_and_register
+from kiln.requests import TrainRequest
+from kiln.training.config import TrainConfig
+from kiln.training.grad_sync import shared_memory_usable
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_logistic_on_breast_cancer_from_a_named_dataset(
 def test_kiln_train_cli_mlp_on_digits_at_its_defaults(ray_local, tmp_path, monkeypatch, capsys):
     """The CLI end to end with no tuning flag, in-process on the session's Ray (the demo test
     covers a fresh one)."""
-    from cluster.cli import main
+    from kiln.cli import main
 
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     main(

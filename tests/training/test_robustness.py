@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from training.errors import KilnError
-from training.models import build_model
-from training.robustness import AttackRequest, attacked_inputs, check_attackable, robustness_report
+from kiln.training.errors import KilnError
+from kiln.training.models import build_model
+from kiln.training.robustness import (
+    AttackRequest,
+    attacked_inputs,
+    check_attackable,
+    robustness_report,
+)
 
 SPEC = {"kind": "logistic", "task": "classification", "num_features": 5, "classes": [0, 1, 2]}
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from training.loop import RowChunks, label_targets
+from kiln.training.loop import RowChunks, label_targets
 
 
 def test_row_chunks_gather_rows_across_chunks_in_one_and_two_dimensions():

@@ -1,4 +1,4 @@
-"""training.tabular.Encoding: serving's request parsing and the numpy/torch twins. No Ray."""
+"""kiln.training.tabular.Encoding: serving's request parsing and the numpy/torch twins. No Ray."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.models import Encode
-from training.tabular import BadInput, Encoding, canonical
+from kiln.training.models import Encode
+from kiln.training.tabular import BadInput, Encoding, canonical
 
 INPUTS = [
     {"name": "age", "kind": "numeric", "type": "int64", "impute": 41.5, "indicator": True},

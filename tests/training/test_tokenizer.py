@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from training.errors import KilnError
-from training.tokenizer import (
+from kiln.training.errors import KilnError
+from kiln.training.tokenizer import (
     BOS,
     BOS_ID,
     EOS,

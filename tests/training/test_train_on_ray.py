@@ -5,12 +5,12 @@ import pytest
 import ray
 import torch
 
-from actors.registry import artifact_path, read_verified_files
-from actors.replica import ModelReplica
-from actors.shards import load_shards
-from actors.sources import SourceSpec
-from training.artifacts import WEIGHTS_FILE, model_from_files
-from training.errors import CorruptArtifactError
+from kiln.actors.registry import artifact_path, read_verified_files
+from kiln.actors.replica import ModelReplica
+from kiln.actors.shards import load_shards
+from kiln.actors.sources import SourceSpec
+from kiln.training.artifacts import WEIGHTS_FILE, model_from_files
+from kiln.training.errors import CorruptArtifactError
 
 
 def test_two_workers_really_ran_and_loss_fell(trained_digits):

@@ -4,12 +4,12 @@ import os
 
 import pytest
 
-from actors.shards import load_dataset
-from actors.sources import SourceSpec
-from cluster.pipeline import fit, make_spec
-from training.config import TrainConfig
-from training.errors import KilnError
-from training.grad_sync import shared_memory_usable
+from kiln.actors.shards import load_dataset
+from kiln.actors.sources import SourceSpec
+from kiln.pipeline import fit, make_spec
+from kiln.training.config import TrainConfig
+from kiln.training.errors import KilnError
+from kiln.training.grad_sync import shared_memory_usable
 
 
 @pytest.fixture
@@ -65,11 +65,13 @@ def test_the_placement_group_cleaner_runs_only_where_a_state_api_answers(
         PlacementGroupCleanerCallback,
     )
 
-    import training.loop
-    from training.loop import KilnTorchTrainer
+    import kiln.training.loop
+    from kiln.training.loop import KilnTorchTrainer
 
-    assert training.loop.state_api_served()  # the test session's ray.init runs a dashboard head
-    monkeypatch.setattr(training.loop, "state_api_served", lambda: dashboard)
+    assert (
+        kiln.training.loop.state_api_served()
+    )  # the test session's ray.init runs a dashboard head
+    monkeypatch.setattr(kiln.training.loop, "state_api_served", lambda: dashboard)
     trainer = KilnTorchTrainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
     kinds = [type(c) for c in trainer._create_default_callbacks()]
     assert (PlacementGroupCleanerCallback in kinds) is dashboard

@@ -8,7 +8,7 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from tuning.asha import PromotingASHA, rung_milestones
+from kiln.tuning.asha import PromotingASHA, rung_milestones
 
 
 @dataclass

@@ -2,11 +2,11 @@
 
 from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
 
-from tuning.asha import PromotingASHA
-from tuning.config import SweepConfig
-from tuning.space import SearchSpace
-from tuning.trainable import TrialContext
-from tuning.tuner import CHECKPOINT_EVERY, checkpoint_plan, make_trial_scheduler
+from kiln.tuning.asha import PromotingASHA
+from kiln.tuning.config import SweepConfig
+from kiln.tuning.space import SearchSpace
+from kiln.tuning.trainable import TrialContext
+from kiln.tuning.tuner import CHECKPOINT_EVERY, checkpoint_plan, make_trial_scheduler
 
 
 def context_for(scheduler) -> TrialContext:

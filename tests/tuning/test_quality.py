@@ -25,7 +25,7 @@ def write_split(path, x, y):
 def test_kiln_tune_ridge_at_its_defaults_reaches_ridgecv(
     seed, ray_local, tmp_path, monkeypatch, capsys
 ):
-    from cluster.cli import main
+    from kiln.cli import main
 
     x, y = load_diabetes(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=seed)

@@ -10,9 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.cli import main
+from kiln.cli import main
+from kiln.tuning.tuner import CHECKPOINT_EVERY
 from tests.conftest import wait_for
-from tuning.tuner import CHECKPOINT_EVERY
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 EPOCHS = 40
@@ -66,7 +66,7 @@ def test_resume_after_a_killed_driver_skips_finished_trials(
     args += ["--epochs", str(EPOCHS), "--scheduler", "none", "--json"]
     # One CPU: trials run one after another, so the kill lands between finished and pending ones.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "kiln.cli", *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

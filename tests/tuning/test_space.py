@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from training.errors import KilnError
-from tuning.config import SweepConfig
-from tuning.space import (
+from kiln.training.errors import KilnError
+from kiln.tuning.config import SweepConfig
+from kiln.tuning.space import (
     L2_LOG10_KEY,
     SearchSpace,
     decode_l2,
@@ -96,7 +96,7 @@ LAUGHS = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\
     ],
 )
 def test_a_hostile_space_file_gets_one_clear_error_and_no_hang(tmp_path, text, fragment):
-    from tuning.space import load_space_file
+    from kiln.tuning.space import load_space_file
 
     path = tmp_path / "space.yaml"
     path.write_text(text)

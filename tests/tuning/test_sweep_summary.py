@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 
-from tuning.report import MAX_HISTORY_ENTRIES, heatmap_bins, heatmap_grid, sweep_summary
-from tuning.tuner import TrialSummary
+from kiln.tuning.report import MAX_HISTORY_ENTRIES, heatmap_bins, heatmap_grid, sweep_summary
+from kiln.tuning.tuner import TrialSummary
 
 
 def trial(trial_id: str, lr: float, l2: float, best: float, epochs: int = 3) -> TrialSummary:

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from actors.sources import SourceSpec
-from actors.storage import ArtifactStore
-from actors.sweeps import list_sweeps
-from cluster.requests import SweepRequest
-from cluster.tune_pipeline import tune_and_register
-from training.config import TrainConfig
-from tuning.config import SweepConfig
-from tuning.space import SearchSpace
+from kiln.actors.sources import SourceSpec
+from kiln.actors.storage import ArtifactStore
+from kiln.actors.sweeps import list_sweeps
+from kiln.requests import SweepRequest
+from kiln.training.config import TrainConfig
+from kiln.tune_pipeline import tune_and_register
+from kiln.tuning.config import SweepConfig
+from kiln.tuning.space import SearchSpace
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -92,8 +92,8 @@ def test_kiln_tune_json_is_the_contract_and_the_refit_is_in_the_lineage(
 ):
     """`kiln tune --json` in-process: exactly the issue's keys; the registered model was refit
     on train + validation rows, which its lineage says."""
-    from cluster.cli import main
-    from cluster.client import Kiln
+    from kiln.cli import main
+    from kiln.client import Kiln
 
     monkeypatch.setenv("KILN_HOME", str(tmp_path))
     args = ["tune", "--data", "sklearn:wine", "--model", "logistic", "--solver", "adam"]
@@ -155,8 +155,8 @@ def sklearn_mlp_accuracy(seed: int) -> float:
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
 
-    from actors.sources import read_shard
-    from training.data import batches_to_arrays
+    from kiln.actors.sources import read_shard
+    from kiln.training.data import batches_to_arrays
 
     source = SourceSpec(uri="sklearn:digits", test_fraction=0.2, val_fraction=0.15, seed=seed)
     _, x_fit, y_fit = batches_to_arrays(
@@ -179,7 +179,7 @@ def test_kiln_tune_defaults_on_digits_mlp_match_sklearn_on_two_splits(
     default before), seed 0 gave 0.942 here: the winning lr, 0.008, left the fixed-length
     refit's last epoch wherever it landed.
     """
-    from cluster.cli import main
+    from kiln.cli import main
 
     gaps = []
     for seed in (0, 1):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.cli import main
+from kiln.cli import main
 
 CASES = [
     (["--lr", "1e-1:1e-4"], 'Got "1e-1:1e-4" for --lr. LOW must not exceed HIGH, e.g. --lr'),

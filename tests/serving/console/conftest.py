@@ -152,7 +152,7 @@ def console_versions(trained_digits, settings_session, registry_session):
     are about the pages, `kiln models profile` is tested in tests/cluster."""
     import ray
 
-    from actors.registry import read_verified_files
+    from kiln.actors.registry import read_verified_files
 
     record = trained_digits.record
     files = read_verified_files(settings_session.storage_uri, record)
@@ -209,7 +209,7 @@ def console_keys(registry_session):
 def console_url(console_versions, settings_session):
     """Kiln's Serve app serving console-digits (its latest, @2) with keys required; the base
     URL, whose /ui is the console."""
-    from cluster.serving_control import deploy_models
+    from kiln.serving_control import deploy_models
 
     return deploy_models(settings_session, [CONSOLE_MODEL], auth=True)
 
@@ -222,15 +222,15 @@ def console_sweeps(console_versions, settings_session, registry_session):
     takes minutes; tests/tuning/test_sweeps.py runs one and checks its summary)."""
     import time
 
-    from actors.sources import SourceSpec
-    from actors.sweeps import publish_sweep
-    from cluster.requests import SweepRequest
-    from cluster.tune_pipeline import tune_and_register
-    from training.config import TrainConfig
-    from tuning.config import SweepConfig
-    from tuning.report import sweep_summary
-    from tuning.space import SearchSpace, default_l2_range
-    from tuning.tuner import TrialSummary
+    from kiln.actors.sources import SourceSpec
+    from kiln.actors.sweeps import publish_sweep
+    from kiln.requests import SweepRequest
+    from kiln.training.config import TrainConfig
+    from kiln.tune_pipeline import tune_and_register
+    from kiln.tuning.config import SweepConfig
+    from kiln.tuning.report import sweep_summary
+    from kiln.tuning.space import SearchSpace, default_l2_range
+    from kiln.tuning.tuner import TrialSummary
 
     base = TrainConfig(model="ridge", workers=1)
     request = SweepRequest(

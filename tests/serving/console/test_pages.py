@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from actors.catalog import VersionRecord
-from serving.console import pages
-from serving.console.routes import templates
+from kiln.actors.catalog import VersionRecord
+from kiln.serving.console import pages
+from kiln.serving.console.routes import templates
 
 
 def record(version: int, name: str = "m", **fields) -> VersionRecord:

@@ -15,7 +15,7 @@ import pytest
 import ray
 import uvicorn
 
-from cluster.runtime import free_port
+from kiln.runtime import free_port
 from tests.conftest import wait_for
 
 
@@ -35,14 +35,14 @@ def serve_in_thread(app) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def ui_with_keys(trained_digits, registry_session):
-    from serving.console.standalone import build_console_app
+    from kiln.serving.console.standalone import build_console_app
 
     yield from serve_in_thread(build_console_app(registry_session, auth=True))
 
 
 @pytest.fixture(scope="module")
 def ui_without_keys(trained_digits, registry_session):
-    from serving.console.standalone import build_console_app
+    from kiln.serving.console.standalone import build_console_app
 
     yield from serve_in_thread(build_console_app(registry_session, auth=False))
 
@@ -89,7 +89,7 @@ def test_kiln_ui_serves_the_console_until_stopped(tmp_path):
     env = {**os.environ, "KILN_HOME": str(tmp_path)}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "ui", "--port", str(port), "--no-auth"],
+        [sys.executable, "-m", "kiln.cli", "ui", "--port", str(port), "--no-auth"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
