@@ -11,7 +11,7 @@ compares these sets with the app's real options, command by command.
 
 from __future__ import annotations
 
-from cluster.requests import SweepRequest, TrainRequest, option_names
+from kiln.requests import SweepRequest, TrainRequest, option_names
 
 
 def flags(spaced: str) -> frozenset[str]:
@@ -44,19 +44,22 @@ COMMAND_OPTIONS: dict[str, frozenset[str]] = {
         "--host --key --max-batch-size --max-replicas --min-replicas --no-access-log --no-auth "
         "--num-cpus --num-gpus --num-replicas --port --rate-burst --rate-limit --storage "
         "--target-ongoing-requests --log-sample --log-retention-days"
-        " --lm-max-batch --kv-cache-tokens --max-waiting"
+        " --lm-max-batch --kv-cache-tokens --max-waiting --json"
+        " --log-mask --log-drop --log-mask-text --no-log-mask-text"
+        " --tls-cert --tls-key --tls-ca --tls-self-signed"
         # the SLO choice
         " --slo-p99-ms --min-accuracy --target-rps --http-overhead-ms --dry-run --no-dry-run"
     ),
     "compress": flags(
         "--address --home --storage --json --quantize --prune --finetune-epochs --distill "
-        "--no-distill --student --temperature --alpha --epochs --data --workers --register-as"
+        "--no-distill --student --temperature --alpha --epochs --data --workers --register "
+        "--register-as"
     ),
     "federate": flags(
         "--address --home --storage --json --data --clients --partition --min-partition-size "
         "--rounds --fraction --min-clients --local-epochs --batch-size --lr --optimizer --model "
         "--hidden --strategy --secure-agg --no-secure-agg --dp-clip --dp-noise --dp-delta "
-        "--round-timeout-s --test-fraction --label --seed --name --resume"
+        "--round-timeout-s --test-fraction --label --seed --register --name --resume"
     ),
 }
 """`kiln COMMAND` -> its long options, `--no-X` forms included (tests/cluster/test_options.py)."""

@@ -26,22 +26,22 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from ray import serve
 
-from actors.catalog import VersionRecord
-from actors.feedback import feedback_stores
-from actors.keys import KeyCheck
-from actors.replica import SMALL_ROWS, ModelReplica
-from serving.errors import actor_failure
-from serving.inputs import rows_to_inputs
-from serving.jsonbody import shown
-from serving.logmask import LogMask
-from serving.metrics import ServingMetrics
-from serving.predlog import Logged, PredictionLog
-from serving.ratelimit import RateLimiter
-from serving.routing import Router
-from serving.schemas import InputInfo, ModelInfo, PredictRequest, RequestError, ServeArgs
-from training.errors import KilnError
-from training.evaluate import outputs_to_predictions
-from training.tabular import CATEGORICAL
+from kiln.actors.catalog import VersionRecord
+from kiln.actors.feedback import feedback_stores
+from kiln.actors.keys import KeyCheck
+from kiln.actors.replica import SMALL_ROWS, ModelReplica
+from kiln.serving.errors import actor_failure
+from kiln.serving.inputs import rows_to_inputs
+from kiln.serving.jsonbody import shown
+from kiln.serving.logmask import LogMask
+from kiln.serving.metrics import ServingMetrics
+from kiln.serving.predlog import Logged, PredictionLog
+from kiln.serving.ratelimit import RateLimiter
+from kiln.serving.routing import Router
+from kiln.serving.schemas import InputInfo, ModelInfo, PredictRequest, RequestError, ServeArgs
+from kiln.training.errors import KilnError
+from kiln.training.evaluate import outputs_to_predictions
+from kiln.training.tabular import CATEGORICAL
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,9 @@ def logged_failures(host: ModelHost, key: str, request_id: str, started: float) 
 
 
 def assigned_gpus() -> float:
-    """The GPU share Ray gave this process (0 outside Ray)."""
-    if not ray.is_initialized():
+    """The GPU share Ray gave this process (0 outside Ray, and in a driver: an app served
+    in-process, as the fuzz and the console tests do, asks from the test's own process)."""
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return 0.0
     return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
 
@@ -243,8 +244,8 @@ def resolve_served(
 
 def load_language(record: VersionRecord, storage_uri: str, args: ServeArgs) -> Any:
     """A language-model version with its continuous-batching engine (serving/language.py)."""
-    from serving.engine import EngineConfig
-    from serving.language import LanguageReplica
+    from kiln.serving.engine import EngineConfig
+    from kiln.serving.language import LanguageReplica
 
     config = EngineConfig(
         max_batch=args.lm_max_batch,
@@ -276,9 +277,7 @@ def log_mask_of(args: ServeArgs) -> LogMask:
     if wanted and not secret:
         logger.warning("no log mask key given: masked values hash differently after a restart")
     key = bytes.fromhex(secret) if secret else os.urandom(32)
-    return LogMask(
-        key, frozenset(args.log_mask), frozenset(args.log_drop), text=args.log_mask_text
-    )
+    return LogMask(key, frozenset(args.log_mask), frozenset(args.log_drop), text=args.log_mask_text)
 
 
 class ModelHost:
