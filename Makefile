@@ -71,6 +71,7 @@ bench: install
 # at build time (docs/mkdocs/hooks.py). --strict: a broken link, anchor or missing page fails.
 docs: install
 	$(BIN)/python -m pip install -q -e '.[docs]'
+	$(BIN)/python .ci/typecheck_tree.py >/dev/null
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -f docs/mkdocs/mkdocs.yml
 
 clean:
