@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -38,7 +37,7 @@ from kiln.serving.errors import http_error, request_error, validation_error
 from kiln.serving.host import ModelHost, logged_failures, parse_instances
 from kiln.serving.ids import request_id
 from kiln.serving.jsonbody import may_hold_booleans, parse_json
-from kiln.serving.routes.inference import v2_replica
+from kiln.serving.routes.inference import answer_v2_infer, v2_replica
 from kiln.serving.schemas import PredictRequest, RequestError
 
 V1_PREFIX, V1_SUFFIX = "/v1/models/", ":predict"
@@ -206,36 +205,8 @@ async def v2_infer(
         await check_predict_key(name, host, auth, bearer_secret(headers))
     started = time.perf_counter()
     key, replica = v2_replica(host, name, version, headers.get(host.args.sticky_header.lower()))
-    log_id = request_id()
-    with logged_failures(host, key, log_id, started):
-        raw = await read_body(receive)
-        limit = host.args.max_body_bytes
-        if len(raw) > limit:
-            raise HTTPException(413, f"request body is {len(raw)} bytes; the limit is {limit}")
-        body, tail = v2.split_body(raw, headers.get(v2.HEADER_LENGTH))
-        x = v2.parse_infer_request(
-            body,
-            tail,
-            replica.num_inputs,
-            host.args.max_instances,
-            replica.encoding,
-            booleans=may_hold_booleans(raw),
-        )
-        wanted = v2.requested_outputs(body, replica.spec)
-        outputs = await host.forward(key, x)
-    host.log_request(key, log_id, started, x, outputs)
-    result = replica.format(outputs, probabilities=True)
-    arrays = {"predictions": np.asarray(result["predictions"])}
-    if "probabilities" in result:
-        arrays["probabilities"] = np.asarray(result["probabilities"], dtype=np.float32)
-    content, header_length = v2.build_response(
-        replica.record.name,
-        replica.record.version,
-        str(body.get("id") or request_id()),
-        arrays,
-        wanted,
-        replica.spec,
-        {"prediction_ids": [f"{log_id}-{i}" for i in range(len(x))]},
+    content, header_length = await answer_v2_infer(
+        host, key, replica, lambda: read_body(receive), headers.get(v2.HEADER_LENGTH), started
     )
     if header_length:
         extra = [

@@ -106,21 +106,25 @@ async def v2_model_ready(
     return {"name": replica.record.name, "ready": True}
 
 
-@model_route("POST", "/infer", **V2_INFER_DOCS)
-async def v2_infer(
-    name: str, request: Request, host: HostDep, _: Authorized, version: str | None = None
-) -> Response:
-    started = time.perf_counter()
-    key, replica = v2_replica(host, name, version, request.headers.get(host.args.sticky_header))
+async def answer_v2_infer(
+    host: ModelHost,
+    key: str,
+    replica: ModelReplica,
+    read_body: Callable[[], Coroutine[Any, Any, bytes]],
+    header_length: str | None,
+    started: float,
+) -> tuple[bytes, str | None]:
+    """One V2 infer request's body -> (response body, its JSON header's length when binary):
+    size check, parse, forward, log and build, shared by this route and serving/lean.py."""
     log_id = request_id()
     with logged_failures(host, key, log_id, started):
-        raw = await request.body()
+        raw = await read_body()
         if len(raw) > host.args.max_body_bytes:
             raise HTTPException(
                 413, f"request body is {len(raw)} bytes; the limit is {host.args.max_body_bytes}"
             )
         # A malformed request raises v2.V2Error, which answers with its 4xx (serving/errors.py).
-        body, tail = v2.split_body(raw, request.headers.get(v2.HEADER_LENGTH))
+        body, tail = v2.split_body(raw, header_length)
         x = v2.parse_infer_request(
             body,
             tail,
@@ -136,7 +140,7 @@ async def v2_infer(
     arrays = {"predictions": np.asarray(result["predictions"])}
     if "probabilities" in result:
         arrays["probabilities"] = np.asarray(result["probabilities"], dtype=np.float32)
-    content, header_length = v2.build_response(
+    return v2.build_response(
         replica.record.name,
         replica.record.version,
         str(body.get("id") or request_id()),
@@ -144,6 +148,17 @@ async def v2_infer(
         wanted,
         replica.spec,
         {"prediction_ids": [f"{log_id}-{i}" for i in range(len(x))]},
+    )
+
+
+@model_route("POST", "/infer", **V2_INFER_DOCS)
+async def v2_infer(
+    name: str, request: Request, host: HostDep, _: Authorized, version: str | None = None
+) -> Response:
+    started = time.perf_counter()
+    key, replica = v2_replica(host, name, version, request.headers.get(host.args.sticky_header))
+    content, header_length = await answer_v2_infer(
+        host, key, replica, request.body, request.headers.get(v2.HEADER_LENGTH), started
     )
     headers = {v2.HEADER_LENGTH: header_length} if header_length else None
     media = "application/octet-stream" if header_length else "application/json"
