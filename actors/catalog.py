@@ -80,6 +80,11 @@ CREATE TABLE IF NOT EXISTS key_uses (
     id TEXT PRIMARY KEY,
     last_used_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS log_policies (
+    name TEXT PRIMARY KEY REFERENCES models(name),
+    policy TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -348,6 +353,30 @@ class Catalog:
             self.add_audit(
                 actor, "alias", f"{name}@{alias}", {"version": version, "previous": previous}
             )
+        return previous
+
+    def log_policy(self, name: str) -> dict[str, Any] | None:
+        """`name`'s prediction-log policy (serving/logmask.py LogPolicy.to_dict), if it has one."""
+        row = self._db.execute("SELECT policy FROM log_policies WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_log_policy(
+        self, name: str, policy: dict[str, Any] | None, actor: str = LOCAL_ACTOR
+    ) -> dict[str, Any] | None:
+        """Replace (None: remove) `name`'s log policy, audited as "log-policy"; returns the
+        policy it had before."""
+        with self.transaction():
+            self.require_model(name)
+            previous = self.log_policy(name)
+            if policy is None:
+                self._db.execute("DELETE FROM log_policies WHERE name = ?", (name,))
+            else:
+                self._db.execute(
+                    "INSERT INTO log_policies VALUES (?, ?, ?) ON CONFLICT(name) "
+                    "DO UPDATE SET policy = excluded.policy, updated_at = excluded.updated_at",
+                    (name, json.dumps(policy), time.time()),
+                )
+            self.add_audit(actor, "log-policy", name, {"policy": policy, "previous": previous})
         return previous
 
     def remove_alias(self, name: str, alias: str, actor: str = LOCAL_ACTOR) -> int:

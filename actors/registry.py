@@ -263,6 +263,47 @@ class RegistryService:
         version = self._catalog.remove_alias(name, alias, self._admin(key))
         return {"name": name, "alias": alias, "version": version}
 
+    def log_policy(self, name: str) -> dict[str, Any] | None:
+        """`kiln models log-policy NAME`: what the prediction log masks and drops of NAME."""
+        validate_name(name)
+        self._catalog.require_model(name)
+        return self._catalog.log_policy(name)
+
+    def log_policies(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """The policies of those of `names` that have one (a replica, at every reconfigure)."""
+        found = {name: self._catalog.log_policy(name) for name in names}
+        return {name: policy for name, policy in found.items() if policy is not None}
+
+    def set_log_policy(
+        self,
+        name: str,
+        mask: list[str] | None = None,
+        drop: list[str] | None = None,
+        mask_text: bool = False,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """Replace NAME's prediction-log policy (an empty one removes it); admin only, as every
+        change to a model, and audited. Every field must be an input of one of NAME's active
+        versions; a field both masked and dropped is refused."""
+        from kiln.serving.logmask import LogPolicy, check_fields, input_fields
+
+        actor = self._admin(key)
+        validate_name(name)
+        self._catalog.require_model(name)
+        policy = LogPolicy(frozenset(mask or ()), frozenset(drop or ()), bool(mask_text))
+        both = policy.mask & policy.drop
+        if both:
+            raise KilnError(
+                f"{', '.join(sorted(both))}: give a field to --mask or --drop, not both"
+            )
+        versions = [v for v in self._catalog.list_versions(name) if v.status == ACTIVE]
+        known = {v.ref: input_fields(v.spec) for v in versions}
+        check_fields(sorted(policy.mask), known, "--mask")
+        check_fields(sorted(policy.drop), known, "--drop")
+        stored = policy.to_dict() if policy.active else None
+        previous = self._catalog.set_log_policy(name, stored, actor)
+        return {"name": name, "log_policy": stored, "previous": previous}
+
     def delete_version(
         self, name: str, version: int, force: bool = False, key: str | None = None
     ) -> dict[str, Any]:

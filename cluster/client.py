@@ -208,6 +208,7 @@ class Kiln(ServingCalls):
         return {
             **record.to_dict(),
             "aliases": sorted(a for a, v in aliases.items() if v == record.version),
+            "log_policy": self._call("log_policy", record.name),
         }
 
     def compare(self, name: str) -> list[dict[str, Any]]:
@@ -296,6 +297,29 @@ class Kiln(ServingCalls):
 
     def alias(self, name: str, version: int, alias: str) -> dict[str, Any]:
         return self._call("set_alias", validate_name(name), alias, int(version), key=self.key)
+
+    def log_policy(self, name: str) -> dict[str, Any] | None:
+        """NAME's prediction-log policy ({"mask": [...], "drop": [...], "mask_text": bool}),
+        None without one."""
+        return self._call("log_policy", validate_name(name))
+
+    def set_log_policy(
+        self,
+        name: str,
+        mask: list[str] | None = None,
+        drop: list[str] | None = None,
+        mask_text: bool = False,
+    ) -> dict[str, Any]:
+        """Replace NAME's prediction-log policy (nothing given: remove it); replicas apply it
+        from their next start or reconfigure (kiln serve, kiln deploy). Needs admin."""
+        return self._call(
+            "set_log_policy",
+            validate_name(name),
+            list(mask or []),
+            list(drop or []),
+            bool(mask_text),
+            key=self.key,
+        )
 
     def unalias(self, name: str, alias: str) -> dict[str, Any]:
         return self._call("remove_alias", validate_name(name), alias, key=self.key)

@@ -12,6 +12,15 @@ phone numbers and payment card numbers (Luhn-checked), each replaced by `<KIND:h
 same value, the same tag). The pattern set is documented in docs/security.md; Microsoft
 Presidio's EmailRecognizer, PhoneRecognizer and CreditCardRecognizer are the anchor (their
 entity kinds, the Luhn check on cards); Presidio itself is not a dependency (it brings spaCy).
+
+A model may also carry its own policy in the registry (`kiln models log-policy NAME`,
+`LogPolicy`): a replica reads it when it starts and on every reconfigure, and joins it with
+serve's options (`LogPolicy.combined`: the union; a field one side masks and the other drops
+is dropped, so neither side can weaken the other).
+
+Inputs are named as the model's input schema names them (`input_fields`); a model trained on
+bare feature columns (no schema) has positional inputs named `x0`, `x1`, ... as in its drift
+reference (cluster/references.py).
 """
 
 from __future__ import annotations
@@ -95,13 +104,93 @@ def _tag(kind: str, value: str, key: bytes) -> str:
 
 
 @dataclass(frozen=True)
+class LogPolicy:
+    """Which inputs of a model the prediction log masks or drops, and whether it masks text."""
+
+    mask: frozenset[str] = frozenset()
+    drop: frozenset[str] = frozenset()
+    text: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.mask or self.drop or self.text)
+
+    def combined(self, other: LogPolicy | None) -> LogPolicy:
+        """Both policies at once: the union of their fields, text masked if either asks; a
+        field masked by one and dropped by the other is dropped (the stricter of the two)."""
+        if other is None:
+            return self
+        drop = self.drop | other.drop
+        return LogPolicy((self.mask | other.mask) - drop, drop, self.text or other.text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mask": sorted(self.mask), "drop": sorted(self.drop), "mask_text": self.text}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> LogPolicy:
+        data = data or {}
+        return cls(
+            frozenset(data.get("mask") or ()),
+            frozenset(data.get("drop") or ()),
+            bool(data.get("mask_text")),
+        )
+
+
+def input_fields(spec: dict[str, Any]) -> list[str] | None:
+    """The names the prediction log knows `spec`'s inputs by: its input schema's names, or
+    `x0`..`x{n-1}` for positional features; None for a language model (text only)."""
+    if spec.get("kind") == "lm":
+        return None
+    from kiln.training.tabular import Encoding
+
+    encoding = Encoding.from_spec(spec)
+    if encoding is not None:
+        return list(encoding.names)
+    return [f"x{i}" for i in range(int(spec.get("num_features") or 0))]
+
+
+def describe_fields(names: Sequence[str]) -> str:
+    """`age, income` or, for positional inputs, `x0..x63`."""
+    if names and list(names) == [f"x{i}" for i in range(len(names))] and len(names) > 3:
+        return f"x0..x{len(names) - 1}, the feature positions"
+    return ", ".join(names) if names else "none"
+
+
+def check_fields(fields: Iterable[str], known: dict[str, list[str] | None], what: str) -> None:
+    """Raise KilnError for the first of `fields` that none of the models in `known` (model ->
+    its input_fields, None for a language model) has; nothing to check without tabular models.
+    """
+    from kiln.training.errors import KilnError
+
+    tabular = {m: names for m, names in known.items() if names is not None}
+    wanted = list(fields)
+    if wanted and not tabular:
+        models = ", ".join(sorted(known))
+        raise KilnError(
+            f"{what} {wanted[0]}: {models} takes text, not named inputs; use --mask-text "
+            "(kiln serve: --log-mask-text) to mask its prompts and completions"
+        )
+    every = {n for names in tabular.values() for n in names}
+    for name in wanted:
+        if name not in every:
+            groups: dict[str, list[str]] = {}
+            for model, names in sorted(tabular.items()):
+                groups.setdefault(describe_fields(names), []).append(model)
+            inputs = "; ".join(f"{', '.join(m)} has {d}" for d, m in groups.items())
+            raise KilnError(f'{what} "{name}" is not an input of the model: {inputs}')
+
+
+@dataclass(frozen=True)
 class LogMask:
-    """What `--log-mask`, `--log-drop` and `--log-mask-text` ask of one replica's log."""
+    """What `--log-mask`, `--log-drop` and `--log-mask-text` (and the models' registry
+    policies) ask of one replica's log."""
 
     key: bytes
     mask: frozenset[str] = frozenset()
     drop: frozenset[str] = frozenset()
     text: bool = False
+    policies: dict[str, LogPolicy] = field(default_factory=dict)
+    """Model name -> its registry policy (`kiln models log-policy`)."""
     columns: dict[str, tuple[tuple[tuple[int, str], ...], tuple[int, ...]]] = field(
         default_factory=dict
     )
@@ -109,7 +198,17 @@ class LogMask:
 
     @property
     def active(self) -> bool:
-        return bool(self.mask or self.drop or self.text)
+        return bool(
+            self.mask or self.drop or self.text or any(p.active for p in self.policies.values())
+        )
+
+    def policy(self, model: str) -> LogPolicy:
+        """Serve's options joined with `model`'s registry policy."""
+        return LogPolicy(self.mask, self.drop, self.text).combined(self.policies.get(model))
+
+    def with_policies(self, policies: dict[str, LogPolicy]) -> LogMask:
+        """This mask with the registry's policies now in force (positions found again)."""
+        return dataclasses.replace(self, policies=dict(policies), columns={})
 
     def knows(self, model: str, version: int) -> bool:
         return f"{model}@{version}" in self.columns
@@ -117,9 +216,10 @@ class LogMask:
     def for_model(self, model: str, version: int, input_names: Sequence[str] | None) -> LogMask:
         """This mask with the positions of `model@version`'s inputs it names."""
         names = list(input_names or [])
+        policy = self.policy(model)
         positions = (
-            tuple((i, n) for i, n in enumerate(names) if n in self.mask),
-            tuple(i for i, n in enumerate(names) if n in self.drop),
+            tuple((i, n) for i, n in enumerate(names) if n in policy.mask),
+            tuple(i for i, n in enumerate(names) if n in policy.drop),
         )
         return dataclasses.replace(self, columns={**self.columns, f"{model}@{version}": positions})
 
@@ -144,7 +244,7 @@ class LogMask:
         if getattr(item, "x", None) is not None and hasattr(item, "predictions"):
             x = self.mask_inputs(item.model, item.version, item.x)
             return dataclasses.replace(item, x=x)
-        if self.text and hasattr(item, "prompt"):
+        if hasattr(item, "prompt") and self.policy(getattr(item, "model", "")).text:
             changes: dict[str, Any] = {"prompt": mask_text(item.prompt, self.key)}
             if getattr(item, "completions", None) is not None:
                 changes["completions"] = [mask_text(c, self.key) for c in item.completions]

@@ -1,7 +1,8 @@
 """The prediction log of one Serve replica: buffered here, flushed to the FeedbackStore shards.
 
-A request only appends a reference to its arrays to a list (`record`, a few microseconds);
-a task on the replica's event loop turns the buffer into Arrow tables every
+A request only appends a reference to its arrays (inputs and raw outputs) to a list
+(`record`, a few microseconds); a task on the replica's event loop computes the predictions of
+every buffered request at once (`fill_predictions`), turns the buffer into Arrow tables every
 `flush_interval_s` or `max_rows` rows and sends each shard its rows (actors/feedback.py).
 A flush the store did not acknowledge (a store being restarted, say) stays in the buffer and
 goes again with the next one; past `max_buffered_rows` the oldest rows are dropped and
@@ -35,6 +36,7 @@ from kiln.actors.feedback import (
     shard_of,
     table_to_ipc,
 )
+from kiln.training.evaluate import outputs_to_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ class Logged:
     batch_rows: int
     x: np.ndarray | None  # (N, num_inputs) float32; None for a failed request
     predictions: np.ndarray | None  # (N,) class indices or values
+    outputs: np.ndarray | None = None
+    """The raw outputs (N, K), when `predictions` is left for the flush to compute (one
+    `outputs_to_predictions` per model and flush instead of one per request)."""
+    spec: dict[str, Any] | None = None
+    """The model's spec, which turns `outputs` into predictions."""
 
 
 @dataclass
@@ -121,6 +128,25 @@ def text_rows_table(items: list[LoggedText]) -> pa.Table:
             for key, value in values.items():
                 rows[key].append(value)
     return pa.table(rows, schema=TEXT_PREDICTION_SCHEMA)
+
+
+def fill_predictions(items: list[Logged | LoggedText]) -> None:
+    """Set `predictions` of the items logged with raw `outputs` only: one
+    `outputs_to_predictions` per model version and flush, over the outputs concatenated."""
+    groups: dict[tuple[str, int, int], list[Logged]] = {}
+    for item in items:
+        if isinstance(item, Logged) and item.predictions is None and item.outputs is not None:
+            groups.setdefault((item.model, item.version, item.outputs.shape[1]), []).append(item)
+    for group in groups.values():
+        spec = group[0].spec
+        assert spec is not None
+        outputs = np.concatenate([item.outputs for item in group])  # type: ignore[misc]
+        predictions = outputs_to_predictions(outputs, spec)
+        start = 0
+        for item in group:
+            end = start + len(item.outputs)  # type: ignore[arg-type]
+            item.predictions, item.outputs = predictions[start:end], None
+            start = end
 
 
 def rows_table(items: list[Logged]) -> pa.Table:
@@ -273,10 +299,14 @@ class PredictionLog:
     async def _run(self) -> None:
         next_usage = time.time() + USAGE_INTERVAL_S
         while True:
+            # Not asyncio.wait_for: on Python 3.11 a cancel that comes as the event is set is
+            # lost there (the inner wait won), and this loop then never ended (a benchmark's
+            # asyncio.run waited forever at exit); asyncio.wait passes every cancel on.
+            waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait((waiter,), timeout=self.flush_interval_s)
+            finally:
+                waiter.cancel()
             self._wake.clear()
             await self.flush()
             if time.time() >= next_usage:
@@ -317,6 +347,7 @@ class PredictionLog:
     def _build_pending(self, items: list[Logged | LoggedText]) -> None:
         if not items:
             return
+        fill_predictions(items)
         if self.masker is not None:
             items = [self.masker(item) for item in items]
         num_shards = len(self.stores())
@@ -326,11 +357,17 @@ class PredictionLog:
         for model, model_items in by_model.items():
             texts = [i for i in model_items if isinstance(i, LoggedText)]
             table = text_rows_table(texts) if texts else rows_table(model_items)
-            # By the row id, as feedback finds it (a response id `cmpl-x` shards as `cmpl`).
-            row_ids = table.column("id").to_pylist()
-            shards = np.array([shard_of(r, num_shards) for r in row_ids])
-            for shard in np.unique(shards).tolist():
-                part = table.filter(pa.array(shards == shard))
+            if num_shards == 1:  # the default: no id to hash, no table to split
+                parts = [(0, table)]
+            else:
+                # By the row id, as feedback finds it (a response id `cmpl-x` shards as `cmpl`).
+                row_ids = table.column("id").to_pylist()
+                shards = np.array([shard_of(r, num_shards) for r in row_ids])
+                parts = [
+                    (shard, table.filter(pa.array(shards == shard)))
+                    for shard in np.unique(shards).tolist()
+                ]
+            for shard, part in parts:
                 key = (model, shard)
                 self.pending[key] = (
                     pa.concat_tables([self.pending[key], part]) if key in self.pending else part

@@ -97,6 +97,64 @@ def models_show(
     )
 
 
+@models_app.command("log-policy")
+def models_log_policy(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    mask: Annotated[
+        list[str] | None,
+        typer.Option(help="Inputs the prediction log keeps only as a keyed hash (F[,F])."),
+    ] = None,
+    drop: Annotated[
+        list[str] | None,
+        typer.Option(help="Inputs the prediction log does not keep (F[,F])."),
+    ] = None,
+    mask_text: Annotated[
+        bool | None,
+        typer.Option(
+            "--mask-text/--no-mask-text",
+            help="Language models: mask e-mail addresses, phone and card numbers.",
+        ),
+    ] = None,
+    clear: Annotated[bool, typer.Option(help="Remove the policy.")] = False,
+    as_json: JsonOpt = False,
+    address: AddressOpt = None,
+    home: HomeOpt = None,
+    storage: StorageOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Show, set (replacing it whole) or --clear what NAME's prediction log masks and drops.
+
+    kiln serve joins it with its own --log-mask/--log-drop/--log-mask-text (the union; a field
+    masked by one and dropped by the other is dropped). Replicas read it when they start and
+    on every reconfigure (kiln serve, kiln deploy).
+    """
+    from kiln.serving.logmask import parse_fields
+
+    setting = bool(mask or drop) or mask_text is not None
+    if clear and setting:
+        raise KilnError("--clear removes the policy; give it alone, without --mask/--drop")
+    with open_client(address, home, storage, key) as client:
+        if not setting and not clear:
+            result = {"name": name, "log_policy": client.log_policy(name)}
+        else:
+            result = client.set_log_policy(
+                name, parse_fields(mask), parse_fields(drop), bool(mask_text)
+            )
+    output(result, as_json, log_policy_line)
+
+
+def log_policy_line(result: dict[str, Any]) -> str:
+    policy = result["log_policy"]
+    if not policy:
+        return f"{result['name']}: no log policy (serve's --log-mask/--log-drop only)"
+    parts = [
+        f"mask {', '.join(policy['mask'])}" if policy["mask"] else "",
+        f"drop {', '.join(policy['drop'])}" if policy["drop"] else "",
+        "mask text" if policy["mask_text"] else "",
+    ]
+    return f"{result['name']}: {'; '.join(p for p in parts if p)}"
+
+
 @models_app.command("compare")
 def models_compare(
     name: Annotated[str, typer.Argument(help="Model name: compare its active versions.")],

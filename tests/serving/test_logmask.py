@@ -204,3 +204,47 @@ def test_no_masked_text_reaches_the_storage_files(tmp_path: Path) -> None:
     for secret in secrets:
         assert not any(secret.encode() in data for _, data in files), f"{secret} reached storage"
     assert not any(b"zelda" in data or b"7946" in data for _, data in files)
+
+
+def test_registry_policy_joins_serve_options_and_a_drop_wins() -> None:
+    from kiln.serving.logmask import LogPolicy
+
+    served = LogMask(b"k" * 32, frozenset({"a"}), frozenset({"b"}))
+    joined = served.with_policies(
+        {"m": LogPolicy(frozenset({"b", "c"}), frozenset({"a"}), text=True)}
+    )
+    assert joined.policy("m") == LogPolicy(frozenset({"c"}), frozenset({"a", "b"}), True)
+    assert joined.policy("other") == LogPolicy(frozenset({"a"}), frozenset({"b"}), False)
+    x = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 5.0]], dtype=np.float32)
+    out = joined.for_model("m", 1, ["a", "b", "c", "d"]).mask_inputs("m", 1, x)
+    assert np.isnan(out[:, :2]).all()  # a and b dropped
+    assert out[0, 2] == out[1, 2] != 3.0  # c hashed, equal values alike
+    assert (out[:, 3] == x[:, 3]).all()
+    assert LogMask(b"k" * 32).with_policies({"m": LogPolicy(text=True)}).active
+
+
+def test_input_fields_and_the_error_for_an_unknown_one() -> None:
+    from kiln.serving.logmask import check_fields, input_fields
+    from kiln.training.errors import KilnError
+
+    assert input_fields({"kind": "mlp", "num_features": 64}) == [f"x{i}" for i in range(64)]
+    assert input_fields({"kind": "lm"}) is None
+    known = {"d@1": input_fields({"kind": "mlp", "num_features": 64})}
+    check_fields(["x63"], known, "--log-mask")
+    with pytest.raises(KilnError, match=r'"x64" is not an input .*x0\.\.x63'):
+        check_fields(["x64"], known, "--log-mask")
+    with pytest.raises(KilnError, match="takes text"):
+        check_fields(["age"], {"lm@1": None}, "--mask")
+    check_fields([], {"lm@1": None}, "--mask")
+
+
+def test_a_registry_policy_masks_text_of_its_model_only() -> None:
+    from kiln.serving.logmask import LogPolicy
+
+    mask = LogMask(KEY).with_policies({"chat": LogPolicy(text=True)})
+    entry = TextEntry("chat", 1, "mail ann@example.com", ["call +1 415 555 0100"])
+    masked = mask.apply(entry)
+    assert "ann@example.com" not in masked.prompt and "<EMAIL:" in masked.prompt
+    assert "<PHONE:" in masked.completions[0]
+    other = TextEntry("other", 1, "mail ann@example.com", [])
+    assert mask.apply(other).prompt == "mail ann@example.com"
