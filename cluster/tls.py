@@ -249,8 +249,11 @@ def haproxy_binary() -> str:
     return found
 
 
-def frontend_config(files: TlsFiles, pem: Path, host: str, port: int, backend_port: int) -> str:
-    """HAProxy's config: TLS on host:port, plain TCP to Serve (or the console) on loopback."""
+def frontend_config(
+    files: TlsFiles, pem: Path, host: str, port: int, backend_port: int, alpn: str = "http/1.1"
+) -> str:
+    """HAProxy's config: TLS on host:port, plain TCP to Serve (or the console) on loopback.
+    `alpn` is the protocol offered in the handshake: h2 for gRPC, whose clients insist on it."""
     verify = f" ca-file {files.client_ca} verify required" if files.client_ca else ""
     bind_host = "" if host in ("0.0.0.0", "") else host
     if ":" in bind_host:
@@ -268,7 +271,7 @@ def frontend_config(files: TlsFiles, pem: Path, host: str, port: int, backend_po
             "    timeout client 1h",
             "    timeout server 1h",
             "frontend kiln_tls",
-            f"    bind {bind_host}:{port} ssl crt {pem} alpn http/1.1{verify}",
+            f"    bind {bind_host}:{port} ssl crt {pem} alpn {alpn}{verify}",
             "    default_backend kiln_plain",
             "backend kiln_plain",
             f"    server local 127.0.0.1:{backend_port}",
@@ -277,11 +280,26 @@ def frontend_config(files: TlsFiles, pem: Path, host: str, port: int, backend_po
     )
 
 
+def end_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started it ends."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class TlsFrontend:
     """An HAProxy process that terminates TLS on host:port and forwards to a loopback port."""
 
-    def __init__(self, files: TlsFiles, host: str, port: int, backend_port: int) -> None:
+    die_with_parent = False
+    """True: the frontend gets SIGTERM when its parent ends, killed or not (a Ray actor's)."""
+
+    def __init__(
+        self, files: TlsFiles, host: str, port: int, backend_port: int, alpn: str = "http/1.1"
+    ) -> None:
         self.files, self.host, self.port, self.backend_port = files, host, port, backend_port
+        self.alpn = alpn
         self.folder = Path(tempfile.mkdtemp(prefix="kiln-tls-"))
         self.process: subprocess.Popen | None = None
 
@@ -290,7 +308,9 @@ class TlsFrontend:
         pem.touch(mode=0o600)
         pem.write_bytes(self.files.cert.read_bytes() + b"\n" + self.files.key.read_bytes())
         config = self.folder / "haproxy.cfg"
-        config.write_text(frontend_config(self.files, pem, self.host, self.port, self.backend_port))
+        config.write_text(
+            frontend_config(self.files, pem, self.host, self.port, self.backend_port, self.alpn)
+        )
         binary = haproxy_binary()
         checked = subprocess.run(
             [binary, "-c", "-q", "-f", str(config)], capture_output=True, text=True, check=False
@@ -303,6 +323,7 @@ class TlsFrontend:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # Ctrl-C reaches kiln, which stops it in order
+            preexec_fn=end_with_parent if self.die_with_parent else None,
         )
         atexit.register(self.stop)
         self._wait_listening()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -25,9 +26,16 @@ KILN = [str(Path(sys.executable).with_name("kiln"))]
 
 
 def kiln_env(home: Path, port: int, **extra: str) -> dict[str, str]:
-    """The environment of a user's shell: KILN_HOME and the HTTP port, no RAY_ADDRESS."""
+    """The environment of a user's shell: KILN_HOME and the HTTP port, no RAY_ADDRESS. No
+    gRPC port (KILN_GRPC_PORT=0) unless `extra` gives one: tests running at once would all
+    open 9000, the default."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST"))}
-    env.update(KILN_HOME=str(home), KILN_HTTP_PORT=str(port), OMP_NUM_THREADS="1", **extra)
+    env.update(
+        KILN_HOME=str(home),
+        KILN_HTTP_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        **{"KILN_GRPC_PORT": "0", **extra},
+    )
     home.mkdir(parents=True, exist_ok=True)  # also the commands' working directory
     return env
 
@@ -145,3 +153,27 @@ class KilnServe:
                     proc.kill()
             except psutil.NoSuchProcess:
                 continue
+
+
+@dataclass
+class KilnServeTls(KilnServe):
+    """`kiln serve ... --tls-self-signed`: answers over HTTPS, trusting the certificate the
+    command wrote into its KILN_HOME."""
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.env['KILN_HTTP_PORT']}"
+
+    @property
+    def ca(self) -> Path:
+        return Path(self.env["KILN_HOME"]) / "tls" / "self-signed.crt"
+
+    def answers(self) -> bool:
+        if not self.ca.is_file():
+            return False
+        try:
+            verify = ssl.create_default_context(cafile=str(self.ca))
+            reply = httpx.get(f"{self.url}/v1/models", timeout=5, verify=verify)
+            return reply.status_code in (200, 401)
+        except httpx.HTTPError:
+            return False

@@ -9,7 +9,6 @@ import shutil
 import ssl
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,29 +17,9 @@ from sklearn.datasets import load_digits
 
 from kiln.tls import fingerprint
 from tests.conftest import free_port
-from tests.e2e.kiln_process import KilnServe, kiln_env, kiln_json
+from tests.e2e.kiln_process import KilnServeTls, kiln_env, kiln_json
 
 pytestmark = pytest.mark.slow
-
-
-class KilnServeTls(KilnServe):
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.env['KILN_HTTP_PORT']}"
-
-    @property
-    def ca(self) -> Path:
-        return Path(self.env["KILN_HOME"]) / "tls" / "self-signed.crt"
-
-    def answers(self) -> bool:
-        if not self.ca.is_file():
-            return False
-        try:
-            verify = ssl.create_default_context(cafile=str(self.ca))
-            reply = httpx.get(f"{self.url}/v1/models", timeout=5, verify=verify)
-            return reply.status_code in (200, 401)
-        except httpx.HTTPError:
-            return False
 
 
 @pytest.fixture(scope="module")
