@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: install browser demo test test-slow test-all test-fuzz lint bench docs clean
+.PHONY: install browser demo test test-slow test-all test-fuzz lint bench bench-peers docs clean
 
 install: $(STAMP)
 
@@ -66,6 +66,14 @@ bench: install
 	$(BIN)/python benchmarks/monitoring.py
 	$(BIN)/python benchmarks/explain_overhead.py
 	$(BIN)/python benchmarks/federated.py
+
+# Kiln against FastAPI+uvicorn, KServe, LitServe, BentoML, MLServer and PyTriton on the same
+# cores and models (docs/benchmarks.md). Each peer goes into its own venv under build/peers on
+# the first run (several minutes each, a few GB in all); about 25 minutes of measuring after.
+# Not in CI and not in `make bench`: run it alone on an idle machine. BENCH_PEERS_ARGS=--quick
+# tries it out (2 s per point).
+bench-peers: install
+	$(BIN)/python benchmarks/serve_peers.py $(BENCH_PEERS_ARGS)
 
 # The documentation site in ./site: docs/*.md with the CLI, Python and HTTP references generated
 # at build time (docs/mkdocs/hooks.py). --strict: a broken link, anchor or missing page fails.

@@ -5,8 +5,9 @@ is called directly with one V1 `:predict` request of one row of 64 features for 
 model (MLP 64->256->10), the same request over and over. A configuration's cost is the
 thread CPU time per request (`time.thread_time`: others' processes on a shared machine move
 it far less than wall time), the configurations interleaved over `--rounds` rounds, the
-least of its rounds kept (the median beside it). The forward pass runs inline, as on an
-idle replica; the batch queue and HTTP (HAProxy, uvicorn) are not in these figures.
+least of its rounds kept (the median beside it); each round runs them in its own order. The
+forward pass runs inline, as on an idle replica; the batch queue and HTTP (HAProxy, uvicorn)
+are not in these figures.
 Configurations:
   full            the FastAPI route (a query string sends the request past the lean path)
   full+override   the same with one dependency override present (an unused one), as
@@ -15,23 +16,25 @@ Configurations:
   lean            the lean path (serving/lean.py)
   lean+auth       with a key checked from the replica's cache (serving/auth.py)
   lean+metrics    with Prometheus metrics (serving/metrics.py, Ray's metrics API)
-  lean+log        with the prediction log (its flush's Arrow tables included; the
-                  FeedbackStore's own work is in another process and not counted)
+  lean+log        with the prediction log (its flushes' predictions and Arrow tables
+                  included; the FeedbackStore's own work is in another process)
   lean+all        auth, metrics and log: `kiln serve`'s defaults
   v2-json, v2-binary   V2 infer on the lean path with everything on
 Prints one JSON line last: microseconds per request by configuration, and the differences
 that are each feature's cost.
 
-    python benchmarks/predict_path.py                 # about 1 minute
-    python benchmarks/predict_path.py --requests 500 --rounds 1   # smoke
+    python benchmarks/predict_path.py           # about 1 minute on an idle 2-core machine
+    python benchmarks/predict_path.py --quick   # smoke, about 15 s
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
+import random
 import statistics
 import struct
 import sys
@@ -125,8 +128,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-async def drive(api: Any, config: dict[str, Any], requests: int) -> float:
-    """Thread CPU microseconds per request of `requests` requests through `api`."""
+async def drive(api: Any, config: dict[str, Any], requests: int, host: Any) -> float:
+    """Thread CPU microseconds per request of `requests` requests through `api`, the work the
+    prediction log and the metrics leave for their flushes included: the event loop runs
+    every 100 requests (the flush timers fire as in a replica), and what is still buffered
+    at the end is flushed inside the timed span."""
     path, _, query = config.get("path", "/v1/models/bench-light:predict").partition("?")
     body = config.get("body", V1_BODY)
     headers = [(b"content-type", b"application/json"), *config.get("headers", [])]
@@ -149,13 +155,26 @@ async def drive(api: Any, config: dict[str, Any], requests: int) -> float:
 
     for _ in range(50):  # warm-up
         await api(dict(scope), receive, send)
+    await flush(host)
+    gc.collect()  # the garbage of the configuration before is not this one's
     started = time.thread_time()
-    for _ in range(requests):
+    for i in range(requests):
         await api(dict(scope), receive, send)
+        if i % 100 == 99:
+            await asyncio.sleep(0)
+    await flush(host)
     spent = time.thread_time() - started
     if set(statuses) != {200}:
         raise SystemExit(f"{config}: answered {sorted(set(statuses))}")
     return 1e6 * spent / requests
+
+
+async def flush(host: Any) -> None:
+    """Hand over what the prediction log and the metrics hold (as their timers would)."""
+    if host.log is not None:
+        await host.log.flush()
+    if host.metrics is not None:
+        host.metrics.flush()
 
 
 async def unused_dependency() -> None:
@@ -164,10 +183,15 @@ async def unused_dependency() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=1500, help="Per configuration and round.")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--quick", action="store_true", help="300 requests x 2 rounds (a smoke run, ~15 s)."
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rounds = 300, 2
     import tempfile
 
     import torch
@@ -197,8 +221,10 @@ def main() -> None:
     runs: dict[str, list[float]] = {n: [] for n in names}
 
     async def run_all() -> None:
-        for _ in range(args.rounds):
-            for name in names:
+        for round_number in range(args.rounds):
+            # Each round in its own order: a configuration's place in the round (after a
+            # heavy one, say) should not be its cost.
+            for name in random.Random(round_number).sample(names, len(names)):
                 config = CONFIGS[name]
                 host = hosts[(bool(config.get("log")), bool(config.get("metrics")))]
 
@@ -209,20 +235,40 @@ def main() -> None:
                 api.dependency_overrides.clear()
                 if config.get("override"):
                     api.dependency_overrides[unused_dependency] = unused_dependency
-                runs[name].append(await drive(api, config, args.requests))
+                runs[name].append(await drive(api, config, args.requests, host))
                 print(name, round(runs[name][-1], 1), file=sys.stderr, flush=True)
 
-    asyncio.run(run_all())
+    async def run_and_close() -> None:
+        await run_all()
+        for host in hosts.values():
+            if host.log is not None:
+                await host.log.close()
+
+    asyncio.run(run_and_close())
     # The least disturbed round of each: on a shared machine others' work only adds to the
     # thread CPU a request takes (cache misses, a shared core's other hyperthread).
     us = {n: round(min(v), 1) for n, v in runs.items()}
     median = {n: round(statistics.median(v), 1) for n, v in runs.items()}
-    costs = {}
+    costs, shares = {}, {}
     for feature in ("auth", "metrics", "log", "all"):
         if f"lean+{feature}" in us and "lean" in us:
             costs[f"{feature}_us"] = round(us[f"lean+{feature}"] - us["lean"], 1)
-    print(json.dumps({"us_per_request": us, "feature_us": costs, "median_us": median, "runs": runs,
-                      "load": os.getloadavg()[0]}))  # fmt: skip
+            shares[f"{feature}_pct"] = round(100 * costs[f"{feature}_us"] / us["lean"], 1)
+    print(json.dumps({"feature_pct_of_lean": shares, "feature_us": costs, "us_per_request": us,
+                      "median_us": median, "runs": runs, "requests": args.requests,
+                      "rounds": args.rounds, "load_avg_1m": os.getloadavg()[0],
+                      "cpu": cpu_model()}))  # fmt: skip
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the figures depend on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 if __name__ == "__main__":

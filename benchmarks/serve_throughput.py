@@ -9,11 +9,13 @@ Three models, one row of 64 features per request:
     model earlier runs used as "heavy"; kept to show where the per-request HTTP cost binds.
 At concurrency 1, 16 and 64, wrk (a Lua script POSTs the row, on loopback, bounded in time)
 measures requests/s and p50/p99 of:
-  - Kiln as `kiln serve` runs it (Serve's HAProxy ingress). Light: one replica with one CPU.
+  - Kiln as `kiln serve` runs it (its direct ingress: each replica answers the port itself,
+    serving/direct.py). Light: one replica with one CPU.
     Medium and heavy: one replica per core, one CPU (one torch thread) each, so one replica's
     forward pass overlaps another's HTTP handling; batched (max_batch_size 64; heavy waits up
     to 20 ms for a batch to fill) and, for heavy, with batching off (max_batch_size 1). For
-    reference, light also behind Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0);
+    reference, light also behind Serve's Python proxy (`--ingress serve` with
+    RAY_SERVE_ENABLE_HA_PROXY=0);
   - the plain baseline: the same model and forward code in FastAPI under
     `uvicorn --workers <cores>`, one single-thread worker per core (the best that alternative
     does: no batching, but every core handles HTTP). The series `*_fastapi_one_process` is the
@@ -157,7 +159,9 @@ def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) 
 
     os.environ.update(serve_env() if proxy == "ha" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"})
     settings = Settings(
-        kiln_home=Path(tempfile.mkdtemp(prefix="kiln-serve-bench-")), kiln_http_port=8431
+        kiln_home=Path(tempfile.mkdtemp(prefix="kiln-serve-bench-")),
+        kiln_http_port=8431,
+        kiln_ingress="auto" if proxy == "ha" else "serve",  # auto: Kiln's default, direct
     )
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     registry = registry_for(settings)
@@ -179,7 +183,7 @@ def kiln_side(proxy: str, kinds: list[str], levels: list[int], duration_s: int) 
 
 
 # ----------------------------------------------------------------------------- TLS arm
-# `--tls`: what TLS costs (cluster/tls.py's frontend in front of Serve's HAProxy ingress), the
+# `--tls`: what TLS costs (cluster/tls.py's frontend in front of Kiln's ingress), the
 # light model at c64, with and without TLS on one deployment, the two interleaved A/B/A/B
 # (Serve listens on a loopback port behind the frontend: the plain side calls it there).
 
@@ -190,7 +194,7 @@ def tls_side(connections: int, duration_s: int, rounds: int) -> dict[str, Any]:
     from ray.serve.context import _get_global_client
 
     from kiln.runtime import registry_for, serve_env, shutdown_ray
-    from kiln.serving_control import deploy_models
+    from kiln.serving_control import current_args, deploy_models
     from kiln.settings import Settings
     from kiln.tls import TlsFiles, self_signed_files
 
@@ -205,7 +209,9 @@ def tls_side(connections: int, duration_s: int, rounds: int) -> dict[str, Any]:
     tls_url = deploy_models(
         settings, ["bench-light"], auth=False, tls=TlsFiles(cert, key), **DEPLOY["light"]
     )
-    inner = _get_global_client().http_config.port  # Serve's own (plain, loopback) port
+    # The plain loopback port behind the frontend: the replicas' own (the direct ingress, the
+    # default) or Serve's.
+    inner = current_args().get("direct_port") or _get_global_client().http_config.port
     urls = {
         "tls": f"{tls_url}/v1/models/bench-light:predict",
         "plain": f"http://127.0.0.1:{inner}/v1/models/bench-light:predict",
@@ -261,8 +267,12 @@ def plain_app() -> Any:
     model, spec = model_from_files(model_files(os.environ["KILN_BENCH_KIND"]))
     app = FastAPI()
 
+    # An async route: the forward pass runs on the worker's event loop, with no hop to
+    # Starlette's thread pool. On 2026-12-07's idle machine the sync route gave 1,615 req/s
+    # for light at c64 under `--workers 2` where serve_peers.py's async FastAPI gave 4,622:
+    # the sync one was not the best this alternative does.
     @app.post("/predict")
-    def predict(body: dict) -> dict:
+    async def predict(body: dict) -> dict:
         x = np.asarray(body["instances"], dtype=np.float32)
         return {"predictions": outputs_to_predictions(predict_outputs(model, x), spec).tolist()}
 

@@ -74,7 +74,8 @@ def run_demo(
     outcome = train_and_register(settings, request, registry, on_epoch, step)
     step("serving")
     # The demo is a local show-and-tell: no keys to hand out, so auth is off (with a warning).
-    base_url = deploy_models(settings, [outcome.record.ref], auth=False, tls=tls)
+    # HTTP only: the demo queries over HTTP, and gRPC's port would be one more to collide on.
+    base_url = deploy_models(settings, [outcome.record.ref], auth=False, tls=tls, grpc_port=0)
     step("querying")
     test = load_shards(source, "test", 1)
     try:

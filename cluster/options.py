@@ -46,7 +46,7 @@ COMMAND_OPTIONS: dict[str, frozenset[str]] = {
         "--target-ongoing-requests --log-sample --log-retention-days"
         " --lm-max-batch --kv-cache-tokens --max-waiting --json"
         " --log-mask --log-drop --log-mask-text --no-log-mask-text"
-        " --tls-cert --tls-key --tls-ca --tls-self-signed"
+        " --tls-cert --tls-key --tls-ca --tls-self-signed --grpc-port --ingress"
         # the SLO choice
         " --slo-p99-ms --min-accuracy --target-rps --http-overhead-ms --dry-run --no-dry-run"
     ),

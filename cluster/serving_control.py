@@ -10,19 +10,17 @@ import ray
 from ray import serve
 
 from kiln.actors.catalog import VersionRecord
+from kiln.actors.registry import NAMESPACE
 from kiln.runtime import free_port, registry_for, unwrapped_errors
 from kiln.serving.app import build_app
 from kiln.serving.schemas import AUTH_OFF_WARNING, ServeArgs, is_canary_weight
 from kiln.settings import Settings
 from kiln.tls import TlsFiles, TlsFrontend
+from kiln.tls_cluster import cluster_serve_ports, start_node_fronts
 from kiln.training.errors import KilnError
 from kiln.training.export import serving_backend
 
 APP_NAME = "kiln"
-TLS_ON_CLUSTER = (
-    "--tls-* (KILN_TLS_*) terminate TLS for the embedded Ray's kiln serve only; on a cluster put "
-    "a TLS load balancer in front of Serve's port (docs/security.md)"
-)
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +30,19 @@ def deploy_models(
     refs: list[str],
     key: str | None = None,
     tls: TlsFiles | None = None,
+    grpc_port: int | None = None,
     **serve_args: Any,
 ) -> str:
     """Serve `refs` at settings' host and port; returns the base URL once it answers.
 
+    gRPC (serving/grpc_v2.py) listens on `grpc_port` (default settings' kiln_grpc_port; 0:
+    none) on the same host, behind a TLS frontend of its own (HTTP/2) with `tls`.
+
     Deploying is an admin action: it is audited first, which also refuses a `key` without the
     admin scope before anything changes. `auth=False` in `serve_args` turns key checks off.
     With `tls`, Serve listens on a loopback port and Kiln's TLS frontend (cluster/tls.py) on
-    settings' host and port; it lives as long as this process (the embedded Ray's).
+    settings' host and port; it lives as long as this process (the embedded Ray's). On a
+    cluster, every node with a Serve proxy gets a frontend actor (cluster/tls_cluster.py).
     """
     registry = registry_for(settings)
     # A missing model, or one its backend cannot run, is one line now, not a failed deployment.
@@ -48,22 +51,121 @@ def deploy_models(
     ray.get(registry.record_event.remote("deploy", ",".join(refs), {"auth": auth}, key))
     if not auth:
         logger.warning(AUTH_OFF_WARNING)
-    if tls is not None and not settings.embedded:
-        raise KilnError(TLS_ON_CLUSTER)
     host, port = settings.kiln_http_host, settings.kiln_http_port
+    grpc_port = settings.kiln_grpc_port if grpc_port is None else grpc_port
+    serve_grpc_port = grpc_port
     if tls is not None:  # Serve (and its replicas' direct-ingress ports) on loopback only
         host, port = "127.0.0.1", free_port()
-    serve.start(http_options={"host": host, "port": port})
+        if not settings.embedded:  # a cluster's HAProxy may need to reach other machines
+            host = settings.kiln_tls_inner_host
+        serve_grpc_port = free_port() if grpc_port else 0
+    if not settings.embedded:  # a running Serve keeps its binding; TLS needs it on loopback
+        port, serve_grpc_port = cluster_serve_ports(
+            tls is not None, host, port, serve_grpc_port, NAMESPACE
+        )
+    running = running_serve_port()  # serve.start keeps a running Serve's first binding
+    inner_grpc_port = serve_grpc_port  # where gRPC is answered (behind TLS: a loopback port)
+    serve_port = port
+    if direct_ingress(settings, serve_args, tls is not None):
+        # The replicas answer `port` themselves (serving/direct.py); Serve's ingress another.
+        if running == port:
+            raise KilnError(
+                f"Serve's ingress already listens on port {port}; stop it (serve shutdown) "
+                "for --ingress direct, or use --ingress serve"
+            )
+        serve_args.update(direct_host=host, direct_port=port)
+        serve_port = running or free_port()
+        if serve_grpc_port:  # the replicas answer gRPC too; Serve's gRPC ingress stays off
+            if running_serve_grpc_port() == serve_grpc_port:
+                raise KilnError(
+                    f"Serve's gRPC ingress already listens on port {serve_grpc_port}; stop it "
+                    "(serve shutdown) for --ingress direct, or use --ingress serve"
+                )
+            serve_args["direct_grpc_port"] = serve_grpc_port
+            serve_grpc_port = 0
+    elif running is not None and settings.embedded:
+        port = serve_port = running
+    serve.start(
+        http_options={"host": host, "port": serve_port},
+        grpc_options=grpc_options(serve_grpc_port),
+    )
     serve_args.setdefault("feedback_shards", settings.kiln_feedback_shards)
     serve.run(build_app({"models": refs, **serve_args}), name=APP_NAME, route_prefix="/")
     # serve.run returns once replicas are healthy; check the proxy routes to them too.
-    httpx.get(f"http://{host}:{port}/docs", timeout=30).raise_for_status()
+    if tls is None or settings.embedded:  # a cluster's frontends check their own node's
+        httpx.get(f"http://{host}:{port}/docs", timeout=30).raise_for_status()
     if tls is None:
         return f"http://{host}:{port}"
+    if not settings.embedded:  # a TLS frontend on each node with a Serve proxy
+        listeners = [(settings.kiln_http_port, port, "http/1.1")]
+        if grpc_port and inner_grpc_port:
+            listeners.append((grpc_port, inner_grpc_port, "h2"))
+        start_node_fronts(tls, settings.kiln_http_host, listeners, NAMESPACE)
+        return f"https://{public_host(settings.kiln_http_host)}:{settings.kiln_http_port}"
     FRONTENDS.append(
         TlsFrontend(tls, settings.kiln_http_host, settings.kiln_http_port, port).start()
     )
+    if grpc_port:  # gRPC needs HTTP/2 negotiated by ALPN; TCP mode passes its frames as they are
+        FRONTENDS.append(
+            TlsFrontend(tls, settings.kiln_http_host, grpc_port, inner_grpc_port, "h2").start()
+        )
     return f"https://{public_host(settings.kiln_http_host)}:{settings.kiln_http_port}"
+
+
+def direct_ingress(settings: Settings, serve_args: dict[str, Any], tls: bool) -> bool:
+    """Whether the replicas answer the HTTP port themselves (settings.kiln_ingress, resolved).
+
+    auto: direct on the embedded Ray with a fixed replica count. Serve's autoscaler counts the
+    requests its own ingress routes, so autoscaling keeps Serve's ingress; so does a cluster,
+    where Serve's ingress answers on every node and a node without a replica would not.
+    """
+    autoscaling = serve_args.get("min_replicas") is not None or serve_args.get("max_replicas")
+    choice = settings.kiln_ingress
+    if choice == "serve" or (choice == "auto" and (autoscaling or not settings.embedded)):
+        return False
+    if autoscaling:
+        raise KilnError(
+            "--ingress direct serves a fixed number of replicas (Serve's autoscaler sees only "
+            "the requests its own ingress routes); give --num-replicas N, or --ingress serve"
+        )
+    if tls and not settings.embedded:
+        raise KilnError(
+            "--ingress direct with TLS runs on the embedded Ray only; on a cluster use "
+            "--ingress serve"
+        )
+    return True
+
+
+def running_serve_port() -> int | None:
+    """The HTTP port of the Serve instance already running on the connected Ray, if any."""
+    client = running_serve()
+    return None if client is None else int(client.http_config.port)
+
+
+def running_serve_grpc_port() -> int | None:
+    """The gRPC port of a running Serve with Kiln's servicer, if any."""
+    client = running_serve()
+    if client is None:
+        return None
+    running = ray.get(client._controller.get_grpc_config.remote())
+    return int(running.port) if running.grpc_servicer_functions else None
+
+
+def running_serve() -> Any:
+    """Serve's client on the connected Ray when Serve runs there; None when it does not."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False)
+
+
+def grpc_options(port: int) -> dict[str, Any] | None:
+    """Serve's gRPC ingress on `port` with Kiln's V2 servicer (serving/grpc_v2.py); None
+    (Serve's default: no gRPC servicer, no gRPC port) for port 0."""
+    if not port:
+        return None
+    from kiln.serving.grpc_v2 import SERVICER
+
+    return {"port": port, "grpc_servicer_functions": [SERVICER]}
 
 
 FRONTENDS: list[TlsFrontend] = []
@@ -187,9 +289,11 @@ def serve_config(serve_args: dict[str, Any], settings: Settings) -> dict[str, An
     """A Serve config (the `serve deploy` schema, also a RayService's serveConfigV2)."""
     defaults = ServeArgs(models=["_"]).model_dump()
     args = {k: v for k, v in serve_args.items() if k == "models" or v != defaults.get(k)}
+    grpc = grpc_options(settings.kiln_grpc_port)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": settings.kiln_http_port},
+        **({"grpc_options": grpc} if grpc else {}),
         "applications": [
             {
                 "name": APP_NAME,

@@ -7,11 +7,13 @@
 | RAY_ADDRESS      | --address   | unset: an embedded local Ray    |
 | KILN_HTTP_HOST   | --host      | 127.0.0.1                       |
 | KILN_HTTP_PORT   | --port      | 8000                            |
+| KILN_INGRESS     | --ingress   | auto (serving/direct.py)        |
 | KILN_API_KEY     | --key       | unset: act as the local user    |
 | KILN_FEEDBACK_SHARDS |         | 1 (FeedbackStore actors)        |
 | KILN_TLS_CERT    | --tls-cert  | unset: plain HTTP (cluster/tls.py) |
 | KILN_TLS_KEY     | --tls-key   | unset                           |
 | KILN_TLS_CA      | --tls-ca    | unset: no client certificates   |
+| KILN_TLS_INNER_HOST |          | 127.0.0.1: Serve's bind behind TLS on a cluster |
 | KILN_ENCRYPT     |             | off: seal new storage files (docs/security.md) |
 | KILN_MASTER_KEY  |             | unset: the master key (file, hex/base64, aws-kms:ID) |
 | KILN_PRICE_CPU_HOUR  |         | 0.0504 USD (actors/monitor.py)  |
@@ -21,9 +23,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Ingress = Literal["auto", "serve", "direct"]
+"""Who answers `kiln serve`'s ports (cluster/serving_control.py direct_ingress)."""
 
 
 class Settings(BaseSettings):
@@ -37,6 +43,12 @@ class Settings(BaseSettings):
     """Ray cluster address; unset means an embedded local Ray for the command's lifetime."""
     kiln_http_host: str = "127.0.0.1"
     kiln_http_port: int = Field(8000, ge=1, le=65535)
+    kiln_grpc_port: int = Field(9000, ge=0, le=65535)
+    """Open Inference Protocol V2 over gRPC (Ray Serve's default port); 0: no gRPC."""
+    kiln_ingress: Ingress = "auto"
+    """Who answers the HTTP port: every replica itself (direct, serving/direct.py; Serve's
+    ingress then listens on another port), Serve's HAProxy ingress (serve), or auto: direct on
+    the embedded Ray with a fixed replica count, serve on a cluster or with autoscaling."""
     kiln_num_cpus: int | None = Field(None, ge=1)
     """Logical CPUs of the embedded Ray (default: max(4, cores)); ignored on a cluster."""
     kiln_feedback_shards: int = Field(1, ge=1, le=256)
@@ -53,6 +65,11 @@ class Settings(BaseSettings):
     """The certificate's private key (PEM, unencrypted)."""
     kiln_tls_ca: str | None = None
     """CA certificates (PEM) that callers' client certificates must chain to (mutual TLS)."""
+    kiln_tls_inner_host: str = "127.0.0.1"
+    """With TLS on a cluster: the address Serve (and its replicas' direct-ingress ports)
+    binds behind each node's TLS frontend. 127.0.0.1 keeps every clear port on loopback; a
+    multi-machine cluster with Serve's HAProxy ingress needs 0.0.0.0 (or the nodes' private
+    network) for a node's HAProxy to reach replicas on other nodes (docs/security.md)."""
 
     @field_validator(
         "ray_address",

@@ -173,6 +173,22 @@ class BearerAuth:
             self.note_use(check.key_id)
         return check
 
+    def cached_allow(self, secret: str | None, kind: str, model: str) -> KeyCheck | None:
+        """The cached verdict when it is a live key with `kind:model`, without a coroutine
+        (the common request: a hash and two dict lookups); None leaves the decision to
+        `authorize` (no key, a cache miss, a refused key, a missing scope), which answers
+        exactly as before. Measured in the lean path (thread CPU, load avg 5-8): the await
+        chain authorize -> authenticate -> check cost 16-18 us a request there, against 5 us
+        in a tight loop of the same calls."""
+        if not secret:
+            return None
+        check = self.cache.get(secret)
+        if check is None or not check.allows(kind, model):
+            return None
+        if check.key_id is not None:
+            self.note_use(check.key_id)
+        return check
+
     async def authorize(self, secret: str | None, kind: str, model: str) -> KeyCheck:
         """401 without a live key; 403 when the key lacks `kind:model`, `kind:*` or admin."""
         check = await self.authenticate(secret)

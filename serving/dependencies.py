@@ -55,7 +55,10 @@ async def check_predict_key(
     name: str, host: ModelHost, auth: BearerAuth, secret: str | None
 ) -> None:
     """`authorize` on the secret itself (serving/lean.py takes it from the header)."""
-    check = await auth.authorize(secret, "predict", name.partition("@")[0])
+    model = name.partition("@")[0]
+    check = auth.cached_allow(secret, "predict", model) or await auth.authorize(
+        secret, "predict", model
+    )
     wait_s = host.limiter.wait_s(check.key_id or "unknown")
     if wait_s > 0:
         raise HTTPException(

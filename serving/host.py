@@ -5,8 +5,9 @@ thin and this part can be read and tested on its own. The Serve deployment (serv
 owns one `ModelHost`; Serve's `reconfigure` and `check_health` hooks call straight through to
 it. A request it cannot serve raises `RequestError` with the HTTP status the routes answer with.
 
-`@serve.batch` groups concurrent requests, whichever model they name, and runs one forward
-pass per model per batch.
+Each served model version has its own `@serve.batch` queue, with the `max_batch_size` and
+`batch_wait_timeout_s` chosen from its latency profile when the replica loads it
+(serving/batching.py), or given by the user.
 """
 
 from __future__ import annotations
@@ -30,17 +31,24 @@ from kiln.actors.catalog import VersionRecord
 from kiln.actors.feedback import feedback_stores
 from kiln.actors.keys import KeyCheck
 from kiln.actors.replica import SMALL_ROWS, ModelReplica
+from kiln.serving.batching import Batching, profile_forward, resolve_batching
 from kiln.serving.errors import actor_failure
 from kiln.serving.inputs import rows_to_inputs
 from kiln.serving.jsonbody import shown
-from kiln.serving.logmask import LogMask
+from kiln.serving.logmask import LogMask, LogPolicy, input_fields
 from kiln.serving.metrics import ServingMetrics
 from kiln.serving.predlog import Logged, PredictionLog
 from kiln.serving.ratelimit import RateLimiter
 from kiln.serving.routing import Router
-from kiln.serving.schemas import InputInfo, ModelInfo, PredictRequest, RequestError, ServeArgs
+from kiln.serving.schemas import (
+    BatchingInfo,
+    InputInfo,
+    ModelInfo,
+    PredictRequest,
+    RequestError,
+    ServeArgs,
+)
 from kiln.training.errors import KilnError
-from kiln.training.evaluate import outputs_to_predictions
 from kiln.training.tabular import CATEGORICAL
 
 logger = logging.getLogger(__name__)
@@ -101,6 +109,13 @@ def assigned_gpus() -> float:
     if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return 0.0
     return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+
+
+def computes_on_this_thread(replica: ModelReplica) -> bool:
+    """Whether a forward pass runs wholly on the calling thread (CPU, one thread)."""
+    if torch.get_num_threads() != 1 or replica.device.type != "cpu":
+        return False
+    return replica.onnx is None or all(p.startswith("CPU") for p in replica.onnx.providers)
 
 
 def runs_inline(replica: ModelReplica, rows: int) -> bool:
@@ -296,6 +311,12 @@ class ModelHost:
         if registry is not None and args.metrics:
             self.metrics = ServingMetrics()
         self.log_mask = log_mask_of(args)
+        self.profiles: dict[str, dict[int, float]] = {}
+        """Seconds per forward pass by batch size, per served version (timed at load)."""
+        self.batching: dict[str, Batching] = {}
+        """Each served version's batching (serving/batching.py), set by reconfigure."""
+        self._batchers: dict[str, Any] = {}
+        """Each served version's `@serve.batch` queue (made at its first batched request)."""
         if registry is not None and args.log_sample > 0:
             self.log = PredictionLog(
                 self._feedback_stores,
@@ -305,7 +326,7 @@ class ModelHost:
                 num_gpus=float(assigned_gpus()),
                 on_drop=self.metrics.log_dropped.inc if self.metrics else None,
                 served_models=self.served_model_names,
-                masker=self.mask_logged if self.log_mask.active else None,
+                masker=self.mask_logged,  # registry policies may come with any reconfigure
             )
         # The replica computes with the cores it reserves (Kiln's workers default to one
         # thread each): a replica with num_cpus=4 runs its forward passes on 4 threads (an
@@ -323,10 +344,48 @@ class ModelHost:
             self.registry, self.args, self.served.replicas, self.served.language
         )
         self.limiter = RateLimiter(self.args.rate_limit_per_s, self.args.rate_limit_burst)
-        batched: Any = self._forward_batch  # @serve.batch adds the setters
-        batched.set_max_batch_size(self.args.max_batch_size)
-        batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.log_mask = self.log_mask.with_policies(self._log_policies())
+        self.choose_batching()
         logger.info("serving %s", ", ".join(self.served.router.served()))
+
+    def choose_batching(self) -> None:
+        """Each served version's batching: its latency profile (timed once, when first served
+        here) unless the user gave the values; logged, and applied to live batch queues."""
+        batching: dict[str, Batching] = {}
+        for key, replica in self.served.replicas.items():
+            if key not in self.profiles:
+                # One compute thread on the CPU: its CPU time, which others' work on the host
+                # moves little. A GPU's time is not the thread's: wall time there.
+                clock = time.thread_time if computes_on_this_thread(replica) else time.perf_counter
+                self.profiles[key] = profile_forward(
+                    replica.forward, replica.num_inputs, clock=clock
+                )
+            batching[key] = resolve_batching(
+                self.profiles[key], self.args.max_batch_size, self.args.batch_wait_timeout_s
+            )
+            logger.info("batching %s: %s", key, batching[key].describe())
+            batcher = self._batchers.get(key)
+            if batcher is not None:
+                batcher.set_max_batch_size(batching[key].max_batch_size)
+                batcher.set_batch_wait_timeout_s(batching[key].batch_wait_timeout_s)
+        self.batching = batching
+
+    def batching_of(self, key: str) -> Batching:
+        """The batching of a served version (the user's values or the defaults before the
+        first reconfigure: route tests set `served` directly)."""
+        found = self.batching.get(key)
+        if found is None:
+            found = resolve_batching(None, self.args.max_batch_size, self.args.batch_wait_timeout_s)
+        return found
+
+    def _log_policies(self) -> dict[str, LogPolicy]:
+        """The registry's log policy of each served model (`kiln models log-policy`), read at
+        every start and reconfigure: a changed policy applies from the next deploy on."""
+        if self.registry is None:
+            return {}
+        names = self.served_model_names()
+        policies = ray.get(self.registry.log_policies.remote(names))
+        return {name: LogPolicy.from_dict(p) for name, p in policies.items()}
 
     def _feedback_stores(self) -> list[Any]:
         storage_uri = str(ray.get(self.registry.get_storage_uri.remote()))
@@ -347,33 +406,38 @@ class ModelHost:
         if replica is None:
             return
         latency_ms = (time.perf_counter() - started) * 1000.0
-        batch_rows = forward_rows.get() if x is not None else 0
-        name, version = replica.record.name, replica.record.version
+        record = replica.record
         if self.metrics is not None:
-            self.metrics.record(name, version, status, latency_ms, batch_rows)
-        if self.log is None or not self.log.sampled():
+            self.metrics.record(record.name, record.version, status, latency_ms)
+        log = self.log
+        if log is None or not log.sampled():
             return
-        predictions = None if outputs is None else outputs_to_predictions(outputs, replica.spec)
-        self.log.record(
+        # The predictions are computed at the flush, for every logged request at once.
+        log.record(
             Logged(
-                name,
-                version,
+                record.name,
+                record.version,
                 request_id,
                 time.time(),
                 status,
                 latency_ms,
-                batch_rows,
+                forward_rows.get() if x is not None else 0,
                 x,
-                predictions,
+                None,
+                outputs if x is not None else None,
+                replica.spec,
             )
         )
 
     def mask_logged(self, item: Any) -> Any:
-        """`item` as --log-mask/--log-drop/--log-mask-text want it in the log."""
+        """`item` as --log-mask/--log-drop/--log-mask-text and the model's registry policy
+        want it in the log."""
+        if not self.log_mask.active:
+            return item
         if hasattr(item, "x") and not self.log_mask.knows(item.model, item.version):
             names = next(
                 (
-                    [c.name for c in r.encoding.inputs] if r.encoding is not None else []
+                    input_fields(r.record.spec) or []
                     for r in self.served.replicas.values()
                     if r.record.name == item.model and r.record.version == item.version
                 ),
@@ -460,6 +524,7 @@ class ModelHost:
             metrics={k: v for k, v in record.metrics.items() if k != "history"},
             aliases=self.served.router.aliases_of(key),
             backend=replica.backend,  # type: ignore[arg-type]
+            batching=BatchingInfo(**self.batching_of(key).to_dict()),
         )
 
     async def forward(self, key: str, x: np.ndarray) -> np.ndarray:
@@ -471,16 +536,33 @@ class ModelHost:
         requests that arrived while the previous one ran, as in Triton's dynamic batcher.
         """
         replica = self.served.replicas[key]
-        if self.args.batch_wait_timeout_s == 0 and runs_inline(replica, len(x)):
+        batching = self.batching.get(key) or self.batching_of(key)
+        if batching.batch_wait_timeout_s == 0 and runs_inline(replica, len(x)):
             forward_rows.set(len(x))
-            return replica.forward(x)
+            outputs = replica.forward(x)
+            if self.metrics is not None:
+                self.metrics.forward_pass(replica.record.name, replica.record.version, len(x))
+            return outputs
         item = BatchItem(key, x)
-        outputs = await self._forward_batch(item)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            batcher = self._batchers[key] = self._batch_queue(batching)
+        outputs = await batcher(item)
         forward_rows.set(item.batch_rows)
         return outputs  # type: ignore[no-any-return]
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def _forward_batch(self, items: list[BatchItem]) -> list[np.ndarray]:
+    def _batch_queue(self, batching: Batching) -> Any:
+        """A `@serve.batch` queue for one served version (its own size and wait)."""
+
+        async def forward_batch(items: list[BatchItem]) -> list[np.ndarray]:
+            return self._forward_batch(items)
+
+        return serve.batch(
+            max_batch_size=batching.max_batch_size,
+            batch_wait_timeout_s=batching.batch_wait_timeout_s,
+        )(forward_batch)
+
+    def _forward_batch(self, items: list[BatchItem]) -> list[np.ndarray]:
         """One forward pass per model over every row of the batch, split back per request.
 
         The pass runs on the event loop, on purpose: Serve's batcher forms the next batch as
@@ -493,7 +575,10 @@ class ModelHost:
         for key in {item.model_key for item in items}:
             members = [i for i, item in enumerate(items) if item.model_key == key]
             x = np.concatenate([items[i].x for i in members])
-            out = replicas[key].forward(x)
+            replica = replicas[key]
+            out = replica.forward(x)
+            if self.metrics is not None:
+                self.metrics.forward_pass(replica.record.name, replica.record.version, len(x))
             for i in members:
                 items[i].batch_rows = len(x)
             offsets = np.cumsum([0] + [len(items[i].x) for i in members])

@@ -62,6 +62,20 @@ class InputInfo(BaseModel):
     )
 
 
+class BatchingInfo(BaseModel):
+    """A served model's dynamic batching (serving/batching.py)."""
+
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    source: str = Field(
+        description="profile (chosen from the model's latency profile), user, profile+user, "
+        "or default."
+    )
+    profile_ms: dict[str, float] | None = Field(
+        None, description="Milliseconds of one forward pass by batch size (the fastest of a few)."
+    )
+
+
 class ModelInfo(BaseModel):
     name: str
     version: int
@@ -79,6 +93,9 @@ class ModelInfo(BaseModel):
     aliases: list[str]
     backend: Literal["torch", "onnxruntime"] = Field(
         "torch", description="What runs the model: torch, or ONNX Runtime on its model.onnx."
+    )
+    batching: BatchingInfo | None = Field(
+        None, description="Its dynamic batching on the replica that answered."
     )
 
 
@@ -272,7 +289,13 @@ class ServeArgs(BaseModel):
     sticky_header: str = Field(
         "x-kiln-session", description="Requests with the same value stay on one side of a split."
     )
-    max_batch_size: int = Field(64, ge=1, le=4096)
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Requests per forward pass; unset: chosen per model from its latency "
+        "profile when a replica loads it (serving/batching.py).",
+    )
     lm_max_batch: int = Field(
         32, ge=1, le=1024, description="Language models: sequences decoding together."
     )
@@ -288,11 +311,12 @@ class ServeArgs(BaseModel):
         le=100_000,
         description="Language models: requests that may wait for KV memory; past it, 429.",
     )
-    batch_wait_timeout_s: float = Field(
-        0.0,
+    batch_wait_timeout_s: float | None = Field(
+        None,
         ge=0,
         le=1,
-        description="How long a batch waits to fill; 0 (default) batches what is queued.",
+        description="How long a batch waits to fill; 0 batches what is queued; unset: chosen "
+        "per model from its latency profile (0 for an overhead-bound model).",
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_instances: int = Field(4096, ge=1)
@@ -303,6 +327,20 @@ class ServeArgs(BaseModel):
         "auto",
         description="What runs each model: torch, onnxruntime (its model.onnx from kiln export), "
         "or auto: onnxruntime for a version that has model.onnx, torch otherwise.",
+    )
+    direct_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Kiln's direct HTTP ingress (serving/direct.py): every replica answers "
+        "this port itself (SO_REUSEPORT), past Serve's HAProxy; unset: Serve's ingress only.",
+    )
+    direct_host: str = Field("127.0.0.1", description="The direct ingress's bind address.")
+    direct_grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="With direct_port: every replica answers V2 gRPC on this port itself.",
     )
     num_replicas: int = Field(1, ge=1, description="Fixed replica count (without autoscaling).")
     min_replicas: int | None = Field(None, ge=0, description="Autoscaling floor (0 allowed).")

@@ -16,6 +16,8 @@ from kiln.runtime import free_port  # noqa: F401 (tests import it from here)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")  # as Kiln sets it
+# No gRPC port unless a test asks for one: every deploy would open 9000, Serve's default.
+os.environ.setdefault("KILN_GRPC_PORT", "0")
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:

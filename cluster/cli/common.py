@@ -132,6 +132,8 @@ def load_settings(**overrides: Any) -> Settings:
         "storage": "kiln_storage",
         "host": "kiln_http_host",
         "port": "kiln_http_port",
+        "grpc_port": "kiln_grpc_port",
+        "ingress": "kiln_ingress",
     }
     try:
         return Settings().with_overrides(**{keys[k]: v for k, v in overrides.items()})
@@ -389,15 +391,15 @@ def require_gpu() -> None:
         raise KilnError("Got --gpu on, but this Ray cluster has no GPU. Use --gpu auto or off.")
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, option: str = "--port") -> None:
     """One line now rather than uvicorn's log after Ray has started."""
     if not 1 <= port <= 65535:
-        raise KilnError(f'Got "{port}" for --port. Use a port between 1 and 65535.')
+        raise KilnError(f'Got "{port}" for {option}. Use a port between 1 and 65535.')
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
             raise KilnError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port"
+                f"cannot listen on {host}:{port} ({exc.strerror}); choose another with {option}"
             ) from exc

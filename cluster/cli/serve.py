@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -33,7 +33,10 @@ from kiln.cli.common import (
     require_cluster,
     tls_files,
 )
+from kiln.settings import Ingress
 from kiln.training.errors import KilnError
+
+INGRESSES = get_args(Ingress)
 
 if TYPE_CHECKING:
     from kiln.serving.slo import SLO, Choice, Verdict
@@ -45,10 +48,19 @@ def serve(
     models: Annotated[
         list[str] | None, typer.Argument(help="NAME, NAME@VERSION or NAME@ALIAS, one or more.")
     ] = None,
-    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: requests per batch.")] = 64,
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Dynamic batching: requests per batch (default: chosen per model from its "
+            "latency profile)."
+        ),
+    ] = None,
     batch_wait_timeout_s: Annotated[
-        float, typer.Option(help="Dynamic batching: wait for a batch.")
-    ] = 0.0,
+        float | None,
+        typer.Option(
+            help="Dynamic batching: wait for a batch (default: per model, 0 for a fast one)."
+        ),
+    ] = None,
     lm_max_batch: Annotated[
         int, typer.Option(help="Language models: sequences decoding together (continuous batch).")
     ] = 32,
@@ -151,17 +163,34 @@ def serve(
     tls_self_signed: TlsSelfSignedOpt = False,
     host: HostOpt = None,
     port: PortOpt = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Open Inference Protocol V2 over gRPC on this port (KILN_GRPC_PORT; default "
+            "9000); 0: no gRPC."
+        ),
+    ] = None,
+    ingress: Annotated[
+        str | None,
+        typer.Option(
+            help="Who answers --port: direct (every replica itself, the fastest), serve (Ray "
+            "Serve's HAProxy ingress, which autoscaling needs), or auto (KILN_INGRESS; "
+            "default): direct on the embedded Ray with a fixed replica count, else serve."
+        ),
+    ] = None,
     address: AddressOpt = None,
     home: HomeOpt = None,
     storage: StorageOpt = None,
     key: KeyOpt = None,
 ) -> None:
-    """Serve registered models over HTTP (blocks until Ctrl-C on the embedded Ray)."""
+    """Serve registered models over HTTP and gRPC (blocks until Ctrl-C on the embedded Ray)."""
     from kiln.serving.logmask import parse_fields
     from kiln.serving.schemas import AUTH_OFF_WARNING
 
     if not models:
         raise KilnError("Give one or more models to serve, e.g. kiln serve digits-mlp@production.")
+    if ingress is not None and ingress not in INGRESSES:
+        raise KilnError(f'Got "{ingress}" for --ingress. Use {", ".join(INGRESSES)}.')
     serve_args = validated_serve_args(
         models=models,
         max_batch_size=max_batch_size,
@@ -186,7 +215,15 @@ def serve(
         log_drop=parse_fields(log_drop),
         log_mask_text=log_mask_text,
     )
-    settings = load_settings(address=address, home=home, storage=storage, host=host, port=port)
+    settings = load_settings(
+        address=address,
+        home=home,
+        storage=storage,
+        host=host,
+        port=port,
+        grpc_port=grpc_port,
+        ingress=ingress,
+    )
     slo = slo_request(
         models,
         serve_args,
@@ -221,28 +258,53 @@ def serve(
         if both:
             raise KilnError(f"{', '.join(sorted(both))}: give a field to --log-mask or --log-drop")
         serve_args["log_mask_key"] = mask_key(settings)
-    if tls is not None and not settings.embedded:
-        from kiln.serving_control import TLS_ON_CLUSTER
+    from kiln.serving_control import direct_ingress
 
-        raise KilnError(TLS_ON_CLUSTER)
+    direct = direct_ingress(settings, serve_args, tls is not None)  # refusals before Ray starts
     if settings.embedded:
-        check_refs(settings, models, backend)  # the SQLite catalog, before Ray or Serve start
+        # The SQLite catalog, before Ray or Serve start.
+        check_refs(settings, models, backend, serve_args["log_mask"], serve_args["log_drop"])
         # A busy port is one line now, not Serve's HAProxy failing after Ray has started.
         check_port(settings.kiln_http_host, settings.kiln_http_port)
+        if settings.kiln_grpc_port == settings.kiln_http_port:
+            raise KilnError(
+                f'Got "{settings.kiln_grpc_port}" for --grpc-port, the HTTP port too. Give '
+                "another port, or 0 for no gRPC."
+            )
+        if settings.kiln_grpc_port:
+            check_port(settings.kiln_http_host, settings.kiln_grpc_port, "--grpc-port")
     with connected(settings):
         from kiln.runtime import registry_for
-        from kiln.serving_control import deploy_models
+        from kiln.serving_control import deploy_models, public_host
 
         # Held for the command's life as well as detached (cluster/runtime.py::registry_for):
         # the replicas and FeedbackStores find the registry by name while this command serves.
         registry = registry_for(settings)
+        if not settings.embedded:  # the Registry actor's catalog (embedded: check_refs did)
+            from kiln.serving_control import resolve_all
+
+            records = resolve_all(registry, models, backend)
+            check_log_fields(records, serve_args["log_mask"], serve_args["log_drop"])
         serve_args.pop("models")
         url = deploy_models(settings, models, key=key, tls=tls, **serve_args)
+        ingress = "direct" if direct else "serve"
         if as_json:
-            print(json.dumps({"models": models, "url": url}), flush=True)
+            print(json.dumps({"models": models, "url": url, "ingress": ingress}), flush=True)
         console.print(
             f"serving {', '.join(models)} at {url}  (POST {url}/v1/models/<name>:predict)"
         )
+        console.print(
+            "HTTP ingress: direct, every replica answers the port itself (--ingress serve: "
+            "Serve's HAProxy)"
+            if direct
+            else "HTTP ingress: Ray Serve's HAProxy"
+        )
+        if settings.kiln_grpc_port:
+            grpc_host = public_host(settings.kiln_http_host)
+            console.print(
+                f"gRPC (Open Inference Protocol V2{', TLS' if tls else ''}) at "
+                f"{grpc_host}:{settings.kiln_grpc_port}"
+            )
         if auth:
             names = ", ".join(sorted({m.partition("@")[0] for m in models}))
             console.print(
@@ -424,17 +486,35 @@ def slo_table(choice: Choice, slo: SLO, unprofiled: list[str]) -> Table:
     return table
 
 
-def check_refs(settings: Any, refs: list[str], backend: str = "auto") -> None:
+def check_refs(
+    settings: Any,
+    refs: list[str],
+    backend: str = "auto",
+    log_mask: list[str] | None = None,
+    log_drop: list[str] | None = None,
+) -> None:
     """Every reference resolves in this KILN_HOME's catalog and can run on `backend` (read
-    directly: the embedded Ray is not started for a model that does not exist). On a cluster,
-    `deploy_models` asks the Registry actor the same before it deploys."""
+    directly: the embedded Ray is not started for a model that does not exist), and every
+    --log-mask/--log-drop field is an input of a served model. On a cluster, `deploy_models`
+    asks the Registry actor the same before it deploys."""
     from kiln.client import Kiln
     from kiln.training.export import serving_backend
 
     with Kiln(settings=settings, use_ray=False) as kiln:
-        for ref in refs:
-            record = kiln.resolve(ref)
-            serving_backend(record.spec, record.artifacts, backend, ref)
+        records = [kiln.resolve(ref) for ref in refs]
+    for ref, record in zip(refs, records, strict=True):
+        serving_backend(record.spec, record.artifacts, backend, ref)
+    check_log_fields(records, log_mask or [], log_drop or [])
+
+
+def check_log_fields(records: list[Any], log_mask: list[str], log_drop: list[str]) -> None:
+    """One line naming a --log-mask/--log-drop field that no served model has as an input,
+    with the inputs they do have (positional models: x0..x{n-1})."""
+    from kiln.serving.logmask import check_fields, input_fields
+
+    known = {r.ref: input_fields(r.spec) for r in records}
+    check_fields(log_mask, known, "--log-mask")
+    check_fields(log_drop, known, "--log-drop")
 
 
 def validated_serve_args(**values: Any) -> dict[str, Any]:

@@ -98,6 +98,26 @@ async def v2_metadata(
     )
 
 
+@model_route("GET", "/config", responses=ERROR_RESPONSES)
+async def v2_model_config(
+    name: str, host: HostDep, _: Authorized, version: str | None = None
+) -> dict[str, Any]:
+    """Triton's model configuration extension, as far as Kiln has one: the batching (chosen
+    from the model's latency profile unless given: serving/batching.py)."""
+    key, replica = v2_replica(host, name, version)
+    batching = host.batching_of(key)
+    return {
+        "name": replica.record.name,
+        "version": str(replica.record.version),
+        "platform": replica.platform,
+        "max_batch_size": batching.max_batch_size,
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": round(batching.batch_wait_timeout_s * 1e6)
+        },
+        "parameters": {"batching": batching.to_dict()},
+    }
+
+
 @model_route("GET", "/ready", response_model=V2ModelReady, responses=ERROR_RESPONSES)
 async def v2_model_ready(
     name: str, host: HostDep, _: Authorized, version: str | None = None

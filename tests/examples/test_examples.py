@@ -38,6 +38,7 @@ def run_example(name: str, workdir: Path, timeout_s: float = 1400) -> dict[str, 
     env.update(
         KILN_HOME=str(workdir / "home"),
         KILN_HTTP_PORT=str(free_port()),
+        KILN_GRPC_PORT="0",  # examples at once would all open 9000, Serve's default
         OMP_NUM_THREADS="1",
         PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
         PYTHONPATH=str(EXAMPLES.parent),

@@ -194,3 +194,23 @@ def test_refused_keys_are_not_noted_as_used():
     auth = BearerAuth(CountingRegistry(KeyCheck(ok=False, reason="revoked")), report=reports)
     refused(auth, SECRET)
     assert auth.uses == {}
+
+
+def test_the_cached_fast_path_allows_only_what_authorize_would_and_notes_the_use():
+    """`cached_allow` (the lean path's first try) answers without a coroutine for a cached
+    live key with the scope, and leaves every other case to `authorize`."""
+    clock = Clock()
+    registry = CountingRegistry(live())
+    auth = BearerAuth(registry, KeyCache(ttl_s=5.0, clock=clock))
+    assert auth.cached_allow(SECRET, "predict", "m") is None  # a miss: not decided here
+    assert auth.cached_allow(None, "predict", "m") is None
+    asyncio.run(auth.authorize(SECRET, "predict", "m"))  # asks the registry, caches
+    auth.uses.clear()
+    clock.now += 1.0
+    check = auth.cached_allow(SECRET, "predict", "m")
+    assert check is not None and check.key_id == "0123456789ab"
+    assert auth.uses == {"0123456789ab": clock.now} and registry.calls == 1
+    assert auth.cached_allow(SECRET, "predict", "other") is None  # authorize answers 403
+    assert refused(auth, SECRET, model="other").status_code == 403
+    clock.now += 5.0  # past the TTL: a miss again
+    assert auth.cached_allow(SECRET, "predict", "m") is None

@@ -12,8 +12,10 @@ from kiln.actors.sources import SourceSpec
 def served_digits(trained_digits, settings_session, registry_session):
     from kiln.serving_control import deploy_models
 
-    # Keys are tested in test_http_auth.py; here every request is about the payload.
-    return deploy_models(settings_session, ["digits-mlp"], auth=False)
+    # Keys are tested in test_http_auth.py; here every request is about the payload. The
+    # trained version is pinned: other modules register more digits-mlp versions in the same
+    # session registry, and the bare name would serve the newest of them.
+    return deploy_models(settings_session, [trained_digits.record.ref], auth=False)
 
 
 @pytest.fixture(scope="module")

@@ -189,9 +189,10 @@ def send(client: Any, method: str, path: str, body: Any) -> httpx.Response:
 
 
 def without_backend(body: Any) -> Any:
-    """A reply with what differs by design left out: the backend's name, random ids."""
+    """A reply with what differs by design left out: the backend's name, random ids, and the
+    batching each backend chose from its own timed latency profile."""
     if isinstance(body, dict):
-        drop = ("platform", "backend", "ids", "parameters")  # parameters: V2's prediction ids
+        drop = ("platform", "backend", "ids", "parameters", "batching")  # parameters: V2's ids
         return {k: v for k, v in body.items() if k not in drop}
     return body
 
@@ -382,7 +383,9 @@ def side_by_side(exported_on_ray, settings_session):
     from kiln.serving_control import deploy_models
 
     copy, _ = exported_on_ray
-    base = deploy_models(settings_session, [copy.ref], auth=False, backend="torch")
+    # Serve's ingress: it routes /onnx to the second app (a direct ingress answers the first).
+    settings = settings_session.with_overrides(kiln_ingress="serve")
+    base = deploy_models(settings, [copy.ref], auth=False, backend="torch")
     args = {"models": [copy.ref], "auth": False, "backend": "onnxruntime"}
     serve.run(build_app(args), name="kiln-onnx", route_prefix="/onnx")
     yield {"torch": base, "onnxruntime": f"{base}/onnx"}
@@ -426,6 +429,10 @@ def test_both_backends_served_side_by_side_answer_alike(side_by_side, exported_o
     assert replies["torch"][4].json()["platform"] == "kiln-pytorch"
     assert replies["onnxruntime"][4].json()["platform"] == "onnxruntime_onnx"
     assert replies["onnxruntime"][3].json()["backend"] == "onnxruntime"
+    for backend in ("torch", "onnxruntime"):  # each timed its own runtime's forward pass
+        batching = replies[backend][3].json()["batching"]
+        assert batching["source"].startswith("profile"), (backend, batching)
+        assert all(ms > 0 for ms in batching["profile_ms"].values()), (backend, batching)
 
 
 def test_deploy_refuses_a_backend_that_cannot_run_the_version(trained_digits, settings_session):

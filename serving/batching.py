@@ -1,0 +1,180 @@
+"""Dynamic batching per model, chosen from the model's own latency profile.
+
+When a replica loads a model version it times a few forward passes at 1, 2, 4, ... rows
+(`profile_forward`, bounded in time: a fraction of a second for a small model) and picks
+(`choose_batching`):
+  - `max_batch_size`: where the time per row stops falling: the smallest batch whose time per
+    row is within `MIN_GAIN` of the least the profile found (a larger batch only adds latency
+    to the requests in it). A pass that fails (out of memory, say) ends the profile, so the
+    choice stays below it;
+  - `batch_wait_timeout_s`: 0 for an overhead-bound model (a batch-1 pass under
+    `OVERHEAD_BOUND_S`: waiting costs more than the pass, and an idle replica runs such a
+    pass inline), and for a model that batching does not speed up by `MIN_GAIN` a row; else
+    `WAIT_FRACTION` of a batch-1 pass, at most `MAX_WAIT_S`: a request waits at most that
+    share of its own forward time for company.
+The passes are timed on the clock the caller gives: the replica uses its thread's CPU time
+when the model computes on one thread (others' work on a shared machine then moves the
+profile little), wall time otherwise.
+A value the user gives (`kiln serve --max-batch-size`, `--batch-wait-timeout-s`, ServeArgs)
+wins over the profile. The choice is logged by the replica and shown by V1 metadata
+(`GET /v1/models/{name}`: `batching`) and V2 `GET /v2/models/{name}/config`.
+
+`@serve.batch` counts requests; the profile counts rows: the choice assumes one row per request,
+the online-serving case (a request of many rows is batched by its own size already).
+Pure logic without Ray: the caller hands in the forward function and the clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PROFILE_MAX_ROWS = 256
+"""The largest batch the profile times (and so the largest it can choose)."""
+PROFILE_BUDGET_S = 0.5
+"""Seconds the profile may take in all; past it, no larger batch is timed."""
+PROFILE_PASS_CAP_S = 0.1
+"""A batch whose pass takes longer than this is the last one timed."""
+PROFILE_REPEATS = 3
+"""Timed passes per batch size (the fastest counts: on a shared machine others' work only
+ever adds to a pass), after one untimed."""
+MIN_GAIN = 0.10
+"""A batch is worth its latency only where it cuts the time per row by this share."""
+OVERHEAD_BOUND_S = 0.0005
+"""A model whose batch-1 pass is faster than this is overhead-bound: no batch wait."""
+WAIT_FRACTION = 0.25
+"""The wait for a batch to fill, as a share of one batch-1 pass."""
+MAX_WAIT_S = 0.02
+DEFAULT_MAX_BATCH_SIZE = 64
+"""Without a profile (it failed) and without a user value."""
+
+Forward = Callable[[np.ndarray], Any]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """A model's dynamic batching on this replica and where each value came from."""
+
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    source: str
+    """"profile", "user", "profile+user" (one of each) or "default" (no profile)."""
+    profile_ms: dict[int, float] | None = None
+    """Milliseconds of one pass by batch size, as timed (the fastest of a few)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.profile_ms is not None:
+            out["profile_ms"] = {str(k): round(v, 4) for k, v in self.profile_ms.items()}
+        return out
+
+    def describe(self) -> str:
+        wait_ms = self.batch_wait_timeout_s * 1000
+        return f"max_batch_size {self.max_batch_size}, wait {wait_ms:.3g} ms ({self.source})"
+
+
+def profile_forward(
+    forward: Forward,
+    num_inputs: int,
+    max_rows: int = PROFILE_MAX_ROWS,
+    budget_s: float = PROFILE_BUDGET_S,
+    pass_cap_s: float = PROFILE_PASS_CAP_S,
+    repeats: int = PROFILE_REPEATS,
+    clock: Clock = time.perf_counter,
+) -> dict[int, float]:
+    """Seconds of one forward pass (the fastest of `repeats`) at 1, 2, 4, ... `max_rows` rows
+    of zeros (valid raw input for every model: slot 0 of a categorical). Stops early past
+    `budget_s` in all, after a batch whose pass took over `pass_cap_s`, or at a pass that
+    fails (out of memory)."""
+    started = clock()
+    profile: dict[int, float] = {}
+    rows = 1
+    while rows <= max_rows:
+        x = np.zeros((rows, num_inputs), dtype=np.float32)
+        times = []
+        try:
+            forward(x)  # untimed: the first pass at a new shape allocates
+            for _ in range(repeats):
+                begun = clock()
+                forward(x)
+                times.append(clock() - begun)
+        except Exception as exc:  # noqa: BLE001 (out of memory, say: the profile ends here)
+            logger.info("batching profile stops at %d rows: %s", rows, exc)
+            break
+        profile[rows] = min(times)
+        if profile[rows] > pass_cap_s or clock() - started > budget_s:
+            break
+        rows *= 2
+    return profile
+
+
+def choose_batching(
+    profile: dict[int, float], max_rows: int = PROFILE_MAX_ROWS
+) -> tuple[int, float]:
+    """(max_batch_size, batch_wait_timeout_s) for a profile of seconds per pass by batch size
+    (see the module docstring). An empty profile gives the defaults.
+
+    The batch size is the smallest whose time per row is within MIN_GAIN of the least time
+    per row of the profile (a per-row time that only falls by a few percent from 1 to 2 rows
+    may still fall 6x by 64, as a cache-bound MLP's does). A profile cut short by its time
+    bound while its last doubling still gained MIN_GAIN is extended along the line through
+    its last two points (a fixed cost plus a cost per row)."""
+    if not profile:
+        return DEFAULT_MAX_BATCH_SIZE, 0.0
+    sizes = sorted(profile)
+    per_row = {b: profile[b] / b for b in sizes}
+    least = min(per_row.values())
+    chosen = next(b for b in sizes if per_row[b] <= (1 + MIN_GAIN) * least)
+    last = sizes[-1]
+    if chosen == last and len(sizes) >= 2 and last < max_rows:
+        before = sizes[-2]
+        if per_row[last] <= (1 - MIN_GAIN) * per_row[before]:  # still gaining at the end
+            chosen = extrapolated(profile, before, last, max_rows)
+    single = per_row[sizes[0]]
+    pays = per_row[min(chosen, last)] <= (1 - MIN_GAIN) * single
+    if not pays or profile[sizes[0]] < OVERHEAD_BOUND_S:
+        return chosen, 0.0
+    return chosen, min(MAX_WAIT_S, WAIT_FRACTION * profile[sizes[0]])
+
+
+def extrapolated(profile: dict[int, float], smaller: int, larger: int, max_rows: int) -> int:
+    """The batch size where the line through two profile points stops gaining MIN_GAIN per
+    doubling (a power of two, at least `larger`, at most `max_rows`)."""
+    per_row = (profile[larger] - profile[smaller]) / (larger - smaller)
+    fixed = profile[larger] - per_row * larger
+    if per_row <= 0 or fixed <= 0:  # noise: a pass no slower with more rows
+        return max(larger, min(DEFAULT_MAX_BATCH_SIZE, max_rows))
+    knee = fixed / per_row * (1 - 2 * MIN_GAIN) / (2 * MIN_GAIN)
+    size = larger
+    while size * 2 <= min(knee, max_rows):
+        size *= 2
+    return size
+
+
+def resolve_batching(
+    profile: dict[int, float] | None,
+    user_max_batch_size: int | None,
+    user_wait_s: float | None,
+) -> Batching:
+    """The batching a model gets: the user's values where given, the profile's otherwise."""
+    chosen_size, chosen_wait = choose_batching(profile or {})
+    from_profile = bool(profile)
+    size = user_max_batch_size if user_max_batch_size is not None else chosen_size
+    wait = user_wait_s if user_wait_s is not None else chosen_wait
+    user = (user_max_batch_size is not None, user_wait_s is not None)
+    if all(user):
+        source = "user"
+    elif any(user):
+        source = "profile+user" if from_profile else "user"
+    else:
+        source = "profile" if from_profile else "default"
+    profile_ms = {k: v * 1000 for k, v in profile.items()} if profile else None
+    return Batching(size, wait, source, profile_ms)

@@ -1,0 +1,152 @@
+"""Kiln's direct HTTP ingress: each replica answers the Kiln port itself (`kiln serve --ingress
+direct`).
+
+Serve's own ingress puts two stages in front of Kiln's ASGI app: HAProxy (one process a node)
+and, in the replica, Serve's uvicorn server with its proxy-header, request-id and ASGI
+wrappers around the app. For an overhead-bound model they cost more than the model does
+(docs/design-notes.md, issue 32: ~1 ms of CPU a request at c64 against ~0.24 ms in Kiln's
+code). With the direct ingress every replica on a node opens the same port with
+SO_REUSEPORT, the kernel spreads connections over them, and a request goes from the socket to
+a plain uvicorn server (httptools, uvloop: the replica's loop) to the same Kiln app: the lean
+predict path, auth, the prediction log and metrics all unchanged. Serve still starts, places,
+health-checks, reconfigures and replaces the replicas, and its own ingress keeps answering on
+a port of its own (`kiln serve` takes a free one).
+
+What the direct ingress does not have, by construction: Serve's autoscaling counts only the
+requests Serve routes (so `kiln serve` refuses `--ingress direct` with `--max-replicas`), and
+a replica's connections close with it (a client's keep-alive connection to a replica that is
+replaced sees its next request refused, and reconnects to a live one; a request in flight is
+finished first: uvicorn's graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 2048
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that every replica of the node may open at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Listener:
+    """A server a replica runs on its own loop beside Serve's; `failed` once it ended without
+    being asked to (the replica's health check then fails, and Serve replaces the replica)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.task: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.task = loop.create_task(self._serve())
+        self.task.add_done_callback(self._ended)
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def failed(self) -> bool:
+        return self.task is not None and self.task.done() and not self.stopping
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("direct ingress on port %s stopped: %r", self.port, task.exception())
+
+
+class DirectServer(_Listener):
+    """One replica's uvicorn server on the node's shared Kiln port, on the replica's loop."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        super().__init__(port)
+        self.sock = reuse_port_socket(host, port)
+        config = uvicorn.Config(
+            app,
+            loop="none",  # the replica's own loop (uvloop where Ray installs it)
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            log_config=None,
+            timeout_graceful_shutdown=10,
+        )
+        self.server = _QuietServer(config)
+
+    async def _serve(self) -> None:
+        """Serve once the replica is initialised: connections the kernel hands this socket
+        before then wait in its backlog."""
+        from ray import serve
+
+        # Serve sets the replica's servable object (what the routes find their host through,
+        # serving/dependencies.py) just after the constructor returns.
+        while serve.get_replica_context().servable_object is None:
+            await asyncio.sleep(0.01)
+        await self.server.serve(sockets=[self.sock])
+
+    async def stop(self) -> None:
+        """Stop accepting, finish the requests in flight (up to 10 s), close the socket."""
+        self.stopping = self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self.task), 15)
+        self.sock.close()
+
+
+class DirectGrpc(_Listener):
+    """One replica's grpc.aio server (Open Inference Protocol V2, serving/grpc_v2.py) on the
+    node's shared gRPC port: gRPC opens its ports with SO_REUSEPORT on Linux by default."""
+
+    def __init__(self, kiln: Any, host: str, port: int) -> None:
+        super().__init__(port)
+        self.kiln, self.host = kiln, host
+        self.server: Any = None
+
+    async def _serve(self) -> None:
+        import grpc
+
+        from kiln.serving import grpc_v2
+
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        grpc_v2.add_inference_servicer(grpc_v2.DirectServicer(self.kiln), self.server)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.server.add_insecure_port(f"{host}:{self.port}")
+        await self.server.start()
+        await self.server.wait_for_termination()
+
+    async def stop(self) -> None:
+        """Refuse new calls, give those in flight up to 10 s."""
+        self.stopping = True
+        if self.server is not None:
+            await self.server.stop(10)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn's server, leaving the process's signal handlers alone (they are Ray's)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
