@@ -16,9 +16,12 @@ Importable (benchmarks/serve_peers.py compares Kiln's gRPC with PyTriton's throu
     # {"concurrency": 64, "requests": ..., "errors": ..., "req_s": ..., "p50_ms": ...,
     #  "p99_ms": ..., "client_cpu_us_per_req": ...}
 
-One process, one asyncio loop (grpc.aio), one HTTP/2 channel: `concurrency` tasks each send
-the same request (serialised once, as tritonclient's binary `raw_input_contents`) and wait
-for the answer; a non-OK status counts as an error, not a latency. The client's own CPU per
+One process, one asyncio loop (grpc.aio): `concurrency` tasks each send the same request
+(serialised once, as tritonclient's binary `raw_input_contents`) and wait for the answer; a
+non-OK status counts as an error, not a latency. Callers share HTTP/2 connections as Triton's
+perf_analyzer does: its C++ client gives each concurrent worker a client and lets at most 6
+share one channel (TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT, triton-inference-server/client
+PR 55), so c64 runs on 11 connections and c1 on one (`share` changes it). The client's own CPU per
 request is reported too: on a 2-core machine the generator competes with the server, as wrk
 does. `input_name`/`datatype` fit other servers' models (PyTriton names its own inputs).
 
@@ -71,12 +74,16 @@ def run_grpc_load(
     warmup_s: float = 1.0,
     input_name: str = "features",
     datatype: str = "FP32",
+    share: int = 6,
 ) -> dict[str, Any]:
-    """`concurrency` callers sending ModelInfer for `seconds` (after `warmup_s`); see the
-    module's docstring for the result."""
+    """`concurrency` callers sending ModelInfer for `seconds` (after `warmup_s`), at most
+    `share` of them on one connection; see the module's docstring for the result."""
     payload = infer_request_bytes(model, rows_payload, input_name, datatype)
     metadata = tuple((k.lower(), v) for k, v in (headers or {}).items())
-    return asyncio.run(_load(host_port, payload, metadata, concurrency, seconds, warmup_s))
+    channels = -(-concurrency // max(1, share))
+    return asyncio.run(
+        _load(host_port, payload, metadata, concurrency, channels, seconds, warmup_s)
+    )
 
 
 async def _load(
@@ -84,25 +91,32 @@ async def _load(
     payload: bytes,
     metadata: tuple[tuple[str, str], ...],
     concurrency: int,
+    channels: int,
     seconds: float,
     warmup_s: float,
 ) -> dict[str, Any]:
     import grpc
 
     identity = lambda raw: raw  # noqa: E731 (bytes in, bytes out: no client-side parsing)
-    async with grpc.aio.insecure_channel(
-        host_port, options=[("grpc.max_receive_message_length", 64 << 20)]
-    ) as channel:
-        call = channel.unary_unary(
-            SERVICE_METHOD, request_serializer=identity, response_deserializer=identity
-        )
-        await call(payload, metadata=metadata or None, timeout=30)  # connect, and fail early
+    # A local subchannel pool: channels with the same target and options would otherwise
+    # share one TCP connection (gRPC core's global pool).
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    opened = [grpc.aio.insecure_channel(host_port, options=options) for _ in range(channels)]
+    try:
+        calls = [
+            channel.unary_unary(
+                SERVICE_METHOD, request_serializer=identity, response_deserializer=identity
+            )
+            for channel in opened
+        ]
+        for call in calls:  # connect each, and fail early
+            await call(payload, metadata=metadata or None, timeout=30)
         start = time.perf_counter()
         measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
         latencies: list[float] = []
         errors = [0]
 
-        async def caller() -> None:
+        async def caller(call: Any) -> None:
             while True:
                 sent = time.perf_counter()
                 if sent >= stop_at:
@@ -118,13 +132,17 @@ async def _load(
 
         await asyncio.sleep(0)
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await asyncio.gather(*(caller(calls[i % channels]) for i in range(concurrency)))
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        for channel in opened:
+            await channel.close()
     done = len(latencies)
     ms = np.asarray(latencies) * 1000.0
     cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return {
         "concurrency": concurrency,
+        "connections": channels,
         "requests": done,
         "errors": errors[0],
         "req_s": done / seconds,

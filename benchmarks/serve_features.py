@@ -1,7 +1,8 @@
 """What each default-on feature of Kiln's request path costs the light model, A/B interleaved.
 
-One Ray, one registry, the light model (MLP 64->256->10) on one single-CPU replica behind
-Serve's HAProxy ingress, as `benchmarks/serve_throughput.py` deploys it. Each configuration is
+One Ray, one registry, the light model (MLP 64->256->10) on one single-CPU replica on
+Kiln's default ingress (direct on this embedded Ray), as `benchmarks/serve_throughput.py`
+deploys it. Each configuration is
 deployed in turn and measured with wrk at c1 (p50) and c64 (requests/s); the whole list is
 repeated `--rounds` times, so slow drift of a shared machine falls on every configuration
 alike. Configurations (each differs from `all-on`, the defaults, in one feature):
@@ -11,7 +12,8 @@ alike. Configurations (each differs from `all-on`, the defaults, in one feature)
   no-metrics    metrics off
   all-off       auth, log and metrics off
 Beside wrk's figures, the CPU time each process of this Ray spends per request at c64 (from
-psutil, the replica, HAProxy, the registry, the FeedbackStore, the rest): on a shared machine
+psutil: the replica, HAProxy, the registry, the FeedbackStore, Serve's controller, Ray's
+metrics agent, raylet and GCS, the rest): on a shared machine
 the CPU microseconds a request costs move far less with the load than requests/s do.
 Prints one JSON line last: per configuration the median over rounds, and each feature's cost
 as the ratio of all-on to the configuration without it (c64 req/s; c1 p50; c64 CPU us/request).
@@ -62,6 +64,10 @@ ROLES = {
     "ProxyActor": "serve_proxy",
     "Registry": "registry",
     "FeedbackStore": "feedback_store",
+    "ServeController": "serve_controller",
+    "dashboard/agent.py": "metrics_agent",  # Ray's per-node agent: it exports the metrics
+    "raylet": "raylet",
+    "gcs_server": "gcs",
 }
 
 

@@ -381,8 +381,9 @@ def measure_grpc(
     headers: dict[str, str] | None,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """V2 ModelInfer over gRPC (benchmarks/grpc_load.py, grpc.aio, one channel) at each level,
-    one row per request as raw FP32 contents; its own 1 s warm-up before each level."""
+    """V2 ModelInfer over gRPC (benchmarks/grpc_load.py: grpc.aio, at most 6 callers on one
+    connection, as perf_analyzer) at each level, one row per request as raw FP32 contents;
+    its own 1 s warm-up before each level."""
     import numpy as np
 
     from benchmarks.grpc_load import run_grpc_load
@@ -1034,7 +1035,8 @@ def main() -> None:
         "grpc": (
             "Kiln's V2 ModelInfer (kiln serve's gRPC port, the key as metadata) against "
             "PyTriton's (Triton's C++ gRPC front end), light; benchmarks/grpc_load.py: "
-            "grpc.aio, one channel, raw FP32 contents"
+            "grpc.aio, at most 6 callers per connection (perf_analyzer's channel sharing), "
+            "raw FP32 contents"
             if args.grpc
             else "not run"
         ),
