@@ -130,6 +130,14 @@ class KilnServer:
         if parsed.direct_port and parsed.direct_grpc_port:
             self.direct_grpc = DirectGrpc(self, parsed.direct_host, parsed.direct_grpc_port)
             self.direct_grpc.start(loop)
+        if self.direct is not None:
+            # Whether a cheap forward pass may run at once or joins a batch (ModelHost.forward).
+            self.host.requests_in_flight = self.requests_in_flight
+
+    def requests_in_flight(self) -> int:
+        """Predict requests this replica's direct ingress has begun and not yet answered."""
+        grpc_calls = 0 if self.direct_grpc is None else self.direct_grpc.requests_in_flight()
+        return grpc_calls + (0 if self.direct is None else self.direct.requests_in_flight())
 
     async def __del__(self) -> None:
         """Serve's graceful shutdown: the direct ingress finishes its requests in flight."""

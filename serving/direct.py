@@ -96,6 +96,11 @@ class DirectServer(_Listener):
         )
         self.server = _QuietServer(config)
 
+    def requests_in_flight(self) -> int:
+        """Requests read and not yet answered: uvicorn makes a task per request as it reads
+        its head, and drops it once the answer is sent (ModelHost.forward's batching)."""
+        return len(self.server.server_state.tasks)
+
     async def _serve(self) -> None:
         """Serve once the replica is initialised: connections the kernel hands this socket
         before then wait in its backlog."""
@@ -124,6 +129,11 @@ class DirectGrpc(_Listener):
         super().__init__(port)
         self.kiln, self.host = kiln, host
         self.server: Any = None
+        self.servicer: Any = None
+
+    def requests_in_flight(self) -> int:
+        """ModelInfer calls begun and not yet answered."""
+        return 0 if self.servicer is None else int(self.servicer.calls_in_flight)
 
     async def _serve(self) -> None:
         import grpc
@@ -131,7 +141,8 @@ class DirectGrpc(_Listener):
         from kiln.serving import grpc_v2
 
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-        grpc_v2.add_inference_servicer(grpc_v2.DirectServicer(self.kiln), self.server)
+        self.servicer = grpc_v2.DirectServicer(self.kiln)
+        grpc_v2.add_inference_servicer(self.servicer, self.server)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.server.add_insecure_port(f"{host}:{self.port}")
         await self.server.start()

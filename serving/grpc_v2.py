@@ -154,9 +154,15 @@ class DirectServicer:
 
     def __init__(self, kiln: Any) -> None:
         self.kiln = kiln
+        self.calls_in_flight = 0
+        """ModelInfer calls begun and not yet answered (ModelHost.forward's batching)."""
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return await model_infer(self.kiln.host, self.kiln.auth, request, context)
+        self.calls_in_flight += 1
+        try:
+            return await model_infer(self.kiln.host, self.kiln.auth, request, context)
+        finally:
+            self.calls_in_flight -= 1
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         return await model_metadata(self.kiln.host, self.kiln.auth, request, context)

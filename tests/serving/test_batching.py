@@ -153,3 +153,25 @@ def test_the_profile_uses_the_thread_clock_only_where_the_pass_runs_on_the_threa
     assert not computes_on_this_thread(SimpleNamespace(device=cuda, onnx=None))  # type: ignore[arg-type]
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # other threads do part of it
     assert not computes_on_this_thread(SimpleNamespace(device=cpu, onnx=None))  # type: ignore[arg-type]
+
+
+def test_a_cheap_pass_runs_at_once_only_when_no_other_request_is_in_flight():
+    """ModelHost.forward's choice: one request alone skips the batch queue (c1 latency); with
+    others in flight the pass joins a batch, whatever the model costs (a light model at c64
+    otherwise ran 1-row passes at ~1.7x the CPU per request of 48-row batches)."""
+    from types import SimpleNamespace
+
+    from kiln.serving.batching import Batching
+    from kiln.serving.host import runs_at_once
+
+    cheap = SimpleNamespace(small_forward_s=0.0001)
+    costly = SimpleNamespace(small_forward_s=0.01)
+    no_wait = Batching(64, 0.0, "profile", {})
+    waits = Batching(64, 0.002, "profile", {})
+    alone, busy = (lambda: 1), (lambda: 7)
+    assert runs_at_once(no_wait, cheap, 1, alone)
+    assert runs_at_once(no_wait, cheap, 1, None)  # a server that does not say (Serve's own)
+    assert not runs_at_once(no_wait, cheap, 1, busy)
+    assert not runs_at_once(no_wait, costly, 1, alone)
+    assert not runs_at_once(waits, cheap, 1, alone)
+    assert not runs_at_once(no_wait, cheap, 10_000, alone)
