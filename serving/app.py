@@ -125,7 +125,8 @@ class KilnServer:
         self.direct_grpc: DirectGrpc | None = None
         loop = asyncio.get_running_loop()
         if parsed.direct_port:
-            self.direct = DirectServer(api, parsed.direct_host, parsed.direct_port)
+            front = LeanPredict(api, api, outermost=True)
+            self.direct = DirectServer(front, parsed.direct_host, parsed.direct_port)
             self.direct.start(loop)
         if parsed.direct_port and parsed.direct_grpc_port:
             self.direct_grpc = DirectGrpc(self, parsed.direct_host, parsed.direct_grpc_port)
@@ -176,6 +177,9 @@ class KilnServer:
 
     async def ModelReady(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
         return await grpc_v2.model_ready(self.host, self.auth, request, grpc_context)
+
+    async def ModelConfig(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        return await grpc_v2.model_config(self.host, self.auth, request, grpc_context)
 
     async def ServerReady(self, request: Any) -> Any:  # noqa: N802
         return grpc_v2.server_ready(self.host)

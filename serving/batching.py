@@ -19,18 +19,20 @@ A value the user gives (`kiln serve --max-batch-size`, `--batch-wait-timeout-s`,
 wins over the profile. The choice is logged by the replica and shown by V1 metadata
 (`GET /v1/models/{name}`: `batching`) and V2 `GET /v2/models/{name}/config`.
 
-`@serve.batch` counts requests; the profile counts rows: the choice assumes one row per request,
-the online-serving case (a request of many rows is batched by its own size already).
-Pure logic without Ray: the caller hands in the forward function and the clock.
+The batch size counts requests (`BatchQueue`); the profile counts rows: the choice assumes one
+row per request, the online-serving case (a request of many rows is batched by its own size
+already). Pure logic without Ray: the caller hands in the forward function and the clock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -57,6 +59,8 @@ DEFAULT_MAX_BATCH_SIZE = 64
 
 Forward = Callable[[np.ndarray], Any]
 Clock = Callable[[], float]
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
 
 
 @dataclass(frozen=True)
@@ -178,3 +182,93 @@ def resolve_batching(
         source = "profile" if from_profile else "default"
     profile_ms = {k: v * 1000 for k, v in profile.items()} if profile else None
     return Batching(size, wait, source, profile_ms)
+
+
+class BatchQueue(Generic[Item, Answer]):
+    """One served version's dynamic batcher, on the replica's event loop.
+
+    `submit(item)` queues a request and waits for its answer. A task takes the requests
+    queued when it runs, at most `max_batch_size`; with a wait it first gives the batch up
+    to `batch_wait_timeout_s` from its oldest request to fill. `run` (synchronous: one
+    forward pass for the whole batch) runs on the loop itself, so requests that arrive
+    meanwhile queue up and form the next batch, as in Triton's dynamic batcher. An error
+    in `run` is every caller's; a caller that went away (cancelled) is left out. The task
+    ends when the queue is empty and the next request starts another.
+
+    This is what `@serve.batch` did here, without its per-request costs: Ray 2.60 works out
+    the batched function's signature with `inspect` for every request and copies Serve's
+    request and trace contexts into each, 8-10% of the light model's replica CPU at c64
+    (py-spy, docs/design-notes.md). Both values can change live (`reconfigure`).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[Item]], list[Answer]],
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+    ) -> None:
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self._queued: deque[tuple[Item, asyncio.Future[Answer], float]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._filling: asyncio.Future[None] | None = None
+        """Set while a batch waits to fill: resolved when it is full (or by its timer)."""
+
+    def set_max_batch_size(self, size: int) -> None:
+        self.max_batch_size = size
+
+    def set_batch_wait_timeout_s(self, seconds: float) -> None:
+        self.batch_wait_timeout_s = seconds
+
+    async def submit(self, item: Item) -> Answer:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Answer] = loop.create_future()
+        self._queued.append((item, answer, loop.time()))
+        if self._task is None:
+            self._task = loop.create_task(self._serve())
+        elif len(self._queued) >= self.max_batch_size:
+            _resolve(self._filling)
+        return await answer
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queued:
+                wait = self.batch_wait_timeout_s
+                if wait > 0 and len(self._queued) < self.max_batch_size:
+                    remaining = self._queued[0][2] + wait - loop.time()
+                    if remaining > 0:
+                        self._filling = loop.create_future()
+                        timer = loop.call_later(remaining, _resolve, self._filling)
+                        await self._filling
+                        timer.cancel()
+                        self._filling = None
+                batch: list[tuple[Item, asyncio.Future[Answer]]] = []
+                while self._queued and len(batch) < self.max_batch_size:
+                    item, answer, _ = self._queued.popleft()
+                    if not answer.done():
+                        batch.append((item, answer))
+                if batch:
+                    self._answer(batch)
+                # One turn of the loop: the requests read meanwhile join the next batch.
+                await asyncio.sleep(0)
+        finally:
+            self._task = None
+
+    def _answer(self, batch: list[tuple[Item, asyncio.Future[Answer]]]) -> None:
+        try:
+            outputs = self.run([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 (every caller of the batch gets the error)
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (_, answer), output in zip(batch, outputs, strict=True):
+            if not answer.done():
+                answer.set_result(output)
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)

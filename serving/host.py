@@ -5,7 +5,7 @@ thin and this part can be read and tested on its own. The Serve deployment (serv
 owns one `ModelHost`; Serve's `reconfigure` and `check_health` hooks call straight through to
 it. A request it cannot serve raises `RequestError` with the HTTP status the routes answer with.
 
-Each served model version has its own `@serve.batch` queue, with the `max_batch_size` and
+Each served model version has its own batch queue (`BatchQueue`), with the `max_batch_size` and
 `batch_wait_timeout_s` chosen from its latency profile when the replica loads it
 (serving/batching.py), or given by the user.
 """
@@ -25,13 +25,12 @@ import numpy as np
 import ray
 import torch
 from pydantic import TypeAdapter, ValidationError
-from ray import serve
 
 from kiln.actors.catalog import VersionRecord
 from kiln.actors.feedback import feedback_stores
 from kiln.actors.keys import KeyCheck
 from kiln.actors.replica import SMALL_ROWS, ModelReplica
-from kiln.serving.batching import Batching, profile_forward, resolve_batching
+from kiln.serving.batching import Batching, BatchQueue, profile_forward, resolve_batching
 from kiln.serving.errors import actor_failure
 from kiln.serving.inputs import rows_to_inputs
 from kiln.serving.jsonbody import shown
@@ -328,8 +327,8 @@ class ModelHost:
         """Seconds per forward pass by batch size, per served version (timed at load)."""
         self.batching: dict[str, Batching] = {}
         """Each served version's batching (serving/batching.py), set by reconfigure."""
-        self._batchers: dict[str, Any] = {}
-        """Each served version's `@serve.batch` queue (made at its first batched request)."""
+        self._batchers: dict[str, BatchQueue[BatchItem, np.ndarray]] = {}
+        """Each served version's batch queue (made at its first batched request)."""
         self.requests_in_flight: Callable[[], int] | None = None
         """HTTP requests this replica has read and not yet answered, from the server that
         reads them (the direct ingress: serving/direct.py); None where none says."""
@@ -548,7 +547,7 @@ class ModelHost:
 
         A cheap forward pass (a small model, a few rows) costs less than the batch queue's
         hand-offs, so when no batch wait is asked for and no other request is in flight it
-        runs at once. Everything else goes through `@serve.batch`: with no wait for a batch to
+        runs at once. Everything else goes through its `BatchQueue`: with no wait for a batch to
         fill (the default), a batch holds the requests that arrived while the previous one
         ran, as in Triton's dynamic batcher.
 
@@ -570,26 +569,17 @@ class ModelHost:
         item = BatchItem(key, x)
         batcher = self._batchers.get(key)
         if batcher is None:
-            batcher = self._batchers[key] = self._batch_queue(batching)
-        outputs = await batcher(item)
+            batcher = self._batchers[key] = BatchQueue(
+                self._forward_batch, batching.max_batch_size, batching.batch_wait_timeout_s
+            )
+        outputs = await batcher.submit(item)
         forward_rows.set(item.batch_rows)
-        return outputs  # type: ignore[no-any-return]
-
-    def _batch_queue(self, batching: Batching) -> Any:
-        """A `@serve.batch` queue for one served version (its own size and wait)."""
-
-        async def forward_batch(items: list[BatchItem]) -> list[np.ndarray]:
-            return self._forward_batch(items)
-
-        return serve.batch(
-            max_batch_size=batching.max_batch_size,
-            batch_wait_timeout_s=batching.batch_wait_timeout_s,
-        )(forward_batch)
+        return outputs
 
     def _forward_batch(self, items: list[BatchItem]) -> list[np.ndarray]:
         """One forward pass per model over every row of the batch, split back per request.
 
-        The pass runs on the event loop, on purpose: Serve's batcher forms the next batch as
+        The pass runs on the event loop, on purpose: a batcher forms the next batch as
         soon as this one starts, so a pass on a worker thread left the loop free to cut many
         small batches (measured: a third of the throughput). Blocking here lets the requests
         that arrive meanwhile queue up and go through together in the next batch.

@@ -175,3 +175,87 @@ def test_a_cheap_pass_runs_at_once_only_when_no_other_request_is_in_flight():
     assert not runs_at_once(no_wait, costly, 1, alone)
     assert not runs_at_once(waits, cheap, 1, alone)
     assert not runs_at_once(no_wait, cheap, 10_000, alone)
+
+
+class Recorder:
+    """A batched function that records each batch and answers item * 10 (or raises)."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [i * 10 for i in items]
+
+
+def test_requests_queued_together_go_in_one_pass_split_at_the_max_size():
+    import asyncio
+
+    from kiln.serving.batching import BatchQueue
+
+    async def main() -> tuple[list[int], list[list[int]]]:
+        run = Recorder()
+        queue = BatchQueue(run, max_batch_size=4, batch_wait_timeout_s=0.0)
+        answers = await asyncio.gather(*(queue.submit(i) for i in range(10)))
+        return answers, run.batches
+
+    answers, batches = asyncio.run(main())
+    assert answers == [i * 10 for i in range(10)]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_wait_lets_a_later_request_join_and_a_full_batch_does_not_wait():
+    import asyncio
+
+    from kiln.serving.batching import BatchQueue
+
+    async def main() -> list[list[int]]:
+        run = Recorder()
+        queue = BatchQueue(run, max_batch_size=3, batch_wait_timeout_s=30.0)
+        first = asyncio.ensure_future(queue.submit(1))
+        await asyncio.sleep(0.01)
+        assert not first.done()  # waiting for company, not answered alone
+        # Two more fill the batch: answered at once, not after 30 s.
+        rest = asyncio.gather(queue.submit(2), queue.submit(3))
+        assert await asyncio.wait_for(asyncio.gather(first, rest), 10) == [10, [20, 30]]
+        queue.set_batch_wait_timeout_s(0.0)  # live change: the next one goes alone
+        assert await asyncio.wait_for(queue.submit(4), 10) == 40
+        return run.batches
+
+    assert asyncio.run(main()) == [[1, 2, 3], [4]]
+
+
+def test_an_error_reaches_every_caller_of_its_batch_and_the_queue_goes_on():
+    import asyncio
+
+    from kiln.serving.batching import BatchQueue
+
+    async def main() -> tuple[list[object], int]:
+        queue = BatchQueue(Recorder(fail_on=2), max_batch_size=8, batch_wait_timeout_s=0.0)
+        failed = await asyncio.gather(*(queue.submit(i) for i in (1, 2, 3)), return_exceptions=True)
+        return failed, await queue.submit(5)
+
+    failed, later = asyncio.run(main())
+    assert all(isinstance(e, ValueError) and "bad item 2" in str(e) for e in failed)
+    assert later == 50
+
+
+def test_a_caller_that_went_away_is_left_out_of_the_pass():
+    import asyncio
+
+    from kiln.serving.batching import BatchQueue
+
+    async def main() -> list[list[int]]:
+        run = Recorder()
+        queue = BatchQueue(run, max_batch_size=8, batch_wait_timeout_s=30.0)
+        gone = asyncio.ensure_future(queue.submit(1))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        queue.set_max_batch_size(1)  # the next request fills a batch and wakes the queue
+        assert await asyncio.wait_for(queue.submit(2), 10) == 20
+        return run.batches
+
+    assert asyncio.run(main()) == [[2]]
