@@ -142,7 +142,7 @@ class DirectGrpc(_Listener):
 
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         self.servicer = grpc_v2.DirectServicer(self.kiln)
-        grpc_v2.add_inference_servicer(self.servicer, self.server)
+        grpc_v2.add_inference_servicer(self.servicer, self.server, streaming=True)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.server.add_insecure_port(f"{host}:{self.port}")
         await self.server.start()

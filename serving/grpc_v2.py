@@ -26,8 +26,11 @@ so the rest of Triton's service answers UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -44,7 +47,10 @@ from kiln.serving.host import ModelHost
 from kiln.serving.jsonbody import shown
 from kiln.serving.lean import bearer_secret
 from kiln.serving.routes.inference import answer_v2_infer, v2_replica, v2_server
+from kiln.serving.routes.inference import model_config as routes_model_config
 from kiln.serving.schemas import RequestError
+
+logger = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
 SERVICER = "kiln.serving.grpc_v2.add_inference_servicer"
@@ -55,6 +61,7 @@ METHODS = (
     "ServerMetadata",
     "ModelReady",
     "ModelMetadata",
+    "ModelConfig",
     "ModelInfer",
 )
 
@@ -132,10 +139,11 @@ def bind_replica_grpc_like_http() -> None:
     default_impl.add_grpc_address = add_grpc_address
 
 
-def add_inference_servicer(servicer: Any, server: Any) -> None:
+def add_inference_servicer(servicer: Any, server: Any, streaming: bool = False) -> None:
     """Serve's servicer function: registers METHODS of `inference.GRPCInferenceService`.
     Serve replaces each handler with its own (routing to the replica), keeping the request
-    deserializer given here."""
+    deserializer given here. `streaming` adds ModelStreamInfer (the direct ingress's
+    servicer only: Serve's gRPC ingress is not tried with client streams)."""
     pb = service_pb2()
     handlers = {
         method: grpc.unary_unary_rpc_method_handler(
@@ -145,6 +153,12 @@ def add_inference_servicer(servicer: Any, server: Any) -> None:
         )
         for method in METHODS
     }
+    if streaming:
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+            servicer.ModelStreamInfer,
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
@@ -169,6 +183,15 @@ class DirectServicer:
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
         return await model_ready(self.kiln.host, self.kiln.auth, request, context)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await model_config(self.kiln.host, self.kiln.auth, request, context)
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for response in model_stream_infer(self, requests, context):
+            yield response
 
     async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
         return server_ready(self.kiln.host)
@@ -344,6 +367,58 @@ async def _infer(host: ModelHost, auth: BearerAuth | None, request: Any, grpc_co
     return v2_to_response(content, out_length)
 
 
+async def model_stream_infer(
+    servicer: DirectServicer, requests: AsyncIterator[Any], grpc_context: Any
+) -> AsyncIterator[Any]:
+    """ModelStreamInfer, as Triton answers it: every request on the stream is answered as
+    ModelInfer answers it, all of them at once (so they batch together), each response as
+    soon as it is ready (the client matches them by `id`). A refused request answers with
+    `error_message` and the stream goes on; the stream's metadata carries the key."""
+    pb = service_pb2()
+    answers: asyncio.Queue[Any] = asyncio.Queue()
+    end = object()
+    working: set[asyncio.Task[None]] = set()
+
+    async def answer(request: Any) -> None:
+        servicer.calls_in_flight += 1
+        try:
+            response = await _infer(servicer.kiln.host, servicer.kiln.auth, request, grpc_context)
+            await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+        except Exception as exc:
+            refused = refusal(exc)
+            if refused is None:
+                logger.exception("ModelStreamInfer request %r failed", request.id)
+            await answers.put(
+                pb.ModelStreamInferResponse(
+                    error_message=str(refused) if refused else f"internal error ({exc!r})",
+                    infer_response=pb.ModelInferResponse(
+                        id=request.id, model_name=request.model_name
+                    ),
+                )
+            )
+        finally:
+            servicer.calls_in_flight -= 1
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                task = asyncio.create_task(answer(request))
+                working.add(task)
+                task.add_done_callback(working.discard)
+            await asyncio.gather(*working)
+        finally:
+            await answers.put(end)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (response := await answers.get()) is not end:
+            yield response
+    finally:  # the client went away: what it asked for is no longer wanted
+        reader.cancel()
+        for task in list(working):
+            task.cancel()
+
+
 async def model_metadata(
     host: ModelHost, auth: BearerAuth | None, request: Any, grpc_context: Any
 ) -> Any:
@@ -373,6 +448,27 @@ async def model_metadata(
     return await answered(grpc_context, service_pb2().ModelMetadataResponse, metadata())
 
 
+async def model_config(
+    host: ModelHost, auth: BearerAuth | None, request: Any, grpc_context: Any
+) -> Any:
+    """ModelConfig: serving/routes/inference.py `model_config` as Triton's ModelConfig proto
+    (the batching in `parameters["batching"]` as a JSON string: a parameter is a string)."""
+
+    async def config() -> Any:
+        from google.protobuf import json_format
+        from tritonclient.grpc import model_config_pb2
+
+        key, replica = await authorized(host, auth, request, grpc_context)
+        answer = routes_model_config(host, key, replica)
+        batching = answer.pop("parameters")["batching"]
+        del answer["version"]  # Triton's config has a version policy, not a version
+        message = json_format.ParseDict(answer, model_config_pb2.ModelConfig())
+        message.parameters["batching"].string_value = orjson.dumps(batching).decode()
+        return service_pb2().ModelConfigResponse(config=message)
+
+    return await answered(grpc_context, service_pb2().ModelConfigResponse, config())
+
+
 async def model_ready(
     host: ModelHost, auth: BearerAuth | None, request: Any, grpc_context: Any
 ) -> Any:
@@ -385,15 +481,21 @@ async def model_ready(
     return await answered(grpc_context, service_pb2().ModelReadyResponse, ready())
 
 
-async def authorized_replica(
+async def authorized(
     host: ModelHost, auth: BearerAuth | None, request: Any, grpc_context: Any
-) -> Any:
-    """The replica of `request.name`/`version`, once the caller's key may use it
-    (the HTTP routes' `Authorized`)."""
+) -> tuple[str, Any]:
+    """The served key and replica of `request.name`/`version`, once the caller's key may use
+    it (the HTTP routes' `Authorized`)."""
     if auth is not None:
         secret = bearer_secret(metadata_of(grpc_context))
         await check_predict_key(request.name, host, auth, secret)
-    return v2_replica(host, request.name, request.version or None)[1]
+    return v2_replica(host, request.name, request.version or None)
+
+
+async def authorized_replica(
+    host: ModelHost, auth: BearerAuth | None, request: Any, grpc_context: Any
+) -> Any:
+    return (await authorized(host, auth, request, grpc_context))[1]
 
 
 def server_live() -> Any:

@@ -102,15 +102,39 @@ async def v2_metadata(
 async def v2_model_config(
     name: str, host: HostDep, _: Authorized, version: str | None = None
 ) -> dict[str, Any]:
-    """Triton's model configuration extension, as far as Kiln has one: the batching (chosen
-    from the model's latency profile unless given: serving/batching.py)."""
+    """Triton's model configuration extension, as far as Kiln has one: the inputs and
+    outputs, and the batching (chosen from the model's latency profile unless given:
+    serving/batching.py)."""
     key, replica = v2_replica(host, name, version)
+    return model_config(host, key, replica)
+
+
+def triton_config_tensors(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """V2 metadata tensors as Triton's config lists them: TYPE_ names (BYTES is TYPE_STRING)
+    and dims without the batch dimension (max_batch_size > 0 says it is there)."""
+    return [
+        {
+            "name": t["name"],
+            "data_type": "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}",
+            "dims": t["shape"][1:],
+        }
+        for t in tensors
+    ]
+
+
+def model_config(host: ModelHost, key: str, replica: Any) -> dict[str, Any]:
+    """The configuration `GET .../config` and gRPC's ModelConfig answer with (Triton's JSON)."""
     batching = host.batching_of(key)
+    meta = v2.model_metadata(
+        replica.record.name, replica.record.version, replica.spec, replica.platform
+    )
     return {
         "name": replica.record.name,
         "version": str(replica.record.version),
         "platform": replica.platform,
         "max_batch_size": batching.max_batch_size,
+        "input": triton_config_tensors(meta["inputs"]),
+        "output": triton_config_tensors(meta["outputs"]),
         "dynamic_batching": {
             "max_queue_delay_microseconds": round(batching.batch_wait_timeout_s * 1e6)
         },

@@ -9,6 +9,8 @@ cache has expired, and the same over TLS (`--tls-self-signed`).
 
 from __future__ import annotations
 
+import json
+import queue
 import re
 import time
 from collections.abc import Iterator
@@ -121,6 +123,19 @@ def test_tritonclient_grpc_readiness_metadata_and_binary_infer(served, trained_h
     assert meta["name"] == "dgm" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "features", "datatype": "FP32", "shape": ["-1", "64"]}]
     assert [o["name"] for o in meta["outputs"]] == ["predictions", "probabilities"]
+    # Triton's ModelConfig: what GET /v2/models/dgm/config says, as the proto.
+    config = client.get_model_config("dgm", headers=auth, as_json=True)["config"]
+    over_http = httpx.get(
+        f"{served.url}/v2/models/dgm/config",
+        headers={"Authorization": f"Bearer {trained_home['secret']}"},
+        timeout=30,
+    ).json()
+    assert config["name"] == "dgm" and config["max_batch_size"] == over_http["max_batch_size"]
+    assert config["input"] == [{"name": "features", "data_type": "TYPE_FP32", "dims": ["64"]}]
+    assert over_http["input"] == [{"name": "features", "data_type": "TYPE_FP32", "dims": [64]}]
+    assert [o["name"] for o in config["output"]] == ["predictions", "probabilities"]
+    batching = json.loads(config["parameters"]["batching"]["string_value"])
+    assert batching == over_http["parameters"]["batching"]
 
     x, y = digits(64)
     result = infer(client, "dgm", x, auth)
@@ -193,6 +208,42 @@ def test_typed_contents_answer_as_raw_ones_do(served, trained_home):
     channel.close()
 
 
+def test_a_stream_answers_every_request_and_names_the_refused_one(served, trained_home):
+    """ModelStreamInfer with tritonclient's stream: each request answered as ModelInfer
+    answers it (by id), a bad one as an error on the stream, which goes on."""
+    client = triton.InferenceServerClient(grpc_address(served))
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(
+        callback=lambda result, error: answers.put((result, error)),
+        headers=bearer(trained_home["secret"]),
+    )
+    x, y = digits(8, offset=100)
+    try:
+        for i in range(8):
+            tensor = triton.InferInput("features", [1, 64], "FP32")
+            tensor.set_data_from_numpy(x[i : i + 1])
+            client.async_stream_infer("dgm", [tensor], request_id=f"row-{i}")
+            if i == 3:
+                bad = triton.InferInput("features", [1, 10], "FP32")
+                bad.set_data_from_numpy(x[:1, :10].copy())
+                client.async_stream_infer("dgm", [bad], request_id="bad")
+        got: dict[str, int] = {}
+        errors: list[str] = []
+        for _ in range(9):
+            result, error = answers.get(timeout=120)
+            if error is not None:
+                errors.append(str(error.message()))
+            else:
+                response = result.get_response()
+                got[response.id] = int(result.as_numpy("predictions")[0])
+    finally:
+        client.stop_stream()
+    assert errors == ["shape must be [N, 64]; got [1, 10]"]
+    alone = infer(client, "dgm", x, bearer(trained_home["secret"])).as_numpy("predictions")
+    assert got == {f"row-{i}": int(alone[i]) for i in range(8)}
+    assert np.mean(alone == y) >= 0.75
+
+
 def test_refusals_have_the_right_codes(served, trained_home):
     client = triton.InferenceServerClient(grpc_address(served))
     x, _ = digits(2)
@@ -206,6 +257,10 @@ def test_refusals_have_the_right_codes(served, trained_home):
     assert status == "StatusCode.PERMISSION_DENIED" and "lacks scope predict:dgm" in message
     status, _ = refusal(lambda: client.get_model_metadata("dgm", headers=bearer("kiln_0_x")))
     assert status == "StatusCode.UNAUTHENTICATED"
+    status, _ = refusal(lambda: client.get_model_config("dgm", headers=bearer("kiln_0_x")))
+    assert status == "StatusCode.UNAUTHENTICATED"
+    status, _ = refusal(lambda: client.get_model_config("nosuch", headers=auth))
+    assert status == "StatusCode.NOT_FOUND"
 
     status, message = refusal(lambda: infer(client, "dgm", x[:, :10].copy(), auth))
     assert status == "StatusCode.INVALID_ARGUMENT"

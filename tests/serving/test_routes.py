@@ -74,6 +74,16 @@ def test_predict_answers_with_the_hosted_model(host, tiny_replica):
     assert (body["model"], body["model_version"], len(body["ids"])) == ("m", 1, 2)
 
 
+def test_the_model_config_lists_inputs_and_outputs_as_triton_does(host):
+    config = client_for(host).get("/v2/models/m/config").json()
+    assert config["input"] == [{"name": "features", "data_type": "TYPE_FP32", "dims": [4]}]
+    assert [(o["name"], o["dims"]) for o in config["output"]] == [
+        ("predictions", []),
+        ("probabilities", [3]),
+    ]
+    assert config["max_batch_size"] == config["parameters"]["batching"]["max_batch_size"]
+
+
 def test_host_errors_answer_with_their_status_and_an_error_body(host):
     client = client_for(host)
     missing = client.get("/v1/models/ghost")
