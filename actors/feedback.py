@@ -198,9 +198,14 @@ class FeedbackService:
         return table.num_rows
 
     def _write_by_day(self, model: str, kind: str, table: pa.Table, ts_column: str = "ts") -> None:
-        days = np.array([day_of(ts) for ts in table.column(ts_column).to_numpy()])
-        for day in sorted(set(days.tolist())):
-            part = table.filter(pa.array(days == day))
+        # UTC day numbers, vectorised (POSIX time has no leap seconds, so day n is
+        # [86400 n, 86400 (n+1))): formatting a date per row cost ~2 us of the store's CPU a
+        # logged prediction. A flush within one day (the usual case) is written as it came.
+        numbers = np.floor(table.column(ts_column).to_numpy() / 86400.0).astype(np.int64)
+        distinct = np.unique(numbers)
+        for number in distinct.tolist():
+            day = day_of(number * 86400.0)
+            part = table if len(distinct) == 1 else table.filter(pa.array(numbers == number))
             name = f"s{self.shard}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
             self.store.publish(
                 f"{MONITORING_DIR}/{model}/{kind}/day={day}/{name}", parquet_bytes(part)

@@ -69,6 +69,22 @@ def test_compaction_keeps_every_row_once(tmp_path, monkeypatch):
     assert window.num_rows == 36
 
 
+def test_a_flush_across_midnight_utc_writes_each_row_under_its_own_day(tmp_path):
+    store = FeedbackService(str(tmp_path))
+    midnight = 86400.0 * 20_000  # 2024-10-04T00:00:00Z
+    late, early = logged("late", rows=2, ts=midnight - 0.25), logged("early", rows=1, ts=midnight)
+    assert store.append("m", ipc(late, early)) == 3
+    by_day = {
+        day: sorted(
+            row_id
+            for path in store._own_files("m", "predictions", day)
+            for row_id in feedback.read_parquet(store.store, path, ["id"]).column("id").to_pylist()
+        )
+        for day in feedback.day_dirs(store.store, "m", "predictions")
+    }
+    assert by_day == {"2024-10-03": ["late-0", "late-1"], "2024-10-04": ["early-0"]}
+
+
 def test_retention_drops_old_days(tmp_path):
     store = FeedbackService(str(tmp_path))
     store.append("m", ipc(logged("old", ts=time.time() - 10 * 86400)), retention_days=3)
