@@ -90,7 +90,7 @@ from torch import nn
 
 from kiln.training import lm
 from kiln.training.errors import KilnError, check_options
-from kiln.training.generate import TextDecoder, default_stop_ids
+from kiln.training.generate import TextDecoder, default_stop_ids, samples
 
 FinishReason = Literal["stop", "length", "abort"]
 """OpenAI's "stop" and "length"; "abort" only reaches a handle whose request was aborted."""
@@ -553,7 +553,7 @@ def new_request_state(
     )
     for index in range(request.n):
         generator = None
-        if request.temperature > 0:
+        if samples(request.temperature):
             generator = torch.Generator(device=device)
             if request.seed is None:
                 generator.seed()
@@ -952,7 +952,7 @@ class Sampler:
         params = [row.request.request for row in rows]
         scores = self.penalise(raw, rows, params)
         token_ids = scores.argmax(dim=-1)  # (N,) greedy
-        sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+        sampled = [i for i, p in enumerate(params) if samples(p.temperature)]
         if sampled:
             index = torch.tensor(sampled, device=self.device)
             draws = self.draw(scores[index], [rows[i] for i in sampled])

@@ -67,12 +67,24 @@ class GenerationResult:
     """The stop token id or stop string that ended it."""
 
 
+GREEDY_BELOW = 1e-6
+"""A temperature under this decodes greedily, as 0 does. At such a temperature a draw differs
+from the argmax only where the best two logits lie within a few millionths, and dividing the
+logits by a smaller one overflows: 5e-324 (a valid JSON number) is 0.0 in float32, which made
+every score inf or NaN and the draw an index past the vocabulary (found by the fuzz)."""
+
+
+def samples(temperature: float) -> bool:
+    """Whether a temperature draws at random (False: greedy)."""
+    return temperature >= GREEDY_BELOW
+
+
 def sample_next(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """The next token of each row, (B, V) -> (B,): argmax when temperature is 0, otherwise a
     draw after temperature, top-k and top-p."""
-    if params.temperature == 0:
+    if not samples(params.temperature):
         return logits.argmax(dim=-1)
     scores = logits.float() / params.temperature  # (B, V)
     if params.top_k:

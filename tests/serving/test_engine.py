@@ -345,6 +345,23 @@ def test_seeded_sampling_repeats_whatever_shares_the_batch(trained: Model) -> No
     assert all(len(tokens_of(handle.drain())) == 15 for handle in companions)
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-7])
+def test_a_temperature_too_small_to_divide_by_decodes_greedily(
+    trained: Model, temperature: float
+) -> None:
+    """5e-324 is 0.0 in float32: the scores were inf or NaN and the draw an index past the
+    vocabulary, which failed the engine step and every request in it (the fuzz found it)."""
+    model, spec, tokenizer = trained
+    prompt = encode(tokenizer, "clay at night")
+    engine = Engine(model, spec, tokenizer, EngineConfig(max_batch=4))
+    tiny = engine.submit(sampled(prompt, seed=None, temperature=temperature, top_k=0, top_p=1.0))
+    companion = engine.submit(sampled(encode(tokenizer, "kiln fires"), seed=3))
+    engine.run_until_idle()
+    expected = generate(model, spec, prompt, 15, stop_ids=()).token_ids
+    assert tokens_of(tiny.drain()) == expected
+    assert len(tokens_of(companion.drain())) == 15
+
+
 def test_n_choices_share_one_prefill(trained: Model) -> None:
     model, spec, tokenizer = trained
     prompt = encode(tokenizer, "glaze pots and")
