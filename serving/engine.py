@@ -1035,6 +1035,8 @@ def keep_top_k_top_p(
     sorted_probs = torch.softmax(sorted_scores, dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (S, V)
     drop_sorted = (mass_before >= top_p[:, None]) | sorted_scores.isneginf()
+    # The likeliest token always stays, even for a top_p that is 0.0 in float32 (5e-324).
+    drop_sorted[:, 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (S, V)
     return scores.masked_fill(drop, float("-inf"))
 

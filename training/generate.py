@@ -106,7 +106,8 @@ def keep_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_scores, order = scores.sort(dim=-1, descending=True)  # (B, V)
     sorted_probs = torch.softmax(sorted_scores, dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V)
-    drop_sorted = mass_before >= top_p  # the likeliest token always stays: its mass_before is 0
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False  # the likeliest token stays, even for a top_p of 0.0 in float32
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, V)
     return scores.masked_fill(drop, float("-inf"))
 

@@ -345,16 +345,25 @@ def test_seeded_sampling_repeats_whatever_shares_the_batch(trained: Model) -> No
     assert all(len(tokens_of(handle.drain())) == 15 for handle in companions)
 
 
-@pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-7])
-def test_a_temperature_too_small_to_divide_by_decodes_greedily(
-    trained: Model, temperature: float
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"temperature": 5e-324, "top_p": 1.0},
+        {"temperature": 1e-40, "top_p": 1.0},
+        {"temperature": 1e-7, "top_p": 1.0},
+        {"top_p": 5e-324},
+    ],
+)
+def test_a_temperature_or_top_p_too_small_for_float32_decodes_greedily(
+    trained: Model, options: dict[str, Any]
 ) -> None:
-    """5e-324 is 0.0 in float32: the scores were inf or NaN and the draw an index past the
-    vocabulary, which failed the engine step and every request in it (the fuzz found it)."""
+    """5e-324 is 0.0 in float32: the scores were inf or NaN (or every token dropped) and the
+    draw an index past the vocabulary, which failed the engine step and every request in it
+    (the fuzz found both)."""
     model, spec, tokenizer = trained
     prompt = encode(tokenizer, "clay at night")
     engine = Engine(model, spec, tokenizer, EngineConfig(max_batch=4))
-    tiny = engine.submit(sampled(prompt, seed=None, temperature=temperature, top_k=0, top_p=1.0))
+    tiny = engine.submit(sampled(prompt, seed=None, top_k=0, **options))
     companion = engine.submit(sampled(encode(tokenizer, "kiln fires"), seed=3))
     engine.run_until_idle()
     expected = generate(model, spec, prompt, 15, stop_ids=()).token_ids
@@ -605,3 +614,13 @@ def test_the_device_is_chosen_at_run_time() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(KilnError, match='torch sees no GPU: use device "cpu"'):
             pick_device("cuda")
+
+
+def test_a_top_p_of_zero_in_float32_keeps_the_likeliest_token_offline_and_batched() -> None:
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    for kept in (
+        keep_top_p(scores, 5e-324),
+        keep_top_k_top_p(scores, torch.zeros(3, dtype=torch.long), torch.full((3,), 5e-324)),
+    ):
+        assert torch.equal(kept.isfinite().sum(dim=-1), torch.ones(3, dtype=torch.long))
+        assert torch.equal(kept.argmax(dim=-1), scores.argmax(dim=-1))
