@@ -560,6 +560,16 @@ def kiln_answer(kind: str) -> list[int]:
 # ----------------------------------------------------------------------------- arms
 
 
+def conditions(load_before: float, wait_before: float | None) -> dict[str, Any]:
+    """The machine's load and CPU pressure before an arm (given) and after it (now)."""
+    return {
+        "load_before": load_before,
+        "load_after": load_avg(),
+        "cpu_wait_pct_before": wait_before,
+        "cpu_wait_pct_after": cpu_pressure(),
+    }
+
+
 def cpu_pressure() -> float | None:
     """Linux PSI: the share of the last 10 s in which some runnable task waited for a CPU (%):
     on a shared machine it says more about an arm's conditions than the load average."""
@@ -636,14 +646,7 @@ def run_peer_arm(
     finally:
         server.stop()
         wait_port_free(port)
-    return {
-        **figures,
-        "load_before": before,
-        "load_after": load_avg(),
-        "cpu_wait_pct_before": wait_before,
-        "cpu_wait_pct_after": cpu_pressure(),
-        "threads": threads,
-    }
+    return {**figures, **conditions(before, wait_before), "threads": threads}
 
 
 def check_answer(
@@ -764,13 +767,7 @@ def run_kiln_arm(
             pass
         serve.kill()
         wait_port_free(port)
-    return {
-        **figures,
-        "load_before": before,
-        "load_after": load_avg(),
-        "cpu_wait_pct_before": wait_before,
-        "cpu_wait_pct_after": cpu_pressure(),
-    }
+    return {**figures, **conditions(before, wait_before)}
 
 
 # ----------------------------------------------------------------------------- report

@@ -253,8 +253,12 @@ class BatchQueue(Generic[Item, Answer]):
                     self._answer(batch)
                 # One turn of the loop: the requests read meanwhile join the next batch.
                 await asyncio.sleep(0)
+        except asyncio.CancelledError:  # the replica is stopping: no caller waits forever
+            while self._queued:
+                self._queued.popleft()[1].cancel()
+            raise
         finally:
-            self._task = None
+            self._task = self._filling = None
 
     def _answer(self, batch: list[tuple[Item, asyncio.Future[Answer]]]) -> None:
         try:

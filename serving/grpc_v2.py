@@ -410,6 +410,8 @@ async def model_stream_infer(
             await answers.put(end)
 
     reader = asyncio.create_task(read())
+    # A stream the client broke off ends `read` with its error: taken here, not left unread.
+    reader.add_done_callback(lambda task: task.cancelled() or task.exception())
     try:
         while (response := await answers.get()) is not end:
             yield response

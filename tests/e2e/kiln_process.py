@@ -25,6 +25,11 @@ KILN = [str(Path(sys.executable).with_name("kiln"))]
 """The `kiln` script the package installs (the one a user's shell finds)."""
 
 
+def files_holding(folder: Path, needle: bytes, pattern: str = "*") -> list[Path]:
+    """The files under `folder` whose bytes contain `needle` (a byte search of the storage)."""
+    return [p for p in folder.rglob(pattern) if p.is_file() and needle in p.read_bytes()]
+
+
 def kiln_env(home: Path, port: int, **extra: str) -> dict[str, str]:
     """The environment of a user's shell: KILN_HOME and the HTTP port, no RAY_ADDRESS. No
     gRPC port (KILN_GRPC_PORT=0) unless `extra` gives one: tests running at once would all

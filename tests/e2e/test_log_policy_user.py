@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import free_port, wait_for
-from tests.e2e.kiln_process import KilnServe, kiln, kiln_env, kiln_json
+from tests.e2e.kiln_process import KilnServe, files_holding, kiln, kiln_env, kiln_json
 from tests.tables import example_csv
 
 pytestmark = pytest.mark.slow
@@ -77,15 +77,12 @@ def test_the_policy_keeps_masked_values_off_the_disk(served: KilnServe) -> None:
     storage = Path(served.env["KILN_HOME"]) / "storage"
     visible = np.float32(VISIBLE_AGE).tobytes()
 
-    def logged() -> bool:
-        return any(visible in p.read_bytes() for p in storage.rglob("*") if p.is_file())
-
-    assert wait_for(logged, 120), "the prediction log never reached the storage"
+    logged = wait_for(lambda: bool(files_holding(storage, visible)), 120)
+    assert logged, "the prediction log never reached the storage"
     for secret in (SECRET_INCOME, OTHER_INCOME):
-        needle = np.float32(secret).tobytes()
-        leaks = [p for p in storage.rglob("*") if p.is_file() and needle in p.read_bytes()]
+        leaks = files_holding(storage, np.float32(secret).tobytes())
         assert leaks == [], f"{secret} reached {leaks}"
-    parquet = [p for p in storage.rglob("*.parquet") if visible in p.read_bytes()]
+    parquet = files_holding(storage, visible, "*.parquet")
     inputs = [r for p in parquet for r in pq.read_table(p).column("inputs").to_pylist()]
     names = kiln_json(served.env, "models", "show", "ppl")["spec"]
     order = [c["name"] for c in names["inputs"]]

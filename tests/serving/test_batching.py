@@ -259,3 +259,20 @@ def test_a_caller_that_went_away_is_left_out_of_the_pass():
         return run.batches
 
     assert asyncio.run(main()) == [[2]]
+
+
+def test_a_stopped_queue_cancels_its_waiting_callers():
+    import asyncio
+
+    from kiln.serving.batching import BatchQueue
+
+    async def main() -> bool:
+        queue = BatchQueue(Recorder(), max_batch_size=8, batch_wait_timeout_s=30.0)
+        waiting = asyncio.ensure_future(queue.submit(1))
+        await asyncio.sleep(0.01)
+        assert queue._task is not None
+        queue._task.cancel()
+        await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 10)
+        return waiting.cancelled()
+
+    assert asyncio.run(main())
