@@ -66,7 +66,12 @@ def deploy_models(
     running = running_serve_port()  # serve.start keeps a running Serve's first binding
     inner_grpc_port = serve_grpc_port  # where gRPC is answered (behind TLS: a loopback port)
     serve_port = port
-    if direct_ingress(settings, serve_args, tls is not None):
+    direct = direct_ingress(settings, serve_args, tls is not None)
+    if direct and running == port and settings.kiln_ingress == "auto":
+        # A Serve this process (or the user) started already answers the port: auto keeps it.
+        logger.info("Serve's ingress already listens on port %s: HTTP ingress stays Serve's", port)
+        direct = False
+    if direct:
         # The replicas answer `port` themselves (serving/direct.py); Serve's ingress another.
         if running == port:
             raise KilnError(

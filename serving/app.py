@@ -123,14 +123,15 @@ class KilnServer:
         # The direct ingress (serving/direct.py): this replica answers the Kiln ports itself.
         self.direct: DirectServer | None = None
         self.direct_grpc: DirectGrpc | None = None
-        loop = asyncio.get_running_loop()
+        # They start listening after the first reconfigure, once the models are loaded: a
+        # replica that answered before then said "not served" (a 404) to the requests the
+        # kernel gave it while it loaded, at start and whenever Serve replaced a replica.
+        self._loop = asyncio.get_running_loop()
         if parsed.direct_port:
             front = LeanPredict(api, api, outermost=True)
             self.direct = DirectServer(front, parsed.direct_host, parsed.direct_port)
-            self.direct.start(loop)
         if parsed.direct_port and parsed.direct_grpc_port:
             self.direct_grpc = DirectGrpc(self, parsed.direct_host, parsed.direct_grpc_port)
-            self.direct_grpc.start(loop)
         if self.direct is not None:
             # Whether a cheap forward pass may run at once or joins a batch (ModelHost.forward).
             self.host.requests_in_flight = self.requests_in_flight
@@ -148,8 +149,14 @@ class KilnServer:
             await self.direct.stop()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's live update (`user_config`): see ModelHost.reconfigure."""
+        """Serve's live update (`user_config`): see ModelHost.reconfigure. The first one (Serve
+        calls it as the replica starts) loads the models; the direct ingress listens after it."""
         self.host.reconfigure(user_config)
+        for direct in (self.direct, self.direct_grpc):
+            if direct is not None and direct.task is None:
+                # This may run on a thread of Serve's: the listener starts on the replica's loop
+                # (start() is idempotent, so a second reconfigure before it runs is harmless).
+                self._loop.call_soon_threadsafe(direct.start, self._loop)
 
     def current_args(self) -> dict[str, Any]:
         """What this replica serves now (for `kiln deploy`, `promote` and `rollback`)."""

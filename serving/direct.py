@@ -36,14 +36,14 @@ BACKLOG = 2048
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port that every replica of the node may open at once."""
+    """A socket bound to host:port that every replica of the node may open at once; it joins
+    the port's share of connections when it listens (DirectServer._serve), not before."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host.strip("[]"), port))
-        sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -61,6 +61,9 @@ class _Listener:
         self.stopping = False
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start serving on `loop` (once: a second call, or one after stop, does nothing)."""
+        if self.task is not None or self.stopping:
+            return
         self.task = loop.create_task(self._serve())
         self.task.add_done_callback(self._ended)
 
@@ -102,14 +105,10 @@ class DirectServer(_Listener):
         return len(self.server.server_state.tasks)
 
     async def _serve(self) -> None:
-        """Serve once the replica is initialised: connections the kernel hands this socket
-        before then wait in its backlog."""
-        from ray import serve
-
-        # Serve sets the replica's servable object (what the routes find their host through,
-        # serving/dependencies.py) just after the constructor returns.
-        while serve.get_replica_context().servable_object is None:
-            await asyncio.sleep(0.01)
+        """Listen and serve. Started once the replica has loaded its models (KilnApp starts
+        it after the first reconfigure): until it listens, the kernel hands this port's
+        connections to the node's other replicas only."""
+        self.sock.listen(BACKLOG)
         await self.server.serve(sockets=[self.sock])
 
     async def stop(self) -> None:

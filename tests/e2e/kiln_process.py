@@ -85,6 +85,20 @@ class KilnServe:
         return f"http://127.0.0.1:{self.env['KILN_HTTP_PORT']}"
 
     def start(self, timeout_s: float = 180) -> KilnServe:
+        self.start_in_background()
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"kiln serve exited {self.process.returncode}:\n{self.log()}")
+            if "Ctrl-C stops" in self.log() and self.answers():
+                self.record_processes()
+                return self
+            time.sleep(0.5)
+        raise AssertionError(f"kiln serve did not answer within {timeout_s} s:\n{self.log()}")
+
+    def start_in_background(self) -> None:
+        """Start the command and return at once (`start` also waits until it answers)."""
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [*KILN, "serve", *self.args],
@@ -95,15 +109,6 @@ class KilnServe:
             start_new_session=True,
             preexec_fn=ignore_sigint if self.sigint_ignored else None,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"kiln serve exited {self.process.returncode}:\n{self.log()}")
-            if "Ctrl-C stops" in self.log() and self.answers():
-                self.record_processes()
-                return self
-            time.sleep(0.5)
-        raise AssertionError(f"kiln serve did not answer within {timeout_s} s:\n{self.log()}")
 
     def answers(self) -> bool:
         try:

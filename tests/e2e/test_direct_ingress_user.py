@@ -9,7 +9,9 @@ back, and `--ingress serve` (Ray Serve's HAProxy) answers the same requests.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +84,37 @@ def predict_fresh(url: str, secret: str, count: int) -> list[str]:
     return prefixes
 
 
+@contextlib.contextmanager
+def calls_in_a_loop(url: str, secret: str) -> Iterator[list[int]]:
+    """Predict calls, each on a fresh connection, in a thread for the with-block; the status
+    of each (0: the connection failed)."""
+    statuses: list[int] = []
+    stop = threading.Event()
+    rows, _ = digits_rows(1)
+
+    def call() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(
+                    httpx.post(
+                        f"{url}/v1/models/dgm:predict",
+                        json={"instances": rows},
+                        headers={"Authorization": f"Bearer {secret}"},
+                        timeout=30,
+                    ).status_code
+                )
+            except httpx.HTTPError:
+                statuses.append(0)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        caller.join(timeout=60)
+
+
 @pytest.mark.slow  # two replicas, a killed one and its replacement: about a minute
 def test_two_replicas_share_the_port_and_a_killed_one_loses_no_connection(
     two_replicas: KilnServe, trained_home: dict[str, Any]
@@ -105,9 +138,13 @@ def test_two_replicas_share_the_port_and_a_killed_one_loses_no_connection(
     victim.wait(timeout=30)
     # New connections go to the live replica at once: none refused, every answer right.
     assert len(set(predict_fresh(server.url, secret, 50))) == 1
-    # Serve replaces the killed replica, which opens the port again and answers.
-    assert wait_for(lambda: len(listeners(server)) == 2, timeout_s=120), server.log()[-2000:]
-    assert wait_for(lambda: len(set(predict_fresh(server.url, secret, 20))) == 2, timeout_s=60)
+    # Serve replaces the killed replica, which opens the port again and answers. Calls on
+    # fresh connections all through the replacement: the new replica takes none before its
+    # model is loaded (it once answered 404 "not served" while it loaded).
+    with calls_in_a_loop(server.url, secret) as statuses:
+        assert wait_for(lambda: len(listeners(server)) == 2, timeout_s=120), server.log()[-2000:]
+        assert wait_for(lambda: len(set(predict_fresh(server.url, secret, 20))) == 2, 60)
+    assert len(statuses) > 20 and set(statuses) == {200}, sorted(set(statuses))
     # Past the key cache with traffic, keyed requests still answer (issue 29's regression).
     deadline = time.monotonic() + 2 * KEY_CACHE_S + 1
     while time.monotonic() < deadline:
@@ -144,3 +181,31 @@ def test_bad_ingress_choices_are_one_line_before_ray_starts(trained_home: dict[s
     assert done.returncode == 2
     assert "--ingress direct serves a fixed number of replicas" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_the_port_answers_only_once_the_model_is_loaded(
+    trained_home: dict[str, Any], tmp_path: Path
+) -> None:
+    """A script that waits for `GET /v1/models` to answer 200 and then calls the model (as
+    examples/lm_openai.py does) finds it served: the replica listens after it loaded it."""
+    env = kiln_env(trained_home["home"], free_port())
+    server = KilnServe(env, ["dgm"], tmp_path / "s.log")
+    headers = {"Authorization": f"Bearer {trained_home['secret']}"}
+    try:
+        server.start_in_background()
+        deadline = time.monotonic() + 180
+        listed = None
+        while listed is None and time.monotonic() < deadline:
+            assert server.process is not None and server.process.poll() is None, server.log()
+            try:
+                answer = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=5)
+                if answer.status_code == 200:
+                    listed = [m["name"] for m in answer.json()["models"]]
+            except httpx.HTTPError:
+                time.sleep(0.01)  # polling as fast as a script would, not a wait for a condition
+        assert listed == ["dgm"], server.log()[-2000:]
+        assert wait_for(lambda: "Ctrl-C stops" in server.log(), timeout_s=60)
+        assert server.interrupt() == 0
+    finally:
+        server.kill()
