@@ -637,24 +637,27 @@ def respread(
     shard_set: ShardSet,
     name: str | None,
     detached: bool,
-    attempts: int = 3,
+    attempts: int = 5,
     timeout_s: float = 60.0,
 ) -> ShardSet:
     """Start again, on its node, each shard whose soft affinity fell back elsewhere (up to
     `attempts` rounds; what is still off its node after them stays where it is).
 
     Even after `reach_nodes` a fresh cluster's scheduler sometimes overrides soft affinities
-    (all three shards of a 3-node test on one node, about one run in several: RAY_NOTES).
+    (all three shards of a 3-node test on one node, about one run in several: RAY_NOTES), and
+    on a busy machine three rounds in a row once did. Each round after the first waits a
+    little longer first (0.5 s, 1 s, ...) for the scheduler's view of the nodes to catch up.
     """
     targets = shard_targets(len(shard_set.handles))
     if len(set(targets)) < 2:
         return shard_set
-    for _ in range(attempts):
+    for attempt in range(attempts):
         placed = ray.get([h.node_id.remote() for h in shard_set.handles])
         wrong = [i for i, (at, goal) in enumerate(zip(placed, targets, strict=True)) if at != goal]
         if not wrong:
             break
         logger.info("shards %s of %s landed off their nodes; placing again", wrong, shard_set.split)
+        time.sleep(0.5 * attempt)  # a backoff between placements, not a wait for a condition
         reach_nodes(sorted({targets[i] for i in wrong}))
         handles = list(shard_set.handles)
         for i in wrong:
