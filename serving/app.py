@@ -133,13 +133,23 @@ class KilnServer:
         if parsed.direct_port and parsed.direct_grpc_port:
             self.direct_grpc = DirectGrpc(self, parsed.direct_host, parsed.direct_grpc_port)
         if self.direct is not None:
-            # Whether a cheap forward pass may run at once or joins a batch (ModelHost.forward).
+            # Whether a cheap forward pass may run at once or joins a batch (ModelHost.forward),
+            # and whether a batch waits to fill (BatchQueue.more_coming).
             self.host.requests_in_flight = self.requests_in_flight
+            self.host.more_requests_coming = self.more_requests_coming
 
     def requests_in_flight(self) -> int:
         """Predict requests this replica's direct ingress has begun and not yet answered."""
         grpc_calls = 0 if self.direct_grpc is None else self.direct_grpc.requests_in_flight()
         return grpc_calls + (0 if self.direct is None else self.direct.requests_in_flight())
+
+    def more_requests_coming(self, queued: int) -> bool:
+        """Whether requests not among the `queued` ones may still join a batch: HTTP requests
+        in flight beyond them, or any gRPC call (grpc.aio hands calls over one at a time, so
+        its count leaves out those it has not handed over yet)."""
+        if self.direct_grpc is not None and self.direct_grpc.requests_in_flight() > 0:
+            return True
+        return self.direct is not None and self.direct.requests_in_flight() > queued
 
     async def __del__(self) -> None:
         """Serve's graceful shutdown: the direct ingress finishes its requests in flight."""

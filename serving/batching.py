@@ -206,10 +206,21 @@ class BatchQueue(Generic[Item, Answer]):
         run: Callable[[list[Item]], list[Answer]],
         max_batch_size: int,
         batch_wait_timeout_s: float,
+        more_coming: Callable[[int], bool] | None = None,
     ) -> None:
         self.run = run
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.more_coming = more_coming
+        """Given how many requests are queued, whether the server has others in flight that
+        may still join the batch (None: it does not say, and a batch waits as configured).
+        A lone request after a lone pass (one caller at a time, c1) does not wait out the
+        timer for a batch that cannot fill: the medium model's c1 p50 fell from 5.9-6.8 to
+        4.0-5.2 ms. Under load (the last pass had several requests) a batch waits as
+        configured: the callers just answered send their next requests during the wait,
+        which the server has not read yet."""
+        self._last_pass = 0
+        """Requests in the last pass."""
         self._queued: deque[tuple[Item, asyncio.Future[Answer], float]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._filling: asyncio.Future[None] | None = None
@@ -227,16 +238,21 @@ class BatchQueue(Generic[Item, Answer]):
         self._queued.append((item, answer, loop.time()))
         if self._task is None:
             self._task = loop.create_task(self._serve())
-        elif len(self._queued) >= self.max_batch_size:
+        elif len(self._queued) >= self.max_batch_size or not self._others_may_join():
             _resolve(self._filling)
         return await answer
+
+    def _others_may_join(self) -> bool:
+        if self.more_coming is None or self._last_pass > 1:
+            return True
+        return self.more_coming(len(self._queued))
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._queued:
                 wait = self.batch_wait_timeout_s
-                if wait > 0 and len(self._queued) < self.max_batch_size:
+                if wait > 0 and len(self._queued) < self.max_batch_size and self._others_may_join():
                     remaining = self._queued[0][2] + wait - loop.time()
                     if remaining > 0:
                         self._filling = loop.create_future()
@@ -250,6 +266,7 @@ class BatchQueue(Generic[Item, Answer]):
                     if not answer.done():
                         batch.append((item, answer))
                 if batch:
+                    self._last_pass = len(batch)
                     self._answer(batch)
                 # One turn of the loop: the requests read meanwhile join the next batch.
                 await asyncio.sleep(0)

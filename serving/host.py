@@ -332,6 +332,9 @@ class ModelHost:
         self.requests_in_flight: Callable[[], int] | None = None
         """HTTP requests this replica has read and not yet answered, from the server that
         reads them (the direct ingress: serving/direct.py); None where none says."""
+        self.more_requests_coming: Callable[[int], bool] | None = None
+        """Given how many requests a batch queue holds, whether others in flight may join it
+        (BatchQueue.more_coming); None where the server does not say."""
         if registry is not None and args.log_sample > 0:
             self.log = PredictionLog(
                 self._feedback_stores,
@@ -570,7 +573,10 @@ class ModelHost:
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = self._batchers[key] = BatchQueue(
-                self._forward_batch, batching.max_batch_size, batching.batch_wait_timeout_s
+                self._forward_batch,
+                batching.max_batch_size,
+                batching.batch_wait_timeout_s,
+                self.more_requests_coming,
             )
         outputs = await batcher.submit(item)
         forward_rows.set(item.batch_rows)

@@ -276,3 +276,42 @@ def test_a_stopped_queue_cancels_its_waiting_callers():
         return waiting.cancelled()
 
     assert asyncio.run(main())
+
+
+def test_a_batch_waits_only_while_the_server_has_others_in_flight():
+    """With a 30 s wait: a lone request (nothing else in flight) runs at once; with three in
+    flight the batch waits for them and runs as soon as the third is queued, not at 30 s;
+    after a pass of several, a lone request waits."""
+    import asyncio
+
+    from kiln.serving.batching import BatchQueue
+
+    in_flight = [1]
+
+    async def main() -> list[list[int]]:
+        run = Recorder()
+        queue = BatchQueue(
+            run, max_batch_size=8, batch_wait_timeout_s=30.0, more_coming=lambda q: in_flight[0] > q
+        )
+        assert await asyncio.wait_for(queue.submit(1), 5) == 10  # c1: no wait at all
+        in_flight[0] = 3
+        first = asyncio.ensure_future(queue.submit(2))
+        await asyncio.sleep(0.01)
+        assert not first.done()  # two more are in flight: it waits for them
+        second = asyncio.ensure_future(queue.submit(3))
+        await asyncio.sleep(0.01)
+        assert not second.done()
+        answers = await asyncio.wait_for(asyncio.gather(first, queue.submit(4)), 5)
+        assert answers == [20, 40] and await second == 30
+        # Under load (the last pass held 3) a lone request waits as configured: the callers
+        # just answered may be sending their next requests.
+        in_flight[0] = 1
+        queue.set_batch_wait_timeout_s(0.5)
+        after_load = asyncio.ensure_future(queue.submit(5))
+        await asyncio.sleep(0.05)
+        assert not after_load.done()
+        assert await asyncio.wait_for(after_load, 5) == 50
+        assert await asyncio.wait_for(queue.submit(6), 0.4) == 60  # alone after alone: at once
+        return run.batches
+
+    assert asyncio.run(main()) == [[1], [2, 3, 4], [5], [6]]
