@@ -74,6 +74,9 @@ class BatchItem:
 
     model_key: str
     x: np.ndarray  # (N, num_inputs) float32
+    replica: ModelReplica
+    """The version the request was routed to: a reconfigure that swaps the routing table
+    while it waits in the queue (a promote, a rollback) does not take it away."""
     batch_rows: int = 0
     """Rows of the forward pass that carried this request (set by the batcher)."""
 
@@ -569,7 +572,7 @@ class ModelHost:
             if self.metrics is not None:
                 self.metrics.forward_pass(replica.record.name, replica.record.version, len(x))
             return outputs
-        item = BatchItem(key, x)
+        item = BatchItem(key, x, replica)
         batcher = self._batchers.get(key)
         if batcher is None:
             batcher = self._batchers[key] = BatchQueue(
@@ -590,12 +593,13 @@ class ModelHost:
         small batches (measured: a third of the throughput). Blocking here lets the requests
         that arrive meanwhile queue up and go through together in the next batch.
         """
-        replicas = self.served.replicas
         outputs: list[np.ndarray | None] = [None] * len(items)
         for key in {item.model_key for item in items}:
             members = [i for i, item in enumerate(items) if item.model_key == key]
             x = np.concatenate([items[i].x for i in members])
-            replica = replicas[key]
+            # The version each request was routed to, even if a reconfigure has since
+            # dropped it from the routing table (it answered 500, a KeyError, before).
+            replica = items[members[0]].replica
             out = replica.forward(x)
             if self.metrics is not None:
                 self.metrics.forward_pass(replica.record.name, replica.record.version, len(x))

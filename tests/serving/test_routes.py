@@ -134,3 +134,27 @@ def test_a_key_past_its_rate_gets_429_with_retry_after(host):
     limited = client.get("/v1/models/m", headers=headers)
     assert limited.status_code == 429
     assert int(limited.headers["retry-after"]) in (100, 101)
+
+
+def test_a_request_waiting_in_the_batch_queue_keeps_its_version_across_a_reconfigure(
+    tiny_replica,
+):
+    """A promote or rollback swaps the routing table while requests wait in a batch queue:
+    each still runs on the version it was routed to (a KeyError and a 500 before)."""
+    import asyncio
+
+    host = ModelHost(ServeArgs(models=["m"], batch_wait_timeout_s=0.5), registry=None)
+    router = Router()
+    router.add(tiny_replica.record.ref, "production", default=True)
+    host.served = Served({tiny_replica.record.ref: tiny_replica}, router)
+    host.more_requests_coming = lambda queued: True  # the batch waits its 0.5 s
+    x = np.asarray(ROWS, dtype=np.float32)
+
+    async def main() -> np.ndarray:
+        waiting = asyncio.ensure_future(host.forward(tiny_replica.record.ref, x))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # in the queue, waiting for its batch
+        host.served = Served({}, Router())  # the version is no longer routed to
+        return await asyncio.wait_for(waiting, 10)
+
+    assert np.array_equal(asyncio.run(main()), tiny_replica.forward(x))
