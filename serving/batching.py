@@ -216,7 +216,7 @@ class BatchQueue(Generic[Item, Answer]):
         may still join the batch (None: it does not say, and a batch waits as configured).
         A lone request after a lone pass (one caller at a time, c1) does not wait out the
         timer for a batch that cannot fill: the medium model's c1 p50 fell from 5.9-6.8 to
-        4.0-5.2 ms. Under load (the last pass had several requests) a batch waits as
+        3.9-4.4 ms. Under load (the last pass had several requests) a batch waits as
         configured: the callers just answered send their next requests during the wait,
         which the server has not read yet."""
         self._last_pass = 0

@@ -105,7 +105,7 @@ class DirectServer(_Listener):
         return len(self.server.server_state.tasks)
 
     async def _serve(self) -> None:
-        """Listen and serve. Started once the replica has loaded its models (KilnApp starts
+        """Listen and serve. Started once the replica has loaded its models (KilnServer starts
         it after the first reconfigure): until it listens, the kernel hands this port's
         connections to the node's other replicas only."""
         self.sock.listen(BACKLOG)
