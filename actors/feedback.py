@@ -18,6 +18,13 @@ and rebuilds its index of logged ids from its files; a replica keeps rows whose 
 acknowledged and sends them again, and a store writes only ids it has not written before, so a
 retried flush adds no duplicate (readers drop duplicates by id as well). Many small files are
 merged per day and shard once there are `COMPACT_AFTER_FILES` of them.
+
+The index of logged ids (`IdIndex`) holds a 64-bit hash per id, by day, in sorted numpy runs:
+8 bytes an id where a set of the id strings took ~100 (2.9 GB an hour at 8,000 logged rows/s).
+It is bounded (`INDEX_MAX_IDS` a shard, `KILN_FEEDBACK_INDEX_IDS`): past the bound the oldest
+day leaves memory, and a label for an id the index does not hold is then accepted unchecked
+(it joins no prediction if none was logged) rather than called unknown; the label's answer says
+so (`unchecked_ids`).
 """
 
 from __future__ import annotations
@@ -112,6 +119,76 @@ USAGE_SCHEMA = pa.schema(
 """A replica alive over [start_ts, end_ts] with these resources, serving these model names."""
 
 
+INDEX_MAX_IDS = 50_000_000
+"""Logged ids one shard's index holds (8 bytes each: ~400 MB) before its oldest day leaves
+memory: 30 days of retention at up to ~19 logged rows/s a shard, or ~6 days at 100 rows/s.
+More shards (`KILN_FEEDBACK_SHARDS`) spread the ids."""
+
+
+def id_hashes(ids: list[str]) -> np.ndarray:
+    """64-bit hashes of ids (Python's string hash: stable within the process, which rebuilds
+    its index from the files when it restarts; two of 50 million ids share one with odds of
+    about 1 in 15,000, which would accept a label for the other)."""
+    return np.fromiter(map(hash, ids), np.int64, len(ids))
+
+
+class IdIndex:
+    """The ids one shard has logged for one model, by day: sorted runs of 64-bit hashes.
+
+    A day's runs merge as a binary counter does (a new run merges into the last while that one
+    is at most twice its size), so a lookup searches O(log n) runs and adding an id costs
+    O(log n) amortised, in numpy. `complete` is False while a day within retention was left out
+    (the bound, or a restart that read only the newest days)."""
+
+    def __init__(self, max_ids: int = INDEX_MAX_IDS) -> None:
+        self.max_ids = max_ids
+        self.days: dict[str, list[np.ndarray]] = {}
+        self.size = 0
+        self.left_out: set[str] = set()
+        """Days this shard logged that the index no longer (or never) held in full."""
+
+    @property
+    def complete(self) -> bool:
+        return not self.left_out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(run.nbytes for runs in self.days.values() for run in runs)
+
+    def add(self, day: str, hashes: np.ndarray) -> None:
+        if not len(hashes):
+            return
+        runs = self.days.setdefault(day, [])
+        runs.append(np.sort(hashes))
+        while len(runs) > 1 and runs[-2].size <= 2 * runs[-1].size:
+            last = runs.pop()
+            # Two sorted runs: numpy's stable sort of integers merges them in linear time.
+            runs[-1] = np.sort(np.concatenate([runs[-1], last]), kind="stable")
+        self.size += len(hashes)
+        while self.size > self.max_ids and len(self.days) > 1:
+            self.leave_out(min(self.days))
+
+    def leave_out(self, day: str) -> None:
+        """Drop a day from memory, remembering that it was logged."""
+        self.size -= sum(run.size for run in self.days.pop(day, []))
+        self.left_out.add(day)
+
+    def drop_before(self, day: str) -> None:
+        """Forget days before `day` entirely (past retention: their files are gone)."""
+        for old in [d for d in self.days if d < day]:
+            self.size -= sum(run.size for run in self.days.pop(old))
+        self.left_out = {d for d in self.left_out if d >= day}
+
+    def contains(self, hashes: np.ndarray, days: list[str] | None = None) -> np.ndarray:
+        """Which of `hashes` the index holds (in `days`, or in any day)."""
+        found = np.zeros(len(hashes), dtype=bool)
+        for day in self.days if days is None else days:
+            for run in self.days.get(day, ()):
+                at = np.searchsorted(run, hashes).clip(max=len(run) - 1)
+                found |= run[at] == hashes
+        return found
+
+
 def shard_of(prediction_id: str, num_shards: int) -> int:
     """The store that holds an id: every id of one request goes to the same one."""
     request_id = prediction_id.rpartition("-")[0] or prediction_id
@@ -141,6 +218,13 @@ their values (377 bytes a row). At 16 KiB it gives up early: 1.5 us and 256 byte
 few distinct values (digits' 0-16) keep their dictionary, 59 bytes a row either way."""
 
 
+def day_numbers(table: pa.Table, ts_column: str = "ts") -> np.ndarray:
+    """Each row's UTC day number, vectorised (POSIX time has no leap seconds, so day n is
+    [86400 n, 86400 (n+1))): formatting a date per row cost ~2 us of the store's CPU a logged
+    prediction."""
+    return np.floor(table.column(ts_column).to_numpy() / 86400.0).astype(np.int64)
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", dictionary_pagesize_limit=DICTIONARY_PAGE_LIMIT)
@@ -150,11 +234,18 @@ def parquet_bytes(table: pa.Table) -> bytes:
 class FeedbackService:
     """One shard of the prediction log and feedback (the actor's logic, testable without Ray)."""
 
-    def __init__(self, storage_uri: str, shard: int = 0, num_shards: int = 1) -> None:
+    def __init__(
+        self,
+        storage_uri: str,
+        shard: int = 0,
+        num_shards: int = 1,
+        index_max_ids: int = INDEX_MAX_IDS,
+    ) -> None:
         self.store = ArtifactStore(storage_uri)
         self.shard = shard
         self.num_shards = num_shards
-        self.known: dict[str, set[str]] = {}
+        self.index_max_ids = index_max_ids
+        self.known: dict[str, IdIndex] = {}
         """Per model, the prediction ids this shard has written (what labels may refer to)."""
         self.retention_days: dict[str, int] = {}
         self.small_files: dict[tuple[str, str, str], int] = {}
@@ -168,23 +259,42 @@ class FeedbackService:
         """Write the rows of an Arrow IPC stream (PREDICTION_SCHEMA) not written before;
         returns how many were new. Returns only once they are on disk."""
         table = ipc_to_table(ipc)
-        known = self.known.setdefault(model, set())
-        ids = table.column("id").to_pylist()
-        fresh = [i for i, row_id in enumerate(ids) if row_id not in known]
-        if fresh:
-            if len(fresh) < len(ids):
-                table = table.take(pa.array(fresh, pa.int64()))
-            self._write_by_day(model, "predictions", table)
-            known.update(ids[i] for i in fresh)
+        known = self.index(model)
+        hashes = id_hashes(table.column("id").to_pylist())
+        numbers = day_numbers(table)
+        # A retried flush repeats rows with their own ts: only their days need looking at.
+        days = {int(n): day_of(int(n) * 86400.0) for n in np.unique(numbers)}
+        fresh = ~known.contains(hashes, list(days.values()))
+        written = int(fresh.sum())
+        if written:
+            if written < len(hashes):
+                table = table.filter(pa.array(fresh))
+                hashes, numbers = hashes[fresh], numbers[fresh]
+            self._write_by_day(model, "predictions", table, numbers=numbers)
+            for number, day in days.items():
+                known.add(day, hashes[numbers == number] if len(days) > 1 else hashes)
         self.retention_days[model] = retention_days
         self._maybe_maintain()
-        return len(fresh)
+        return written
+
+    def index(self, model: str) -> IdIndex:
+        if model not in self.known:
+            self.known[model] = IdIndex(self.index_max_ids)
+        return self.known[model]
 
     def add_labels(self, model: str, ids: list[str], labels: list[str]) -> dict[str, Any]:
-        """Keep the labels (JSON text) of logged ids; the others come back as unknown."""
-        known = self.known.get(model, set())
-        accepted = [i for i, row_id in enumerate(ids) if row_id in known]
-        unknown = [row_id for row_id in ids if row_id not in known]
+        """Keep the labels (JSON text) of logged ids; the others come back as unknown. Where the
+        index left a day out (its bound), an id it does not hold is kept unchecked instead, and
+        listed in `unchecked_ids`."""
+        known = self.known.get(model) or IdIndex(self.index_max_ids)
+        held = known.contains(id_hashes(ids))
+        if not known.complete:
+            unchecked = [row_id for row_id, h in zip(ids, held, strict=True) if not h]
+            held[:] = True
+        else:
+            unchecked = []
+        accepted = np.flatnonzero(held).tolist()
+        unknown = [row_id for row_id, h in zip(ids, held, strict=True) if not h]
         if accepted:
             now = time.time()
             table = pa.table(
@@ -197,7 +307,10 @@ class FeedbackService:
                 schema=LABEL_SCHEMA,
             )
             self._write_by_day(model, "labels", table)
-        return {"accepted": len(accepted), "unknown_ids": unknown}
+        answer: dict[str, Any] = {"accepted": len(accepted), "unknown_ids": unknown}
+        if unchecked:
+            answer["unchecked_ids"] = unchecked
+        return answer
 
     def append_usage(self, ipc: bytes) -> int:
         """Replica usage rows (USAGE_SCHEMA), for the cost per prediction."""
@@ -205,11 +318,17 @@ class FeedbackService:
         self._write_by_day(USAGE_MODEL, "usage", table, ts_column="end_ts")
         return table.num_rows
 
-    def _write_by_day(self, model: str, kind: str, table: pa.Table, ts_column: str = "ts") -> None:
-        # UTC day numbers, vectorised (POSIX time has no leap seconds, so day n is
-        # [86400 n, 86400 (n+1))): formatting a date per row cost ~2 us of the store's CPU a
-        # logged prediction. A flush within one day (the usual case) is written as it came.
-        numbers = np.floor(table.column(ts_column).to_numpy() / 86400.0).astype(np.int64)
+    def _write_by_day(
+        self,
+        model: str,
+        kind: str,
+        table: pa.Table,
+        ts_column: str = "ts",
+        numbers: np.ndarray | None = None,
+    ) -> None:
+        # A flush within one day (the usual case) is written as it came.
+        if numbers is None:
+            numbers = day_numbers(table, ts_column)
         distinct = np.unique(numbers)
         for number in distinct.tolist():
             day = day_of(number * 86400.0)
@@ -242,19 +361,28 @@ class FeedbackService:
         ]
 
     def _load_index(self) -> None:
-        """The ids this shard wrote before a restart, from its own prediction files."""
+        """The ids this shard wrote before a restart, from its own prediction files: newest day
+        first, up to the index's bound (the days past it are left out, as they would have been
+        had the store not restarted)."""
         for model in self.store.list_dirs(MONITORING_DIR):
             if model == USAGE_MODEL:
                 continue
-            ids: set[str] = set()
-            for day in day_dirs(self.store, model, "predictions"):
+            index = self.index(model)
+            for day in sorted(day_dirs(self.store, model, "predictions"), reverse=True):
+                if index.size >= index.max_ids:
+                    index.left_out.add(day)
+                    continue
                 for path in self._own_files(model, "predictions", day):
                     table = read_parquet(self.store, path, ["id"])
                     if table is not None:
-                        ids.update(table.column("id").to_pylist())
-            self.known[model] = ids
+                        index.add(day, id_hashes(table.column("id").to_pylist()))
+                if index.size > index.max_ids:  # this day only partly: it counts as left out
+                    index.left_out.add(day)
         logger.info(
-            "feedback shard %d: %d logged ids", self.shard, sum(map(len, self.known.values()))
+            "feedback shard %d: %d logged ids (%.0f MB)",
+            self.shard,
+            sum(index.size for index in self.known.values()),
+            sum(index.nbytes for index in self.known.values()) / 1e6,
         )
 
     def _maybe_maintain(self) -> None:
@@ -267,6 +395,7 @@ class FeedbackService:
         removed = compacted = 0
         for model, days in self.retention_days.items():
             oldest = day_of(time.time() - days * 86400)
+            self.index(model).drop_before(oldest)
             for kind in ("predictions", "labels"):
                 for day in day_dirs(self.store, model, kind):
                     if day < oldest:
@@ -307,8 +436,14 @@ class FeedbackStore(FeedbackService):
     Shard 0 also sets the windowed Prometheus gauges once a minute (actors/monitor.py).
     """
 
-    def __init__(self, storage_uri: str, shard: int = 0, num_shards: int = 1) -> None:
-        super().__init__(storage_uri, shard, num_shards)
+    def __init__(
+        self,
+        storage_uri: str,
+        shard: int = 0,
+        num_shards: int = 1,
+        index_max_ids: int = INDEX_MAX_IDS,
+    ) -> None:
+        super().__init__(storage_uri, shard, num_shards, index_max_ids)
         self._stop = threading.Event()
         if shard == 0:
             from kiln.actors.monitor import run_gauges
@@ -324,11 +459,13 @@ def store_name(storage_uri: str, shard: int) -> str:
     return f"kiln-feedback-{digest}-{shard}"
 
 
-def feedback_stores(storage_uri: str, num_shards: int) -> list[Any]:
+def feedback_stores(
+    storage_uri: str, num_shards: int, index_max_ids: int = INDEX_MAX_IDS
+) -> list[Any]:
     """The FeedbackStore actors of this storage root, created where missing.
 
     Detached, so they outlive the replica or command that first asked for them (on the
-    embedded Ray they end with it).
+    embedded Ray they end with it). The first to create a shard sets its index bound.
     """
     handles = []
     for shard in range(num_shards):
@@ -338,7 +475,7 @@ def feedback_stores(storage_uri: str, num_shards: int) -> list[Any]:
                 namespace=NAMESPACE,
                 get_if_exists=True,
                 lifetime="detached",
-            ).remote(storage_uri, shard, num_shards)
+            ).remote(storage_uri, shard, num_shards, index_max_ids)
         )
     return handles
 

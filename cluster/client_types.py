@@ -109,6 +109,9 @@ class FeedbackResult:
     unknown_ids: list[str]
     """Ids the prediction log does not hold (never served, not sampled, too old, or logged
     under a second ago by another replica: send those again)."""
+    unchecked_ids: list[str] = field(default_factory=list)
+    """Ids kept without a check: the store's index of logged ids reached its bound
+    (KILN_FEEDBACK_INDEX_IDS) and left its oldest days out."""
 
 
 @dataclass(frozen=True)

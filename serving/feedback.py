@@ -137,9 +137,16 @@ async def send_feedback(
         )
         for shard, rows in by_shard.items()
     }
-    accepted, unknown = 0, set()
+    accepted, unknown, unchecked = 0, set(), set()
     for call in calls.values():
         answer = await call
         accepted += int(answer["accepted"])
         unknown.update(answer["unknown_ids"])
-    return {"accepted": accepted, "unknown_ids": [i for i in dict.fromkeys(ids) if i in unknown]}
+        unchecked.update(answer.get("unchecked_ids", ()))
+    merged: dict[str, Any] = {
+        "accepted": accepted,
+        "unknown_ids": [i for i in dict.fromkeys(ids) if i in unknown],
+    }
+    if unchecked:
+        merged["unchecked_ids"] = [i for i in dict.fromkeys(ids) if i in unchecked]
+    return merged

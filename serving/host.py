@@ -410,7 +410,7 @@ class ModelHost:
 
     def _feedback_stores(self) -> list[Any]:
         storage_uri = str(ray.get(self.registry.get_storage_uri.remote()))
-        return feedback_stores(storage_uri, self.args.feedback_shards)
+        return feedback_stores(storage_uri, self.args.feedback_shards, self.args.feedback_index_ids)
 
     def log_request(
         self,

@@ -237,6 +237,12 @@ class FeedbackResponse(BaseModel):
         description="Ids not in the prediction log: never served, not sampled (--log-sample), "
         "past retention, or logged less than a second ago by another replica (retry)."
     )
+    unchecked_ids: list[str] | None = Field(
+        None,
+        description="Present only once a feedback store's index of logged ids reached its "
+        "bound (KILN_FEEDBACK_INDEX_IDS) and left its oldest days out: ids it could not check, "
+        "kept all the same (a label joins only a logged prediction).",
+    )
 
 
 CanaryWeight = Annotated[
@@ -377,6 +383,12 @@ class ServeArgs(BaseModel):
     )
     feedback_shards: int = Field(
         1, ge=1, le=256, description="FeedbackStore actors the log is spread over by id hash."
+    )
+    feedback_index_ids: int = Field(
+        50_000_000,  # actors/feedback.py INDEX_MAX_IDS
+        ge=1000,
+        description="Logged ids a FeedbackStore shard indexes (8 bytes each) before its "
+        "oldest day leaves memory (labels for ids it no longer holds are kept unchecked).",
     )
     auth_cache_ttl_s: float = Field(
         5.0, ge=0, le=300, description="How long a replica trusts the registry's answer."

@@ -47,6 +47,7 @@ async def authorize_feedback(name: str, auth: AuthDep, credentials: BearerDep) -
 @router.post(
     "/v1/models/{name}:feedback",
     response_model=FeedbackResponse,
+    response_model_exclude_none=True,
     responses=ERROR_RESPONSES,
     openapi_extra={
         "requestBody": {
@@ -88,7 +89,9 @@ async def feedback(
         raise actor_failure(exc, "the feedback store") from exc
     if language:  # unknown ids as the caller sent them
         sent = dict(zip(row_ids, body.ids, strict=True))
-        answer["unknown_ids"] = [sent.get(i, i) for i in answer["unknown_ids"]]
+        for field in ("unknown_ids", "unchecked_ids"):
+            if field in answer:
+                answer[field] = [sent.get(i, i) for i in answer[field]]
     if host.metrics is not None and answer["accepted"]:
         host.metrics.feedback.inc(answer["accepted"], {"model": replica.record.name})
     return answer

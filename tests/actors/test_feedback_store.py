@@ -22,6 +22,8 @@ from kiln.actors import feedback
 from kiln.actors.feedback import (
     USAGE_SCHEMA,
     FeedbackService,
+    IdIndex,
+    id_hashes,
     read_window,
     shard_of,
     table_to_ipc,
@@ -44,7 +46,8 @@ def test_a_retried_flush_writes_nothing_twice_and_a_restart_remembers(tmp_path):
     assert store.append("m", ipc(logged("r1"), logged("r2"))) == 6
     assert store.append("m", ipc(logged("r2"), logged("r3"))) == 3  # r2 was acknowledged before
     restarted = FeedbackService(str(tmp_path))  # what a killed actor rebuilds from its files
-    assert restarted.known["m"] == store.known["m"]
+    assert held(restarted.known["m"]) == held(store.known["m"])
+    assert sum(map(len, held(store.known["m"]).values())) == 9
     assert restarted.append("m", ipc(logged("r3"))) == 0
     answer = restarted.add_labels("m", ["r1-0", "r9-0", "r3-2"], ["1", "2", "3"])
     assert answer == {"accepted": 2, "unknown_ids": ["r9-0"]}
@@ -54,6 +57,52 @@ def test_a_retried_flush_writes_nothing_twice_and_a_restart_remembers(tmp_path):
         zip(window.column("id").to_pylist(), window.column("label").to_pylist(), strict=True)
     )
     assert labels["r1-0"] == "1" and labels["r3-2"] == "3" and labels["r2-0"] is None
+
+
+def held(index: IdIndex) -> dict[str, set[int]]:
+    return {day: set(np.concatenate(runs).tolist()) for day, runs in index.days.items()}
+
+
+def test_the_id_index_finds_every_id_it_holds_in_8_bytes_each_and_few_runs():
+    index, rng = IdIndex(), np.random.default_rng(0)
+    added = [f"{rng.integers(1 << 48):012x}{n:04x}-0" for n in range(50_000)]
+    for chunk in np.array_split(np.arange(len(added)), 97):  # flushes of ~515 rows
+        index.add("2026-12-07", id_hashes([added[i] for i in chunk]))
+    others = [f"never-{n}" for n in range(5_000)]
+    assert index.contains(id_hashes(added)).all()
+    assert not index.contains(id_hashes(others)).any()
+    assert index.size == 50_000 and index.nbytes == 8 * 50_000  # a set of the strings: ~100 each
+    assert len(index.days["2026-12-07"]) <= 8  # merged like a binary counter: O(log n) runs
+    assert not index.contains(id_hashes(added[:10]), ["2026-12-06"]).any()  # by day when asked
+
+
+def test_past_its_bound_the_index_leaves_the_oldest_day_out_and_labels_go_unchecked(tmp_path):
+    day = 86400.0
+    today = time.time()
+    store = FeedbackService(str(tmp_path), index_max_ids=7)
+    for n, ago in enumerate((2, 1, 0)):  # three days, 3 rows each
+        store.append("m", ipc(logged(f"d{n}", ts=today - ago * day)))
+    index = store.known["m"]
+    assert sorted(index.days) == [feedback.day_of(today - day), feedback.day_of(today)]
+    assert index.left_out == {feedback.day_of(today - 2 * day)} and index.size == 6
+    # The oldest day's ids: no longer held, so kept unchecked; so is an id never logged.
+    answer = store.add_labels("m", ["d0-1", "d2-0", "nope-0"], ["1", "2", "3"])
+    assert answer == {"accepted": 3, "unknown_ids": [], "unchecked_ids": ["d0-1", "nope-0"]}
+    # A retried flush of a day still held writes nothing twice.
+    assert store.append("m", ipc(logged("d2", ts=today))) == 0
+    # A restart reads the newest days first, up to the bound, and leaves the same day out.
+    restarted = FeedbackService(str(tmp_path), index_max_ids=7)
+    assert held(restarted.known["m"]) == held(index)
+    assert restarted.known["m"].left_out == index.left_out
+    # Past retention the left-out day is gone from disk: the index is whole again.
+    store.retention_days["m"] = 1
+    store.maintain()
+    assert index.complete
+    assert sorted(index.days) == [feedback.day_of(today - day), feedback.day_of(today)]
+    assert store.add_labels("m", ["nope-0", "d2-2"], ["1", "2"]) == {
+        "accepted": 1,
+        "unknown_ids": ["nope-0"],
+    }
 
 
 def test_compaction_keeps_every_row_once(tmp_path, monkeypatch):
@@ -200,3 +249,29 @@ def test_cost_counts_idle_time_and_splits_by_predictions(monkeypatch):
     assert found["m"][1]["usd"] == pytest.approx(total_m * 0.75)
     assert found["m"][1]["per_1000_predictions"] == pytest.approx(total_m * 0.75 / 300 * 1000)
     assert found["n"][1]["per_1000_predictions"] is None
+
+
+def test_bounded_stores_answer_unchecked_ids_through_the_feedback_path(ray_local, tmp_path):
+    """Two real FeedbackStore actors with a bound of 1,000 ids: the older day left out of their
+    index turns labels for ids they no longer hold into `unchecked_ids`, merged in the order
+    sent."""
+    import ray
+
+    from kiln.actors.feedback import feedback_stores
+    from kiln.serving.feedback import send_feedback
+
+    stores = feedback_stores(str(tmp_path), 2, index_max_ids=1000)
+    old, new = time.time() - 86400, time.time()
+    for prefix, ts in (("old", old), ("new", new)):  # a day, then the next
+        for n in range(15):  # 15 requests of 100 rows: ~750 a store
+            item = logged(f"{prefix}{n}", rows=100, ts=ts)
+            ray.get(stores[shard_of(item.request_id, 2)].append.remote("m", ipc(item)))
+    ids = ["new3-7", "old5-1", "nope-0", "old0-99"]
+    answer = asyncio.run(send_feedback(stores, "m", ids, ["1"] * len(ids)))
+    assert answer == {
+        "accepted": 4,
+        "unknown_ids": [],
+        "unchecked_ids": ["old5-1", "nope-0", "old0-99"],
+    }
+    for store in stores:
+        ray.kill(store)
