@@ -96,6 +96,7 @@ def deploy_models(
     )
     serve_args.setdefault("feedback_shards", settings.kiln_feedback_shards)
     serve_args.setdefault("feedback_index_ids", settings.kiln_feedback_index_ids)
+    serve_args.setdefault("grpc_front", settings.kiln_grpc_front)
     serve.run(build_app({"models": refs, **serve_args}), name=APP_NAME, route_prefix="/")
     # serve.run returns once replicas are healthy; check the proxy routes to them too.
     if tls is None or settings.embedded:  # a cluster's frontends check their own node's

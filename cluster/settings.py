@@ -10,6 +10,7 @@
 | KILN_INGRESS     | --ingress   | auto (serving/direct.py)        |
 | KILN_API_KEY     | --key       | unset: act as the local user    |
 | KILN_FEEDBACK_SHARDS |         | 1 (FeedbackStore actors)        |
+| KILN_GRPC_FRONT  |             | auto: the C++ gRPC front where built (serving/native/) |
 | KILN_FEEDBACK_INDEX_IDS |      | 50,000,000 logged ids a shard indexes (actors/feedback.py) |
 | KILN_TLS_CERT    | --tls-cert  | unset: plain HTTP (cluster/tls.py) |
 | KILN_TLS_KEY     | --tls-key   | unset                           |
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     """Logical CPUs of the embedded Ray (default: max(4, cores)); ignored on a cluster."""
     kiln_feedback_shards: int = Field(1, ge=1, le=256)
     """FeedbackStore actors the prediction log spreads over (one per few busy replicas)."""
+    kiln_grpc_front: Literal["auto", "native", "python"] = "auto"
+    """Who terminates gRPC on the direct ingress: the C++ front (serving/native/, built by
+    `make native`), grpc.aio in the replica (python), or native where built (auto)."""
     kiln_feedback_index_ids: int = Field(50_000_000, ge=1000)
     """Logged ids a FeedbackStore shard indexes (8 bytes each) before its oldest day leaves
     memory (actors/feedback.py `IdIndex`)."""

@@ -31,7 +31,7 @@ from kiln.serving.batching import DEFAULT_MAX_BATCH_SIZE
 from kiln.serving.console import routes as console_routes
 from kiln.serving.console.data import Console, served_explainer
 from kiln.serving.dependencies import serving_replica
-from kiln.serving.direct import DirectGrpc, DirectServer
+from kiln.serving.direct import DirectGrpc, DirectServer, native_front, private_socket_path
 from kiln.serving.errors import add_error_handlers
 from kiln.serving.host import ModelHost
 from kiln.serving.lean import LeanPredict
@@ -127,11 +127,24 @@ class KilnServer:
         # replica that answered before then said "not served" (a 404) to the requests the
         # kernel gave it while it loaded, at start and whenever Serve replaced a replica.
         self._loop = asyncio.get_running_loop()
-        if parsed.direct_port:
-            front = LeanPredict(api, api, outermost=True)
-            self.direct = DirectServer(front, parsed.direct_host, parsed.direct_port)
+        native = None
         if parsed.direct_port and parsed.direct_grpc_port:
-            self.direct_grpc = DirectGrpc(self, parsed.direct_host, parsed.direct_grpc_port)
+            native = native_front(parsed.grpc_front)
+        # The native gRPC front hands calls to `bridge` over a Unix socket of this replica's.
+        bridge = grpc_v2.GrpcBridge(self) if native is not None else None
+        private = private_socket_path() if native is not None else None
+        if parsed.direct_port:
+            front = LeanPredict(api, api, outermost=True, bridge=bridge)
+            self.direct = DirectServer(front, parsed.direct_host, parsed.direct_port, private)
+        if parsed.direct_port and parsed.direct_grpc_port:
+            self.direct_grpc = DirectGrpc(
+                self,
+                parsed.direct_host,
+                parsed.direct_grpc_port,
+                native,
+                private,
+                bridge.token if bridge is not None else "",
+            )
         if self.direct is not None:
             # Whether a cheap forward pass may run at once or joins a batch (ModelHost.forward),
             # and whether a batch waits to fill (BatchQueue.more_coming).

@@ -24,8 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import signal
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -33,6 +38,12 @@ import uvicorn
 logger = logging.getLogger(__name__)
 
 BACKLOG = 2048
+NATIVE_FRONT = Path(__file__).resolve().parent / "native" / "kiln-grpc-front"
+"""The C++ gRPC front end (serving/native/grpc_front.cc), where `make native` built it."""
+FRONT_CONNECTIONS = 32
+"""The native front's connections to its replica, one request in flight on each: at most this
+many of its calls in the replica at once (they batch together as HTTP requests do)."""
+FRONT_START_S = 30.0
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -82,9 +93,17 @@ class _Listener:
 class DirectServer(_Listener):
     """One replica's uvicorn server on the node's shared Kiln port, on the replica's loop."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, private: str | None = None) -> None:
         super().__init__(port)
         self.sock = reuse_port_socket(host, port)
+        self.private: socket.socket | None = None
+        """A Unix socket only this replica's native gRPC front connects to (`private`: its
+        path); it queues connections from now, and is served with the port."""
+        if private is not None:
+            self.private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.private.bind(private)
+            self.private.listen(BACKLOG)
+            self.private.setblocking(False)
         config = uvicorn.Config(
             app,
             loop="none",  # the replica's own loop (uvloop where Ray installs it)
@@ -109,7 +128,7 @@ class DirectServer(_Listener):
         it after the first reconfigure): until it listens, the kernel hands this port's
         connections to the node's other replicas only."""
         self.sock.listen(BACKLOG)
-        await self.server.serve(sockets=[self.sock])
+        await self.server.serve(sockets=[self.sock] + ([self.private] if self.private else []))
 
     async def stop(self) -> None:
         """Stop accepting, finish the requests in flight (up to 10 s), close the socket."""
@@ -118,23 +137,69 @@ class DirectServer(_Listener):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self.task), 15)
         self.sock.close()
+        if self.private is not None:
+            self.private.close()
+
+
+def private_socket_path() -> str:
+    """A fresh path for a replica's private Unix socket (short: a path has 107 bytes)."""
+    return str(Path(tempfile.mkdtemp(prefix="kiln-front-")) / "replica.sock")
+
+
+def native_front(choice: str) -> Path | None:
+    """The native gRPC front to run for `choice` (ServeArgs.grpc_front): auto takes it where
+    it is built; native insists (a replica without it fails to start, and says why)."""
+    built = NATIVE_FRONT.is_file() and os.access(NATIVE_FRONT, os.X_OK)
+    if choice == "python":
+        return None
+    if choice == "native" and not built:
+        raise RuntimeError(
+            f"grpc_front native: {NATIVE_FRONT} is not built on this node; run `make native`"
+        )
+    if not built:
+        logger.warning(
+            "the native gRPC front is not built (%s; `make native`): gRPC is answered by "
+            "grpc.aio in the replica, at about twice the replica's CPU a call",
+            NATIVE_FRONT,
+        )
+    return NATIVE_FRONT if built else None
 
 
 class DirectGrpc(_Listener):
-    """One replica's grpc.aio server (Open Inference Protocol V2, serving/grpc_v2.py) on the
-    node's shared gRPC port: gRPC opens its ports with SO_REUSEPORT on Linux by default."""
+    """One replica's gRPC server (Open Inference Protocol V2, serving/grpc_v2.py) on the
+    node's shared gRPC port, both kinds with SO_REUSEPORT (gRPC's default on Linux).
 
-    def __init__(self, kiln: Any, host: str, port: int) -> None:
+    With `front` (the native front's binary) the replica starts it as a child process that
+    listens on the port and hands each message to `bridge` over the replica's private Unix
+    socket `private` (serving/native/grpc_front.cc); it dies with the replica (PDEATHSIG),
+    and a front that exits on its own fails the replica's health check. Without it, a
+    grpc.aio server on the replica's loop answers (`DirectServicer`)."""
+
+    def __init__(
+        self,
+        kiln: Any,
+        host: str,
+        port: int,
+        front: Path | None = None,
+        private: str | None = None,
+        token: str = "",
+    ) -> None:
         super().__init__(port)
         self.kiln, self.host = kiln, host
+        self.front, self.private, self.token = front, private, token
         self.server: Any = None
         self.servicer: Any = None
+        self.process: asyncio.subprocess.Process | None = None
 
     def requests_in_flight(self) -> int:
-        """ModelInfer calls begun and not yet answered."""
+        """ModelInfer calls begun and not yet answered (grpc.aio's; the native front's are
+        HTTP requests on the private socket, which the HTTP server counts)."""
         return 0 if self.servicer is None else int(self.servicer.calls_in_flight)
 
     async def _serve(self) -> None:
+        if self.front is not None:
+            await self._serve_native(self.front)
+            return
         import grpc
 
         from kiln.serving import grpc_v2
@@ -147,11 +212,44 @@ class DirectGrpc(_Listener):
         await self.server.start()
         await self.server.wait_for_termination()
 
+    async def _serve_native(self, front: Path) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.process = await asyncio.create_subprocess_exec(
+            str(front),
+            "--listen",
+            f"{host}:{self.port}",
+            "--upstream",
+            str(self.private),
+            "--connections",
+            str(FRONT_CONNECTIONS),
+            env={**os.environ, "KILN_GRPC_FRONT_TOKEN": self.token},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert self.process.stdout is not None and self.process.stderr is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), FRONT_START_S)
+        if line.strip() != b"listening":
+            said = (await self.process.stderr.read()).decode(errors="replace").strip()
+            raise RuntimeError(f"kiln-grpc-front did not start on port {self.port}: {said}")
+        logger.info("native gRPC front (pid %d) on port %d", self.process.pid, self.port)
+        said = (await self.process.stderr.read()).decode(errors="replace").strip()
+        code = await self.process.wait()
+        if not self.stopping:
+            raise RuntimeError(f"kiln-grpc-front on port {self.port} exited {code}: {said}")
+
     async def stop(self) -> None:
         """Refuse new calls, give those in flight up to 10 s."""
         self.stopping = True
         if self.server is not None:
             await self.server.stop(10)
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 15)
+            except TimeoutError:
+                self.process.kill()
+        if self.private is not None:
+            shutil.rmtree(Path(self.private).parent, ignore_errors=True)
 
 
 class _QuietServer(uvicorn.Server):

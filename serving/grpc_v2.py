@@ -11,24 +11,33 @@ method named like the RPC (`/inference.GRPCInferenceService/ModelInfer` -> `Mode
 which hands over to the functions here.
 
 A ModelInfer request is answered by the HTTP V2 path itself (serving/routes/inference.py
-`answer_v2_infer`): the request proto is written as a V2 binary-extension body (its JSON
-header and the tensors behind it, typed contents packed little-endian as raw ones are), and
-the V2 response (every output binary) is read back into a response proto with
-`raw_output_contents`, as Triton answers. The same checks, forward pass, prediction log and
-metrics run; the same key cache and scopes decide (metadata `authorization: Bearer <key>`).
-HTTP statuses map to gRPC codes (`STATUS_CODES`): a client's mistake is INVALID_ARGUMENT,
-NOT_FOUND, UNAUTHENTICATED or PERMISSION_DENIED, never INTERNAL.
+`answer_v2_infer`): the request proto is read as a V2 binary-extension request (its JSON
+header as a dict and the tensors behind it, typed contents packed little-endian as raw ones
+are), and the response proto is built from the same outputs as the V2 response (every
+output binary, in `raw_output_contents`), as Triton answers. The same checks, forward
+pass, prediction log and metrics run; the same key cache and scopes decide (metadata
+`authorization: Bearer <key>`). HTTP statuses map to gRPC codes (`STATUS_CODES`): a
+client's mistake is INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED or PERMISSION_DENIED, never
+INTERNAL.
 
 The messages are tritonclient's generated `service_pb2` (a superset of KServe's
 grpc_predict_v2.proto, the same field numbers); only the methods in METHODS are registered,
 so the rest of Triton's service answers UNIMPLEMENTED.
+
+On the direct ingress gRPC itself is terminated by `kiln-grpc-front` where it is built
+(serving/native/: C++, one process a replica, started by serving/direct.py `DirectGrpc`): it
+hands each message's bytes to its replica over HTTP/1.1 on a Unix socket, and `GrpcBridge`
+(below) answers them with the same functions. grpc.aio's own work was ~250 us of the
+replica's core a call, more than everything Kiln does with one (docs/design-notes.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,7 +54,7 @@ from kiln.serving.auth import BearerAuth
 from kiln.serving.dependencies import check_predict_key
 from kiln.serving.host import ModelHost
 from kiln.serving.jsonbody import shown
-from kiln.serving.lean import bearer_secret
+from kiln.serving.lean import BRIDGE_TOKEN_HEADER, bearer_secret
 from kiln.serving.routes.inference import answer_v2_infer, v2_replica, v2_server
 from kiln.serving.routes.inference import model_config as routes_model_config
 from kiln.serving.schemas import RequestError
@@ -229,10 +238,10 @@ def refusal(exc: Exception) -> GrpcRefusal | None:
 # ----------------------------------------------------------------------- request -> V2 body
 
 
-def request_to_v2(request: Any) -> tuple[bytes, str]:
-    """A ModelInferRequest as a V2 binary-extension body: (JSON header + tensors, the
-    header's length). Every input travels as binary data: `raw_input_contents` as they are,
-    typed `contents` packed little-endian; every output is asked for in binary."""
+def request_header(request: Any) -> tuple[dict[str, Any], bytes]:
+    """A ModelInferRequest as the V2 binary extension reads it: (the JSON header as a dict,
+    the tensors behind it). Every input travels as binary data: `raw_input_contents` as they
+    are, typed `contents` packed little-endian; every output is asked for in binary."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise GrpcRefusal(
@@ -262,8 +271,15 @@ def request_to_v2(request: Any) -> tuple[bytes, str]:
         header["outputs"] = [
             {"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs
         ]
+    return header, tails[0] if len(tails) == 1 else b"".join(tails)
+
+
+def request_to_v2(request: Any) -> tuple[bytes, str]:
+    """The same request as a V2 binary-extension body: (JSON header + tensors, the header's
+    length)."""
+    header, tail = request_header(request)
     head = orjson.dumps(header)
-    return head + b"".join(tails), str(len(head))
+    return head + tail, str(len(head))
 
 
 def typed_bytes(tensor: Any) -> bytes:
@@ -302,29 +318,29 @@ def typed_bytes(tensor: Any) -> bytes:
 # ----------------------------------------------------------------------- V2 body -> response
 
 
-def v2_to_response(content: bytes, header_length: str | None) -> Any:
-    """The V2 response body (JSON header, then the binary outputs) as a ModelInferResponse
-    with `raw_output_contents`; the prediction ids go in parameter `prediction_ids`
-    (comma-separated)."""
-    pb = service_pb2()
-    head_size = int(header_length) if header_length else len(content)
-    header = orjson.loads(content[:head_size])
-    response = pb.ModelInferResponse(
-        model_name=header["model_name"],
-        model_version=header["model_version"],
-        id=header.get("id", ""),
+def proto_response(
+    name: str,
+    version: int,
+    request_id: str,
+    arrays: dict[str, np.ndarray],
+    wanted: list[tuple[str, bool]],
+    spec: dict[str, Any],
+    parameters: dict[str, Any] | None = None,
+) -> Any:
+    """What `v2.build_response` answers over HTTP, as a ModelInferResponse: every output in
+    `raw_output_contents` (as Triton answers), the prediction ids in parameter
+    `prediction_ids` (comma-separated)."""
+    response = service_pb2().ModelInferResponse(
+        model_name=name, model_version=str(version), id=request_id
     )
-    ids = (header.get("parameters") or {}).get("prediction_ids")
+    ids = (parameters or {}).get("prediction_ids")
     if ids:
         response.parameters["prediction_ids"].string_param = ",".join(ids)
-    offset = head_size
-    for output in header["outputs"]:
-        response.outputs.add(
-            name=output["name"], datatype=output["datatype"], shape=output["shape"]
-        )
-        size = output["parameters"]["binary_data_size"]
-        response.raw_output_contents.append(content[offset : offset + size])
-        offset += size
+    for output_name, _binary in wanted:
+        array = arrays[output_name]
+        datatype = v2.output_datatype(output_name, spec)
+        response.outputs.add(name=output_name, datatype=datatype, shape=list(array.shape))
+        response.raw_output_contents.append(v2.tensor_bytes(array, datatype))
     return response
 
 
@@ -356,15 +372,31 @@ async def _infer(host: ModelHost, auth: BearerAuth | None, request: Any, grpc_co
         request.model_version or None,
         headers.get(host.args.sticky_header.lower()),
     )
-    body, header_length = request_to_v2(request)
-
-    async def read_body() -> bytes:
-        return body
-
-    content, out_length = await answer_v2_infer(
-        host, key, replica, read_body, header_length, started
+    header, tail = request_header(request)
+    # The size this request has as a V2 body, for the same 413 (INVALID_ARGUMENT) limit.
+    size = len(orjson.dumps(header)) + len(tail)
+    return await answer_v2_infer(
+        host, key, replica, None, None, started, (header, tail, size), proto_response
     )
-    return v2_to_response(content, out_length)
+
+
+async def stream_answer(
+    host: ModelHost, auth: BearerAuth | None, request: Any, grpc_context: Any
+) -> Any:
+    """One ModelStreamInfer message's answer: the response, or `error_message` for a
+    refusal (the stream goes on either way)."""
+    pb = service_pb2()
+    try:
+        response = await _infer(host, auth, request, grpc_context)
+        return pb.ModelStreamInferResponse(infer_response=response)
+    except Exception as exc:
+        refused = refusal(exc)
+        if refused is None:
+            logger.exception("ModelStreamInfer request %r failed", request.id)
+        return pb.ModelStreamInferResponse(
+            error_message=str(refused) if refused else f"internal error ({exc!r})",
+            infer_response=pb.ModelInferResponse(id=request.id, model_name=request.model_name),
+        )
 
 
 async def model_stream_infer(
@@ -374,7 +406,6 @@ async def model_stream_infer(
     ModelInfer answers it, all of them at once (so they batch together), each response as
     soon as it is ready (the client matches them by `id`). A refused request answers with
     `error_message` and the stream goes on; the stream's metadata carries the key."""
-    pb = service_pb2()
     answers: asyncio.Queue[Any] = asyncio.Queue()
     end = object()
     working: set[asyncio.Task[None]] = set()
@@ -382,20 +413,8 @@ async def model_stream_infer(
     async def answer(request: Any) -> None:
         servicer.calls_in_flight += 1
         try:
-            response = await _infer(servicer.kiln.host, servicer.kiln.auth, request, grpc_context)
-            await answers.put(pb.ModelStreamInferResponse(infer_response=response))
-        except Exception as exc:
-            refused = refusal(exc)
-            if refused is None:
-                logger.exception("ModelStreamInfer request %r failed", request.id)
-            await answers.put(
-                pb.ModelStreamInferResponse(
-                    error_message=str(refused) if refused else f"internal error ({exc!r})",
-                    infer_response=pb.ModelInferResponse(
-                        id=request.id, model_name=request.model_name
-                    ),
-                )
-            )
+            kiln = servicer.kiln
+            await answers.put(await stream_answer(kiln.host, kiln.auth, request, grpc_context))
         finally:
             servicer.calls_in_flight -= 1
 
@@ -525,3 +544,89 @@ async def answered(grpc_context: Any, empty: Any, work: Any) -> Any:
         grpc_context.set_code(answer.code)
         grpc_context.set_details(str(answer))
         return empty()
+
+
+# ----------------------------------------------------------------------- the native front's bridge
+
+OWN_HEADERS = frozenset({"host", "content-length", BRIDGE_TOKEN_HEADER})
+"""Headers of the bridge's own HTTP request, not of the gRPC call's metadata."""
+
+
+class BridgeContext:
+    """The gRPC context the functions above take, for a call the native front handed over:
+    its metadata, and the code and details a refusal sets."""
+
+    def __init__(self, metadata: list[tuple[str, str]]) -> None:
+        self.metadata = metadata
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self.metadata
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+class GrpcBridge:
+    """Answers the calls `kiln-grpc-front` hands over (serving/native/grpc_front.cc) with the
+    functions above: same checks, keys, batching, log and metrics as any gRPC call.
+
+    Only a request carrying this replica's `token` (in BRIDGE_TOKEN_HEADER; the front has it
+    from its environment) is taken: the Unix socket is the replica's own, and a request
+    without the token goes to the full app (a 404)."""
+
+    def __init__(self, kiln: Any) -> None:
+        self.kiln = kiln
+        self.token = secrets.token_hex(16)
+
+    def owns(self, headers: dict[str, str]) -> bool:
+        sent = headers.get(BRIDGE_TOKEN_HEADER, "")
+        return hmac.compare_digest(sent.encode(), self.token.encode())
+
+    async def answer(
+        self, method: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, str, bytes]:
+        """(gRPC status code, message, the response message's bytes) for one message."""
+        pb = service_pb2()
+        host, auth = self.kiln.host, self.kiln.auth
+        context = BridgeContext([(k, v) for k, v in headers if k not in OWN_HEADERS])
+        message = "ModelInfer" if method == "ModelStreamInfer" else method
+        kind = getattr(pb, f"{message}Request", None)
+        if kind is None or method not in METHODS + ("ModelStreamInfer",):
+            return grpc.StatusCode.UNIMPLEMENTED.value[0], f"no method {shown(method)}", b""
+        try:
+            request = kind.FromString(body)
+        except Exception:  # noqa: BLE001 (protobuf's DecodeError and its kin)
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            return code.value[0], f"the {message}Request message could not be parsed", b""
+        try:
+            response = await self._call(method, host, auth, request, context)
+        except Exception:
+            logger.exception("gRPC %s failed", method)
+            return grpc.StatusCode.INTERNAL.value[0], "internal error", b""
+        if context.code is not None and context.code != grpc.StatusCode.OK:
+            return context.code.value[0], context.details, b""
+        return 0, "", response.SerializeToString()
+
+    async def _call(
+        self, method: str, host: ModelHost, auth: BearerAuth | None, request: Any, context: Any
+    ) -> Any:
+        if method == "ModelInfer":
+            return await model_infer(host, auth, request, context)
+        if method == "ModelStreamInfer":
+            return await stream_answer(host, auth, request, context)
+        if method == "ModelMetadata":
+            return await model_metadata(host, auth, request, context)
+        if method == "ModelReady":
+            return await model_ready(host, auth, request, context)
+        if method == "ModelConfig":
+            return await model_config(host, auth, request, context)
+        if method == "ServerReady":
+            return server_ready(host)
+        if method == "ServerLive":
+            return server_live()
+        return await server_metadata()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.parse
 from typing import Any
 
 import orjson
@@ -45,6 +46,9 @@ V1_PREFIX, V1_SUFFIX = "/v1/models/", ":predict"
 V2_PREFIX, V2_SUFFIX, V2_VERSIONS = "/v2/models/", "/infer", "/versions/"
 JSON_HEADERS = [(b"content-type", b"application/json")]
 RETURNS = ("predictions", "probabilities")
+BRIDGE_PREFIX = "/v2/grpc/"
+"""Where the native gRPC front (serving/native/) posts a call's message: + the method's name."""
+BRIDGE_TOKEN_HEADER = "x-kiln-front"
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,9 @@ def lean_route(path: str) -> tuple[str, str, str | None] | None:
 class LeanPredict:
     """ASGI middleware: the predict routes answered here, the rest by `app` (see the module)."""
 
-    def __init__(self, app: ASGIApp, api: FastAPI, outermost: bool = False) -> None:
+    def __init__(
+        self, app: ASGIApp, api: FastAPI, outermost: bool = False, bridge: Any = None
+    ) -> None:
         self.app = app
         self.api = api
         """The FastAPI app: its dependency overrides (route tests) give the host and auth."""
@@ -83,10 +89,16 @@ class LeanPredict:
         telemetry and body-limit middleware (6% of the light model's replica CPU at c64,
         py-spy), and an error no handler maps answers 500 `{"error": ...}` here, as
         Starlette's ServerErrorMiddleware would (with its plain-text body) inside."""
+        self.bridge = bridge
+        """The replica's GrpcBridge (serving/grpc_v2.py) where a native gRPC front hands it
+        calls: a POST to BRIDGE_PREFIX with its token is answered by it."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = None
         if scope["type"] == "http" and scope["method"] == "POST" and not scope["query_string"]:
+            if self.bridge is not None and scope["path"].startswith(BRIDGE_PREFIX):
+                if await self.bridged(scope, receive, send):
+                    return
             route = lean_route(scope["path"])
         if route is None:
             await self.app(scope, receive, send)
@@ -126,6 +138,25 @@ class LeanPredict:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    async def bridged(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer a gRPC call the native front handed over; False: not one (no token)."""
+        pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        if not self.bridge.owns(dict(reversed(pairs))):
+            return False
+        try:
+            body = await read_body(receive)
+        except ClientDisconnect:
+            return True
+        method = scope["path"][len(BRIDGE_PREFIX) :]
+        status, message, payload = await self.bridge.answer(method, pairs, body)
+        headers = [
+            (b"content-length", str(len(payload)).encode()),
+            *bridge_headers(status, message),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        return True
 
     async def dependencies(self) -> tuple[ModelHost, BearerAuth | None]:
         overrides = self.api.dependency_overrides
@@ -233,3 +264,10 @@ async def v2_infer(
         ]
         return 200, content, extra
     return 200, content, JSON_HEADERS
+
+
+def bridge_headers(status: int, message: str) -> list[tuple[bytes, bytes]]:
+    """The bridge's answer headers: the gRPC status, and its message percent-encoded (as gRPC
+    sends it; the front decodes it)."""
+    quoted = urllib.parse.quote(message, safe=" !\"#$&'()*+,-./:;<=>?@[]^_`{|}~")
+    return [(b"grpc-status", str(status).encode()), (b"grpc-message", quoted.encode())]

@@ -348,6 +348,12 @@ class ServeArgs(BaseModel):
         le=65535,
         description="With direct_port: every replica answers V2 gRPC on this port itself.",
     )
+    grpc_front: Literal["auto", "native", "python"] = Field(
+        "auto",
+        description="Who terminates gRPC on the direct ingress: the C++ front "
+        "(serving/native/, `make native`) handing calls to the replica, or grpc.aio in the "
+        "replica (python); auto: native where it is built.",
+    )
     num_replicas: int = Field(1, ge=1, description="Fixed replica count (without autoscaling).")
     min_replicas: int | None = Field(None, ge=0, description="Autoscaling floor (0 allowed).")
     max_replicas: int | None = Field(None, ge=1, description="Autoscaling ceiling.")

@@ -501,7 +501,7 @@ def build_response(
     outputs, tails = [], []
     for output_name, binary in wanted:
         array = arrays[output_name]
-        datatype = "FP32" if output_name == "probabilities" else prediction_dtype(spec)
+        datatype = output_datatype(output_name, spec)
         entry: dict[str, Any] = {
             "name": output_name,
             "datatype": datatype,
@@ -521,6 +521,10 @@ def build_response(
     if not tails:
         return header, None
     return header + b"".join(tails), str(len(header))
+
+
+def output_datatype(output_name: str, spec: dict[str, Any]) -> str:
+    return "FP32" if output_name == "probabilities" else prediction_dtype(spec)
 
 
 def tensor_bytes(array: np.ndarray, datatype: str) -> bytes:

@@ -224,6 +224,14 @@ def serve(
         grpc_port=grpc_port,
         ingress=ingress,
     )
+    # Serve arguments set only by the environment (no option of their own): validated_serve_args
+    # filled in every default, so deploy_models's own defaults from the settings never applied
+    # here (KILN_FEEDBACK_SHARDS was ignored by `kiln serve`).
+    serve_args.update(
+        feedback_shards=settings.kiln_feedback_shards,
+        feedback_index_ids=settings.kiln_feedback_index_ids,
+        grpc_front=settings.kiln_grpc_front,
+    )
     slo = slo_request(
         models,
         serve_args,

@@ -154,28 +154,40 @@ async def answer_v2_infer(
     host: ModelHost,
     key: str,
     replica: ModelReplica,
-    read_body: Callable[[], Coroutine[Any, Any, bytes]],
+    read_body: Callable[[], Coroutine[Any, Any, bytes]] | None,
     header_length: str | None,
     started: float,
-) -> tuple[bytes, str | None]:
+    parsed: tuple[dict[str, Any], bytes, int] | None = None,
+    respond: Callable[..., Any] = v2.build_response,
+) -> Any:
     """One V2 infer request's body -> (response body, its JSON header's length when binary):
-    size check, parse, forward, log and build, shared by this route and serving/lean.py."""
+    size check, parse, forward, log and build, shared by this route and serving/lean.py.
+
+    gRPC (serving/grpc_v2.py) hands the request already `parsed` (its JSON header as a dict,
+    the binary tail, and the size the same request has as a V2 body) instead of `read_body`,
+    and its own `respond`, which builds the response proto from the same arguments as
+    `v2.build_response`."""
     log_id = request_id()
     with logged_failures(host, key, log_id, started):
-        raw = await read_body()
-        if len(raw) > host.args.max_body_bytes:
+        if parsed is None:
+            assert read_body is not None
+            raw = await read_body()
+            size, booleans = len(raw), may_hold_booleans(raw)
+        else:
+            size, booleans = parsed[2], True
+        if size > host.args.max_body_bytes:
             raise HTTPException(
-                413, f"request body is {len(raw)} bytes; the limit is {host.args.max_body_bytes}"
+                413, f"request body is {size} bytes; the limit is {host.args.max_body_bytes}"
             )
         # A malformed request raises v2.V2Error, which answers with its 4xx (serving/errors.py).
-        body, tail = v2.split_body(raw, header_length)
+        body, tail = v2.split_body(raw, header_length) if parsed is None else parsed[:2]
         x = v2.parse_infer_request(
             body,
             tail,
             replica.num_inputs,
             host.args.max_instances,
             replica.encoding,
-            booleans=may_hold_booleans(raw),
+            booleans=booleans,
         )
         wanted = v2.requested_outputs(body, replica.spec)
         outputs = await host.forward(key, x)
@@ -184,7 +196,7 @@ async def answer_v2_infer(
     arrays = {"predictions": np.asarray(result["predictions"])}
     if "probabilities" in result:
         arrays["probabilities"] = np.asarray(result["probabilities"], dtype=np.float32)
-    return v2.build_response(
+    return respond(
         replica.record.name,
         replica.record.version,
         str(body.get("id") or request_id()),

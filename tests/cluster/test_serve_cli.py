@@ -96,3 +96,22 @@ def test_deploying_a_missing_version_fails_from_the_registry_before_serve(
 
     with pytest.raises(NotFoundError, match="model digits-mlp has no version 999"):
         deploy_models(settings_session, ["digits-mlp", "digits-mlp@999"], auth=False)
+
+
+def test_settings_without_an_option_of_their_own_reach_the_serve_args(
+    tmp_path, monkeypatch, capsys
+):
+    """KILN_FEEDBACK_SHARDS, KILN_FEEDBACK_INDEX_IDS and KILN_GRPC_FRONT come only from the
+    environment: `kiln serve` hands them to the replicas (it once kept ServeArgs' defaults)."""
+    monkeypatch.setenv("KILN_FEEDBACK_SHARDS", "3")
+    monkeypatch.setenv("KILN_FEEDBACK_INDEX_IDS", "2000000")
+    monkeypatch.setenv("KILN_GRPC_FRONT", "python")
+    path = tmp_path / "serve.yaml"
+    code, err = run(["serve", "m@1", "--emit-config", str(path)], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    args = yaml.safe_load(path.read_text())["applications"][0]["args"]
+    assert (args["feedback_shards"], args["feedback_index_ids"], args["grpc_front"]) == (
+        3,
+        2_000_000,
+        "python",
+    )

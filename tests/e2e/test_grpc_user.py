@@ -4,7 +4,8 @@ infer with binary tensors (tritonclient's own) and with typed contents (a raw st
 with the right codes (no key, a bad key, a key without the model's scope, a bad shape, an
 unknown model), the prediction log row (feedback by the ids the answer gives) and the
 request counter in Ray's Prometheus export, a revoked key refused once the replica's key
-cache has expired, and the same over TLS (`--tls-self-signed`).
+cache has expired, and the same over TLS (`--tls-self-signed`). Each runs against the native
+gRPC front (serving/native/, where built) and against grpc.aio in the replica.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+from kiln.serving.direct import NATIVE_FRONT
 from kiln.serving.schemas import ServeArgs
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.e2e.kiln_process import KilnServe, KilnServeTls, kiln, kiln_env, kiln_json
 
 pytestmark = pytest.mark.slow
@@ -47,15 +49,40 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"home": home, "secret": made["secret"], "other": other["secret"]}
 
 
-@pytest.fixture(scope="module")
+def fronts(server: KilnServe) -> list[psutil.Process]:
+    """The native gRPC fronts among `kiln serve`'s descendants (one a replica)."""
+    assert server.process is not None
+    return [
+        p
+        for p in psutil.Process(server.process.pid).children(recursive=True)
+        if p.name() == NATIVE_FRONT.name
+    ]
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
 def served(
-    trained_home: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    trained_home: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[KilnServe]:
-    env = kiln_env(trained_home["home"], free_port(), KILN_GRPC_PORT=str(free_port()))
+    """`kiln serve dgm` with gRPC answered by the native front (serving/native/) and, again, by
+    grpc.aio in the replica (KILN_GRPC_FRONT=python): every test here runs against both."""
+    if request.param == "native" and not NATIVE_FRONT.is_file():
+        pytest.skip("the native gRPC front is not built (make native)")
+    env = kiln_env(
+        trained_home["home"],
+        free_port(),
+        KILN_GRPC_PORT=str(free_port()),
+        KILN_GRPC_FRONT=request.param,
+    )
     log = tmp_path_factory.mktemp("grpc-serve") / "serve.log"
     server = KilnServe(env, ["dgm"], log).start()
     try:
+        assert len(fronts(server)) == (1 if request.param == "native" else 0)
         yield server
+        # Ctrl-C stops everything kiln serve started, the front with its replica.
+        assert server.interrupt() == 0
+        assert wait_for(lambda: server.survivors() == [], 30), server.survivors()
     finally:
         server.kill()
 
@@ -160,9 +187,10 @@ def test_tritonclient_grpc_readiness_metadata_and_binary_infer(served, trained_h
 
 def test_a_replica_serves_grpc_on_the_serving_host_only(served, trained_home):
     """Serve 2.60 binds a replica's gRPC ingress on every interface; Kiln's replica rebinds it
-    to the HTTP host (127.0.0.1 by default). Every port a replica listens on is tried as an
-    inference server: the loopback ones must include the one that answers, and none on a
-    wildcard address may answer (those are Ray's own core-worker ports, UNIMPLEMENTED)."""
+    to the HTTP host (127.0.0.1 by default), and so does its native front. Every port a replica
+    (or its front) listens on is tried as an inference server: the loopback ones must include
+    the one that answers, and none on a wildcard address may answer (those are Ray's own
+    core-worker ports, UNIMPLEMENTED)."""
     served.record_processes()
     replicas = [
         pid
@@ -170,6 +198,7 @@ def test_a_replica_serves_grpc_on_the_serving_host_only(served, trained_home):
         if psutil.pid_exists(pid) and "ServeReplica" in " ".join(psutil.Process(pid).cmdline())
     ]
     assert replicas, "no replica process found under kiln serve"
+    replicas += [front.pid for front in fronts(served)]
     listening = [
         c.laddr
         for c in psutil.net_connections("inet")

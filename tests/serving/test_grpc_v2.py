@@ -1,5 +1,5 @@
-"""serving/grpc_v2.py without Ray: the request proto -> V2 body -> numpy mapping, the V2
-response -> response proto mapping (read back by the stock tritonclient), and the HTTP
+"""serving/grpc_v2.py without Ray: the request proto -> V2 request -> numpy mapping, the V2
+outputs -> response proto mapping (read back by the stock tritonclient), and the HTTP
 status -> gRPC code mapping. The served path is tests/e2e/test_grpc_user.py."""
 
 from __future__ import annotations
@@ -139,10 +139,9 @@ def test_the_v2_response_reads_back_in_tritonclient() -> None:
         "probabilities": np.array([[0.1, 0.2, 0.7], [0.8, 0.1, 0.1]], dtype=np.float32),
     }
     wanted = [("predictions", True), ("probabilities", True)]
-    content, header_length = v2.build_response(
+    response = grpc_v2.proto_response(
         "m", 3, "req-1", arrays, wanted, SPEC, {"prediction_ids": ["p-0", "p-1"]}
     )
-    response = grpc_v2.v2_to_response(content, header_length)
     assert (response.model_name, response.model_version, response.id) == ("m", "3", "req-1")
     assert response.parameters["prediction_ids"].string_param == "p-0,p-1"
     result = triton.InferResult(response)
@@ -153,8 +152,8 @@ def test_the_v2_response_reads_back_in_tritonclient() -> None:
 def test_string_predictions_read_back_as_bytes() -> None:
     spec = {"task": "classification", "classes": ["cat", "dog"], "num_features": 2}
     arrays = {"predictions": np.array(["dog", "cat"], dtype=object)}
-    content, header_length = v2.build_response("m", 1, "r", arrays, [("predictions", True)], spec)
-    result = triton.InferResult(grpc_v2.v2_to_response(content, header_length))
+    response = grpc_v2.proto_response("m", 1, "r", arrays, [("predictions", True)], spec)
+    result = triton.InferResult(response)
     assert result.as_numpy("predictions").tolist() == [b"dog", b"cat"]
 
 
