@@ -23,6 +23,7 @@ import psutil
 import pytest
 import tritonclient.grpc as triton
 
+from kiln.serving.direct import NATIVE_FRONT
 from kiln.serving.schemas import ServeArgs
 from tests.conftest import free_port, wait_for
 from tests.e2e.kiln_process import KilnServe, kiln, kiln_env, kiln_json
@@ -50,6 +51,13 @@ def two_replicas(trained_home: dict[str, Any], tmp_path: Path) -> Iterator[KilnS
         server.kill()
 
 
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def listeners(server: KilnServe, variable: str = "KILN_HTTP_PORT") -> list[psutil.Process]:
     """The processes under `kiln serve` listening on its HTTP (or other) port."""
     assert server.process is not None
@@ -63,6 +71,15 @@ def listeners(server: KilnServe, variable: str = "KILN_HTTP_PORT") -> list[psuti
         if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
             found.append(child)
     return found
+
+
+def grpc_owners(server: KilnServe) -> set[int]:
+    """The replicas answering the gRPC port: each itself (grpc.aio) or through its native front,
+    a child of its own (serving/native/)."""
+    return {
+        p.ppid() if p.name() == NATIVE_FRONT.name else p.pid
+        for p in listeners(server, "KILN_GRPC_PORT")
+    }
 
 
 def predict_fresh(url: str, secret: str, count: int) -> list[str]:
@@ -125,7 +142,7 @@ def test_two_replicas_share_the_port_and_a_killed_one_loses_no_connection(
     assert len(replicas) == 2, [p.name() for p in replicas]  # no HAProxy on the port
     assert len(set(predict_fresh(server.url, secret, 40))) == 2  # both answer
     # gRPC too: the same two replicas open the gRPC port, and tritonclient is answered.
-    assert {p.pid for p in listeners(server, "KILN_GRPC_PORT")} == {p.pid for p in replicas}
+    assert grpc_owners(server) == {p.pid for p in replicas}
     rows, labels = digits_rows(3)
     client = triton.InferenceServerClient(f"127.0.0.1:{server.env['KILN_GRPC_PORT']}")
     tensor = triton.InferInput("features", [3, 64], "FP32")
@@ -134,8 +151,11 @@ def test_two_replicas_share_the_port_and_a_killed_one_loses_no_connection(
     assert answer.as_numpy("predictions").tolist() == labels
 
     victim = replicas[0]
+    victim_children = victim.children()  # its native gRPC front, where built
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
+    # The front dies with its replica (it would hold the gRPC port with nothing behind it).
+    assert wait_for(lambda: not any(alive(c) for c in victim_children), 10)
     # New connections go to the live replica at once: none refused, every answer right.
     assert len(set(predict_fresh(server.url, secret, 50))) == 1
     # Serve replaces the killed replica, which opens the port again and answers. Calls on
@@ -145,6 +165,12 @@ def test_two_replicas_share_the_port_and_a_killed_one_loses_no_connection(
         assert wait_for(lambda: len(listeners(server)) == 2, timeout_s=120), server.log()[-2000:]
         assert wait_for(lambda: len(set(predict_fresh(server.url, secret, 20))) == 2, 60)
     assert len(statuses) > 20 and set(statuses) == {200}, sorted(set(statuses))
+    # The replacement answers gRPC as well.
+    assert wait_for(lambda: len(grpc_owners(server)) == 2, 60)
+    for _ in range(8):  # fresh channels: the kernel spreads their connections
+        fresh = triton.InferenceServerClient(f"127.0.0.1:{server.env['KILN_GRPC_PORT']}")
+        again = fresh.infer("dgm", [tensor], headers={"authorization": f"Bearer {secret}"})
+        assert again.as_numpy("predictions").tolist() == labels
     # Past the key cache with traffic, keyed requests still answer (issue 29's regression).
     deadline = time.monotonic() + 2 * KEY_CACHE_S + 1
     while time.monotonic() < deadline:
