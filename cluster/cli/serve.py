@@ -269,6 +269,8 @@ def serve(
     from kiln.serving_control import direct_ingress
 
     direct = direct_ingress(settings, serve_args, tls is not None)  # refusals before Ray starts
+    if direct and settings.embedded and settings.kiln_grpc_port:
+        check_native_front(settings.kiln_grpc_front)
     if settings.embedded:
         # The SQLite catalog, before Ray or Serve start.
         check_refs(settings, models, backend, serve_args["log_mask"], serve_args["log_drop"])
@@ -523,6 +525,18 @@ def check_log_fields(records: list[Any], log_mask: list[str], log_drop: list[str
     known = {r.ref: input_fields(r.spec) for r in records}
     check_fields(log_mask, known, "--log-mask")
     check_fields(log_drop, known, "--log-drop")
+
+
+def check_native_front(choice: str) -> None:
+    """KILN_GRPC_FRONT=native without the binary: one line before Ray starts (on a cluster each
+    replica checks its own node, serving/direct.py)."""
+    from kiln.serving import direct
+
+    if choice == "native" and not direct.NATIVE_FRONT.is_file():
+        raise KilnError(
+            f'Got "native" for KILN_GRPC_FRONT, but {direct.NATIVE_FRONT} is not built. '
+            "Run `make native`, or set KILN_GRPC_FRONT=auto to answer gRPC with grpc.aio."
+        )
 
 
 def validated_serve_args(**values: Any) -> dict[str, Any]:

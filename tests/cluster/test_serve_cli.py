@@ -115,3 +115,18 @@ def test_settings_without_an_option_of_their_own_reach_the_serve_args(
         2_000_000,
         "python",
     )
+
+
+def test_a_native_grpc_front_that_is_not_built_is_one_line_before_ray_starts(
+    tmp_path, monkeypatch, capsys
+):
+    from kiln.serving import direct
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(direct, "NATIVE_FRONT", tmp_path / "missing" / "kiln-grpc-front")
+    monkeypatch.setenv("KILN_GRPC_FRONT", "native")
+    monkeypatch.setenv("KILN_GRPC_PORT", str(free_port()))
+    code, err = run(["serve", "m@1"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert 'Got "native" for KILN_GRPC_FRONT' in line and "make native" in line
