@@ -274,14 +274,6 @@ def request_header(request: Any) -> tuple[dict[str, Any], bytes]:
     return header, tails[0] if len(tails) == 1 else b"".join(tails)
 
 
-def request_to_v2(request: Any) -> tuple[bytes, str]:
-    """The same request as a V2 binary-extension body: (JSON header + tensors, the header's
-    length)."""
-    header, tail = request_header(request)
-    head = orjson.dumps(header)
-    return head + tail, str(len(head))
-
-
 def typed_bytes(tensor: Any) -> bytes:
     """An input's typed contents (the field its datatype names) in the binary layout, after
     checking that it holds as many values as its shape."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import orjson
 import pytest
 import tritonclient.grpc as triton
 from fastapi import HTTPException
@@ -20,16 +21,24 @@ from kiln.serving.schemas import RequestError
 SPEC = {"task": "classification", "classes": [0, 1, 2], "num_features": 4}
 
 
+def request_to_v2(request: Any) -> tuple[bytes, str]:
+    """The request as the HTTP V2 path would receive it: (JSON header + tensors, the header's
+    length), so the checks below go through the same split and parse."""
+    header, tail = grpc_v2.request_header(request)
+    head = orjson.dumps(header)
+    return head + tail, str(len(head))
+
+
 def parsed(request: Any, num_features: int = 4) -> np.ndarray:
     """The (N, F) float32 rows the HTTP V2 path reads from the request's V2 body."""
-    body, header_length = grpc_v2.request_to_v2(request)
+    body, header_length = request_to_v2(request)
     header, tail = v2.split_body(body, header_length)
     return v2.parse_infer_request(header, tail, num_features, 100)
 
 
 def refused(request: Any) -> grpc_v2.GrpcRefusal:
     with pytest.raises(grpc_v2.GrpcRefusal) as caught:
-        grpc_v2.request_to_v2(request)
+        request_to_v2(request)
     return caught.value
 
 
@@ -65,7 +74,7 @@ def test_bytes_contents_pack_as_the_binary_bytes_tensor() -> None:
     request = pb.ModelInferRequest(model_name="m")
     tensor = request.inputs.add(name="city", datatype="BYTES", shape=[2, 1])
     tensor.contents.bytes_contents.extend([b"Oslo", "Zürich".encode()])
-    body, header_length = grpc_v2.request_to_v2(request)
+    body, header_length = request_to_v2(request)
     _, tail = v2.split_body(body, header_length)
     assert v2.decode_bytes(tail, "city", 2) == ["Oslo", "Zürich"]
 
@@ -76,12 +85,12 @@ def test_request_id_and_outputs_carry_over_all_outputs_binary() -> None:
         name="features", datatype="FP32", shape=[1, 1]
     ).contents.fp32_contents.append(1.0)
     request.outputs.add(name="probabilities")
-    body, header_length = grpc_v2.request_to_v2(request)
+    body, header_length = request_to_v2(request)
     header, _ = v2.split_body(body, header_length)
     assert header["id"] == "abc"
     assert v2.requested_outputs(header, SPEC) == [("probabilities", True)]
     request.ClearField("outputs")
-    header, _ = v2.split_body(*grpc_v2.request_to_v2(request))
+    header, _ = v2.split_body(*request_to_v2(request))
     assert v2.requested_outputs(header, SPEC) == [("predictions", True), ("probabilities", True)]
 
 
