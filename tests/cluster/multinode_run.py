@@ -12,8 +12,10 @@ with the test session's ray.init. Prints one JSON line: what each scenario obser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -60,6 +62,9 @@ def alive_actor_nodes(class_fragment: str) -> list[str]:
     ]
 
 
+EPOCHS = 8
+
+
 def worker_node(cluster: Cluster, node_id: str) -> Any:
     return next(n for n in cluster.worker_nodes if n.node_id == node_id)
 
@@ -87,19 +92,32 @@ def shards_spread() -> dict[str, Any]:
 def train_through_node_loss(cluster: Cluster, settings: Settings) -> dict[str, Any]:
     killed: dict[str, Any] = {}
 
+    seen: list[int] = []
+
     def kill_a_worker_node(metrics: dict[str, Any]) -> None:
+        seen.append(metrics["epoch"])
         if metrics["epoch"] == 1 and not killed:
             # Never the driver's own node: all nodes share 127.0.0.1 here, so the driver may be
             # attached to a worker node's raylet, and losing it takes the driver down too.
             heads = {cluster.head_node.node_id, ray.get_runtime_context().get_node_id()}
             victim = next(w["node_id"] for w in metrics["workers"] if w["node_id"] not in heads)
-            killed.update(node_id=victim, at_s=time.monotonic())
+            killed.update(node_id=victim, at_s=time.monotonic(), reports_before=len(seen))
+            # A lost machine takes its processes with it; remove_node kills only the raylet,
+            # whose workers trained on for ~9 more epochs here before noticing (one CI run
+            # finished the whole run on the "dead" node). So its training workers go too.
+            for worker in metrics["workers"]:
+                if worker["node_id"] == victim:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker["pid"], signal.SIGKILL)
             cluster.remove_node(worker_node(cluster, victim), allow_graceful=False)
 
     request = TrainRequest(
         data="sklearn:digits",
         source=SourceSpec(uri="sklearn:digits", val_fraction=0.0),
-        train=TrainConfig(model="mlp", workers=2, epochs=5, batch_size=64, lr=5e-3, patience=0),
+        # Epochs to spare after the kill, which waits for epoch 1's report to reach the driver.
+        train=TrainConfig(
+            model="mlp", workers=2, epochs=EPOCHS, batch_size=64, lr=5e-3, patience=0
+        ),
         name="digits-multinode",
     )
     outcome = train_and_register(settings, request, registry_for(settings), kill_a_worker_node)
@@ -109,6 +127,7 @@ def train_through_node_loss(cluster: Cluster, settings: Settings) -> dict[str, A
         "first_epoch_nodes": sorted({w["node_id"] for w in history[0]["workers"]}),
         "last_epoch_nodes": sorted({w["node_id"] for w in history[-1]["workers"]}),
         "killed_node": killed.get("node_id"),
+        "reports_before_kill": killed.get("reports_before"),
         "accuracy": outcome.test_metrics["accuracy"],
         "model": outcome.record.ref,
     }
