@@ -24,7 +24,12 @@ import torch
 from kiln.actors.catalog import VersionRecord
 from kiln.actors.registry import read_verified_files
 from kiln.training.artifacts import SPEC_FILE, model_from_files
-from kiln.training.evaluate import outputs_to_predictions, predict_outputs, softmax
+from kiln.training.evaluate import (
+    InferencePlan,
+    outputs_to_predictions,
+    predict_outputs,
+    softmax,
+)
 from kiln.training.export import (
     ONNX_FILE,
     ONNXRUNTIME,
@@ -64,6 +69,9 @@ class ModelReplica:
         files = read_verified_files(storage_uri, record)  # every file, model.onnx included
         self.device = pick_device(gpu)
         self.model: Any = None
+        self.plan: InferencePlan | None = None
+        """The torch model's forward as flat tensor operations, where it has one (the same
+        outputs for a fifth of the time on one row: training/evaluate.py)."""
         self.onnx: OnnxModel | None = None
         if self.backend == ONNXRUNTIME:
             self.spec = json.loads(files[SPEC_FILE])
@@ -71,6 +79,7 @@ class ModelReplica:
         else:
             model, self.spec = model_from_files(files)
             self.model = model.to(self.device)
+            self.plan = InferencePlan.of(self.model, self.device)
         self.encoding = Encoding.from_spec(self.spec)
         """How the model's table columns become its features; None for a model trained before
         inputs were recorded (it takes rows of num_features numbers)."""
@@ -103,7 +112,12 @@ class ModelReplica:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Raw outputs (N, K) for raw inputs x of shape (N, num_inputs) (see `encoding`)."""
         started = time.perf_counter()
-        out = self.onnx.forward(x) if self.onnx else predict_outputs(self.model, x, self.device)
+        if self.onnx is not None:
+            out = self.onnx.forward(x)
+        elif self.plan is not None:
+            out = self.plan(x)
+        else:
+            out = predict_outputs(self.model, x, self.device)
         if len(x) <= SMALL_ROWS:
             took = time.perf_counter() - started
             self.small_forward_s = (
