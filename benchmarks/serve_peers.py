@@ -900,6 +900,77 @@ def grpc_available() -> bool:
     )
 
 
+PANELS = [
+    ("light", "c64", "rps", "light c64, requests/s (higher is better)"),
+    ("light", "c1", "p50_ms", "light c1, p50 ms (lower is better)"),
+    ("medium", "c64", "rps", "medium c64, requests/s"),
+    ("grpc", "c64", "rps", "gRPC light c64, calls/s"),
+]
+
+
+Bars = list[tuple[str, list[float | None]]]
+
+
+def panel_bars(arms: dict[str, Any]) -> list[Bars]:
+    """Per panel (PANELS), each server that has a valid figure there with its pair of figures
+    (one worker or replica, two; None where that arm is missing or invalid), Kiln last."""
+
+    def value(name: str, kind: str, level: str, metric: str) -> float | None:
+        arm = arms.get(f"grpc:{name}/light" if kind == "grpc" else f"{name}/{kind}", {})
+        point = arm.get(level) or {}
+        return None if arm.get("invalid") or point.get("invalid") else point.get(metric)
+
+    servers = [*dict.fromkeys(n.split("/")[0].split(":")[-1].rsplit("-", 1)[0] for n in arms)]
+    servers = [s for s in servers if s not in ("kiln", "kiln-2")] + ["kiln"]
+    panels: list[Bars] = []
+    for kind, level, metric, _ in PANELS:
+        bars: Bars = []
+        for name in servers:
+            one, two = ("kiln", "kiln-2-replicas") if name == "kiln" else (f"{name}-1", f"{name}-2")
+            pair = [value(one, kind, level, metric), value(two, kind, level, metric)]
+            if any(v is not None for v in pair):
+                bars.append((name, pair))
+        panels.append(bars)
+    return panels
+
+
+def plot_result(result_path: Path, png: Path) -> None:
+    """Every server's figures from a run's JSON line (the last line of RESULT): a panel per
+    model and concurrency, a pair of bars per server (one worker or replica, and two)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [line for line in result_path.read_text().splitlines() if line[:1] == "{"]
+    result = json.loads(lines[-1])
+    panels = panel_bars(result["arms"])
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), dpi=100)
+    for ax, (_, _, metric, title), bars in zip(axes.flat, PANELS, panels, strict=True):
+        for i, (name, pair) in enumerate(bars):
+            color = "tab:orange" if name == "kiln" else "tab:blue"
+            for j, figure_ in enumerate(pair):
+                if figure_ is not None:
+                    at = i + (j - 0.5) * 0.38
+                    ax.barh(at, figure_, 0.36, color=color, alpha=1 - 0.45 * j)
+                    label = f" {figure_:.2f}" if metric == "p50_ms" else f" {figure_:,.0f}"
+                    ax.text(figure_, at, label, va="center", fontsize=7)
+        ax.set_yticks(range(len(bars)), [name for name, _ in bars])
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.margins(x=0.18)
+    peers = {name for bars in panels for name, _ in bars} - {"kiln"}
+    fig.suptitle(
+        f"Kiln and {len(peers)} model servers on one {result.get('cpu', '?')}, "
+        f"{result.get('cores', '?')} cores ({', '.join(result.get('flags', []))}); "
+        "each pair: 1 worker or replica, then 2",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s per point (trying it out).")
@@ -921,7 +992,16 @@ def main() -> None:
         action="store_false",
         help="Skip the gRPC arm (Kiln's V2 gRPC against PyTriton's, light model).",
     )
+    parser.add_argument(
+        "--plot",
+        nargs=2,
+        metavar=("RESULT", "PNG"),
+        help="Draw a run's JSON line (the last line of RESULT) as bar charts; runs nothing.",
+    )
     args = parser.parse_args()
+    if args.plot:
+        plot_result(Path(args.plot[0]), Path(args.plot[1]))
+        return
     if args.grpc and not grpc_available():
         say("gRPC arm skipped: benchmarks/grpc_load.py or tritonclient[grpc] is missing")
         args.grpc = False

@@ -192,3 +192,35 @@ def test_best_of_rounds_keeps_each_levels_best_valid_point():
     only_bad = best_of([first, {**first}])
     assert only_bad["c64"]["invalid"] and figure(only_bad, 64) is None
     assert best_of([{"skipped": "a"}, {"skipped": "b"}]) == {"skipped": "b"}
+
+
+def test_a_runs_json_line_draws_every_server_and_leaves_invalid_arms_out(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from benchmarks.serve_peers import panel_bars, plot_result
+
+    def point(rps: float, p50: float, invalid: str | None = None) -> dict[str, Any]:
+        return {"rps": rps, "p50_ms": p50, "invalid": invalid}
+
+    arms = {
+        "fastapi-1/light": {"c1": point(1, 0.3), "c64": point(3000, 9)},
+        "fastapi-2/light": {"c1": point(1, 0.4), "c64": point(6000, 9)},
+        "pytriton-2/light": {"c1": point(1, 2.0), "c64": point(0, 9, "no answers")},
+        "pytriton-2/medium": {"c1": point(1, 6.0), "c64": point(1300, 40)},
+        "grpc:pytriton-2/light": {"c1": point(1, 2.2), "c64": point(2300, 20)},
+        "kiln/light": {"c1": point(1, 0.22), "c64": point(10000, 5)},
+        "kiln-2-replicas/light": {"c1": point(1, 0.24), "c64": point(12000, 4)},
+        "grpc:kiln-2-replicas/light": {"c1": point(1, 0.8), "c64": point(2800, 20)},
+    }
+    light_c64, light_c1, medium_c64, grpc_c64 = panel_bars(arms)
+    assert light_c64 == [("fastapi", [3000, 6000]), ("kiln", [10000, 12000])]  # invalid: out
+    assert light_c1 == [("fastapi", [0.3, 0.4]), ("pytriton", [None, 2.0]), ("kiln", [0.22, 0.24])]
+    assert medium_c64 == [("pytriton", [None, 1300])]
+    assert grpc_c64 == [("pytriton", [None, 2300]), ("kiln", [None, 2800])]
+    result = tmp_path / "run.out"
+    result.write_text("a table line\n" + json.dumps({"arms": arms, "cpu": "X", "cores": 2}) + "\n")
+    png = tmp_path / "run.png"
+    plot_result(result, png)
+    assert Image.open(png).size == (1100, 650)
