@@ -101,6 +101,8 @@ class InferencePlan:
 
     def __call__(self, x: np.ndarray, max_batch_rows: int = 8192) -> np.ndarray:
         """Raw outputs (N, K) float32 for rows of x, as `predict_outputs` gives them."""
+        if len(x) == 0:
+            return np.zeros((0, 1), dtype=np.float32)  # as predict_outputs answers no rows
         if len(x) > max_batch_rows:
             return np.concatenate(
                 [self(x[i : i + max_batch_rows]) for i in range(0, len(x), max_batch_rows)]

@@ -68,6 +68,7 @@ def test_the_plan_gives_the_models_outputs_bit_for_bit(spec):
     assert plan is not None
     x = rows(40).astype(np.float64)
     assert np.array_equal(plan(x, max_batch_rows=16), predict_outputs(model, x))
+    assert plan(rows(0)).shape == predict_outputs(model, rows(0)).shape
 
 
 def test_a_scaled_target_is_scaled_and_an_unscaled_one_costs_no_operation():
