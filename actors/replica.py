@@ -71,7 +71,7 @@ class ModelReplica:
         self.model: Any = None
         self.plan: InferencePlan | None = None
         """The torch model's forward as flat tensor operations, where it has one (the same
-        outputs for a fifth of the time on one row: training/evaluate.py)."""
+        outputs for a third of the time on one row: training/evaluate.py)."""
         self.onnx: OnnxModel | None = None
         if self.backend == ONNXRUNTIME:
             self.spec = json.loads(files[SPEC_FILE])

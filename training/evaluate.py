@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from kiln.training.metrics import classification_metrics, regression_metrics
+from kiln.training.models import Encode, KilnModel, Project, Standardize
 
 
 @torch.inference_mode()
@@ -23,16 +24,32 @@ def predict_outputs(
     model: nn.Module, x: np.ndarray, device: torch.device | str = "cpu", max_batch_rows: int = 8192
 ) -> np.ndarray:
     """Raw model outputs (logits or values) for rows of x, as float32 numpy."""
-    chunks = []
-    for start in range(0, len(x), max_batch_rows):
-        chunk = np.ascontiguousarray(x[start : start + max_batch_rows])
-        if not chunk.flags.writeable:  # shard arrays are read-only views of the object store
-            chunk = chunk.copy()
-        xb = torch.from_numpy(chunk).to(device)
-        chunks.append(model(xb.float()).float().cpu().numpy())
-    if not chunks:
+
+    def run(chunk: torch.Tensor) -> np.ndarray:
+        return model(chunk.to(device).float()).float().cpu().numpy()
+
+    return by_chunks(run, x, max_batch_rows)
+
+
+def by_chunks(
+    run: Callable[[torch.Tensor], np.ndarray], x: np.ndarray, max_batch_rows: int
+) -> np.ndarray:
+    """`run` over rows of x at most `max_batch_rows` at a time, as tensors sharing the rows'
+    memory (a read-only array copied first), the outputs joined; no rows give (0, 1)."""
+    if len(x) > max_batch_rows:
+        return np.concatenate(
+            [run_rows(run, x[i : i + max_batch_rows]) for i in range(0, len(x), max_batch_rows)]
+        )
+    if len(x) == 0:
         return np.zeros((0, 1), dtype=np.float32)
-    return np.concatenate(chunks)
+    return run_rows(run, x)  # one chunk (a request's batch): no list, no copy of the outputs
+
+
+def run_rows(run: Callable[[torch.Tensor], np.ndarray], x: np.ndarray) -> np.ndarray:
+    chunk = np.ascontiguousarray(x)
+    if not chunk.flags.writeable:  # shard arrays are read-only views of the object store
+        chunk = chunk.copy()
+    return run(torch.from_numpy(chunk))
 
 
 Step = Callable[[torch.Tensor], torch.Tensor]
@@ -64,9 +81,7 @@ class InferencePlan:
 
     @classmethod
     def of(cls, model: nn.Module, device: torch.device | str = "cpu") -> InferencePlan | None:
-        from kiln.training.models import Encode, KilnModel, Project, Standardize
-
-        if type(model) is not KilnModel or _hooked(model):
+        if type(model) is not KilnModel or _needs_the_module_calls(model):
             return None
         floats = (*model.parameters(), model.standardize.mean, model.target_std)
         if any(t.dtype != torch.float32 for t in floats):  # half precision: the model's path
@@ -101,26 +116,21 @@ class InferencePlan:
 
     def __call__(self, x: np.ndarray, max_batch_rows: int = 8192) -> np.ndarray:
         """Raw outputs (N, K) float32 for rows of x, as `predict_outputs` gives them."""
-        if len(x) == 0:
-            return np.zeros((0, 1), dtype=np.float32)  # as predict_outputs answers no rows
-        if len(x) > max_batch_rows:
-            return np.concatenate(
-                [self(x[i : i + max_batch_rows]) for i in range(0, len(x), max_batch_rows)]
-            )
-        chunk = np.ascontiguousarray(x, dtype=np.float32)
-        if not chunk.flags.writeable:  # shard arrays are read-only views of the object store
-            chunk = chunk.copy()
-        t = torch.from_numpy(chunk)
+        return by_chunks(self._run, x, max_batch_rows)
+
+    def _run(self, t: torch.Tensor) -> np.ndarray:
         if not self.on_cpu:
             t = t.to(self.device)
+        if t.dtype != torch.float32:
+            t = t.float()
         for step in self.steps:
             t = step(t)
         return t.numpy() if self.on_cpu else t.float().cpu().numpy()
 
 
-def _hooked(model: nn.Module) -> bool:
-    """Whether any module is in training mode, or runs hooks or parametrisations (pruning's
-    masks are both)."""
+def _needs_the_module_calls(model: nn.Module) -> bool:
+    """Whether the model must run through its modules: one of them is in training mode, or
+    runs hooks or parametrisations (pruning's masks are both)."""
     return any(
         m.training or m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m)
         for m in model.modules()

@@ -92,16 +92,13 @@ def shards_spread() -> dict[str, Any]:
 def train_through_node_loss(cluster: Cluster, settings: Settings) -> dict[str, Any]:
     killed: dict[str, Any] = {}
 
-    seen: list[int] = []
-
     def kill_a_worker_node(metrics: dict[str, Any]) -> None:
-        seen.append(metrics["epoch"])
         if metrics["epoch"] == 1 and not killed:
             # Never the driver's own node: all nodes share 127.0.0.1 here, so the driver may be
             # attached to a worker node's raylet, and losing it takes the driver down too.
             heads = {cluster.head_node.node_id, ray.get_runtime_context().get_node_id()}
             victim = next(w["node_id"] for w in metrics["workers"] if w["node_id"] not in heads)
-            killed.update(node_id=victim, at_s=time.monotonic(), reports_before=len(seen))
+            killed.update(node_id=victim, at_s=time.monotonic())
             # A lost machine takes its processes with it; remove_node kills only the raylet,
             # whose workers trained on for ~9 more epochs here before noticing (one CI run
             # finished the whole run on the "dead" node). So its training workers go too.
@@ -127,7 +124,6 @@ def train_through_node_loss(cluster: Cluster, settings: Settings) -> dict[str, A
         "first_epoch_nodes": sorted({w["node_id"] for w in history[0]["workers"]}),
         "last_epoch_nodes": sorted({w["node_id"] for w in history[-1]["workers"]}),
         "killed_node": killed.get("node_id"),
-        "reports_before_kill": killed.get("reports_before"),
         "accuracy": outcome.test_metrics["accuracy"],
         "model": outcome.record.ref,
     }
